@@ -1,0 +1,238 @@
+"""One typed config tree for the whole system.
+
+Sources, lowest priority first: defaults in code, a YAML preset (changes only), then dotted
+`a.b=value` overrides. The same dotted keys are used by the CLI, by Tune search spaces and by
+`cluster/submit.py`. Unknown keys and wrong types raise `ConfigError` naming the key and value.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message names all three."""
+
+
+class _Section(BaseModel):
+    # Override values are read as YAML, so `run.name=2024` arrives as an int: a string field takes it.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+
+
+class DataConfig(_Section):
+    source: str = "synthetic:.cache/itmatch/shapes?n_images=1200"
+    """Where the data comes from: precomp:DIR, karpathy:JSON[:IMAGE_DIR], parquet:PATH, hf:PATH,
+    synthetic:DIR (see itmatch.data.sources)."""
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    image_encoder: str = "efficientnet_lite0"
+    """Frozen featurizer for sources that carry pixels (ignored when features are given)."""
+    text_encoder: str = "minilm"
+    """Frozen caption featurizer; for precomp sources, the name of `{split}_caps_<name>.npy`."""
+    cache_dir: str = ".cache/itmatch/features"
+    batch_size: int = Field(500, ge=2)
+    """Global mini-batch in positive (image, caption) pairs, split across workers."""
+    neighborhood_sampling: bool = True
+    """Every image in a batch comes with at least two of its captions (001 §5.1)."""
+    drop_last: bool = True
+
+
+class ModelConfig(_Section):
+    name: Literal["embedding"] = "embedding"
+    branch: Literal["nonlinear", "linear"] = "nonlinear"
+    hidden_dim: int = Field(2048, ge=1)
+    embed_dim: int = Field(512, ge=1)
+    dropout: float = Field(0.5, ge=0.0, lt=1.0)
+
+
+class LossConfig(_Section):
+    name: Literal["ranking"] = "ranking"
+    lambda1: float = Field(1.0, ge=0.0)
+    """image anchor -> text positive/negatives"""
+    lambda2: float = Field(1.5, ge=0.0)
+    """text anchor -> image positive/negatives"""
+    lambda3: float = Field(0.0, ge=0.0)
+    """image-image neighborhood constraint"""
+    lambda4: float = Field(0.0, ge=0.0)
+    """text-text neighborhood constraint"""
+    margin: float = Field(0.05, ge=0.0)
+    top_k: Optional[int] = Field(10, ge=1)
+    """Hardest negatives kept per positive pair; 1 = max-violation, null = all (sum of hinges)."""
+    metric: Literal["euclidean", "cosine"] = "euclidean"
+    reduction: Literal["mean", "sum"] = "mean"
+    """mean divides by the number of positive pairs in the (global) batch."""
+
+    @property
+    def lambdas(self) -> tuple[float, float, float, float]:
+        return (self.lambda1, self.lambda2, self.lambda3, self.lambda4)
+
+
+class OptimConfig(_Section):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(2e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    momentum: float = Field(0.9, ge=0.0)
+    scheduler: Literal["constant", "cosine", "step"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    step_epochs: int = Field(10, ge=1)
+    """for scheduler=step: decay by `gamma` every this many epochs"""
+    gamma: float = Field(0.1, gt=0.0)
+    grad_clip: Optional[float] = Field(2.0, gt=0.0)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(20, ge=1)
+    seed: int = 0
+    log_every: int = Field(20, ge=1)
+    """Steps between progress lines (loss .item() syncs only here)."""
+    metric: str = "rsum"
+    """Validation metric that picks the best checkpoint and the registry champion (higher is better)."""
+    eval_chunk: int = Field(1024, ge=1)
+
+
+class ScalingConfig(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: Optional[float] = Field(None, gt=0)
+    """default: available CPUs // workers, and torch threads follow it"""
+    strategy: Literal["ddp"] = "ddp"
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+
+class RunConfig(_Section):
+    name: str = "itm-default"
+    storage_path: str = "runs"
+    """Ray Train storage; the same name + storage path resumes from the latest checkpoint."""
+    resume: bool = True
+    max_failures: int = Field(1, ge=-1)
+    keep_checkpoints: int = Field(2, ge=1)
+    ray_address: Optional[str] = None
+    """None: attach to RAY_ADDRESS if set (ray job submit), else start Ray in-process."""
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    tracking_uri: str = "sqlite:///mlruns.db"
+    artifact_location: str = "mlartifacts"
+    experiment: str = "itmatch"
+    registered_model: Optional[str] = "itmatch-embedding"
+    alias: str = "champion"
+
+
+class Config(_Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    run: RunConfig = RunConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        if self.data.batch_size < 2 * self.scaling.num_workers:
+            raise ValueError(
+                f"data.batch_size={self.data.batch_size} is too small for "
+                f"scaling.num_workers={self.scaling.num_workers} (need >= 2 pairs per worker)"
+            )
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, the form MLflow params and Tune search spaces use."""
+        return flatten(self.model_dump())
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, path + "."))
+        else:
+            out[path] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value), the value read as YAML (so 3 is int, null is None)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. loss.margin=0.1)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {exc}") from exc
+    return key.strip(), value
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any, where: str) -> None:
+    parts = key.split(".")
+    node: Any = tree
+    schema: Any = Config
+    for i, part in enumerate(parts):
+        fields = getattr(schema, "model_fields", None)
+        if fields is None or part not in fields:
+            known = ", ".join(sorted(fields)) if fields else "(none: a leaf value)"
+            raise ConfigError(f"{where}: unknown config key {key!r} (at {part!r}; valid here: {known})")
+        annotation = fields[part].annotation
+        if i == len(parts) - 1:
+            node[part] = value
+        else:
+            if getattr(annotation, "model_fields", None) is None:  # a leaf: nothing below it
+                raise ConfigError(
+                    f"{where}: unknown config key {key!r} ({'.'.join(parts[:i + 1])} is a value, not a section)"
+                )
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{where}: {'.'.join(parts[:i + 1])} is a section, not a value")
+            schema = annotation
+
+
+def _merge_flat(tree: dict[str, Any], flat: dict[str, Any], where: str) -> None:
+    for key, value in flat.items():
+        _set_dotted(tree, key, value, where)
+
+
+def load_config(
+    preset: Optional[str | Path] = None,
+    overrides: Optional[list[str] | dict[str, Any]] = None,
+) -> Config:
+    """Defaults, then the YAML preset, then overrides (`["a.b=v", ...]` or `{"a.b": v}`)."""
+    tree: dict[str, Any] = {}
+    if preset is not None:
+        path = Path(preset)
+        if not path.is_file():
+            raise ConfigError(f"config preset {str(path)!r} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+        _merge_flat(tree, flatten(raw), str(path))
+    if isinstance(overrides, dict):
+        _merge_flat(tree, overrides, "override")
+    else:
+        _merge_flat(tree, dict(parse_override(o) for o in overrides or []), "override")
+    return validate(tree, where=str(preset) if preset else "config")
+
+
+def validate(tree: dict[str, Any], where: str = "config") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(root)"
+            lines.append(f"  {key} = {err.get('input')!r}: {err['msg']}")
+        raise ConfigError(f"{where}: invalid config\n" + "\n".join(lines)) from None
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))

@@ -1,0 +1,137 @@
+"""Group-aware, rank-sharded mini-batches of positive (image, caption) pairs.
+
+An epoch visits every caption exactly once. With neighborhood sampling (001 §5.1) each image's
+captions are cut into units of 2 (3 for the odd one out), so every image in a batch comes with at
+least two of its captions; without it a unit is one caption. Units are shuffled and packed into
+global batches of about `batch_size` captions, an image at most once per batch (a second unit of
+the same image waits for the next batch). Each global batch is then split by image across ranks,
+so a group never straddles workers and every rank gets a non-empty share in the same number of
+steps. Everything is a function of (seed, epoch): resuming needs only (epoch, offset).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def _units(caption_image: np.ndarray, rng: np.random.Generator, neighborhood: bool) -> list[np.ndarray]:
+    order = np.argsort(caption_image, kind="stable")
+    bounds = np.flatnonzero(np.diff(caption_image[order])) + 1
+    units: list[np.ndarray] = []
+    for captions in np.split(order, bounds):
+        captions = rng.permutation(captions)
+        if not neighborhood or len(captions) < 2:
+            units.extend(captions[:, None])
+            continue
+        n_units = len(captions) // 2  # units of 2, the last takes the odd caption
+        units.extend(np.array_split(captions, n_units))
+    return units
+
+
+def _pack(
+    units: list[np.ndarray], caption_image: np.ndarray, batch_size: int, drop_last: bool, min_images: int = 1
+) -> list[np.ndarray]:
+    """A batch closes at `batch_size` captions and `min_images` images (one per rank: with units of
+    up to 3 captions, `batch_size` captions alone may be too few images to shard)."""
+    batches: list[np.ndarray] = []
+    current: list[np.ndarray] = []
+    images: set[int] = set()
+    size = 0
+    waiting: list[np.ndarray] = []
+    for unit in units:
+        # Units that had to wait (their image was already in the batch) get the first chance.
+        queue, waiting = waiting + [unit], []
+        for item in queue:
+            image = int(caption_image[item[0]])
+            if image in images:
+                waiting.append(item)
+                continue
+            current.append(item)
+            images.add(image)
+            size += len(item)
+            if size >= batch_size and len(images) >= min_images:
+                batches.append(np.concatenate(current))
+                current, images, size = [], set(), 0
+    leftover = current + waiting
+    if leftover and not drop_last:
+        tail = np.concatenate(leftover)
+        if batches and len(np.unique(caption_image[tail])) < min_images:
+            batches[-1] = np.concatenate([batches[-1], tail])  # too few images to shard: join the last batch
+        else:
+            batches.append(tail)
+    return batches
+
+
+def _shard(batch: np.ndarray, caption_image: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Greedy split by image: the largest groups first, each to the rank with the fewest captions."""
+    images, inverse, counts = np.unique(caption_image[batch], return_inverse=True, return_counts=True)
+    load = np.zeros(world_size, dtype=np.int64)
+    owner = np.empty(len(images), dtype=np.int64)
+    for g in np.lexsort((images, -counts)):
+        r = int(np.argmin(load))
+        owner[g] = r
+        load[r] += counts[g]
+    return batch[owner[inverse] == rank]
+
+
+@dataclass
+class SamplerState:
+    epoch: int = 0
+    offset: int = 0  # global batches already consumed in this epoch
+
+
+class NeighborhoodBatchSampler:
+    """Yields this rank's caption indices for each global batch."""
+
+    def __init__(
+        self,
+        caption_image: np.ndarray,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        neighborhood: bool = True,
+        drop_last: bool = True,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.caption_image = np.asarray(caption_image, dtype=np.int64)
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.seed, self.neighborhood, self.drop_last = seed, neighborhood, drop_last
+        self.state = SamplerState()
+        n_images = len(np.unique(self.caption_image))
+        if n_images < world_size:
+            raise ValueError(f"{n_images} images cannot be split over {world_size} workers")
+
+    def global_batches(self, epoch: int) -> list[np.ndarray]:
+        rng = np.random.default_rng([self.seed, epoch])
+        units = _units(self.caption_image, rng, self.neighborhood)
+        order = rng.permutation(len(units))
+        batches = _pack([units[i] for i in order], self.caption_image, self.batch_size, self.drop_last, self.world_size)
+        # A batch with fewer images than workers would leave a rank idle: DDP needs every rank to step.
+        return [b for b in batches if len(np.unique(self.caption_image[b])) >= self.world_size]
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.state.epoch:
+            self.state = SamplerState(epoch, 0)
+
+    def __len__(self) -> int:
+        return len(self.global_batches(self.state.epoch))
+
+    def __iter__(self):
+        batches = self.global_batches(self.state.epoch)
+        while self.state.offset < len(batches):
+            batch = batches[self.state.offset]
+            self.state.offset += 1
+            yield _shard(batch, self.caption_image, self.rank, self.world_size)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.state.epoch, "offset": self.state.offset, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(f"sampler checkpoint has seed {state['seed']}, config has {self.seed}")
+        self.state = SamplerState(int(state["epoch"]), int(state["offset"]))

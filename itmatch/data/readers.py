@@ -1,0 +1,352 @@
+"""Readers: one per source scheme, each returning a `Corpus` of two Arrow tables.
+
+images:   image_id int64, split string, and one payload column: `path` (string, a file),
+          `image` (binary, encoded bytes) or `feature` (list<float32>, precomputed)
+captions: caption_id int64, image_id int64 (the group id), split string, text string,
+          and optionally `feature` (list<float32>, precomputed caption features)
+
+Split names are normalised: VSE++'s "dev" is "val"; Karpathy's "restval" is "train" unless the
+source says `?restval=keep`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from itmatch.data.sources import DataError, Source, parse_source
+
+SPLIT_ALIASES = {"dev": "val", "validation": "val", "valid": "val"}
+
+
+@dataclass
+class Corpus:
+    images: pa.Table
+    captions: pa.Table
+    name: str
+    files: list[Path]
+    """Files the corpus was read from (their sizes and times key the feature cache)."""
+
+    @property
+    def splits(self) -> list[str]:
+        return sorted(set(self.captions.column("split").to_pylist()))
+
+    def payload(self) -> str:
+        for column in ("feature", "image", "path"):
+            if column in self.images.column_names:
+                return column
+        raise DataError(f"{self.name}: images have none of the columns feature, image, path")
+
+
+def features_column(rows: np.ndarray) -> pa.Array:
+    """[N, D] float32 -> a fixed-size-list Arrow column (zero-copy back to numpy)."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), rows.shape[1])
+
+
+def column_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """The inverse of `features_column`."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    width = array.type.list_size
+    return array.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+
+
+def _split(name: str, restval: str = "train") -> str:
+    if name == "restval" and restval != "keep":
+        return restval
+    return SPLIT_ALIASES.get(name, name)
+
+
+# ---------------------------------------------------------------------------- precomp
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read as .npy ({exc})") from exc
+    if array.ndim != 2:
+        raise DataError(f"{path}: expected a 2-D array [rows, dim], got shape {array.shape}")
+    return array
+
+
+def _precomp_split(root: Path, prefix: str, caps_per_image: int, caption_features: str | None):
+    ims_path, caps_path = root / f"{prefix}_ims.npy", root / f"{prefix}_caps.txt"
+    for path in (ims_path, caps_path):
+        if not path.is_file():
+            raise DataError(f"precomp:{root}: missing file {path.name}")
+    ims = _load_npy(ims_path)
+    texts = caps_path.read_text(encoding="utf-8").splitlines()
+    n_caps = len(texts)
+    if ims.shape[0] * caps_per_image == n_caps:
+        image_rows = np.asarray(ims)
+    elif ims.shape[0] == n_caps and n_caps % caps_per_image == 0:
+        image_rows = np.asarray(ims[::caps_per_image])  # VSE++ COCO files repeat each image per caption
+    else:
+        raise DataError(
+            f"{caps_path}: {n_caps} captions do not match {ims_path.name} with "
+            f"{ims.shape[0]} rows at caps_per_image={caps_per_image} "
+            f"(expected {ims.shape[0] * caps_per_image} captions, or one image row per caption)"
+        )
+    cap_feats, used = None, [ims_path, caps_path]
+    if caption_features:
+        feat_path = root / f"{prefix}_caps_{caption_features}.npy"
+        if feat_path.is_file():
+            cap_feats = _load_npy(feat_path)
+            if cap_feats.shape[0] != n_caps:
+                raise DataError(
+                    f"{feat_path}: {cap_feats.shape[0]} rows but {caps_path.name} has {n_caps} captions"
+                )
+            used.append(feat_path)  # the feature cache must notice when these change
+    return image_rows, texts, cap_feats, used
+
+
+def read_precomp(source: Source, *, caption_features: str | None = None) -> Corpus:
+    root = Path(source.location)
+    if not root.is_dir():
+        raise DataError(f"precomp:{root}: not a directory")
+    per = int(source.options.get("caps_per_image", 5))
+    prefixes = sorted(p.name[: -len("_ims.npy")] for p in root.glob("*_ims.npy"))
+    if not prefixes:
+        raise DataError(f"precomp:{root}: no {{split}}_ims.npy files found")
+    image_parts, caption_parts, files = [], [], []
+    next_image, next_caption = 0, 0
+    for prefix in prefixes:
+        rows, texts, cap_feats, used = _precomp_split(root, prefix, per, caption_features)
+        split = _split(prefix)
+        n_img, n_cap = rows.shape[0], len(texts)
+        image_ids = np.arange(next_image, next_image + n_img, dtype=np.int64)
+        image_parts.append(pa.table({
+            "image_id": image_ids, "split": pa.array([split] * n_img), "feature": features_column(rows),
+        }))
+        caption = {
+            "caption_id": np.arange(next_caption, next_caption + n_cap, dtype=np.int64),
+            "image_id": np.repeat(image_ids, per), "split": pa.array([split] * n_cap),
+            "text": pa.array(texts, pa.string()),
+        }
+        if cap_feats is not None:
+            caption["feature"] = features_column(np.asarray(cap_feats))
+        caption_parts.append(pa.table(caption))
+        files += used
+        next_image += n_img
+        next_caption += n_cap
+    return Corpus(_concat(image_parts, root), _concat(caption_parts, root), str(source), files)
+
+
+def _concat(tables: list[pa.Table], where: Path) -> pa.Table:
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except pa.ArrowInvalid as exc:
+        raise DataError(f"{where}: splits disagree in their columns or feature widths ({exc})") from exc
+
+
+# ---------------------------------------------------------------------------- karpathy
+
+
+def _karpathy_entry(entry: Any, index: int, json_path: Path) -> tuple[int, str, str, list[tuple[int, str]]]:
+    where = f"{json_path}: images[{index}]"
+    if not isinstance(entry, dict):
+        raise DataError(f"{where} is a {type(entry).__name__}, expected an object")
+    for key in ("filename", "split", "sentences"):
+        if key not in entry:
+            raise DataError(f"{where}: missing field {key!r}")
+    sentences = entry["sentences"]
+    if not isinstance(sentences, list) or not sentences:
+        raise DataError(f"{where}.sentences = {sentences!r}: expected a non-empty list")
+    caps = []
+    for j, sentence in enumerate(sentences):
+        raw = sentence.get("raw") if isinstance(sentence, dict) else None
+        if raw is None and isinstance(sentence, dict) and "tokens" in sentence:
+            raw = " ".join(sentence["tokens"])
+        if not isinstance(raw, str) or not raw.strip():
+            raise DataError(f"{where}.sentences[{j}]: no caption text (raw = {raw!r})")
+        caps.append((int(sentence.get("sentid", -1)), raw.strip()))
+    filename = str(Path(entry.get("filepath", "")) / entry["filename"])
+    return int(entry.get("imgid", index)), entry["split"], filename, caps
+
+
+def read_karpathy(source: Source, **_: Any) -> Corpus:
+    json_text, _, image_dir = source.location.partition(":")
+    json_path = Path(json_text)
+    if not json_path.is_file():
+        raise DataError(f"karpathy:{json_path}: file does not exist")
+    image_root = Path(image_dir) if image_dir else json_path.parent / "images"
+    try:
+        doc = json.loads(json_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{json_path}: not valid JSON ({exc})") from exc
+    entries = doc.get("images") if isinstance(doc, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise DataError(f"{json_path}: field 'images' must be a non-empty list")
+    restval = source.options.get("restval", "train")
+    images: dict[str, list] = {"image_id": [], "split": [], "path": []}
+    captions: dict[str, list] = {"caption_id": [], "image_id": [], "split": [], "text": []}
+    missing = []
+    for index, entry in enumerate(entries):
+        image_id, split, filename, caps = _karpathy_entry(entry, index, json_path)
+        split = _split(split, restval)
+        path = image_root / filename
+        if not path.is_file():
+            missing.append(str(path))
+        images["image_id"].append(image_id)
+        images["split"].append(split)
+        images["path"].append(str(path.resolve()))
+        for sentid, text in caps:
+            captions["caption_id"].append(sentid if sentid >= 0 else len(captions["caption_id"]))
+            captions["image_id"].append(image_id)
+            captions["split"].append(split)
+            captions["text"].append(text)
+    if missing:
+        raise DataError(
+            f"{json_path}: {len(missing)} image file(s) named in field 'filename' are missing under "
+            f"{image_root}, e.g. {missing[:3]}"
+        )
+    table = pa.table(images, schema=pa.schema([("image_id", pa.int64()), ("split", pa.string()), ("path", pa.string())]))
+    _check_unique(table, "image_id", json_path)
+    cap_table = pa.table(captions)
+    _check_unique(cap_table, "caption_id", json_path)
+    return Corpus(table, cap_table, str(source), [json_path])
+
+
+def _check_unique(table: pa.Table, column: str, where: Path | str) -> None:
+    values = table.column(column)
+    if len(pc.unique(values)) != len(values):
+        counts = pc.value_counts(values).to_pylist()
+        dup = next(c["values"] for c in counts if c["counts"] > 1)
+        raise DataError(f"{where}: field {column!r} has duplicate value {dup!r}")
+
+
+# ---------------------------------------------------------------------------- parquet / hf
+
+
+def _table_from_parquet(path: Path) -> tuple[pa.Table, list[Path]]:
+    if path.is_dir():
+        files = sorted(path.rglob("*.parquet"))
+        if not files:
+            raise DataError(f"parquet:{path}: folder holds no .parquet files")
+        tables = []
+        for file in files:
+            table = pq.read_table(file)
+            stem_split = _split(file.stem.split("-")[0].split("_")[0])
+            if "split" not in table.column_names and stem_split in ("train", "val", "test"):
+                table = table.append_column("split", pa.array([stem_split] * len(table)))
+            tables.append(table)
+        return pa.concat_tables(tables, promote_options="permissive"), files
+    if not path.is_file():
+        raise DataError(f"parquet:{path}: file does not exist")
+    return pq.read_table(path), [path]
+
+
+def _image_bytes(value: Any, where: str, row: int) -> bytes:
+    if isinstance(value, dict):  # datasets.Image stores {bytes, path}
+        if value.get("bytes"):
+            return value["bytes"]
+        if value.get("path") and Path(value["path"]).is_file():
+            return Path(value["path"]).read_bytes()
+    elif isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    elif isinstance(value, str) and Path(value).is_file():
+        return Path(value).read_bytes()
+    raise DataError(f"{where}: row {row}: image column value {str(value)[:80]!r} is not image bytes or a file")
+
+
+def corpus_from_table(table: pa.Table, options: dict[str, str], name: str, files: list[Path]) -> Corpus:
+    """Image/caption table (one row per image with a list of captions, or one row per caption)."""
+    image_col = options.get("image", "image")
+    text_col = options.get("text", _first_present(table, ("caption", "captions", "text", "sentences")))
+    id_col = options.get("id")
+    for role, column in (("image", image_col), ("text", text_col), ("id", id_col)):
+        if column is not None and column not in table.column_names:
+            raise DataError(
+                f"{name}: no {role} column {column!r}; columns are {table.column_names} "
+                f"(choose with ?{role}=COLUMN)"
+            )
+    split_col = options.get("split_column", "split")
+    splits = table.column(split_col).to_pylist() if split_col in table.column_names else [options.get("split", "train")] * len(table)
+    raw_ids = table.column(id_col).to_pylist() if id_col else None
+    images: dict[str, list] = {"image_id": [], "split": [], "image": []}
+    captions: dict[str, list] = {"caption_id": [], "image_id": [], "split": [], "text": []}
+    seen: dict[Any, int] = {}
+    texts = table.column(text_col).to_pylist()
+    for row, value in enumerate(table.column(image_col).to_pylist()):
+        data = _image_bytes(value, name, row)
+        split = _split(str(splits[row]))
+        # Keyed by split too: ids restart per split in many exports, and an image repeated in two
+        # splits must become two images, else one split's captions point at the other's image.
+        key = (split, raw_ids[row] if raw_ids is not None else data)
+        if key not in seen:
+            seen[key] = len(seen)
+            images["image_id"].append(seen[key])
+            images["split"].append(split)
+            images["image"].append(data)
+        caps = texts[row] if isinstance(texts[row], list) else [texts[row]]
+        for text in caps:
+            if isinstance(text, dict):  # e.g. [{"raw": ...}]
+                text = text.get("raw")
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(f"{name}: row {row}: field {text_col!r} has an empty caption {text!r}")
+            captions["caption_id"].append(len(captions["caption_id"]))
+            captions["image_id"].append(seen[key])
+            captions["split"].append(split)
+            captions["text"].append(text.strip())
+    image_table = pa.table(images, schema=pa.schema([("image_id", pa.int64()), ("split", pa.string()), ("image", pa.binary())]))
+    return Corpus(image_table, pa.table(captions), name, files)
+
+
+def _first_present(table: pa.Table, names: tuple[str, ...]) -> str:
+    return next((n for n in names if n in table.column_names), names[0])
+
+
+def read_parquet(source: Source, **_: Any) -> Corpus:
+    table, files = _table_from_parquet(Path(source.location))
+    return corpus_from_table(table, source.options, str(source), files)
+
+
+def read_hf(source: Source, **_: Any) -> Corpus:
+    path = Path(source.location)
+    if path.suffix == ".parquet" or (path.is_dir() and any(path.glob("*.parquet"))):
+        return read_parquet(source)
+    if not path.exists():
+        raise DataError(f"hf:{path}: no such folder (hf: reads a datasets.save_to_disk folder offline)")
+    import datasets  # lazy: heavy, and only this reader needs it
+
+    loaded = datasets.load_from_disk(str(path))
+    parts = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(source.options.get("split", "train"), loaded)]
+    tables = []
+    for split, ds in parts:
+        table = ds.data.table
+        if "split" not in table.column_names:
+            table = table.append_column("split", pa.array([_split(split)] * len(table)))
+        tables.append(table)
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return corpus_from_table(pa.concat_tables(tables, promote_options="permissive"), source.options, str(source), files)
+
+
+def read_synthetic(source: Source, **_: Any) -> Corpus:
+    from itmatch.data.synthetic import make_shapes
+
+    kwargs = {k: int(v) for k, v in source.options.items() if k in ("n_images", "seed", "image_size")}
+    json_path = make_shapes(source.location, **kwargs)
+    return read_karpathy(Source("karpathy", str(json_path)))
+
+
+READERS: dict[str, Callable[..., Corpus]] = {
+    "precomp": read_precomp,
+    "karpathy": read_karpathy,
+    "parquet": read_parquet,
+    "hf": read_hf,
+    "synthetic": read_synthetic,
+}
+
+
+def read_source(text: str, *, caption_features: str | None = None) -> Corpus:
+    """Parse the source string and read it; `caption_features` names precomp's caption file."""
+    source = parse_source(text)
+    return READERS[source.scheme](source, caption_features=caption_features)

@@ -1,0 +1,47 @@
+"""A data source is one string: `scheme:location?key=value&...`, parsed once.
+
+    precomp:DIR                   VSE++-style {split}_ims.npy + {split}_caps.txt [+ {split}_caps_<name>.npy]
+    karpathy:JSON[:IMAGE_DIR]     Karpathy split JSON + image folder (default: <json dir>/images)
+    parquet:PATH                  Parquet file or folder with image and caption columns
+    hf:PATH                       a Hugging Face `datasets` folder (save_to_disk) or a Parquet path
+    synthetic:DIR                 the generated shapes dataset (written to DIR on first use)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl
+
+SCHEMES = ("precomp", "karpathy", "parquet", "hf", "synthetic")
+
+
+class DataError(ValueError):
+    """Bad data: the message names the file, the field and the offending value."""
+
+
+@dataclass(frozen=True)
+class Source:
+    scheme: str
+    location: str
+    options: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        query = "&".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return f"{self.scheme}:{self.location}" + (f"?{query}" if query else "")
+
+
+def parse_source(text: str) -> Source:
+    """`karpathy:/d/dataset.json:/d/images?restval=train` -> Source(...)."""
+    if ":" not in text:
+        raise DataError(
+            f"data.source {text!r} has no scheme; write one of "
+            + ", ".join(f"{s}:PATH" for s in SCHEMES)
+        )
+    scheme, rest = text.split(":", 1)
+    if scheme not in SCHEMES:
+        raise DataError(f"data.source {text!r}: unknown scheme {scheme!r}; choices: {', '.join(SCHEMES)}")
+    location, _, query = rest.partition("?")
+    if not location:
+        raise DataError(f"data.source {text!r}: empty location after {scheme!r}:")
+    options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=False)) if query else {}
+    return Source(scheme, location, options)

@@ -1,0 +1,229 @@
+"""Ingest: source -> Corpus -> frozen features -> Parquet in a cache folder.
+
+Both the trainer and the evaluator read features from here. A split is two Parquet files:
+`{split}_images.parquet` (image_id, feature) and `{split}_captions.parquet` (caption_id, image_id,
+text, feature), written atomically, plus `manifest.json` with the dataset identity (a digest of
+the ingested ids and features) that MLflow records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from itmatch.data.readers import Corpus, column_to_numpy, features_column, read_source
+from itmatch.data.sources import DataError
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class FeatureSplit:
+    """One split, ready for training or evaluation."""
+
+    image_ids: np.ndarray  # [Ni] int64, the group ids
+    image_feats: np.ndarray  # [Ni, Di] float32
+    caption_ids: np.ndarray  # [Nc] int64
+    caption_image: np.ndarray  # [Nc] int64, row into image_* of the caption's image
+    caption_feats: np.ndarray  # [Nc, Dc] float32
+    texts: list[str]
+
+    @property
+    def caption_gid(self) -> np.ndarray:
+        return self.image_ids[self.caption_image]
+
+    def __len__(self) -> int:
+        return len(self.caption_ids)
+
+
+@dataclass
+class FeatureStore:
+    root: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, root: str | Path) -> "FeatureStore":
+        """A store written by `prepare` (workers open the folder the driver prepared)."""
+        path = Path(root) / "manifest.json"
+        if not path.is_file():
+            raise DataError(f"feature store {root}: missing manifest.json (run prepare() first)")
+        return cls(Path(root), json.loads(path.read_text()))
+
+    @property
+    def identity(self) -> dict:
+        """What MLflow logs as the dataset: the source, encoders and a content digest per split."""
+        return {k: self.manifest[k] for k in ("source", "image_encoder", "text_encoder", "digests", "counts")}
+
+    @property
+    def dims(self) -> tuple[int, int]:
+        return tuple(self.manifest["dims"])  # type: ignore[return-value]
+
+    def split(self, name: str) -> FeatureSplit:
+        if name not in self.manifest["splits"]:
+            raise DataError(
+                f"{self.manifest['source']}: split {name!r} not found; available: {self.manifest['splits']}"
+            )
+        images = pq.read_table(self.root / f"{name}_images.parquet", memory_map=True)
+        caps = pq.read_table(self.root / f"{name}_captions.parquet", memory_map=True)
+        image_ids = images.column("image_id").to_numpy()
+        row_of = {int(i): r for r, i in enumerate(image_ids)}
+        caption_image = np.fromiter((row_of[int(i)] for i in caps.column("image_id").to_numpy()), np.int64, len(caps))
+        return FeatureSplit(
+            image_ids=image_ids,
+            image_feats=column_to_numpy(images.column("feature")),
+            caption_ids=caps.column("caption_id").to_numpy(),
+            caption_image=caption_image,
+            caption_feats=column_to_numpy(caps.column("feature")),
+            texts=caps.column("text").to_pylist(),
+        )
+
+
+def _cache_key(corpus: Corpus, image_encoder: str, text_encoder: str) -> str:
+    h = hashlib.sha256(f"v{SCHEMA_VERSION}|{corpus.name}|{image_encoder}|{text_encoder}".encode())
+    for path in corpus.files:
+        stat = path.stat()
+        h.update(f"|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _atomic_write_table(table: pa.Table, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _iter_images(corpus_images: pa.Table) -> Iterator:
+    from PIL import Image  # lazy: only pixel sources need it
+
+    column = "image" if "image" in corpus_images.column_names else "path"
+    for value in corpus_images.column(column).to_pylist():
+        try:
+            image = Image.open(io.BytesIO(value) if column == "image" else value)
+            yield image.convert("RGB")
+        except OSError as exc:
+            raise DataError(f"cannot decode image {value if column == 'path' else '<bytes>'}: {exc}") from exc
+
+
+def _image_features(images: pa.Table, encoder_name: str, progress: bool) -> np.ndarray:
+    if "feature" in images.column_names:
+        return column_to_numpy(images.column("feature"))
+    from itmatch.data.encoders import build_image_encoder
+
+    encoder = build_image_encoder(encoder_name)
+    return encoder.encode(_iter_images(images), progress=progress)
+
+
+def _caption_features(caps: pa.Table, encoder_name: str, progress: bool) -> np.ndarray:
+    # All null: this split had no precomputed file while another split did (precomp concatenates
+    # splits), so it is encoded like a split without features.
+    if "feature" in caps.column_names and caps.column("feature").null_count < len(caps):
+        return column_to_numpy(caps.column("feature"))
+    from itmatch.data.encoders import build_text_encoder
+
+    return build_text_encoder(encoder_name).encode(caps.column("text").to_pylist(), progress=progress)
+
+
+def _digest(*arrays: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _ingest_split(corpus: Corpus, split: str, root: Path, image_encoder: str, text_encoder: str, progress: bool):
+    images = corpus.images.filter(pc.equal(corpus.images.column("split"), split))
+    caps = corpus.captions.filter(pc.equal(corpus.captions.column("split"), split))
+    known = set(images.column("image_id").to_pylist())
+    orphans = [i for i in caps.column("image_id").to_pylist() if i not in known]
+    if orphans:
+        raise DataError(f"{corpus.name}: split {split!r}: captions refer to unknown image_id {orphans[0]!r}")
+    img_feats = _image_features(images, image_encoder, progress)
+    cap_feats = _caption_features(caps, text_encoder, progress)
+    _check_finite(img_feats, f"{corpus.name}: split {split!r}: image features")
+    _check_finite(cap_feats, f"{corpus.name}: split {split!r}: caption features")
+    _atomic_write_table(pa.table({"image_id": images.column("image_id"), "feature": features_column(img_feats)}),
+                        root / f"{split}_images.parquet")
+    _atomic_write_table(pa.table({
+        "caption_id": caps.column("caption_id"), "image_id": caps.column("image_id"),
+        "text": caps.column("text"), "feature": features_column(cap_feats),
+    }), root / f"{split}_captions.parquet")
+    ids = (images.column("image_id").to_numpy(), caps.column("image_id").to_numpy())
+    return {
+        "digest": _digest(*ids, img_feats, cap_feats), "images": len(images), "captions": len(caps),
+        "dims": [int(img_feats.shape[1]), int(cap_feats.shape[1])],
+    }
+
+
+def _check_finite(array: np.ndarray, what: str) -> None:
+    if array.ndim != 2 or array.shape[0] == 0:
+        raise DataError(f"{what}: expected a non-empty [rows, dim] array, got shape {array.shape}")
+    bad = np.flatnonzero(~np.isfinite(array).all(axis=1))
+    if bad.size:
+        raise DataError(f"{what}: row {int(bad[0])} holds a non-finite value ({bad.size} bad rows)")
+
+
+def prepare(
+    source: str,
+    *,
+    cache_dir: str | Path,
+    image_encoder: str,
+    text_encoder: str,
+    splits: Optional[list[str]] = None,
+    progress: bool = True,
+) -> FeatureStore:
+    """Read the source, featurise what is not yet cached, and return the store."""
+    corpus = read_source(source, caption_features=text_encoder)
+    available = corpus.splits
+    wanted = splits or available
+    missing = [s for s in wanted if s not in available]
+    if missing:
+        raise DataError(f"{source}: split(s) {missing} not found; available: {available}")
+    root = Path(cache_dir) / _cache_key(corpus, image_encoder, text_encoder)
+    manifest_path = root / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    if manifest and all(s in manifest["splits"] for s in wanted):
+        return FeatureStore(root, manifest)
+    root.mkdir(parents=True, exist_ok=True)
+    # Splits already in the store stay in it (a worker or evaluator may be reading them): add the rest.
+    have = manifest["splits"] if manifest else []
+    todo = [s for s in wanted if s not in have]
+    stats = {s: _ingest_split(corpus, s, root, image_encoder, text_encoder, progress) for s in todo}
+    dims = {tuple(v["dims"]) for v in stats.values()} | ({tuple(manifest["dims"])} if manifest else set())
+    if len(dims) != 1:
+        raise DataError(f"{source}: splits have different feature widths {sorted(dims)}")
+    manifest = {
+        "schema_version": SCHEMA_VERSION, "source": source, "image_encoder": _payload_encoder(corpus, image_encoder),
+        "text_encoder": text_encoder, "splits": have + todo, "dims": list(dims.pop()),
+        "digests": {**(manifest["digests"] if manifest else {}), **{s: v["digest"] for s, v in stats.items()}},
+        "counts": {**(manifest["counts"] if manifest else {}),
+                   **{s: {"images": v["images"], "captions": v["captions"]} for s, v in stats.items()}},
+    }
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
+    return FeatureStore(root, manifest)
+
+
+def _payload_encoder(corpus: Corpus, image_encoder: str) -> str:
+    return "precomputed" if corpus.payload() == "feature" else image_encoder

@@ -1,0 +1,43 @@
+"""Evaluate a model on a featurised split: embed everything once, then chunked retrieval."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from itmatch.data.store import FeatureSplit
+from itmatch.eval.retrieval import coco_protocols, retrieval_metrics, sentence_retrieval
+
+
+@torch.no_grad()
+def _embed(branch: nn.Module, feats: np.ndarray, batch: int, device: torch.device) -> torch.Tensor:
+    out = [branch(torch.tensor(feats[i:i + batch], device=device)).float().cpu()  # copy: store arrays are read-only
+           for i in range(0, len(feats), batch)]
+    return torch.cat(out)
+
+
+def embed_split(model: nn.Module, split: FeatureSplit, *, batch: int = 4096,
+                device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Image and caption embeddings of a split, with the model in eval mode (restored after)."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = torch.device(device)
+        return (_embed(model.image, split.image_feats, batch, device),
+                _embed(model.text, split.caption_feats, batch, device))
+    finally:
+        model.train(was_training)
+
+
+def evaluate_split(model: nn.Module, split: FeatureSplit, *, chunk: int = 1024, protocol: str = "full",
+                   sentences: bool = True, device: torch.device | str = "cpu") -> dict[str, float]:
+    """R@K both ways, ranks, rsum; `protocol="coco"` adds COCO 1K (5-fold mean) and 5K keys."""
+    img, txt = embed_split(model, split, device=device)
+    txt_img = torch.from_numpy(split.caption_image)
+    metrics = retrieval_metrics(img, txt, txt_img, chunk=chunk)
+    if protocol == "coco":
+        metrics.update(coco_protocols(img, txt, txt_img, chunk=chunk))
+    if sentences:
+        metrics.update(sentence_retrieval(txt, torch.from_numpy(split.caption_gid), chunk=chunk))
+    return metrics

@@ -1,0 +1,27 @@
+"""Batch-level losses by name: `loss.name` in the config picks one.
+
+Every loss is a pure function of embeddings and group ids that takes a `gather` (see gather.py)
+and returns a dict with the total under "loss" and its terms beside it.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+from itmatch.config import LossConfig
+from itmatch.losses.gather import LOCAL, Gather, LocalGather
+from itmatch.losses.ranking import ranking_loss
+
+LOSSES: dict[str, Callable[..., dict]] = {"ranking": ranking_loss}
+
+
+def build_loss(cfg: LossConfig) -> Callable[..., dict]:
+    """`loss(img, img_gid, txt, txt_gid, gather=...)` with the config's hyper-parameters bound."""
+    if cfg.name not in LOSSES:
+        raise KeyError(f"loss.name={cfg.name!r} unknown; choices: {sorted(LOSSES)}")
+    return partial(LOSSES[cfg.name], lambdas=cfg.lambdas, margin=cfg.margin, top_k=cfg.top_k,
+                   metric=cfg.metric, reduction=cfg.reduction)
+
+
+__all__ = ["LOSSES", "build_loss", "Gather", "LocalGather", "LOCAL", "ranking_loss"]

@@ -1,0 +1,198 @@
+"""Bi-directional ranking loss with neighborhood constraints and top-K hard-negative mining.
+
+SPEC §3, 001 Eq. 6:
+
+    L = λ1 Σ[m + d(x_i, y_j) − d(x_i, y_k)]+      image anchor, text positive/negative
+      + λ2 Σ[m + d(x_j', y_i') − d(x_k', y_i')]+  text anchor, image positive/negative
+      + λ3 Σ[m + d(x_i, x_j) − d(x_i, x_k)]+      image anchor, other images of its group
+      + λ4 Σ[m + d(y_i', y_j') − d(y_i', y_k')]+  text anchor, other texts of its group
+
+For every (anchor, positive) pair only the `top_k` largest positive hinges over the negatives are
+kept (top_k=1 with cosine is VSE++ max-violation; top_k=None sums every hinge).
+
+Memory strategy. A hinge m + c(a,p) − c(a,n) (c = distance, or −similarity for cosine) falls as the
+negative's cost c(a,n) rises, so for every positive of anchor a the K largest hinges are against the
+same K *nearest negatives of a*. Hence one sort of each anchor's negative costs serves all of its
+positives: with the sorted costs, n_viol = #negatives with cost < m + c(a,p) (searchsorted),
+kept = min(n_viol, K), and the kept hinges sum to kept·(m + c(a,p)) − prefix_sum[kept]. Everything
+is an [n_anchor, n_candidate] tensor — O(local × global) memory with no [anchor, pos, neg] cube,
+so no chunking is needed and top_k=None costs the same as top_k=10.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from itmatch.losses.gather import LOCAL, Gather
+
+# Keeps sqrt's gradient finite when two embeddings coincide (d = 0).
+_EPS = 1e-12
+_METRICS = ("euclidean", "cosine")
+_REDUCTIONS = ("sum", "mean")
+_TERMS = ("i2t", "t2i", "i2i", "t2t")
+
+
+def _cost(anchor: Tensor, cand: Tensor, metric: str) -> Tensor:
+    """[n_anchor, n_cand] cost whose *increase* makes a pair less similar.
+
+    euclidean: distance on the unit sphere, sqrt(2 − 2cos). cosine: −similarity, so the VSE++
+    hinge m + s(a,n) − s(a,p) has the same form m + cost(a,p) − cost(a,n) as the distance one.
+    """
+    sim = anchor @ cand.T
+    if metric == "euclidean":
+        return torch.sqrt(torch.clamp(2.0 - 2.0 * sim, min=_EPS))
+    return -sim
+
+
+def _masks(
+    anchor_gid: Tensor, cand_gid: Tensor, self_offset: int | None
+) -> tuple[Tensor, Tensor]:
+    """(positive, negative) boolean masks [n_anchor, n_cand].
+
+    With `self_offset` (intra-modal terms) the anchor's own candidate row, global index
+    self_offset + r, is not its own positive.
+    """
+    same = anchor_gid[:, None] == cand_gid[None, :]
+    pos = same
+    if self_offset is not None:
+        rows = torch.arange(anchor_gid.numel(), device=same.device) + self_offset
+        cols = torch.arange(cand_gid.numel(), device=same.device)
+        pos = same & (rows[:, None] != cols[None, :])
+    return pos, ~same
+
+
+def _mined_hinge_sum(
+    cost: Tensor, pos: Tensor, neg: Tensor, margin: float, top_k: int | None
+) -> Tensor:
+    """Σ over positive pairs (a, p) of the top_k largest positive hinges m + c(a,p) − c(a,n)."""
+    inf = torch.full_like(cost, float("inf"))
+    # Non-negatives sort to the end as +inf: they never count as violators.
+    neg_sorted, _ = torch.sort(torch.where(neg, cost, inf), dim=1)
+    thresh = margin + cost  # hinge(a, p, n) > 0  <=>  c(a, n) < thresh[a, p]
+    n_viol = torch.searchsorted(neg_sorted.detach(), thresh.detach().contiguous(), right=False)
+    kept = n_viol if top_k is None else n_viol.clamp(max=top_k)
+    # float64 prefix sums: kept·thresh − prefix cancels, which in float32 would lose the small
+    # hinge values once thousands of negatives are summed (top_k=None on a large global batch).
+    finite = torch.where(torch.isfinite(neg_sorted), neg_sorted, torch.zeros_like(neg_sorted))
+    prefix = F.pad(torch.cumsum(finite.double(), dim=1), (1, 0))
+    per_pair = kept.double() * thresh.double() - prefix.gather(1, kept)
+    # torch.where rather than boolean indexing: no host sync on CUDA.
+    return torch.where(pos, per_pair, torch.zeros_like(per_pair)).sum().to(cost.dtype)
+
+
+def _term(
+    anchor: Tensor,
+    anchor_gid: Tensor,
+    cand: Tensor,
+    cand_gid: Tensor,
+    self_offset: int | None,
+    *,
+    margin: float,
+    top_k: int | None,
+    metric: str,
+) -> Tensor:
+    """Unreduced sum of kept hinges for local anchors against global candidates."""
+    pos, neg = _masks(anchor_gid, cand_gid, self_offset)
+    return _mined_hinge_sum(_cost(anchor, cand, metric), pos, neg, margin, top_k)
+
+
+def _check_args(
+    img: Tensor, img_gid: Tensor, txt: Tensor, txt_gid: Tensor,
+    lambdas: tuple[float, ...], top_k: int | None, metric: str, reduction: str,
+) -> None:
+    if metric not in _METRICS:
+        raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if len(lambdas) != 4:
+        raise ValueError(f"lambdas must have 4 entries (i2t, t2i, i2i, t2t), got {lambdas}")
+    if img.ndim != 2 or txt.ndim != 2 or img.shape[1] != txt.shape[1]:
+        raise ValueError(f"img and txt must be [N, d] with equal d, got {img.shape}, {txt.shape}")
+    if img_gid.shape != img.shape[:1] or txt_gid.shape != txt.shape[:1]:
+        raise ValueError("img_gid / txt_gid must hold one group id per row")
+
+
+def _reduction_scale(
+    img_gid: Tensor, txt_gid_all: Tensor, reduction: str, gather: Gather, like: Tensor
+) -> Tensor:
+    """Factor applied to every term's local hinge sum.
+
+    DDP averages gradients over workers, so each worker's share is multiplied by world_size:
+    the averaged gradient then equals that of the single-process loss. For "mean" the divisor P
+    is the global number of positive (image, text) pairs, shared by all four terms so the λs keep
+    their relative weight. P = 0 gives scale 0 (terms are zero, never NaN).
+    """
+    world = float(gather.world_size)
+    if reduction == "sum":
+        return like.new_tensor(world)
+    n_pos = (img_gid[:, None] == txt_gid_all[None, :]).sum().to(like.dtype)
+    p_global = gather.sum(n_pos.detach())
+    # Tensor ops rather than `if p_global > 0`: no host sync on CUDA.
+    return torch.where(p_global > 0, world / p_global.clamp_min(1.0), torch.zeros_like(p_global))
+
+
+def ranking_loss(
+    img: Tensor,
+    img_gid: Tensor,
+    txt: Tensor,
+    txt_gid: Tensor,
+    *,
+    lambdas: tuple[float, float, float, float] = (1.0, 1.5, 0.0, 0.0),
+    margin: float = 0.05,
+    top_k: int | None = 10,
+    metric: str = "euclidean",
+    reduction: str = "mean",
+    gather: Gather = LOCAL,
+) -> dict[str, Tensor]:
+    """Bi-directional ranking loss with neighborhood constraints (001 Eq. 6), SPEC §3.
+
+    Args:
+        img: [Ni, d] L2-normalised image embeddings, this worker's rows (the anchors).
+        img_gid: [Ni] int64 group ids; rows sharing a group id are positives of each other.
+        txt: [Nt, d] L2-normalised text embeddings, this worker's rows.
+        txt_gid: [Nt] int64 group ids.
+        lambdas: weights of the (i2t, t2i, i2i, t2t) terms; a term with weight 0 is not computed.
+        margin: hinge margin m.
+        top_k: hinges kept per (anchor, positive) pair, largest first; None keeps all.
+        metric: "euclidean" (d = sqrt(2 − 2cos)) or "cosine" (VSE++ dot-product hinge).
+        reduction: "sum" of kept hinges, or "mean": every term divided by P, the number of
+            positive (image, text) pairs in the global batch (the same P for all four terms).
+        gather: supplies the global candidates; anchors stay local (O(local × global) memory).
+
+    Both reductions are multiplied by gather.world_size so that DDP's gradient averaging matches
+    the single-process loss; with LOCAL the factor is 1.
+
+    Returns:
+        {"loss": λ-weighted total, "i2t", "t2i", "i2i", "t2t": unweighted reduced terms}.
+    """
+    _check_args(img, img_gid, txt, txt_gid, lambdas, top_k, metric, reduction)
+    img_all, txt_all = gather.cat(img), gather.cat(txt)
+    img_gid_all, txt_gid_all = gather.cat_nograd(img_gid), gather.cat_nograd(txt_gid)
+    img_off, txt_off = gather.offset(img.shape[0]), gather.offset(txt.shape[0])
+
+    # (anchor, anchor_gid, candidates, candidate_gid, self offset or None for cross-modal)
+    setups = {
+        "i2t": (img, img_gid, txt_all, txt_gid_all, None),
+        "t2i": (txt, txt_gid, img_all, img_gid_all, None),
+        "i2i": (img, img_gid, img_all, img_gid_all, img_off),
+        "t2t": (txt, txt_gid, txt_all, txt_gid_all, txt_off),
+    }
+    scale = _reduction_scale(img_gid, txt_gid_all, reduction, gather, img)
+    out: dict[str, Tensor] = {}
+    total = img.new_zeros(())
+    for name, lam in zip(_TERMS, lambdas):
+        if lam == 0:
+            out[name] = img.new_zeros(())
+            continue
+        term = _term(*setups[name], margin=margin, top_k=top_k, metric=metric) * scale
+        out[name] = term
+        total = total + lam * term
+    out["loss"] = total
+    return out
+
+
+__all__ = ["ranking_loss"]

@@ -1,0 +1,54 @@
+"""The two-branch embedding network (001 §3.2).
+
+Branch: Linear(d_in→h) → ReLU → Dropout → Linear(h→d) → BatchNorm1d(d) → L2-normalise.
+The linear variant is Linear(d_in→d) → L2. Similarity is the dot product of unit vectors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from itmatch.config import ModelConfig
+
+
+class Branch(nn.Module):
+    def __init__(self, d_in: int, hidden: int, d_out: int, *, dropout: float = 0.5, linear: bool = False) -> None:
+        super().__init__()
+        if linear:
+            self.net: nn.Module = nn.Linear(d_in, d_out)
+        else:
+            self.net = nn.Sequential(
+                nn.Linear(d_in, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                nn.Linear(hidden, d_out), nn.BatchNorm1d(d_out),
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.normalize(self.net(x), dim=-1)
+
+
+class EmbeddingNet(nn.Module):
+    """Image and text branches into one unit-sphere space."""
+
+    def __init__(self, image_dim: int, text_dim: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        linear = cfg.branch == "linear"
+        self.image = Branch(image_dim, cfg.hidden_dim, cfg.embed_dim, dropout=cfg.dropout, linear=linear)
+        self.text = Branch(text_dim, cfg.hidden_dim, cfg.embed_dim, dropout=cfg.dropout, linear=linear)
+        self.dims = (image_dim, text_dim)
+
+    def forward(self, images: Tensor, texts: Tensor) -> tuple[Tensor, Tensor]:
+        return self.image(images), self.text(texts)
+
+    @torch.no_grad()
+    def embed_images(self, x: Tensor) -> Tensor:
+        return self.image(x)
+
+    @torch.no_grad()
+    def embed_texts(self, x: Tensor) -> Tensor:
+        return self.text(x)
+
+
+def build_embedding(image_dim: int, text_dim: int, cfg: ModelConfig) -> EmbeddingNet:
+    return EmbeddingNet(image_dim, text_dim, cfg)

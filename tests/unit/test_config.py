@@ -1,0 +1,245 @@
+"""itmatch.config: defaults, YAML presets, dotted overrides and the errors they raise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from itmatch.config import Config, ConfigError, load_config, parse_override, validate
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _preset(tmp_path: Path, text: str, name: str = "preset.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def test_defaults_validate():
+    cfg = load_config()
+    assert isinstance(cfg, Config)
+    assert cfg == Config()
+    assert cfg.loss.margin == 0.05
+    assert cfg.loss.top_k == 10
+    assert cfg.loss.lambdas == (1.0, 1.5, 0.0, 0.0)
+    assert cfg.data.neighborhood_sampling is True
+    # the defaults survive a full validation round trip
+    assert validate(cfg.model_dump()) == cfg
+
+
+def test_defaults_are_not_shared_between_instances():
+    a, b = load_config(), load_config()
+    a.loss.margin = 0.3
+    assert b.loss.margin == 0.05
+    assert Config().loss.margin == 0.05
+
+
+# --------------------------------------------------------------------------- preset + overrides
+
+
+def test_preset_then_overrides_win(tmp_path):
+    preset = _preset(tmp_path, """
+data:
+  batch_size: 64
+  neighborhood_sampling: true
+loss:
+  margin: 0.2
+  top_k: 5
+  lambda4: 0.05
+train:
+  epochs: 3
+""")
+    cfg = load_config(preset, ["loss.margin=0.1", "loss.top_k=null", "data.neighborhood_sampling=false"])
+    assert cfg.loss.margin == 0.1  # override beats preset
+    assert cfg.loss.top_k is None  # YAML null -> None
+    assert cfg.data.neighborhood_sampling is False
+    assert cfg.data.batch_size == 64  # preset beats default
+    assert cfg.loss.lambda4 == 0.05
+    assert cfg.train.epochs == 3
+    assert cfg.loss.lambda2 == 1.5  # untouched default
+    assert cfg.model.hidden_dim == Config().model.hidden_dim
+
+
+def test_preset_alone_changes_only_what_it_names(tmp_path):
+    cfg = load_config(_preset(tmp_path, "optim:\n  lr: 0.001\n"))
+    expected = Config().flat()
+    expected["optim.lr"] = 0.001
+    assert cfg.flat() == expected
+
+
+def test_override_dict_form_and_value_types():
+    cfg = load_config(overrides={"loss.margin": 0.1, "loss.top_k": None, "run.name": "x"})
+    assert (cfg.loss.margin, cfg.loss.top_k, cfg.run.name) == (0.1, None, "x")
+    assert parse_override("train.epochs=3") == ("train.epochs", 3)
+    assert parse_override("loss.top_k=null") == ("loss.top_k", None)
+    assert parse_override("data.source=precomp:/a/b") == ("data.source", "precomp:/a/b")
+    assert parse_override("run.name=") == ("run.name", "")
+
+
+def test_numeric_looking_strings_stay_strings(tmp_path):
+    # YAML reads 2024 as an int and 1.5 as a float; string fields still take them as text
+    cfg = load_config(_preset(tmp_path, "run:\n  name: 2024\n"), ["tracking.experiment=7", "data.source=1.5"])
+    assert (cfg.run.name, cfg.tracking.experiment, cfg.data.source) == ("2024", "7", "1.5")
+    # but numbers do not become bools or the other way round
+    with pytest.raises(ConfigError, match="run.name"):
+        load_config(overrides=["run.name=true"])
+
+
+def test_override_without_equals_errors():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(overrides=["loss.margin"])
+
+
+# --------------------------------------------------------------------------- unknown keys
+
+
+@pytest.mark.parametrize(
+    "key, bad, valid_sample",
+    [
+        ("bogus", "bogus", ["data", "loss", "train"]),
+        ("loss.bogus", "bogus", ["margin", "top_k", "lambda1"]),
+        ("data.batchsize", "batchsize", ["batch_size", "source"]),
+    ],
+)
+def test_unknown_key_names_key_and_lists_valid_keys(key, bad, valid_sample):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[f"{key}=1"])
+    message = str(info.value)
+    assert key in message
+    assert repr(bad) in message
+    for name in valid_sample:
+        assert name in message
+
+
+def test_unknown_key_in_preset_names_file_and_key(tmp_path):
+    preset = _preset(tmp_path, "loss:\n  margn: 0.1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(preset)
+    message = str(info.value)
+    assert "loss.margn" in message
+    assert str(preset) in message
+    assert "margin" in message  # the valid keys are listed
+
+
+@pytest.mark.parametrize("preset_text", [None, "loss:\n  margin: 0.1\n"])
+def test_key_below_a_value_is_unknown(tmp_path, preset_text):
+    # loss.margin is a leaf: loss.margin.x is an unknown key (whether or not a preset set margin)
+    preset = _preset(tmp_path, preset_text) if preset_text else None
+    with pytest.raises(ConfigError) as info:
+        load_config(preset, ["loss.margin.x=1"])
+    message = str(info.value)
+    assert "unknown config key 'loss.margin.x'" in message
+    assert "loss.margin is a value" in message
+
+
+# --------------------------------------------------------------------------- wrong types
+
+
+@pytest.mark.parametrize(
+    "override, key, value",
+    [
+        ("loss.margin=abc", "loss.margin", "'abc'"),
+        ("train.epochs=-1", "train.epochs", "-1"),
+        ("loss.top_k=0", "loss.top_k", "0"),
+        ("loss.metric=manhattan", "loss.metric", "'manhattan'"),
+        ("model.dropout=1.0", "model.dropout", "1.0"),
+        ("data.batch_size=1", "data.batch_size", "1"),
+    ],
+)
+def test_wrong_type_or_range_names_key_and_value(override, key, value):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[override])
+    message = str(info.value)
+    assert key in message
+    assert value in message
+
+
+def test_wrong_type_in_preset(tmp_path):
+    preset = _preset(tmp_path, "train:\n  epochs: many\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(preset)
+    assert "train.epochs" in str(info.value) and "'many'" in str(info.value)
+
+
+def test_cross_field_check_batch_vs_workers():
+    with pytest.raises(ConfigError, match="batch_size"):
+        load_config(overrides=["data.batch_size=6", "scaling.num_workers=4"])
+    assert load_config(overrides=["data.batch_size=8", "scaling.num_workers=4"]).data.batch_size == 8
+
+
+def test_section_given_a_scalar_errors():
+    with pytest.raises(ConfigError, match="loss"):
+        load_config(overrides=["loss=3"])
+
+
+# --------------------------------------------------------------------------- preset files
+
+
+def test_missing_preset_errors(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(missing)
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "42\n"])
+def test_preset_not_a_mapping_errors(tmp_path, text):
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(_preset(tmp_path, text))
+
+
+def test_preset_invalid_yaml_errors(tmp_path):
+    with pytest.raises(ConfigError, match="YAML"):
+        load_config(_preset(tmp_path, "loss: [unclosed\n"))
+
+
+def test_empty_preset_is_defaults(tmp_path):
+    assert load_config(_preset(tmp_path, "")) == Config()
+
+
+# --------------------------------------------------------------------------- flat round trip
+
+
+def test_flat_round_trips_through_overrides(tmp_path):
+    cfg = load_config(overrides=[
+        "loss.margin=0.1", "loss.top_k=null", "data.neighborhood_sampling=false",
+        "optim.grad_clip=null", "run.ray_address=auto", "scaling.cpus_per_worker=1.5",
+        "model.branch=linear", "train.epochs=7",
+    ])
+    flat = cfg.flat()
+    assert all(isinstance(k, str) and "." in k for k in flat)
+    assert flat["loss.margin"] == 0.1 and flat["loss.top_k"] is None
+    assert load_config(overrides=flat) == cfg
+    # and through the string form the CLI uses
+    strings = [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}"
+               for k, v in flat.items()]
+    assert load_config(overrides=strings) == cfg
+    # every field of every section is in the flat form
+    n_fields = sum(len(type(getattr(cfg, s)).model_fields) for s in Config.model_fields)
+    assert len(flat) == n_fields
+
+
+# --------------------------------------------------------------------------- repo presets
+
+
+PRESETS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_repo_has_presets():
+    assert PRESETS, f"no presets under {REPO / 'configs'}"
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.name for p in PRESETS])
+def test_repo_presets_load(preset):
+    cfg = load_config(preset)
+    raw = yaml.safe_load(preset.read_text()) or {}
+    flat = cfg.flat()
+    # every value the preset names is what the config holds
+    for section, values in raw.items():
+        for key, value in values.items():
+            assert flat[f"{section}.{key}"] == value, f"{preset.name}: {section}.{key}"

@@ -1,0 +1,185 @@
+"""`train_loop_per_worker`: what every Ray Train worker runs.
+
+Rebuild the config, build data/model/optimizer from registries, resume from the latest Ray
+checkpoint, then per epoch: train, evaluate on the validation split, report metrics and (rank 0)
+a checkpoint holding everything needed to resume exactly plus the best weights so far.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from itmatch.config import Config, validate
+from itmatch.data.batching import NeighborhoodBatchSampler
+from itmatch.data.store import FeatureSplit, FeatureStore
+from itmatch.eval.evaluate import evaluate_split
+from itmatch.eval.retrieval import format_metrics
+from itmatch.losses import LOCAL, build_loss
+from itmatch.models import build_model
+from itmatch.optim import build_optimizer, build_scheduler
+from itmatch.state import TrainState, epoch_seed, load_checkpoint, save_checkpoint
+from trainers.dist import WorkerContext, any_worker, mean_over_workers, worker_context
+from trainers.strategies import build_strategy
+
+log = logging.getLogger("itmatch.train")
+BEST_DIR = "best"
+
+
+def _batch(split: FeatureSplit, captions: np.ndarray, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Unique images of the captions, and group ids for both sides."""
+    rows = np.unique(split.caption_image[captions])
+    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
+    return (as_tensor(split.image_feats[rows]), as_tensor(split.image_ids[rows]),
+            as_tensor(split.caption_feats[captions]), as_tensor(split.caption_gid[captions]))
+
+
+class Trainer:
+    """The state of one worker's run; `fit()` is the whole loop."""
+
+    def __init__(self, cfg: Config, store: FeatureStore, ctx: WorkerContext, tracking: Optional[dict]) -> None:
+        self.cfg, self.ctx = cfg, ctx
+        self.train_split = store.split(cfg.data.train_split)
+        self.val_split = store.split(cfg.data.val_split)
+        self.dims = store.dims
+        self.strategy = build_strategy(cfg, ctx)
+        self.model = self.strategy.wrap(build_model(*store.dims, cfg.model))
+        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
+        self.sampler = NeighborhoodBatchSampler(
+            self.train_split.caption_image, cfg.data.batch_size, rank=ctx.rank, world_size=ctx.world_size,
+            seed=cfg.train.seed, neighborhood=cfg.data.neighborhood_sampling, drop_last=cfg.data.drop_last)
+        self.steps_per_epoch = len(self.sampler)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"data.batch_size={cfg.data.batch_size} leaves no full batch in "
+                             f"{len(self.train_split)} training captions")
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.steps_per_epoch, cfg.train.epochs)
+        self.loss_fn = build_loss(cfg.loss)
+        self.state = TrainState()
+        self.best_weights: Optional[dict] = None
+        self.tracker = _tracker(tracking) if ctx.is_main and tracking else None
+
+    # -- resume / checkpoint ------------------------------------------------------------------
+    def restore(self, folder: Path) -> None:
+        payload, _ = load_checkpoint(folder)
+        self.strategy.unwrap(self.model).load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.sampler.load_state_dict(payload["sampler"])
+        self.state = payload["train_state"]
+        if (folder / BEST_DIR).is_dir():
+            self.best_weights = load_checkpoint(folder / BEST_DIR)[0]["model"]
+
+    def save(self, folder: Path) -> None:
+        module = self.strategy.unwrap(self.model)
+        save_checkpoint(folder, model=module, cfg=self.cfg, train_state=self.state, dims=self.dims,
+                        optimizer=self.optimizer, scheduler=self.scheduler, sampler=self.sampler.state_dict())
+        if self.best_weights is not None:
+            save_checkpoint(folder / BEST_DIR, model=self.best_weights, cfg=self.cfg,
+                            train_state=self.state, dims=self.dims)
+
+    # -- one epoch ---------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        self.model.train()
+        self.sampler.set_epoch(epoch)
+        torch.manual_seed(epoch_seed(self.cfg.train.seed, self.ctx.rank, epoch))
+        totals: dict[str, torch.Tensor] = {}
+        steps, start = 0, time.perf_counter()
+        for captions in self.sampler:
+            out = self.train_step(_batch(self.train_split, captions, self.ctx.device))
+            for key, value in out.items():
+                totals[key] = totals.get(key, 0.0) + value.detach()
+            steps += 1
+            if self.ctx.is_main and steps % self.cfg.train.log_every == 0:  # .item() syncs only here
+                log.info("epoch %d step %d/%d loss %.4f lr %.2e", epoch + 1, steps, self.steps_per_epoch,
+                         float(out["loss"]), self.scheduler.get_last_lr()[0])
+        stats = {f"train_{k}": float(v) / max(steps, 1) for k, v in totals.items()}
+        stats["epoch_time_s"] = time.perf_counter() - start
+        return mean_over_workers(stats, self.ctx.device)
+
+    def train_step(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        img, img_gid, txt, txt_gid = batch
+        with self.strategy.autocast():
+            img_emb, txt_emb = self.model(img, txt)
+        out = self.loss_fn(img_emb.float(), img_gid, txt_emb.float(), txt_gid, gather=LOCAL)
+        if any_worker(not bool(torch.isfinite(out["loss"])), self.ctx.device):
+            raise FloatingPointError(f"non-finite loss at step {self.state.step}: {out}")
+        self.strategy.backward(out["loss"])
+        out["grad_norm"] = self.strategy.step(self.model, self.optimizer, self.scheduler)
+        self.state.step += 1
+        self.state.samples_seen += len(txt) * self.ctx.world_size
+        return out
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self, report) -> None:
+        started_at = self.state.epoch
+        for epoch in range(self.state.epoch, self.cfg.train.epochs):
+            metrics = self.train_epoch(epoch)
+            val = evaluate_split(self.strategy.unwrap(self.model), self.val_split, chunk=self.cfg.train.eval_chunk,
+                                 device=self.ctx.device)
+            metrics.update({f"val_{k}": v for k, v in val.items()})
+            score = val[self.cfg.train.metric]
+            self.state.epoch = epoch + 1
+            if self.state.improved(score):
+                self.state.best_metric, self.state.best_epoch = score, epoch + 1
+                self.best_weights = copy.deepcopy(self.strategy.unwrap(self.model).state_dict())
+            metrics.update(epoch=epoch + 1, step=self.state.step, best_metric=self.state.best_metric)
+            self.state.history.append({k: float(v) for k, v in metrics.items()})
+            if self.ctx.is_main:
+                log.info("epoch %d/%d loss %.4f | val %s | best %s=%.2f @%d (%.1fs)", epoch + 1,
+                         self.cfg.train.epochs, metrics["train_loss"], format_metrics(val), self.cfg.train.metric,
+                         self.state.best_metric, self.state.best_epoch, metrics["epoch_time_s"])
+                if self.tracker:
+                    self.tracker(metrics, epoch + 1)
+            report(metrics, self.save if self.ctx.is_main else None)
+            _maybe_inject_failure(started_at, epoch + 1)
+
+
+def _maybe_inject_failure(started_at: int, epoch: int) -> None:
+    """Fault injection for tests and drills: ITMATCH_FAIL_AT_EPOCH=N kills a run that started before
+    epoch N right after epoch N is checkpointed (a resumed run passes)."""
+    fail_at = os.environ.get("ITMATCH_FAIL_AT_EPOCH")
+    if fail_at and started_at < int(fail_at) == epoch:
+        raise RuntimeError(f"injected failure after epoch {epoch} (ITMATCH_FAIL_AT_EPOCH)")
+
+
+def _tracker(tracking: dict):
+    from trainers.tracking import epoch_logger
+
+    return epoch_logger(tracking)
+
+
+def _ray_report(metrics: dict[str, Any], save) -> None:
+    import ray.train
+
+    if save is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        save(Path(folder))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Entry point for `TorchTrainer`: config = {"cfg": Config dict, "store": folder, "threads", "tracking"}."""
+    import ray.train
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(int(config.get("threads", 1)))
+    cfg = validate(config["cfg"])
+    store = FeatureStore.open(config["store"])
+    trainer = Trainer(cfg, store, worker_context(), config.get("tracking"))
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            trainer.restore(Path(folder))
+        log.info("rank %d resumed at epoch %d, step %d, best %s", trainer.ctx.rank, trainer.state.epoch,
+                 trainer.state.step, trainer.state.best_metric)
+    trainer.fit(_ray_report)

@@ -1,0 +1,59 @@
+"""Find, copy and evaluate trained weights: Ray checkpoint folders, plain folders, MLflow URIs."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+from itmatch.config import Config
+from itmatch.data.store import FeatureSplit
+from itmatch.eval.evaluate import evaluate_split
+from itmatch.state import load_checkpoint, load_model
+
+
+def best_checkpoint_folder(result, dest: Path) -> Path:
+    """Copy the best weights of the run's latest checkpoint to a stable folder and return it."""
+    from trainers.loop import BEST_DIR
+
+    if result.checkpoint is None:
+        raise RuntimeError(f"the run at {result.path} reported no checkpoint (did every epoch fail?)")
+    with result.checkpoint.as_directory() as folder:
+        source = Path(folder) / BEST_DIR
+        if not source.is_dir():
+            raise RuntimeError(f"checkpoint {result.checkpoint.path} holds no {BEST_DIR}/ weights")
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp)
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    return dest
+
+
+def evaluate_folder(folder: Path, split: FeatureSplit, cfg: Config) -> dict[str, Any]:
+    model, _ = load_model(folder)
+    metrics: dict[str, Any] = evaluate_split(model, split, chunk=cfg.train.eval_chunk)
+    state = load_checkpoint(folder)[0]["train_state"]
+    metrics["_val_score"] = state.best_metric
+    metrics["_best_epoch"] = state.best_epoch
+    return metrics
+
+
+def resolve_model(ref: str, tracking_uri: Optional[str] = None):
+    """A checkpoint folder (a Ray checkpoint's best/ is preferred), or an MLflow models:/ or runs:/ URI."""
+    if "://" in ref or ref.startswith(("models:", "runs:")):
+        import mlflow
+
+        from trainers.tracking import resolve_uri
+
+        if tracking_uri:
+            mlflow.set_tracking_uri(resolve_uri(tracking_uri))
+        wrapper = mlflow.pyfunc.load_model(ref).unwrap_python_model()
+        return wrapper.model, wrapper.cfg
+    folder = Path(ref)
+    if (folder / "best").is_dir():
+        folder = folder / "best"
+    if not (folder / "state.pt").is_file():
+        raise FileNotFoundError(f"--model {ref}: not a checkpoint folder (state.pt + config.yaml) "
+                                "nor an MLflow URI such as models:/NAME@ALIAS")
+    return load_model(folder)

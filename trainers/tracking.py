@@ -1,0 +1,136 @@
+"""MLflow: the run, per-epoch metrics, the logged model, the registry and its champion alias.
+
+The driver opens (or, on resume, reopens) the run and finishes it; rank 0 of the workers logs
+per-epoch metrics into it. Nothing else writes MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from itmatch.config import Config, TrackingConfig
+from itmatch.data.store import FeatureStore
+
+log = logging.getLogger("itmatch.tracking")
+RUN_KEY_TAG = "itmatch.run_key"
+
+
+def resolve_uri(uri: str) -> str:
+    """Make a relative sqlite path absolute so workers and later commands find the same file."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def setup(cfg: TrackingConfig) -> dict[str, Any]:
+    """Point MLflow at the tracking store and make sure the experiment exists; returns worker info."""
+    uri = resolve_uri(cfg.tracking_uri)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(cfg.experiment)
+    if experiment is None:
+        artifacts = Path(cfg.artifact_location).resolve().as_uri() if "://" not in cfg.artifact_location \
+            else cfg.artifact_location
+        experiment_id = mlflow.create_experiment(cfg.experiment, artifact_location=artifacts)
+    else:
+        experiment_id = experiment.experiment_id
+    return {"tracking_uri": uri, "experiment_id": experiment_id}
+
+
+def start_run(cfg: Config, run_key: str, store: FeatureStore) -> dict[str, Any]:
+    """Reopen the MLflow run of this Ray run (same name + storage) or start one, and log the inputs."""
+    info = setup(cfg.tracking)
+    client = MlflowClient(info["tracking_uri"])
+    found = client.search_runs([info["experiment_id"]], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+                               max_results=1, order_by=["attributes.start_time DESC"])
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        log.info("MLflow: resuming run %s", run_id)
+    else:
+        run = client.create_run(info["experiment_id"], run_name=cfg.run.name, tags={RUN_KEY_TAG: run_key})
+        run_id = run.info.run_id
+        _log_inputs(client, run_id, cfg, store)
+        log.info("MLflow: run %s in experiment %s (%s)", run_id, cfg.tracking.experiment, info["tracking_uri"])
+    return {**info, "run_id": run_id}
+
+
+def _log_inputs(client: MlflowClient, run_id: str, cfg: Config, store: FeatureStore) -> None:
+    params = [mlflow.entities.Param(k, str(v)[:500]) for k, v in cfg.flat().items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[i:i + 100])
+    identity = store.identity
+    client.set_tag(run_id, "dataset.source", identity["source"])
+    for split, digest in identity["digests"].items():
+        client.set_tag(run_id, f"dataset.digest.{split}", digest)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "dataset.json"
+        path.write_text(json.dumps(identity, indent=2))
+        client.log_artifact(run_id, str(path))
+        config_path = Path(folder) / "config.yaml"
+        config_path.write_text(json.dumps(cfg.model_dump(), indent=2))
+        client.log_artifact(run_id, str(config_path))
+
+
+def epoch_logger(tracking: dict[str, Any]) -> Callable[[dict[str, float], int], None]:
+    """Rank 0's per-epoch metric writer."""
+    client = MlflowClient(tracking["tracking_uri"])
+
+    def log_epoch(metrics: dict[str, float], epoch: int) -> None:
+        entries = [mlflow.entities.Metric(k, float(v), int(mlflow.utils.time.get_current_time_millis()), epoch)
+                   for k, v in metrics.items() if v is not None]
+        client.log_batch(tracking["run_id"], metrics=entries)
+
+    return log_epoch
+
+
+def log_model(tracking: dict[str, Any], best_folder: Path, store: FeatureStore):
+    """Log the best checkpoint as a pyfunc model that embeds images and captions."""
+    from trainers.pyfunc_model import EmbeddingModel
+
+    root = Path(__file__).resolve().parents[1]
+    mlflow.set_tracking_uri(tracking["tracking_uri"])
+    manifest = store.manifest
+    with mlflow.start_run(run_id=tracking["run_id"]):
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=EmbeddingModel(manifest["image_encoder"], manifest["text_encoder"]),
+            artifacts={"checkpoint": str(best_folder)},
+            code_paths=[str(root / "itmatch"), str(root / "trainers")],
+        )
+
+
+def register(tracking: dict[str, Any], cfg: Config, model_uri: str, score: float,
+             champion_score: Optional[float]) -> dict[str, Any]:
+    """Register the model; move the alias to it only if it beats the current holder."""
+    name, alias = cfg.tracking.registered_model, cfg.tracking.alias
+    version = mlflow.register_model(model_uri, name, tags={"metric": cfg.train.metric, "val_score": str(score)})
+    client = MlflowClient(tracking["tracking_uri"])
+    promoted = champion_score is None or score > champion_score
+    if promoted:
+        client.set_registered_model_alias(name, alias, version.version)
+    log.info("MLflow: registered %s version %s (val %s %.2f); %s", name, version.version, cfg.train.metric, score,
+             f"now @{alias}" if promoted else f"@{alias} stays (its score {champion_score:.2f} on this val split)")
+    return {"name": name, "version": version.version, "promoted": promoted, "champion_score": champion_score}
+
+
+def load_champion(tracking: dict[str, Any], cfg: Config):
+    """The current alias holder as a torch model, or None."""
+    client = MlflowClient(tracking["tracking_uri"])
+    try:
+        client.get_model_version_by_alias(cfg.tracking.registered_model, cfg.tracking.alias)
+    except mlflow.exceptions.MlflowException:
+        return None
+    uri = f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}"
+    return mlflow.pyfunc.load_model(uri).unwrap_python_model().model
+
+
+def end_run(tracking: dict[str, Any], status: str = "FINISHED") -> None:
+    MlflowClient(tracking["tracking_uri"]).set_terminated(tracking["run_id"], status=status)
