@@ -51,6 +51,7 @@ class Trainer:
         self.val_split = store.split(cfg.data.val_split)
         self.dims = store.dims
         self.strategy = build_strategy(cfg, ctx)
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every run
         self.model = self.strategy.wrap(build_model(*store.dims, cfg.model))
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
         self.sampler = NeighborhoodBatchSampler(

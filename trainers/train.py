@@ -56,7 +56,7 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=address, runtime_env={"env_vars": env})
     else:  # a private in-process cluster on this machine; gloo over loopback
         env["GLOO_SOCKET_IFNAME"] = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
-        ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
+        ray.init(address="local", runtime_env={"env_vars": env})
 
 
 def _cpus_per_worker(cfg: Config) -> float:

@@ -434,7 +434,7 @@ def test_parquet_missing_column(tmp_path, query, role, column):
         read_source(f"parquet:{tmp_path / 't.parquet'}{query}")
     message = str(info.value)
     assert f"no {role} column {column!r}" in message
-    assert str(sorted(columns, key=list(columns).index)) in message  # the available columns, listed
+    assert str(list(columns)) in message  # the available columns, listed
 
 
 def test_parquet_errors(tmp_path):
