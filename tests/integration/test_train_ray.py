@@ -39,7 +39,7 @@ def _common(tmp: Path, name: str) -> list[str]:
 
 
 def _latest_state(run: Path) -> dict:
-    checkpoints = sorted(run.glob("checkpoint_*"))
+    checkpoints = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())  # not the manager snapshot
     return torch.load(checkpoints[-1] / "state.pt", weights_only=False)
 
 
