@@ -51,7 +51,10 @@ class ModelConfig(_Section):
 
 
 class LossConfig(_Section):
-    name: Literal["ranking"] = "ranking"
+    name: Literal["ranking", "infonce"] = "ranking"
+    """ranking: 001 Eq. 6 (lambda1..4, margin, top_k, metric); infonce: CLIP-style baseline (temperature)."""
+    mining: Literal["global", "local"] = "global"
+    """global: negatives from every worker's rows (the paper's batch); local: this worker's only."""
     lambda1: float = Field(1.0, ge=0.0)
     """image anchor -> text positive/negatives"""
     lambda2: float = Field(1.5, ge=0.0)
@@ -66,6 +69,8 @@ class LossConfig(_Section):
     metric: Literal["euclidean", "cosine"] = "euclidean"
     reduction: Literal["mean", "sum"] = "mean"
     """mean divides by the number of positive pairs in the (global) batch."""
+    temperature: float = Field(0.05, gt=0.0)
+    """InfoNCE softmax temperature; its two directions are weighted by lambda1 and lambda2."""
 
     @property
     def lambdas(self) -> tuple[float, float, float, float]:
@@ -102,6 +107,8 @@ class ScalingConfig(_Section):
     """default: available CPUs // workers, and torch threads follow it"""
     strategy: Literal["ddp"] = "ddp"
     precision: Literal["fp32", "bf16"] = "fp32"
+    sync_batchnorm: bool = True
+    """BatchNorm statistics over the global batch (what one worker on the whole batch computes)."""
 
 
 class RunConfig(_Section):

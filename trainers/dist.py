@@ -1,11 +1,13 @@
-"""Rank, world size, device and metric reductions: the trainer's only torch.distributed calls."""
+"""This worker's rank, world size and device under Ray Train. The collectives themselves live in
+itmatch.dist (the one module that calls torch.distributed), re-exported here for the trainer."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as torch_dist
+
+from itmatch.dist import any_worker, mean_over_workers
 
 
 @dataclass(frozen=True)
@@ -38,25 +40,4 @@ def worker_context() -> WorkerContext:
     return WorkerContext(rank, world, local, device)
 
 
-def is_distributed() -> bool:
-    return torch_dist.is_available() and torch_dist.is_initialized()
-
-
-def mean_over_workers(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """Average scalars over workers so every rank reports the same numbers."""
-    if not is_distributed() or not values:
-        return dict(values)
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    torch_dist.all_reduce(t)
-    t /= torch_dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
-
-
-def any_worker(flag: bool, device: torch.device) -> bool:
-    """True on every rank if `flag` is true on any rank (e.g. a non-finite loss)."""
-    if not is_distributed():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+__all__ = ["WorkerContext", "worker_context", "any_worker", "mean_over_workers"]

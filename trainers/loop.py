@@ -23,7 +23,8 @@ from itmatch.data.batching import NeighborhoodBatchSampler
 from itmatch.data.store import FeatureSplit, FeatureStore
 from itmatch.eval.evaluate import evaluate_split
 from itmatch.eval.retrieval import format_metrics
-from itmatch.losses import LOCAL, build_loss
+from itmatch.dist import gather_for
+from itmatch.losses import build_loss
 from itmatch.models import build_model
 from itmatch.optim import build_optimizer, build_scheduler
 from itmatch.state import TrainState, epoch_seed, load_checkpoint, save_checkpoint
@@ -63,6 +64,7 @@ class Trainer:
                              f"{len(self.train_split)} training captions")
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.steps_per_epoch, cfg.train.epochs)
         self.loss_fn = build_loss(cfg.loss)
+        self.gather = gather_for(cfg.loss.mining)  # after Ray Train set up the process group
         self.state = TrainState()
         self.best_weights: Optional[dict] = None
         self.tracker = _tracker(tracking) if ctx.is_main and tracking else None
@@ -109,7 +111,7 @@ class Trainer:
         img, img_gid, txt, txt_gid = batch
         with self.strategy.autocast():
             img_emb, txt_emb = self.model(img, txt)
-        out = self.loss_fn(img_emb.float(), img_gid, txt_emb.float(), txt_gid, gather=LOCAL)
+        out = self.loss_fn(img_emb.float(), img_gid, txt_emb.float(), txt_gid, gather=self.gather)
         if any_worker(not bool(torch.isfinite(out["loss"])), self.ctx.device):
             raise FloatingPointError(f"non-finite loss at step {self.state.step}: {out}")
         self.strategy.backward(out["loss"])

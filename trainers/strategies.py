@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from itmatch.config import Config
+from itmatch.dist import globalize_batchnorm
 from trainers.dist import WorkerContext
 
 
@@ -26,6 +27,8 @@ class DDPStrategy:
         self.module = model.to(self.ctx.device)
         if self.ctx.world_size == 1:
             return self.module
+        if self.cfg.scaling.sync_batchnorm:
+            globalize_batchnorm(self.module)
         device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(self.module, device_ids=device_ids)
 

@@ -2,14 +2,15 @@
 
 Losses score *local* anchors against *global* candidates. A `Gather` supplies the global
 candidates; `LocalGather` is the single-process identity. The distributed implementation
-(all_gather with gradients routed back to the owner) belongs here too, so that this module and
-trainers/dist.py are the only places that call torch.distributed.
+(all_gather with gradients routed back to the owner) is `itmatch.dist.DistGather`, the one module
+that calls torch.distributed.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 
@@ -49,4 +50,21 @@ class LocalGather:
 
 LOCAL = LocalGather()
 
-__all__ = ["Gather", "LocalGather", "LOCAL"]
+
+def reduction_scale(img_gid: Tensor, txt_gid_all: Tensor, reduction: str, gather: Gather, like: Tensor) -> Tensor:
+    """Factor applied to every term's local sum of a batch loss.
+
+    DDP averages gradients over workers, so each worker's share is multiplied by world_size:
+    the averaged gradient then equals that of the single-process loss. For "mean" the divisor P
+    is the global number of positive (image, text) pairs, shared by all terms so their weights keep
+    their relative size. P = 0 gives scale 0 (terms are zero, never NaN).
+    """
+    world = float(gather.world_size)
+    if reduction == "sum":
+        return like.new_tensor(world)
+    n_pos = (img_gid[:, None] == txt_gid_all[None, :]).sum().to(like.dtype)
+    p_global = gather.sum(n_pos.detach())
+    # Tensor ops rather than `if p_global > 0`: no host sync on CUDA.
+    return torch.where(p_global > 0, world / p_global.clamp_min(1.0), torch.zeros_like(p_global))
+
+__all__ = ["Gather", "LocalGather", "LOCAL", "reduction_scale"]

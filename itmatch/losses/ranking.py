@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from itmatch.losses.gather import LOCAL, Gather
+from itmatch.losses.gather import LOCAL, Gather, reduction_scale
 
 # Keeps sqrt's gradient finite when two embeddings coincide (d = 0).
 _EPS = 1e-12
@@ -116,25 +116,6 @@ def _check_args(
         raise ValueError("img_gid / txt_gid must hold one group id per row")
 
 
-def _reduction_scale(
-    img_gid: Tensor, txt_gid_all: Tensor, reduction: str, gather: Gather, like: Tensor
-) -> Tensor:
-    """Factor applied to every term's local hinge sum.
-
-    DDP averages gradients over workers, so each worker's share is multiplied by world_size:
-    the averaged gradient then equals that of the single-process loss. For "mean" the divisor P
-    is the global number of positive (image, text) pairs, shared by all four terms so the λs keep
-    their relative weight. P = 0 gives scale 0 (terms are zero, never NaN).
-    """
-    world = float(gather.world_size)
-    if reduction == "sum":
-        return like.new_tensor(world)
-    n_pos = (img_gid[:, None] == txt_gid_all[None, :]).sum().to(like.dtype)
-    p_global = gather.sum(n_pos.detach())
-    # Tensor ops rather than `if p_global > 0`: no host sync on CUDA.
-    return torch.where(p_global > 0, world / p_global.clamp_min(1.0), torch.zeros_like(p_global))
-
-
 def ranking_loss(
     img: Tensor,
     img_gid: Tensor,
@@ -181,7 +162,7 @@ def ranking_loss(
         "i2i": (img, img_gid, img_all, img_gid_all, img_off),
         "t2t": (txt, txt_gid, txt_all, txt_gid_all, txt_off),
     }
-    scale = _reduction_scale(img_gid, txt_gid_all, reduction, gather, img)
+    scale = reduction_scale(img_gid, txt_gid_all, reduction, gather, img)
     out: dict[str, Tensor] = {}
     total = img.new_zeros(())
     for name, lam in zip(_TERMS, lambdas):

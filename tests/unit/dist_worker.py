@@ -1,0 +1,68 @@
+"""One rank of the cross-worker parity tests (tests/unit/test_dist_parity.py), a real process on gloo.
+
+    python tests/unit/dist_worker.py RANK WORLD_SIZE STORE_FILE CASES.pt OUT.pt
+
+Each case holds the global batch and each rank's row ranges; this rank computes the loss on its
+rows with `DistGather` (and, for model cases, a DDP model with global BatchNorm) and saves the
+loss terms and the gradients it ends up with.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+from itmatch.config import ModelConfig
+from itmatch.dist import DistGather, globalize_batchnorm
+from itmatch.losses import infonce_loss, ranking_loss
+from itmatch.models.two_branch import EmbeddingNet
+
+LOSSES = {"ranking": ranking_loss, "infonce": infonce_loss}
+
+
+def _mine(t: torch.Tensor, bounds: list[int], rank: int) -> torch.Tensor:
+    return t[bounds[rank]:bounds[rank + 1]]
+
+
+def embedding_case(case: dict, rank: int, gather: DistGather) -> dict:
+    img = _mine(case["img"], case["img_bounds"], rank).clone().requires_grad_(True)
+    txt = _mine(case["txt"], case["txt_bounds"], rank).clone().requires_grad_(True)
+    img_gid, txt_gid = _mine(case["img_gid"], case["img_bounds"], rank), _mine(case["txt_gid"], case["txt_bounds"], rank)
+    out = LOSSES[case["loss"]](img, img_gid, txt, txt_gid, gather=gather, **case["kwargs"])
+    out["loss"].backward()
+    zero_if_unused = lambda t: torch.zeros_like(t) if t.grad is None else t.grad  # noqa: E731 (a term may skip a side)
+    return {"terms": {k: v.detach() for k, v in out.items()},
+            "img_grad": zero_if_unused(img), "txt_grad": zero_if_unused(txt)}
+
+
+def model_case(case: dict, rank: int, gather: DistGather) -> dict:
+    torch.manual_seed(0)
+    net = EmbeddingNet(case["img"].shape[1], case["txt"].shape[1], ModelConfig(**case["model"]))
+    model = torch.nn.parallel.DistributedDataParallel(globalize_batchnorm(net))
+    img_gid, txt_gid = _mine(case["img_gid"], case["img_bounds"], rank), _mine(case["txt_gid"], case["txt_bounds"], rank)
+    img_emb, txt_emb = model(_mine(case["img"], case["img_bounds"], rank), _mine(case["txt"], case["txt_bounds"], rank))
+    out = LOSSES[case["loss"]](img_emb, img_gid, txt_emb, txt_gid, gather=gather, **case["kwargs"])
+    out["loss"].backward()
+    return {"terms": {k: v.detach() for k, v in out.items()},
+            "grads": {n: p.grad.clone() for n, p in net.named_parameters()},
+            "buffers": {n: b.clone() for n, b in net.named_buffers()}}
+
+
+def main() -> None:
+    rank, world, store, cases_path, out_path = int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:6]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    gather = DistGather()
+    results = {}
+    for name, case in torch.load(cases_path, weights_only=False).items():
+        run = model_case if "model" in case else embedding_case
+        results[name] = run(case, rank, gather)
+    torch.save(results, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

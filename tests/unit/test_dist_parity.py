@@ -1,0 +1,145 @@
+"""Cross-worker mining equals one process on the concatenated batch (issue 3).
+
+Real processes on gloo (2 and 3 ranks, unequal row counts, every group's captions split across
+ranks): each rank computes the loss on its rows with `DistGather`; the loss averaged over ranks
+and each rank's gradients (divided by world size, as DDP's average does for parameters) must equal
+the single-process loss on the concatenated batch, for every term of Eq. 6, every mining mode, and
+InfoNCE. A DDP model with global BatchNorm must end with the single-process parameter gradients.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from itmatch.config import ModelConfig
+from itmatch.losses import infonce_loss, ranking_loss
+from itmatch.models.two_branch import EmbeddingNet
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("dist_worker.py")
+LOSSES = {"ranking": ranking_loss, "infonce": infonce_loss}
+TOL = dict(rtol=1e-4, atol=1e-6)
+
+
+def _bounds(n: int, world: int, g: torch.Generator) -> list[int]:
+    """Unequal contiguous shards, each at least one row."""
+    cuts = sorted(torch.randperm(n - 1, generator=g)[:world - 1].add(1).tolist())
+    return [0, *cuts, n]
+
+
+def _batch(world: int, seed: int, dim: int = 8, unit: bool = True) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    n_groups = 9
+    # images: every group once plus a few repeats (regions of one phrase), so i2i has positives too
+    img_gid = torch.cat([torch.arange(n_groups), torch.randint(n_groups, (4,), generator=g)])
+    img_gid = img_gid[torch.randperm(len(img_gid), generator=g)]
+    txt_gid = torch.repeat_interleave(torch.arange(n_groups), torch.randint(2, 5, (n_groups,), generator=g))
+    txt_gid = txt_gid[torch.randperm(len(txt_gid), generator=g)]  # a group's captions land on several ranks
+    img, txt = torch.randn(len(img_gid), dim, generator=g), torch.randn(len(txt_gid), dim, generator=g)
+    if unit:
+        img, txt = F.normalize(img, dim=1), F.normalize(txt, dim=1)
+    return {"img": img, "img_gid": img_gid, "txt": txt, "txt_gid": txt_gid,
+            "img_bounds": _bounds(len(img_gid), world, g), "txt_bounds": _bounds(len(txt_gid), world, g)}
+
+
+def _cases(world: int) -> dict[str, dict]:
+    cases = {}
+    for t, lambdas in enumerate([(1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1)]):
+        for top_k in (1, 3, None):
+            for metric in ("euclidean", "cosine"):
+                name = f"ranking-term{t}-k{top_k}-{metric}"
+                kwargs = dict(lambdas=lambdas, margin=0.4, top_k=top_k, metric=metric, reduction="mean")
+                cases[name] = {"loss": "ranking", "kwargs": kwargs, **_batch(world, len(cases))}
+    for reduction in ("sum", "mean"):
+        kwargs = dict(lambdas=(1.0, 1.5, 0.2, 0.1), margin=0.3, top_k=2, reduction=reduction)
+        cases[f"ranking-all-{reduction}"] = {"loss": "ranking", "kwargs": kwargs, **_batch(world, 100)}
+        kwargs = dict(temperature=0.1, weights=(1.0, 0.5), reduction=reduction)
+        cases[f"infonce-{reduction}"] = {"loss": "infonce", "kwargs": kwargs, **_batch(world, 200)}
+    model = dict(hidden_dim=16, embed_dim=8, dropout=0.0)
+    cases["model-ranking"] = {"loss": "ranking", "model": model, **_batch(world, 300, dim=12, unit=False),
+                              "kwargs": dict(lambdas=(1.0, 1.5, 0.2, 0.2), margin=0.3, top_k=3)}
+    cases["model-infonce"] = {"loss": "infonce", "model": model, **_batch(world, 301, dim=12, unit=False),
+                              "kwargs": dict(temperature=0.1)}
+    return cases
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
+def distributed(request, tmp_path_factory):
+    world = request.param
+    tmp = tmp_path_factory.mktemp(f"dist{world}")
+    cases = _cases(world)
+    torch.save(cases, tmp / "cases.pt")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), str(tmp / "store"),
+                               str(tmp / "cases.pt"), str(tmp / f"out{r}.pt")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
+    try:
+        logs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+    return world, cases, [torch.load(tmp / f"out{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _case_names() -> list[str]:
+    return list(_cases(2))
+
+
+@pytest.mark.parametrize("name", [n for n in _case_names() if not n.startswith("model")])
+def test_loss_and_embedding_grads_equal_single_process(distributed, name):
+    world, cases, outs = distributed
+    case = cases[name]
+    img = case["img"].clone().requires_grad_(True)
+    txt = case["txt"].clone().requires_grad_(True)
+    ref = LOSSES[case["loss"]](img, case["img_gid"], txt, case["txt_gid"], **case["kwargs"])
+    ref["loss"].backward()
+    assert float(ref["loss"].detach()) > 0  # the case exercises something
+    for key, value in ref.items():
+        mean_over_ranks = torch.stack([o[name]["terms"][key] for o in outs]).mean()
+        torch.testing.assert_close(mean_over_ranks, value.detach(), **TOL, msg=f"{name} {key}")
+    for side, t in (("img", img), ("txt", txt)):
+        grad = torch.zeros_like(t) if t.grad is None else t.grad
+        bounds = case[f"{side}_bounds"]
+        got = torch.cat([o[name][f"{side}_grad"] for o in outs]) / world  # DDP averages over ranks
+        torch.testing.assert_close(got, grad, **TOL, msg=f"{name} {side} grad")
+        assert len(got) == bounds[-1]
+
+
+@pytest.mark.parametrize("name", ["model-ranking", "model-infonce"])
+def test_ddp_model_grads_and_batchnorm_equal_single_process(distributed, name):
+    world, cases, outs = distributed
+    case = cases[name]
+    torch.manual_seed(0)
+    net = EmbeddingNet(case["img"].shape[1], case["txt"].shape[1], ModelConfig(**case["model"]))
+    img_emb, txt_emb = net(case["img"], case["txt"])
+    ref = LOSSES[case["loss"]](img_emb, case["img_gid"], txt_emb, case["txt_gid"], **case["kwargs"])
+    ref["loss"].backward()
+    for o in outs:  # DDP leaves the averaged gradient on every rank
+        for n, p in net.named_parameters():
+            torch.testing.assert_close(o[name]["grads"][n], p.grad, **TOL, msg=f"{name} {n}")
+        for n, b in net.named_buffers():
+            torch.testing.assert_close(o[name]["buffers"][n], b, **TOL, msg=f"{name} buffer {n}")
+    torch.testing.assert_close(torch.stack([o[name]["terms"]["loss"] for o in outs]).mean(), ref["loss"].detach(), **TOL)
+
+
+def test_local_batchnorm_would_differ(distributed):
+    """Guards the test above: with per-worker BatchNorm statistics the gradients do not match,
+    so the global BatchNorm is what makes them equal."""
+    world, cases, outs = distributed
+    case = cases["model-ranking"]
+    torch.manual_seed(0)
+    net = EmbeddingNet(case["img"].shape[1], case["txt"].shape[1], ModelConfig(**case["model"]))
+    b = case["img_bounds"]
+    h = net.image.net[:-1](case["img"]).detach()  # the activations BatchNorm normalises
+    norm = lambda x: (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-5)  # noqa: E731
+    per_shard = torch.cat([norm(h[b[r]:b[r + 1]]) for r in range(world)])
+    assert not torch.allclose(per_shard, norm(h), atol=1e-2)
