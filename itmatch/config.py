@@ -105,8 +105,12 @@ class ScalingConfig(_Section):
     use_gpu: bool = False
     cpus_per_worker: Optional[float] = Field(None, gt=0)
     """default: available CPUs // workers, and torch threads follow it"""
-    strategy: Literal["ddp"] = "ddp"
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    """ddp: DistributedDataParallel; deepspeed: a DeepSpeed engine with ZeRO `zero_stage`."""
+    zero_stage: int = Field(1, ge=0, le=3)
+    """DeepSpeed ZeRO stage (ignored by ddp): 1 shards optimizer state, 2 + gradients, 3 + weights."""
     precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16: autocast under ddp; bf16 weights with fp32 master weights under deepspeed."""
     sync_batchnorm: bool = True
     """BatchNorm statistics over the global batch (what one worker on the whole batch computes)."""
 

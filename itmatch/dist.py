@@ -115,17 +115,21 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and is_distributed() and torch_dist.get_world_size() > 1):
             return super().forward(x)
-        n = _AllReduceSum.apply(x.new_tensor([float(x.shape[0])]))
-        mean = _AllReduceSum.apply(x.sum(dim=0)) / n
-        var = _AllReduceSum.apply(((x - mean) ** 2).sum(dim=0)) / n
+        xf = x.float()  # statistics in fp32 also when the weights are bf16 (DeepSpeed bf16)
+        n = _AllReduceSum.apply(xf.new_tensor([float(x.shape[0])]))
+        mean = _AllReduceSum.apply(xf.sum(dim=0)) / n
+        var = _AllReduceSum.apply(((xf - mean) ** 2).sum(dim=0)) / n
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 self.num_batches_tracked += 1
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.lerp_(mean.detach(), m)
-                self.running_var.lerp_(var.detach() * n / (n - 1).clamp_min(1.0), m)
-        out = (x - mean) / torch.sqrt(var + self.eps)
-        return out * self.weight + self.bias if self.affine else out
+                unbiased = var * n / (n - 1).clamp_min(1.0)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
+                self.running_var.lerp_(unbiased.detach().to(self.running_var.dtype), m)
+        out = (xf - mean) / torch.sqrt(var + self.eps)
+        if self.affine:
+            out = out * self.weight.float() + self.bias.float()
+        return out.to(x.dtype)
 
 
 def globalize_batchnorm(model: nn.Module) -> nn.Module:

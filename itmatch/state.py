@@ -55,6 +55,10 @@ def _atomic_save(obj: Any, path: Path) -> None:
             os.unlink(tmp)
 
 
+def _state_dict(obj: Any) -> Optional[dict]:
+    return obj if obj is None or isinstance(obj, dict) else obj.state_dict()
+
+
 def save_checkpoint(
     folder: str | Path,
     *,
@@ -62,19 +66,23 @@ def save_checkpoint(
     cfg: Config,
     train_state: TrainState,
     dims: tuple[int, int],
-    optimizer: Optional[torch.optim.Optimizer] = None,
+    optimizer: Optional[torch.optim.Optimizer | dict] = None,
     scheduler: Optional[Any] = None,
     sampler: Optional[dict] = None,
+    extra: Optional[dict] = None,
 ) -> Path:
+    """Write state.pt and config.yaml atomically. optimizer/scheduler: objects or their state dicts
+    (None where a backend keeps them elsewhere, e.g. DeepSpeed shards); extra: backend notes."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     payload = {
         "model": model if isinstance(model, dict) else model.state_dict(),
         "dims": list(dims),
         "train_state": asdict(train_state),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "optimizer": _state_dict(optimizer),
+        "scheduler": _state_dict(scheduler),
         "sampler": sampler,
+        **(extra or {}),
     }
     _atomic_save(payload, folder / STATE_FILE)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{CONFIG_FILE}.")

@@ -7,7 +7,6 @@ a checkpoint holding everything needed to resume exactly plus the best weights s
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import tempfile
@@ -52,9 +51,6 @@ class Trainer:
         self.val_split = store.split(cfg.data.val_split)
         self.dims = store.dims
         self.strategy = build_strategy(cfg, ctx)
-        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every run
-        self.model = self.strategy.wrap(build_model(*store.dims, cfg.model))
-        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim)
         self.sampler = NeighborhoodBatchSampler(
             self.train_split.caption_image, cfg.data.batch_size, rank=ctx.rank, world_size=ctx.world_size,
             seed=cfg.train.seed, neighborhood=cfg.data.neighborhood_sampling, drop_last=cfg.data.drop_last)
@@ -62,28 +58,38 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise ValueError(f"data.batch_size={cfg.data.batch_size} leaves no full batch in "
                              f"{len(self.train_split)} training captions")
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.steps_per_epoch, cfg.train.epochs)
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every run
+        self.model, self.optimizer, self.scheduler = self.strategy.setup(
+            build_model(*store.dims, cfg.model),
+            lambda params: build_optimizer(params, cfg.optim),
+            lambda opt: build_scheduler(opt, cfg.optim, self.steps_per_epoch, cfg.train.epochs))
         self.loss_fn = build_loss(cfg.loss)
         self.gather = gather_for(cfg.loss.mining)  # after Ray Train set up the process group
         self.state = TrainState()
         self.best_weights: Optional[dict] = None
+        self.eval_model: Optional[torch.nn.Module] = None  # fp32, unsharded copy for evaluation
         self.tracker = _tracker(tracking) if ctx.is_main and tracking else None
 
     # -- resume / checkpoint ------------------------------------------------------------------
     def restore(self, folder: Path) -> None:
+        """Every rank loads the same checkpoint (DeepSpeed: each its own shards)."""
         payload, _ = load_checkpoint(folder)
-        self.strategy.unwrap(self.model).load_state_dict(payload["model"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.scheduler.load_state_dict(payload["scheduler"])
+        self.strategy.load_state(folder, payload, self.model, self.optimizer, self.scheduler)
         self.sampler.load_state_dict(payload["sampler"])
         self.state = payload["train_state"]
         if (folder / BEST_DIR).is_dir():
             self.best_weights = load_checkpoint(folder / BEST_DIR)[0]["model"]
 
     def save(self, folder: Path) -> None:
-        module = self.strategy.unwrap(self.model)
-        save_checkpoint(folder, model=module, cfg=self.cfg, train_state=self.state, dims=self.dims,
-                        optimizer=self.optimizer, scheduler=self.scheduler, sampler=self.sampler.state_dict())
+        """Called on every rank that saves (rank 0; every rank under DeepSpeed, where the weight
+        gathering and the shard writing are collective)."""
+        weights = self.strategy.full_state_dict(self.model)
+        extra = self.strategy.save_state(folder, self.model, self.optimizer, self.scheduler)
+        if not self.ctx.is_main:
+            return
+        save_checkpoint(folder, model=weights, cfg=self.cfg, train_state=self.state, dims=self.dims,
+                        optimizer=extra.pop("optimizer"), scheduler=extra.pop("scheduler"),
+                        sampler=self.sampler.state_dict(), extra=extra)
         if self.best_weights is not None:
             save_checkpoint(folder / BEST_DIR, model=self.best_weights, cfg=self.cfg,
                             train_state=self.state, dims=self.dims)
@@ -109,30 +115,39 @@ class Trainer:
 
     def train_step(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         img, img_gid, txt, txt_gid = batch
+        dtype = self.strategy.input_dtype(self.model)
         with self.strategy.autocast():
-            img_emb, txt_emb = self.model(img, txt)
+            img_emb, txt_emb = self.model(img.to(dtype), txt.to(dtype))
         out = self.loss_fn(img_emb.float(), img_gid, txt_emb.float(), txt_gid, gather=self.gather)
         if any_worker(not bool(torch.isfinite(out["loss"])), self.ctx.device):
             raise FloatingPointError(f"non-finite loss at step {self.state.step}: {out}")
-        self.strategy.backward(out["loss"])
-        out["grad_norm"] = self.strategy.step(self.model, self.optimizer, self.scheduler)
+        out["grad_norm"] = self.strategy.backward_step(self.model, out["loss"], self.optimizer, self.scheduler)
         self.state.step += 1
         self.state.samples_seen += len(txt) * self.ctx.world_size
         return out
+
+    def validate(self) -> dict[str, float]:
+        """Validation metrics of the current weights, identical on every rank (they pick the best
+        checkpoint, and every rank must agree on that: under ZeRO-3 saving it is collective)."""
+        weights = self.strategy.full_state_dict(self.model)
+        if self.eval_model is None:
+            self.eval_model = build_model(*self.dims, self.cfg.model).to(self.ctx.device)
+        self.eval_model.load_state_dict(weights)
+        val = evaluate_split(self.eval_model, self.val_split, chunk=self.cfg.train.eval_chunk, device=self.ctx.device)
+        return mean_over_workers(val, self.ctx.device)
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self, report) -> None:
         started_at = self.state.epoch
         for epoch in range(self.state.epoch, self.cfg.train.epochs):
             metrics = self.train_epoch(epoch)
-            val = evaluate_split(self.strategy.unwrap(self.model), self.val_split, chunk=self.cfg.train.eval_chunk,
-                                 device=self.ctx.device)
+            val = self.validate()
             metrics.update({f"val_{k}": v for k, v in val.items()})
             score = val[self.cfg.train.metric]
             self.state.epoch = epoch + 1
             if self.state.improved(score):
                 self.state.best_metric, self.state.best_epoch = score, epoch + 1
-                self.best_weights = copy.deepcopy(self.strategy.unwrap(self.model).state_dict())
+                self.best_weights = self.strategy.full_state_dict(self.model)
             metrics.update(epoch=epoch + 1, step=self.state.step, best_metric=self.state.best_metric)
             self.state.history.append({k: float(v) for k, v in metrics.items()})
             if self.ctx.is_main:
@@ -141,7 +156,8 @@ class Trainer:
                          self.state.best_metric, self.state.best_epoch, metrics["epoch_time_s"])
                 if self.tracker:
                     self.tracker(metrics, epoch + 1)
-            report(metrics, self.save if self.ctx.is_main else None)
+            saves = self.ctx.is_main or self.strategy.saves_on_every_rank
+            report(metrics, self.save if saves else None)
             _maybe_inject_failure(started_at, epoch + 1)
 
 

@@ -1,13 +1,22 @@
-"""How a model is wrapped, stepped and saved: the training loop never branches on the backend.
+"""How a model is wrapped, stepped, consolidated and checkpointed: the loop never branches on backend.
 
-`ddp` is PyTorch DistributedDataParallel (gloo on CPU, NCCL on GPU) with optional bf16 autocast.
-A DeepSpeed strategy plugs in here with the same methods.
+`scaling.strategy` picks one:
+- `ddp`: PyTorch DistributedDataParallel (gloo on CPU, NCCL on GPU), optional bf16 autocast.
+- `deepspeed`: a DeepSpeed engine with ZeRO stage `scaling.zero_stage` (0-3), fp32 or bf16
+  (bf16 = bf16 weights and activations with fp32 master weights in the optimizer).
+
+Both take the same optimizer and per-step schedule (itmatch.optim), so switching backend changes
+nothing else in a config. With more than one worker, BatchNorm is replaced by its global-batch
+version (itmatch.dist) so N workers optimise the single-process objective.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -16,21 +25,40 @@ from itmatch.config import Config
 from itmatch.dist import globalize_batchnorm
 from trainers.dist import WorkerContext
 
+MakeOptimizer = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+MakeScheduler = Callable[[torch.optim.Optimizer], Any]
+DS_DIR = "deepspeed"
+DS_TAG = "state"
+
+
+def _float_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached fp32 CPU copy of the weights (what evaluation, `best/` and MLflow use)."""
+    return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
+            for k, v in module.state_dict().items()}
+
 
 class DDPStrategy:
+    saves_on_every_rank = False
+    """Only rank 0 writes a checkpoint: every rank holds the same full state."""
+
     def __init__(self, cfg: Config, ctx: WorkerContext) -> None:
         self.cfg, self.ctx = cfg, ctx
-        self.module: Optional[nn.Module] = None
 
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """Move to the worker's device and wrap in DDP when there is more than one worker."""
-        self.module = model.to(self.ctx.device)
-        if self.ctx.world_size == 1:
-            return self.module
-        if self.cfg.scaling.sync_batchnorm:
-            globalize_batchnorm(self.module)
-        device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(self.module, device_ids=device_ids)
+    def _prepare(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.ctx.device)
+        if self.ctx.world_size > 1 and self.cfg.scaling.sync_batchnorm:
+            globalize_batchnorm(model)
+        return model
+
+    def setup(self, model: nn.Module, make_optimizer: MakeOptimizer,
+              make_scheduler: MakeScheduler) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+        model = self._prepare(model)
+        optimizer = make_optimizer(model.parameters())
+        scheduler = make_scheduler(optimizer)
+        if self.ctx.world_size > 1:
+            device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        return model, optimizer, scheduler
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
@@ -39,11 +67,13 @@ class DDPStrategy:
         enabled = self.cfg.scaling.precision == "bf16"
         return torch.autocast(self.ctx.device.type, dtype=torch.bfloat16, enabled=enabled)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+    def input_dtype(self, model: nn.Module) -> torch.dtype:
+        return torch.float32  # autocast casts inside the forward
 
-    def step(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> torch.Tensor:
-        """Clip (if configured), step, zero; returns the pre-clip gradient norm."""
+    def backward_step(self, model: nn.Module, loss: torch.Tensor, optimizer, scheduler) -> torch.Tensor:
+        """Backward, clip (if configured), step, zero; returns the pre-clip gradient norm.
+        A non-finite norm skips the update (and the schedule) rather than corrupting the weights."""
+        loss.backward()
         clip = self.cfg.optim.grad_clip
         params = [p for p in model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
@@ -53,8 +83,119 @@ class DDPStrategy:
         optimizer.zero_grad(set_to_none=True)
         return norm
 
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return _float_state(self.unwrap(model))
 
-STRATEGIES: dict[str, Callable[[Config, WorkerContext], DDPStrategy]] = {"ddp": DDPStrategy}
+    def save_state(self, folder: Path, model: nn.Module, optimizer, scheduler) -> dict[str, Any]:
+        """What state.pt holds besides the weights (called on the ranks that save)."""
+        return {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+
+    def load_state(self, folder: Path, payload: dict, model: nn.Module, optimizer, scheduler) -> None:
+        self.unwrap(model).load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+
+
+class DeepSpeedStrategy(DDPStrategy):
+    """DeepSpeed ZeRO 0-3. Every rank writes its shards with `save_checkpoint` into the same
+    `deepspeed/` folder of one Ray checkpoint (Ray merges the workers' folders); resume loads them
+    back on every rank. ZeRO-3 weights are gathered for evaluation and the saved `model` weights."""
+
+    saves_on_every_rank = True
+
+    def __init__(self, cfg: Config, ctx: WorkerContext) -> None:
+        super().__init__(cfg, ctx)
+        # Must precede the first deepspeed import in this process.
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if ctx.device.type == "cuda" else "cpu")
+
+    def ds_config(self) -> dict[str, Any]:
+        s = self.cfg.scaling
+        return {
+            # Batches are built by our sampler (one micro-batch per worker per step); DeepSpeed
+            # only needs consistent numbers here.
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "train_batch_size": self.ctx.world_size,
+            "gradient_clipping": self.cfg.optim.grad_clip or 0.0,
+            "zero_optimization": {"stage": s.zero_stage},
+            "bf16": {"enabled": s.precision == "bf16"},
+            # Our optimizers come from itmatch.optim (torch Adam/AdamW/SGD), which ZeRO accepts
+            # only with this flag; DeepSpeed's fused Adam would compile a C++ op on CPU.
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+
+    def setup(self, model: nn.Module, make_optimizer: MakeOptimizer,
+              make_scheduler: MakeScheduler) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+        import deepspeed
+
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        if self.ctx.device.type == "cpu":
+            _skip_shm_comm_build()
+        model = self._prepare(model)
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, model_parameters=list(model.parameters()), optimizer=make_optimizer,
+            lr_scheduler=make_scheduler,
+            config=self.ds_config(), dist_init_required=False)
+        return engine, optimizer, scheduler
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return getattr(model, "module", model)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # bf16 weights: inputs are cast instead (input_dtype)
+
+    def input_dtype(self, model: nn.Module) -> torch.dtype:
+        return torch.bfloat16 if self.cfg.scaling.precision == "bf16" else torch.float32
+
+    def backward_step(self, model: nn.Module, loss: torch.Tensor, optimizer, scheduler) -> torch.Tensor:
+        model.backward(loss)
+        model.step()  # clips, steps the optimizer and the schedule, zeroes gradients
+        norm = model.get_global_grad_norm()
+        return torch.tensor(float("nan") if norm is None else float(norm))
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Collective under ZeRO-3 (every rank must call it): gathers the partitioned weights."""
+        import deepspeed
+
+        module = self.unwrap(model)
+        if self.cfg.scaling.zero_stage == 3:
+            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+                return _float_state(module)
+        return _float_state(module)
+
+    def save_state(self, folder: Path, model: nn.Module, optimizer, scheduler) -> dict[str, Any]:
+        model.save_checkpoint(str(folder / DS_DIR), tag=DS_TAG)
+        return {"optimizer": None, "scheduler": None, "deepspeed": {"tag": DS_TAG, "zero_stage":
+                                                                    self.cfg.scaling.zero_stage}}
+
+    def load_state(self, folder: Path, payload: dict, model: nn.Module, optimizer, scheduler) -> None:
+        path, _ = model.load_checkpoint(str(folder / DS_DIR), tag=DS_TAG)
+        if path is None:
+            raise FileNotFoundError(f"checkpoint {folder}: no DeepSpeed state under {DS_DIR}/{DS_TAG}")
+
+
+def _skip_shm_comm_build() -> None:
+    """DeepSpeed's CPU backend compiles a shared-memory all-reduce op on first use (~33 s on 2 cores,
+    STACK.md). Our collectives go through gloo, so the op is never needed: don't build it."""
+    import importlib
+
+    # importlib, not `import deepspeed.comm.torch as m`: deepspeed.comm has an attribute `torch`
+    # (the torch package), which that statement would return instead of the submodule.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def consolidate_zero_checkpoint(folder: str | Path) -> dict[str, torch.Tensor]:
+    """fp32 weights from a checkpoint's DeepSpeed shards (any ZeRO stage), without a process group."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(Path(folder) / DS_DIR), tag=DS_TAG)
+
+
+STRATEGIES: dict[str, Callable[[Config, WorkerContext], DDPStrategy]] = {
+    "ddp": DDPStrategy, "deepspeed": DeepSpeedStrategy}
 
 
 def build_strategy(cfg: Config, ctx: WorkerContext) -> DDPStrategy:

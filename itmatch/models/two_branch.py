@@ -21,7 +21,9 @@ class Branch(nn.Module):
         else:
             self.net = nn.Sequential(
                 nn.Linear(d_in, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
-                nn.Linear(hidden, d_out), nn.BatchNorm1d(d_out),
+                # No bias before BatchNorm: BN subtracts it again, so its gradient is zero up to
+                # rounding, and Adam would turn that rounding noise into full-size random steps.
+                nn.Linear(hidden, d_out, bias=False), nn.BatchNorm1d(d_out),
             )
 
     def forward(self, x: Tensor) -> Tensor:
