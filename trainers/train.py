@@ -50,6 +50,8 @@ def init_ray(cfg: Config) -> None:
         return
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     env = {"OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    if cfg.scaling.strategy == "deepspeed":  # read when deepspeed is first imported in a worker
+        env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
     if "ITMATCH_FAIL_AT_EPOCH" in os.environ:
         env["ITMATCH_FAIL_AT_EPOCH"] = os.environ["ITMATCH_FAIL_AT_EPOCH"]
     if address:

@@ -53,6 +53,16 @@ def runs(tmp_path_factory):
     return tmp, straight, crashed, resumed
 
 
+@pytest.fixture(scope="module")
+def deepspeed_runs(runs):
+    """The same job under DeepSpeed ZeRO-2 (no registry): crash after epoch 2, same command again."""
+    tmp = runs[0]
+    args = [*_common(tmp, "ds"), "scaling.strategy=deepspeed", "scaling.zero_stage=2", "tracking.registered_model="]
+    crashed = _run(args, tmp, {"ITMATCH_FAIL_AT_EPOCH": "2"})
+    resumed = _run(args, tmp)
+    return tmp, crashed, resumed
+
+
 def test_crash_then_same_command_resumes_exactly(runs):
     tmp, straight, crashed, resumed = runs
     assert crashed.returncode != 0 and "injected failure after epoch 2" in crashed.stdout + crashed.stderr
@@ -67,6 +77,20 @@ def test_crash_then_same_command_resumes_exactly(runs):
     history = b["train_state"]["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert b["train_state"]["best_metric"] == pytest.approx(max(h["val_rsum"] for h in history))
+
+
+def test_deepspeed_through_ray_resumes_and_matches_ddp(deepspeed_runs):
+    tmp, crashed, resumed = deepspeed_runs
+    assert crashed.returncode != 0 and "injected failure after epoch 2" in crashed.stdout + crashed.stderr
+    assert resumed.returncode == 0, resumed.stderr[-5000:]
+    assert "resumed at epoch 2" in resumed.stdout + resumed.stderr
+    checkpoints = sorted(p for p in (tmp / "runs" / "ds").glob("checkpoint_*") if p.is_dir())
+    shards = {p.name for p in (checkpoints[-1] / "deepspeed" / "state").iterdir()}
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= shards
+    ddp, ds = _latest_state(tmp / "runs" / "straight"), _latest_state(tmp / "runs" / "ds")
+    assert ds["train_state"]["epoch"] == 3 and ds["deepspeed"]["zero_stage"] == 2
+    for key, value in ddp["model"].items():  # backend switch, crash and resume change nothing
+        torch.testing.assert_close(ds["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_mlflow_run_registry_and_pyfunc(runs):
