@@ -6,8 +6,8 @@
     gathered candidates (the gathered block is a leaf that receives gradients, as DistGather's
     output does before its all-reduce). Communication is not included; everything else is.
 
-Each measurement runs in a fresh process, so peak memory is that computation's alone: on CPU the
-rise of peak RSS over the inputs, on CUDA torch.cuda.max_memory_allocated.
+Peak memory is the peak of live tensor storage during forward + backward, inputs excluded: on CUDA
+torch.cuda.max_memory_allocated, on CPU the same quantity tracked by a dispatch mode.
 
     .venv/bin/python bench/mined_loss.py [--batches 500 1000 4000] [--workers 1 2 4] [--device cuda]
 """
@@ -15,15 +15,15 @@ rise of peak RSS over the inputs, on CUDA torch.cuda.max_memory_allocated.
 from __future__ import annotations
 
 import argparse
-import json
-import resource
-import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -96,60 +96,68 @@ def project(img, img_gid, txt, txt_gid, world: int):
     return out["loss"]
 
 
-def measure(method: str, g: int, world: int, device: str, repeats: int) -> dict:
-    """Median time of `repeats` forward+backward passes (after one warm-up); CUDA peak memory."""
-    dev = torch.device(device)
+class TensorMemory(TorchDispatchMode):
+    """Peak bytes of live tensor storage created inside the block: the CPU analogue of
+    torch.cuda.max_memory_allocated (process RSS would mostly measure the allocator's caching)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[int, weakref.ref]] = {}
+        self.current = self.peak = 0
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, (0, None))[0]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.live:
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key:
+                    self.live[key] = (storage.nbytes(), weakref.ref(storage, lambda _, k=key: self._free(k)))
+                    self.current += storage.nbytes()
+                    self.peak = max(self.peak, self.current)
+        return out
+
+
+def measure(method: str, g: int, world: int, device: torch.device, repeats: int) -> dict:
+    """Median time of `repeats` forward+backward passes (after one warm-up), and peak memory."""
     fn = (lambda *b: reference(*b)) if method == "reference" else (lambda *b: project(*b, world))
-    fn(*_batch(g, dev))
-    times, peak = [], None
+    fn(*_batch(g, device))
+    times = []
     for _ in range(repeats):
-        batch = _batch(g, dev)
-        if dev.type == "cuda":
+        batch = _batch(g, device)
+        if device.type == "cuda":
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         fn(*batch)
-        if dev.type == "cuda":
+        if device.type == "cuda":
             torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() / 2**20
         times.append(time.perf_counter() - start)
+    batch = _batch(g, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn(*batch)
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        with TensorMemory() as tracker:
+            fn(*batch)
+        peak = tracker.peak / 2**20
     return {"time_ms": 1000 * sorted(times)[len(times) // 2], "peak_mib": peak}
 
 
-def _child(method: str, g: int, world: int, device: str, repeats: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", method, str(g), str(world), device, str(repeats)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _cpu_peak_child(method: str, g: int, world: int, device: str) -> float:
-    """Peak RSS rise of one forward+backward in a process that did nothing else large before."""
-    dev = torch.device(device)
-    batch = _batch(g, dev)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if method == "reference":
-        reference(*batch)
-    else:
-        project(*batch, world)
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
-
-
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        method, g, world, device, repeats = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
-        print(json.dumps(measure(method, g, world, device, repeats)))
-        return
-    if len(sys.argv) > 1 and sys.argv[1] == "--peak":
-        print(json.dumps(_cpu_peak_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])))
-        return
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", type=int, nargs="+", default=[500, 1000, 4000])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    device = torch.device(args.device)
     print(f"device {args.device}, torch threads {torch.get_num_threads()}, d={DIM}, K={K}, "
-          f"{CAPS_PER_IMAGE} captions per image, lambdas {LAMBDAS}")
+          f"{CAPS_PER_IMAGE} captions per image, lambdas {LAMBDAS}; memory = peak tensor memory of fwd+bwd")
     print("| global batch | method | time fwd+bwd (ms) | peak memory (MiB) | time / reference | memory / reference |")
     print("|---|---|---|---|---|---|")
     for g in args.batches:
@@ -157,14 +165,10 @@ def main() -> None:
         rows += [(f"itmatch, one of {n} workers ([G/{n}, G] scores)", "project", n) for n in args.workers]
         ref = None
         for label, method, n in rows:
-            r = _child(method, g, n, args.device, args.repeats)
-            if args.device == "cpu":
-                r["peak_mib"] = json.loads(subprocess.run(
-                    [sys.executable, __file__, "--peak", method, str(g), str(n), args.device],
-                    capture_output=True, text=True, timeout=900, check=True).stdout.strip().splitlines()[-1])
+            r = measure(method, g, n, device, args.repeats)
             ref = ref or r
             print(f"| {g} | {label} | {r['time_ms']:.1f} | {r['peak_mib']:.1f} | "
-                  f"{r['time_ms'] / ref['time_ms']:.2f} | {r['peak_mib'] / max(ref['peak_mib'], 1e-9):.2f} |", flush=True)
+                  f"{r['time_ms'] / ref['time_ms']:.2f} | {r['peak_mib'] / ref['peak_mib']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

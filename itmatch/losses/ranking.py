@@ -12,11 +12,11 @@ kept (top_k=1 with cosine is VSE++ max-violation; top_k=None sums every hinge).
 
 Memory strategy. A hinge m + c(a,p) − c(a,n) (c = distance, or −similarity for cosine) falls as the
 negative's cost c(a,n) rises, so for every positive of anchor a the K largest hinges are against the
-same K *nearest negatives of a*. Hence one sort of each anchor's negative costs serves all of its
-positives: with the sorted costs, n_viol = #negatives with cost < m + c(a,p) (searchsorted),
-kept = min(n_viol, K), and the kept hinges sum to kept·(m + c(a,p)) − prefix_sum[kept]. Everything
-is an [n_anchor, n_candidate] tensor — O(local × global) memory with no [anchor, pos, neg] cube,
-so no chunking is needed and top_k=None costs the same as top_k=10.
+same K *nearest negatives of a*: one top-K of each anchor's negative costs serves all of its
+positives, and the kept hinges form an [anchor, positives-per-anchor, K] block. With top_k=None,
+one sort serves them all: n_viol = #negatives with cost < m + c(a,p) (searchsorted), and the
+violators' hinges sum to n_viol·(m + c(a,p)) − prefix_sum[n_viol]. The only [anchor, candidate]
+tensors are the costs themselves: O(local × global) memory, never an [anchor, pos, neg] cube.
 """
 
 from __future__ import annotations
@@ -63,23 +63,45 @@ def _masks(
     return pos, ~same
 
 
+def _positive_costs(cost: Tensor, pos: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Each anchor's positive costs, padded to [n_anchor, P_max], with a validity mask.
+
+    P_max (a handful: the captions of one image) is read back to the host once per term; the
+    [anchor, candidate] work below then only ever meets [anchor, P_max] thresholds.
+    """
+    p_max = int(pos.sum(dim=1).max()) if pos.numel() else 0
+    if p_max == 0:
+        return None
+    flag, idx = pos.to(cost.dtype).topk(p_max, dim=1)
+    return cost.gather(1, idx), flag > 0
+
+
 def _mined_hinge_sum(
     cost: Tensor, pos: Tensor, neg: Tensor, margin: float, top_k: int | None
 ) -> Tensor:
     """Σ over positive pairs (a, p) of the top_k largest positive hinges m + c(a,p) − c(a,n)."""
-    inf = torch.full_like(cost, float("inf"))
-    # Non-negatives sort to the end as +inf: they never count as violators.
-    neg_sorted, _ = torch.sort(torch.where(neg, cost, inf), dim=1)
-    thresh = margin + cost  # hinge(a, p, n) > 0  <=>  c(a, n) < thresh[a, p]
+    positives = _positive_costs(cost, pos)
+    if positives is None:
+        return cost.sum() * 0.0  # keeps the graph (every rank must run the same backward)
+    pos_cost, valid = positives
+    thresh = margin + pos_cost  # hinge(a, p, n) > 0  <=>  c(a, n) < thresh[a, p]
+    # Non-negatives become +inf: never a violator, zero hinge, zero gradient.
+    masked = torch.where(neg, cost, torch.full_like(cost, float("inf")))
+    if top_k is not None and top_k < cost.shape[1]:
+        # The K largest hinges of every positive are against the anchor's K nearest negatives.
+        nearest = -torch.topk(-masked, top_k, dim=1).values  # [n_anchor, K]
+        hinge = (thresh[:, :, None] - nearest[:, None, :]).clamp_min(0)  # [n_anchor, P_max, K]
+        return torch.where(valid[:, :, None], hinge, torch.zeros_like(hinge)).sum()
+    # Every hinge: sort each anchor's negatives once; n_viol = #negatives below the threshold,
+    # and the violators' costs sum to a prefix sum.
+    neg_sorted = torch.sort(masked, dim=1).values
     n_viol = torch.searchsorted(neg_sorted.detach(), thresh.detach().contiguous(), right=False)
-    kept = n_viol if top_k is None else n_viol.clamp(max=top_k)
-    # float64 prefix sums: kept·thresh − prefix cancels, which in float32 would lose the small
-    # hinge values once thousands of negatives are summed (top_k=None on a large global batch).
+    # float64 prefix sums: n·thresh − prefix cancels, which in float32 would lose the small
+    # hinge values once thousands of negatives are summed (a large global batch).
     finite = torch.where(torch.isfinite(neg_sorted), neg_sorted, torch.zeros_like(neg_sorted))
     prefix = F.pad(torch.cumsum(finite.double(), dim=1), (1, 0))
-    per_pair = kept.double() * thresh.double() - prefix.gather(1, kept)
-    # torch.where rather than boolean indexing: no host sync on CUDA.
-    return torch.where(pos, per_pair, torch.zeros_like(per_pair)).sum().to(cost.dtype)
+    per_pair = n_viol.double() * thresh.double() - prefix.gather(1, n_viol)
+    return torch.where(valid, per_pair, torch.zeros_like(per_pair)).sum().to(cost.dtype)
 
 
 def _term(
