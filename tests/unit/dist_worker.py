@@ -1,6 +1,9 @@
 """One rank of the cross-worker parity tests (tests/unit/test_dist_parity.py), a real process on gloo.
 
-    python tests/unit/dist_worker.py RANK WORLD_SIZE STORE_FILE CASES.pt OUT.pt
+    python tests/unit/dist_worker.py RANK WORLD_SIZE STORE_FILE CASES.pt OUT.pt [gloo|nccl] [bf16]
+
+With nccl each rank uses cuda:RANK (a GPU test needs one GPU per rank); bf16 runs the model cases'
+forward under bf16 autocast, as the trainer does with scaling.precision=bf16.
 
 Each case holds the global batch and each rank's row ranges; this rank computes the loss on its
 rows with `DistGather` (and, for model cases, a DDP model with global BatchNorm) and saves the
@@ -22,8 +25,12 @@ from itmatch.models.two_branch import EmbeddingNet
 LOSSES = {"ranking": ranking_loss, "infonce": infonce_loss}
 
 
+DEVICE = torch.device("cpu")
+BF16 = False
+
+
 def _mine(t: torch.Tensor, bounds: list[int], rank: int) -> torch.Tensor:
-    return t[bounds[rank]:bounds[rank + 1]]
+    return t[bounds[rank]:bounds[rank + 1]].to(DEVICE)
 
 
 def embedding_case(case: dict, rank: int, gather: DistGather) -> dict:
@@ -33,27 +40,35 @@ def embedding_case(case: dict, rank: int, gather: DistGather) -> dict:
     out = LOSSES[case["loss"]](img, img_gid, txt, txt_gid, gather=gather, **case["kwargs"])
     out["loss"].backward()
     zero_if_unused = lambda t: torch.zeros_like(t) if t.grad is None else t.grad  # noqa: E731 (a term may skip a side)
-    return {"terms": {k: v.detach() for k, v in out.items()},
-            "img_grad": zero_if_unused(img), "txt_grad": zero_if_unused(txt)}
+    return {"terms": {k: v.detach().cpu() for k, v in out.items()},
+            "img_grad": zero_if_unused(img).cpu(), "txt_grad": zero_if_unused(txt).cpu()}
 
 
 def model_case(case: dict, rank: int, gather: DistGather) -> dict:
     torch.manual_seed(0)
     net = EmbeddingNet(case["img"].shape[1], case["txt"].shape[1], ModelConfig(**case["model"]))
-    model = torch.nn.parallel.DistributedDataParallel(globalize_batchnorm(net))
+    device_ids = [DEVICE.index] if DEVICE.type == "cuda" else None
+    model = torch.nn.parallel.DistributedDataParallel(globalize_batchnorm(net).to(DEVICE), device_ids=device_ids)
     img_gid, txt_gid = _mine(case["img_gid"], case["img_bounds"], rank), _mine(case["txt_gid"], case["txt_bounds"], rank)
-    img_emb, txt_emb = model(_mine(case["img"], case["img_bounds"], rank), _mine(case["txt"], case["txt_bounds"], rank))
-    out = LOSSES[case["loss"]](img_emb, img_gid, txt_emb, txt_gid, gather=gather, **case["kwargs"])
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=BF16):
+        img_emb, txt_emb = model(_mine(case["img"], case["img_bounds"], rank), _mine(case["txt"], case["txt_bounds"], rank))
+    out = LOSSES[case["loss"]](img_emb.float(), img_gid, txt_emb.float(), txt_gid, gather=gather, **case["kwargs"])
     out["loss"].backward()
-    return {"terms": {k: v.detach() for k, v in out.items()},
-            "grads": {n: p.grad.clone() for n, p in net.named_parameters()},
-            "buffers": {n: b.clone() for n, b in net.named_buffers()}}
+    return {"terms": {k: v.detach().cpu() for k, v in out.items()},
+            "grads": {n: p.grad.cpu().clone() for n, p in net.named_parameters()},
+            "buffers": {n: b.cpu().clone() for n, b in net.named_buffers()}}
 
 
 def main() -> None:
+    global DEVICE, BF16
     rank, world, store, cases_path, out_path = int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:6]
+    backend = sys.argv[6] if len(sys.argv) > 6 else "gloo"
+    BF16 = len(sys.argv) > 7 and sys.argv[7] == "bf16"
+    if backend == "nccl":
+        DEVICE = torch.device("cuda", rank)
+        torch.cuda.set_device(DEVICE)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
     gather = DistGather()
     results = {}
     for name, case in torch.load(cases_path, weights_only=False).items():

@@ -70,15 +70,12 @@ def _cases(world: int) -> dict[str, dict]:
     return cases
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
-def distributed(request, tmp_path_factory):
-    world = request.param
-    tmp = tmp_path_factory.mktemp(f"dist{world}")
+def _launch(world: int, tmp: Path, backend: str = "gloo", precision: str = "fp32"):
     cases = _cases(world)
     torch.save(cases, tmp / "cases.pt")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), str(tmp / "store"),
-                               str(tmp / "cases.pt"), str(tmp / f"out{r}.pt")], env=env,
+                               str(tmp / "cases.pt"), str(tmp / f"out{r}.pt"), backend, precision], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in range(world)]
     try:
@@ -88,6 +85,11 @@ def distributed(request, tmp_path_factory):
             p.kill()
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
     return world, cases, [torch.load(tmp / f"out{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"world{w}")
+def distributed(request, tmp_path_factory):
+    return _launch(request.param, tmp_path_factory.mktemp(f"dist{request.param}"))
 
 
 def _case_names() -> list[str]:
@@ -143,3 +145,38 @@ def test_local_batchnorm_would_differ(distributed):
     norm = lambda x: (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-5)  # noqa: E731
     per_shard = torch.cat([norm(h[b[r]:b[r + 1]]) for r in range(world)])
     assert not torch.allclose(per_shard, norm(h), atol=1e-2)
+
+
+def _check_bf16_run(world: int, cases: dict, outs: list) -> None:
+    """Embedding cases exact to fp32 tolerance; the DDP model's gradients under bf16 autocast close
+    to one process under bf16 autocast (on the CPU: bf16 rounding differs by device and order)."""
+    for name in (n for n in cases if not n.startswith("model")):
+        case = cases[name]
+        img, txt = case["img"].clone().requires_grad_(True), case["txt"].clone().requires_grad_(True)
+        ref = LOSSES[case["loss"]](img, case["img_gid"], txt, case["txt_gid"], **case["kwargs"])
+        ref["loss"].backward()
+        got = torch.stack([o[name]["terms"]["loss"] for o in outs]).mean()
+        torch.testing.assert_close(got, ref["loss"].detach(), rtol=1e-4, atol=1e-5, msg=name)
+        want = torch.zeros_like(img) if img.grad is None else img.grad
+        torch.testing.assert_close(torch.cat([o[name]["img_grad"] for o in outs]) / world, want, rtol=1e-3, atol=1e-5)
+    for name in ("model-ranking", "model-infonce"):
+        case = cases[name]
+        torch.manual_seed(0)
+        net = EmbeddingNet(case["img"].shape[1], case["txt"].shape[1], ModelConfig(**case["model"]))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            img_emb, txt_emb = net(case["img"], case["txt"])
+        ref = LOSSES[case["loss"]](img_emb.float(), case["img_gid"], txt_emb.float(), case["txt_gid"], **case["kwargs"])
+        ref["loss"].backward()
+        for o in outs:
+            for n, p in net.named_parameters():
+                torch.testing.assert_close(o[name]["grads"][n], p.grad, rtol=5e-2, atol=5e-3, msg=f"{name} {n}")
+
+
+def test_gloo_bf16_parity(tmp_path):
+    """The CPU twin of the NCCL + bf16 check below."""
+    _check_bf16_run(*_launch(2, tmp_path, backend="gloo", precision="bf16"))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL parity needs 2 GPUs (one per rank)")
+def test_nccl_bf16_parity(tmp_path):
+    _check_bf16_run(*_launch(2, tmp_path, backend="nccl", precision="bf16"))
