@@ -18,6 +18,7 @@ from pathlib import Path  # noqa: E402
 from typing import Optional  # noqa: E402
 
 from itmatch.data.sources import DataError  # noqa: E402
+from trainers.logs import setup_logging  # noqa: E402
 from itmatch.data.store import prepare  # noqa: E402
 from itmatch.eval.evaluate import evaluate_split  # noqa: E402
 from itmatch.eval.retrieval import format_metrics  # noqa: E402
@@ -37,7 +38,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     args = parse_args(argv)
     from trainers.results import resolve_model
 

@@ -30,6 +30,7 @@ from itmatch.state import TrainState, epoch_seed, load_checkpoint, save_checkpoi
 from trainers.dist import WorkerContext, any_worker, mean_over_workers, worker_context
 from trainers.strategies import build_strategy
 
+from trainers.logs import setup_logging  # noqa: E402
 log = logging.getLogger("itmatch.train")
 BEST_DIR = "best"
 
@@ -190,7 +191,7 @@ def train_loop_per_worker(config: dict) -> None:
     """Entry point for `TorchTrainer`: config = {"cfg": Config dict, "store": folder, "threads", "tracking"}."""
     import ray.train
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     torch.set_num_threads(int(config.get("threads", 1)))
     cfg = validate(config["cfg"])
     store = FeatureStore.open(config["store"])

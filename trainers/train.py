@@ -22,6 +22,7 @@ from typing import Any, Optional  # noqa: E402
 
 from itmatch.config import Config, ConfigError, load_config, save_config  # noqa: E402
 from itmatch.data.sources import DataError  # noqa: E402
+from trainers.logs import setup_logging  # noqa: E402
 from itmatch.data.store import FeatureStore, prepare  # noqa: E402
 
 log = logging.getLogger("itmatch.train")
@@ -73,8 +74,9 @@ def run_dir(cfg: Config) -> Path:
     return Path(cfg.run.storage_path).resolve() / cfg.run.name
 
 
-def fit(cfg: Config, store: FeatureStore, tracking: Optional[dict]):
-    """Build and fit the TorchTrainer; returns Ray's Result."""
+def fit(cfg: Config, store: FeatureStore, tracking: Optional[dict], callbacks: Optional[list] = None):
+    """Build and fit the TorchTrainer; returns Ray's Result. `callbacks`: Ray Train user callbacks
+    (a Tune trial passes the one that forwards every report to Tune)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -91,7 +93,8 @@ def fit(cfg: Config, store: FeatureStore, tracking: Optional[dict]):
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=str(Path(cfg.run.storage_path).resolve()),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures)),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            callbacks=callbacks or []),
     )
     return trainer.fit()
 
@@ -113,12 +116,19 @@ def finalize(cfg: Config, store: FeatureStore, result, tracking: Optional[dict])
         tr.epoch_logger(tracking)(client_metrics, summary["best_epoch"])
         info = tr.log_model(tracking, best, store)
         summary["model_uri"] = info.model_uri
+        summary["run_id"] = tracking["run_id"]
         if cfg.tracking.registered_model:
-            champion = tr.load_champion(tracking, cfg)
-            champion_score = _score_on_val(champion, store, cfg)
-            summary["registry"] = tr.register(tracking, cfg, info.model_uri, val_score, champion_score)
+            summary["registry"] = promote(tracking, cfg, store, info.model_uri, val_score)
         tr.end_run(tracking)
     return summary
+
+
+def promote(tracking: dict, cfg: Config, store: FeatureStore, model_uri: str, val_score: float) -> dict[str, Any]:
+    """Register the model; it takes the alias only if it beats the holder re-scored on this val split."""
+    from trainers import tracking as tr
+
+    champion_score = _score_on_val(tr.load_champion(tracking, cfg), store, cfg)
+    return tr.register(tracking, cfg, model_uri, val_score, champion_score)
 
 
 def _score_on_val(model, store: FeatureStore, cfg: Config) -> Optional[float]:
@@ -141,7 +151,7 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

@@ -6,26 +6,19 @@ Each command runs as a subprocess under a hard timeout (a failed Ray worker star
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from ray_cli import ROOT, run_module
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
-TIMEOUT = 300
 
 
 def _run(args: list[str], cwd: Path, env_extra: dict | None = None, module: str = "trainers.train"):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "", "GLOO_SOCKET_IFNAME": "lo", **(env_extra or {})}
-    env.pop("RAY_ADDRESS")
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=TIMEOUT)
+    return run_module(module, args, cwd, env_extra)
 
 
 def _common(tmp: Path, name: str) -> list[str]:

@@ -1,0 +1,55 @@
+"""Search spaces are checked against the config before Ray starts (tuning/search.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from itmatch.config import ConfigError, load_config
+from tuning.search import load_space, to_tune, trial_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _space(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_space_is_valid():
+    cfg = load_config(None, [])
+    space = load_space(ROOT / "configs" / "search" / "eq6.yaml", cfg, None, [])
+    assert {"loss.margin", "loss.top_k", "loss.lambda2"} <= set(space)
+    from ray import tune
+
+    dists = to_tune(space)
+    assert isinstance(dists["loss.margin"], tune.search.sample.Float)
+    assert isinstance(dists["loss.top_k"], tune.search.sample.Categorical)
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("loss.margn: {uniform: [0.1, 0.2]}\n", "loss.margn"),                # unknown key
+    ("loss.margin: {normal: [0.1, 0.2]}\n", "expected one of"),           # unknown kind
+    ("loss.margin: {uniform: [0.1]}\n", "[low, high]"),                   # one bound
+    ("loss.margin: {uniform: [-0.5, 0.2]}\n", "value -0.5 is not valid"),  # out of the field's range
+    ("loss.top_k: {choice: [1, 0]}\n", "value 0 is not valid"),           # one bad choice
+    ("scaling.strategy: {choice: [ddp, fsdp]}\n", "'fsdp'"),              # not a backend
+    ("- just a list\n", "expected a mapping"),
+])
+def test_bad_space_names_file_key_and_value(tmp_path, text, needle):
+    path = _space(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_space(path, load_config(None, []), None, [])
+    assert str(path) in str(info.value) and needle in str(info.value)
+
+
+def test_trial_config_applies_params_over_preset_and_overrides(tmp_path):
+    setup = {"preset": str(ROOT / "configs" / "debug.yaml"), "overrides": ["loss.margin=0.3", "train.epochs=5"],
+             "trials_dir": str(tmp_path / "trials")}
+    cfg = trial_config(setup, {"loss.margin": 0.11, "loss.top_k": None, "scaling.strategy": "deepspeed"}, "t1")
+    assert cfg.loss.margin == 0.11 and cfg.loss.top_k is None and cfg.scaling.strategy == "deepspeed"
+    assert cfg.train.epochs == 5 and cfg.model.embed_dim == 32  # override and preset kept
+    assert cfg.run.name == "t1" and cfg.run.storage_path == str(tmp_path / "trials")
+    assert not cfg.tracking.registered_model  # only the search registers, once
