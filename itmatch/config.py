@@ -43,11 +43,15 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name: Literal["embedding"] = "embedding"
+    name: Literal["embedding", "cca"] = "embedding"
+    """embedding: the two-branch network (trained); cca: regularised CCA (fitted in closed form,
+    embed_dim canonical dimensions; loss/optim keys do not apply)."""
     branch: Literal["nonlinear", "linear"] = "nonlinear"
     hidden_dim: int = Field(2048, ge=1)
     embed_dim: int = Field(512, ge=1)
     dropout: float = Field(0.5, ge=0.0, lt=1.0)
+    cca_ridge: float = Field(0.3, gt=0.0)
+    """Ridge added to both covariance diagonals (model.name=cca)."""
 
 
 class LossConfig(_Section):
@@ -124,6 +128,9 @@ class RunConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1)
     ray_address: Optional[str] = None
     """None: attach to RAY_ADDRESS if set (ray job submit), else start Ray in-process."""
+    ray_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+    """Console level of Ray Train's own logs (every report and checkpoint at INFO); the project's
+    per-epoch lines are always shown, and Ray's session log files keep everything."""
 
 
 class TrackingConfig(_Section):

@@ -24,13 +24,13 @@ from itmatch.eval.evaluate import evaluate_split
 from itmatch.eval.retrieval import format_metrics
 from itmatch.dist import gather_for
 from itmatch.losses import build_loss
-from itmatch.models import build_model
+from itmatch.models import build_model, is_closed_form
 from itmatch.optim import build_optimizer, build_scheduler
 from itmatch.state import TrainState, epoch_seed, load_checkpoint, save_checkpoint
 from trainers.dist import WorkerContext, any_worker, mean_over_workers, worker_context
 from trainers.strategies import build_strategy
 
-from trainers.logs import setup_logging  # noqa: E402
+from trainers.logs import quiet_ray_reports, setup_logging  # noqa: E402
 log = logging.getLogger("itmatch.train")
 BEST_DIR = "best"
 
@@ -51,7 +51,11 @@ class Trainer:
         self.train_split = store.split(cfg.data.train_split)
         self.val_split = store.split(cfg.data.val_split)
         self.dims = store.dims
-        self.strategy = build_strategy(cfg, ctx)
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every run
+        model = build_model(*store.dims, cfg.model)
+        self.closed_form = is_closed_form(model)
+        self.epochs = 1 if self.closed_form else cfg.train.epochs  # a fitted model needs one pass
+        self.strategy = build_strategy(cfg, ctx, closed_form=self.closed_form)
         self.sampler = NeighborhoodBatchSampler(
             self.train_split.caption_image, cfg.data.batch_size, rank=ctx.rank, world_size=ctx.world_size,
             seed=cfg.train.seed, neighborhood=cfg.data.neighborhood_sampling, drop_last=cfg.data.drop_last)
@@ -59,9 +63,8 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise ValueError(f"data.batch_size={cfg.data.batch_size} leaves no full batch in "
                              f"{len(self.train_split)} training captions")
-        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every run
         self.model, self.optimizer, self.scheduler = self.strategy.setup(
-            build_model(*store.dims, cfg.model),
+            model,
             lambda params: build_optimizer(params, cfg.optim),
             lambda opt: build_scheduler(opt, cfg.optim, self.steps_per_epoch, cfg.train.epochs))
         self.loss_fn = build_loss(cfg.loss)
@@ -97,6 +100,8 @@ class Trainer:
 
     # -- one epoch ---------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:
+        if self.closed_form:
+            return self.fit_closed_form()
         self.model.train()
         self.sampler.set_epoch(epoch)
         torch.manual_seed(epoch_seed(self.cfg.train.seed, self.ctx.rank, epoch))
@@ -113,6 +118,14 @@ class Trainer:
         stats = {f"train_{k}": float(v) / max(steps, 1) for k, v in totals.items()}
         stats["epoch_time_s"] = time.perf_counter() - start
         return mean_over_workers(stats, self.ctx.device)
+
+    def fit_closed_form(self) -> dict[str, float]:
+        """Fit on every (image, caption) pair of the training split at once."""
+        start, s = time.perf_counter(), self.train_split
+        images = torch.from_numpy(s.image_feats[s.caption_image])  # fancy indexing copies
+        texts = torch.tensor(s.caption_feats)  # a copy: the store's arrays are read-only
+        self.strategy.unwrap(self.model).fit(images, texts, ridge=self.cfg.model.cca_ridge)
+        return {"epoch_time_s": time.perf_counter() - start}
 
     def train_step(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         img, img_gid, txt, txt_gid = batch
@@ -140,7 +153,7 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
     def fit(self, report) -> None:
         started_at = self.state.epoch
-        for epoch in range(self.state.epoch, self.cfg.train.epochs):
+        for epoch in range(self.state.epoch, self.epochs):
             metrics = self.train_epoch(epoch)
             val = self.validate()
             metrics.update({f"val_{k}": v for k, v in val.items()})
@@ -152,9 +165,10 @@ class Trainer:
             metrics.update(epoch=epoch + 1, step=self.state.step, best_metric=self.state.best_metric)
             self.state.history.append({k: float(v) for k, v in metrics.items()})
             if self.ctx.is_main:
-                log.info("epoch %d/%d loss %.4f | val %s | best %s=%.2f @%d (%.1fs)", epoch + 1,
-                         self.cfg.train.epochs, metrics["train_loss"], format_metrics(val), self.cfg.train.metric,
-                         self.state.best_metric, self.state.best_epoch, metrics["epoch_time_s"])
+                loss = f"loss {metrics['train_loss']:.4f}" if "train_loss" in metrics else "fitted"
+                log.info("epoch %d/%d %s | val %s | best %s=%.2f @%d (%.1fs)", epoch + 1, self.epochs, loss,
+                         format_metrics(val), self.cfg.train.metric, self.state.best_metric, self.state.best_epoch,
+                         metrics["epoch_time_s"])
                 if self.tracker:
                     self.tracker(metrics, epoch + 1)
             saves = self.ctx.is_main or self.strategy.saves_on_every_rank
@@ -194,6 +208,7 @@ def train_loop_per_worker(config: dict) -> None:
     setup_logging()
     torch.set_num_threads(int(config.get("threads", 1)))
     cfg = validate(config["cfg"])
+    quiet_ray_reports(cfg.run.ray_log_level)
     store = FeatureStore.open(config["store"])
     trainer = Trainer(cfg, store, worker_context(), config.get("tracking"))
     checkpoint = ray.train.get_checkpoint()

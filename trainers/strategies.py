@@ -176,6 +176,21 @@ class DeepSpeedStrategy(DDPStrategy):
             raise FileNotFoundError(f"checkpoint {folder}: no DeepSpeed state under {DS_DIR}/{DS_TAG}")
 
 
+class ClosedFormStrategy(DDPStrategy):
+    """Models fitted in one step (CCA): no optimizer and no gradient sync; every rank fits the same
+    model on the same data (deterministic float64), so there is nothing to communicate."""
+
+    def setup(self, model: nn.Module, make_optimizer: MakeOptimizer,
+              make_scheduler: MakeScheduler) -> tuple[nn.Module, None, None]:
+        return model.to(self.ctx.device), None, None
+
+    def save_state(self, folder: Path, model: nn.Module, optimizer, scheduler) -> dict[str, Any]:
+        return {"optimizer": None, "scheduler": None}
+
+    def load_state(self, folder: Path, payload: dict, model: nn.Module, optimizer, scheduler) -> None:
+        self.unwrap(model).load_state_dict(payload["model"])
+
+
 def _skip_shm_comm_build() -> None:
     """DeepSpeed's CPU backend compiles a shared-memory all-reduce op on first use (~33 s on 2 cores,
     STACK.md). Our collectives go through gloo, so the op is never needed: don't build it."""
@@ -198,5 +213,6 @@ STRATEGIES: dict[str, Callable[[Config, WorkerContext], DDPStrategy]] = {
     "ddp": DDPStrategy, "deepspeed": DeepSpeedStrategy}
 
 
-def build_strategy(cfg: Config, ctx: WorkerContext) -> DDPStrategy:
-    return STRATEGIES[cfg.scaling.strategy](cfg, ctx)
+def build_strategy(cfg: Config, ctx: WorkerContext, closed_form: bool = False) -> DDPStrategy:
+    """The configured backend, or the closed-form one for models that are fitted, not trained."""
+    return ClosedFormStrategy(cfg, ctx) if closed_form else STRATEGIES[cfg.scaling.strategy](cfg, ctx)

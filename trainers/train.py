@@ -94,6 +94,7 @@ def fit(cfg: Config, store: FeatureStore, tracking: Optional[dict], callbacks: O
             name=cfg.run.name, storage_path=str(Path(cfg.run.storage_path).resolve()),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level=cfg.run.ray_log_level),
             callbacks=callbacks or []),
     )
     return trainer.fit()

@@ -135,3 +135,20 @@ def test_evaluate_cli_matches_checkpoint(runs):
         assert key in metrics
     assert metrics["rsum"] == pytest.approx(sum(metrics[k] for k in
                                                 ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")))
+
+
+def test_cca_is_fitted_through_the_same_job(tmp_path):
+    """model.name=cca: one closed-form fit instead of epochs, then the same checkpoint, test
+    evaluation and evaluate CLI as the trained network."""
+    args = [*_common(tmp_path, "cca"), "model.name=cca", "model.embed_dim=16", "tracking.enabled=false"]
+    done = _run(args, tmp_path)
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert "epoch 1/1 fitted" in done.stdout + done.stderr
+    summary = json.loads((tmp_path / "runs" / "cca" / "summary.json").read_text())
+    assert summary["best_epoch"] == 1 and summary["test"]["rsum"] > 100  # far above chance on shapes
+    out = tmp_path / "m.json"
+    evaluated = _run(["--model", summary["best_checkpoint"], "--data", f"synthetic:{tmp_path / 'shapes'}?n_images=120",
+                      "--split", "test", "--json", str(out), "--cache-dir", str(tmp_path / "cache")],
+                     tmp_path, module="trainers.evaluate")
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads(out.read_text())["rsum"] == pytest.approx(summary["test"]["rsum"])
