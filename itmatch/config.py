@@ -75,6 +75,11 @@ class LossConfig(_Section):
     """mean divides by the number of positive pairs in the (global) batch."""
     temperature: float = Field(0.05, gt=0.0)
     """InfoNCE softmax temperature; its two directions are weighted by lambda1 and lambda2."""
+    instance_weight: float = Field(0.0, ge=0.0)
+    """Weight of each instance-loss term (004: L = L_rank + w·L_visual + w·L_textual); 0 = off.
+    Adds a classifier with one class per training image to the model."""
+    instance_stage1_epochs: int = Field(0, ge=0)
+    """004's Stage I: for this many epochs only the instance loss trains (the ranking loss is off)."""
 
     @property
     def lambdas(self) -> tuple[float, float, float, float]:
@@ -159,6 +164,9 @@ class Config(_Section):
                 f"data.batch_size={self.data.batch_size} is too small for "
                 f"scaling.num_workers={self.scaling.num_workers} (need >= 2 pairs per worker)"
             )
+        if self.model.name == "cca" and self.loss.instance_weight > 0:
+            raise ValueError(f"loss.instance_weight={self.loss.instance_weight} needs a trained model; "
+                             "model.name='cca' is fitted in closed form")
         return self
 
     def flat(self) -> dict[str, Any]:

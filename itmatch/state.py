@@ -109,6 +109,7 @@ def load_model(folder: str | Path) -> tuple[torch.nn.Module, Config]:
     from itmatch.models import build_model
 
     payload, cfg = load_checkpoint(folder)
-    model = build_model(*payload["dims"], cfg.model)
+    head = payload["model"].get("classifier.weight")  # the instance loss's classifier, if trained with one
+    model = build_model(*payload["dims"], cfg.model, n_classes=0 if head is None else head.shape[0])
     model.load_state_dict(payload["model"])
     return model.eval(), cfg

@@ -23,7 +23,7 @@ from itmatch.data.store import FeatureSplit, FeatureStore
 from itmatch.eval.evaluate import evaluate_split
 from itmatch.eval.retrieval import format_metrics
 from itmatch.dist import gather_for
-from itmatch.losses import build_loss
+from itmatch.losses import build_loss, instance_loss
 from itmatch.models import build_model, is_closed_form
 from itmatch.optim import build_optimizer, build_scheduler
 from itmatch.state import TrainState, epoch_seed, load_checkpoint, save_checkpoint
@@ -36,11 +36,13 @@ BEST_DIR = "best"
 
 
 def _batch(split: FeatureSplit, captions: np.ndarray, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Unique images of the captions, and group ids for both sides."""
+    """Unique images of the captions; group ids and instance classes (the image's row in the
+    split) for both sides."""
     rows = np.unique(split.caption_image[captions])
     as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
-    return (as_tensor(split.image_feats[rows]), as_tensor(split.image_ids[rows]),
-            as_tensor(split.caption_feats[captions]), as_tensor(split.caption_gid[captions]))
+    return (as_tensor(split.image_feats[rows]), as_tensor(split.image_ids[rows]), as_tensor(rows),
+            as_tensor(split.caption_feats[captions]), as_tensor(split.caption_gid[captions]),
+            as_tensor(split.caption_image[captions]))
 
 
 class Trainer:
@@ -52,7 +54,8 @@ class Trainer:
         self.val_split = store.split(cfg.data.val_split)
         self.dims = store.dims
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every run
-        model = build_model(*store.dims, cfg.model)
+        self.n_classes = len(self.train_split.image_ids) if cfg.loss.instance_weight > 0 else 0
+        model = build_model(*store.dims, cfg.model, n_classes=self.n_classes)
         self.closed_form = is_closed_form(model)
         self.epochs = 1 if self.closed_form else cfg.train.epochs  # a fitted model needs one pass
         self.strategy = build_strategy(cfg, ctx, closed_form=self.closed_form)
@@ -70,6 +73,7 @@ class Trainer:
         self.loss_fn = build_loss(cfg.loss)
         self.gather = gather_for(cfg.loss.mining)  # after Ray Train set up the process group
         self.state = TrainState()
+        self.epoch = 0
         self.best_weights: Optional[dict] = None
         self.eval_model: Optional[torch.nn.Module] = None  # fp32, unsharded copy for evaluation
         self.tracker = _tracker(tracking) if ctx.is_main and tracking else None
@@ -103,6 +107,7 @@ class Trainer:
         if self.closed_form:
             return self.fit_closed_form()
         self.model.train()
+        self.epoch = epoch
         self.sampler.set_epoch(epoch)
         torch.manual_seed(epoch_seed(self.cfg.train.seed, self.ctx.rank, epoch))
         totals: dict[str, torch.Tensor] = {}
@@ -119,6 +124,13 @@ class Trainer:
         stats["epoch_time_s"] = time.perf_counter() - start
         return mean_over_workers(stats, self.ctx.device)
 
+    def _with_instance_loss(self, out: dict, img_logits, img_cls, txt_logits, txt_cls) -> dict:
+        """004: L = L_rank + w·(L_visual + L_textual), with L_rank off during Stage I."""
+        inst = instance_loss(img_logits, img_cls, txt_logits, txt_cls, gather=self.gather)
+        rank_weight = 0.0 if self.epoch < self.cfg.loss.instance_stage1_epochs else 1.0
+        total = rank_weight * out["loss"] + self.cfg.loss.instance_weight * (inst["visual"] + inst["textual"])
+        return {**out, **inst, "loss": total}
+
     def fit_closed_form(self) -> dict[str, float]:
         """Fit on every (image, caption) pair of the training split at once."""
         start, s = time.perf_counter(), self.train_split
@@ -128,11 +140,13 @@ class Trainer:
         return {"epoch_time_s": time.perf_counter() - start}
 
     def train_step(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
-        img, img_gid, txt, txt_gid = batch
+        img, img_gid, img_cls, txt, txt_gid, txt_cls = batch
         dtype = self.strategy.input_dtype(self.model)
         with self.strategy.autocast():
-            img_emb, txt_emb = self.model(img.to(dtype), txt.to(dtype))
-        out = self.loss_fn(img_emb.float(), img_gid, txt_emb.float(), txt_gid, gather=self.gather)
+            outputs = self.model(img.to(dtype), txt.to(dtype))
+        out = self.loss_fn(outputs[0].float(), img_gid, outputs[1].float(), txt_gid, gather=self.gather)
+        if len(outputs) == 4:  # the instance loss's class logits
+            out = self._with_instance_loss(out, outputs[2], img_cls, outputs[3], txt_cls)
         if any_worker(not bool(torch.isfinite(out["loss"])), self.ctx.device):
             raise FloatingPointError(f"non-finite loss at step {self.state.step}: {out}")
         out["grad_norm"] = self.strategy.backward_step(self.model, out["loss"], self.optimizer, self.scheduler)
@@ -145,7 +159,7 @@ class Trainer:
         checkpoint, and every rank must agree on that: under ZeRO-3 saving it is collective)."""
         weights = self.strategy.full_state_dict(self.model)
         if self.eval_model is None:
-            self.eval_model = build_model(*self.dims, self.cfg.model).to(self.ctx.device)
+            self.eval_model = build_model(*self.dims, self.cfg.model, n_classes=self.n_classes).to(self.ctx.device)
         self.eval_model.load_state_dict(weights)
         val = evaluate_split(self.eval_model, self.val_split, chunk=self.cfg.train.eval_chunk, device=self.ctx.device)
         return mean_over_workers(val, self.ctx.device)

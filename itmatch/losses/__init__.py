@@ -12,6 +12,7 @@ from typing import Callable
 from itmatch.config import LossConfig
 from itmatch.losses.gather import LOCAL, Gather, LocalGather
 from itmatch.losses.infonce import infonce_loss
+from itmatch.losses.instance import instance_loss
 from itmatch.losses.ranking import ranking_loss
 
 
@@ -36,4 +37,4 @@ def build_loss(cfg: LossConfig) -> Callable[..., dict]:
     return LOSSES[cfg.name](cfg)
 
 
-__all__ = ["LOSSES", "build_loss", "Gather", "LocalGather", "LOCAL", "ranking_loss", "infonce_loss"]
+__all__ = ["LOSSES", "build_loss", "Gather", "LocalGather", "LOCAL", "ranking_loss", "infonce_loss", "instance_loss"]

@@ -10,9 +10,10 @@ from itmatch.config import ModelConfig
 from itmatch.models.cca import CCAModel
 from itmatch.models.two_branch import Branch, EmbeddingNet, build_embedding
 
-MODELS: dict[str, Callable[[int, int, ModelConfig], nn.Module]] = {
+# name -> (image_dim, text_dim, cfg, n_classes) -> model; n_classes > 0 adds the instance-loss head
+MODELS: dict[str, Callable[..., nn.Module]] = {
     "embedding": build_embedding,
-    "cca": lambda image_dim, text_dim, cfg: CCAModel(image_dim, text_dim, cfg.embed_dim),
+    "cca": lambda image_dim, text_dim, cfg, n_classes=0: CCAModel(image_dim, text_dim, cfg.embed_dim),
 }
 
 
@@ -21,10 +22,10 @@ def is_closed_form(model: nn.Module) -> bool:
     return isinstance(model, CCAModel)
 
 
-def build_model(image_dim: int, text_dim: int, cfg: ModelConfig) -> nn.Module:
+def build_model(image_dim: int, text_dim: int, cfg: ModelConfig, n_classes: int = 0) -> nn.Module:
     if cfg.name not in MODELS:
         raise KeyError(f"model.name={cfg.name!r} unknown; choices: {sorted(MODELS)}")
-    return MODELS[cfg.name](image_dim, text_dim, cfg)
+    return MODELS[cfg.name](image_dim, text_dim, cfg, n_classes=n_classes)
 
 
 __all__ = ["MODELS", "build_model", "is_closed_form", "Branch", "EmbeddingNet", "CCAModel"]

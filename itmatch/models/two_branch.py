@@ -31,17 +31,27 @@ class Branch(nn.Module):
 
 
 class EmbeddingNet(nn.Module):
-    """Image and text branches into one unit-sphere space."""
+    """Image and text branches into one unit-sphere space.
 
-    def __init__(self, image_dim: int, text_dim: int, cfg: ModelConfig) -> None:
+    With `n_classes` > 0 it also holds the instance loss's classifier W_share (004 §4.2): one
+    bias-free linear map from the shared space to one class per training image, applied to both
+    modalities; forward then also returns both sides' class logits. It lives in the model so
+    every backend (DDP, DeepSpeed ZeRO-3 included) sees it used inside forward.
+    """
+
+    def __init__(self, image_dim: int, text_dim: int, cfg: ModelConfig, n_classes: int = 0) -> None:
         super().__init__()
         linear = cfg.branch == "linear"
         self.image = Branch(image_dim, cfg.hidden_dim, cfg.embed_dim, dropout=cfg.dropout, linear=linear)
         self.text = Branch(text_dim, cfg.hidden_dim, cfg.embed_dim, dropout=cfg.dropout, linear=linear)
+        self.classifier = nn.Linear(cfg.embed_dim, n_classes, bias=False) if n_classes else None
         self.dims = (image_dim, text_dim)
 
-    def forward(self, images: Tensor, texts: Tensor) -> tuple[Tensor, Tensor]:
-        return self.image(images), self.text(texts)
+    def forward(self, images: Tensor, texts: Tensor) -> tuple[Tensor, ...]:
+        img, txt = self.image(images), self.text(texts)
+        if self.classifier is None:
+            return img, txt
+        return img, txt, self.classifier(img), self.classifier(txt)
 
     @torch.no_grad()
     def embed_images(self, x: Tensor) -> Tensor:
@@ -52,5 +62,5 @@ class EmbeddingNet(nn.Module):
         return self.text(x)
 
 
-def build_embedding(image_dim: int, text_dim: int, cfg: ModelConfig) -> EmbeddingNet:
-    return EmbeddingNet(image_dim, text_dim, cfg)
+def build_embedding(image_dim: int, text_dim: int, cfg: ModelConfig, n_classes: int = 0) -> EmbeddingNet:
+    return EmbeddingNet(image_dim, text_dim, cfg, n_classes)

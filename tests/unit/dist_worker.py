@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from itmatch.config import ModelConfig
 from itmatch.dist import DistGather, globalize_batchnorm
-from itmatch.losses import infonce_loss, ranking_loss
+from itmatch.losses import infonce_loss, instance_loss, ranking_loss
 from itmatch.models.two_branch import EmbeddingNet
 
 LOSSES = {"ranking": ranking_loss, "infonce": infonce_loss}
@@ -46,13 +46,16 @@ def embedding_case(case: dict, rank: int, gather: DistGather) -> dict:
 
 def model_case(case: dict, rank: int, gather: DistGather) -> dict:
     torch.manual_seed(0)
-    net = EmbeddingNet(case["img"].shape[1], case["txt"].shape[1], ModelConfig(**case["model"]))
+    net = EmbeddingNet(case["img"].shape[1], case["txt"].shape[1], ModelConfig(**case["model"]), case.get("n_classes", 0))
     device_ids = [DEVICE.index] if DEVICE.type == "cuda" else None
     model = torch.nn.parallel.DistributedDataParallel(globalize_batchnorm(net).to(DEVICE), device_ids=device_ids)
     img_gid, txt_gid = _mine(case["img_gid"], case["img_bounds"], rank), _mine(case["txt_gid"], case["txt_bounds"], rank)
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=BF16):
-        img_emb, txt_emb = model(_mine(case["img"], case["img_bounds"], rank), _mine(case["txt"], case["txt_bounds"], rank))
-    out = LOSSES[case["loss"]](img_emb.float(), img_gid, txt_emb.float(), txt_gid, gather=gather, **case["kwargs"])
+        outputs = model(_mine(case["img"], case["img_bounds"], rank), _mine(case["txt"], case["txt_bounds"], rank))
+    out = LOSSES[case["loss"]](outputs[0].float(), img_gid, outputs[1].float(), txt_gid, gather=gather, **case["kwargs"])
+    if len(outputs) == 4:  # + instance loss; classes = group ids here
+        inst = instance_loss(outputs[2], img_gid, outputs[3], txt_gid, gather=gather)
+        out = {**out, **inst, "loss": out["loss"] + inst["visual"] + inst["textual"]}
     out["loss"].backward()
     return {"terms": {k: v.detach().cpu() for k, v in out.items()},
             "grads": {n: p.grad.cpu().clone() for n, p in net.named_parameters()},

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from itmatch.config import ModelConfig
-from itmatch.losses import infonce_loss, ranking_loss
+from itmatch.losses import infonce_loss, instance_loss, ranking_loss
 from itmatch.models.two_branch import EmbeddingNet
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -67,6 +67,8 @@ def _cases(world: int) -> dict[str, dict]:
                               "kwargs": dict(lambdas=(1.0, 1.5, 0.2, 0.2), margin=0.3, top_k=3)}
     cases["model-infonce"] = {"loss": "infonce", "model": model, **_batch(world, 301, dim=12, unit=False),
                               "kwargs": dict(temperature=0.1)}
+    cases["model-instance"] = {"loss": "ranking", "model": model, "n_classes": 9,  # 9 groups in _batch
+                               **_batch(world, 302, dim=12, unit=False), "kwargs": dict(margin=0.3, top_k=3)}
     return cases
 
 
@@ -116,15 +118,24 @@ def test_loss_and_embedding_grads_equal_single_process(distributed, name):
         assert len(got) == bounds[-1]
 
 
-@pytest.mark.parametrize("name", ["model-ranking", "model-infonce"])
+def _reference_model_loss(case: dict, bf16: bool = False):
+    torch.manual_seed(0)
+    net = EmbeddingNet(case["img"].shape[1], case["txt"].shape[1], ModelConfig(**case["model"]), case.get("n_classes", 0))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        outputs = net(case["img"], case["txt"])
+    ref = LOSSES[case["loss"]](outputs[0].float(), case["img_gid"], outputs[1].float(), case["txt_gid"], **case["kwargs"])
+    if len(outputs) == 4:
+        inst = instance_loss(outputs[2], case["img_gid"], outputs[3], case["txt_gid"])
+        ref = {**ref, **inst, "loss": ref["loss"] + inst["visual"] + inst["textual"]}
+    ref["loss"].backward()
+    return net, ref
+
+
+@pytest.mark.parametrize("name", ["model-ranking", "model-infonce", "model-instance"])
 def test_ddp_model_grads_and_batchnorm_equal_single_process(distributed, name):
     world, cases, outs = distributed
     case = cases[name]
-    torch.manual_seed(0)
-    net = EmbeddingNet(case["img"].shape[1], case["txt"].shape[1], ModelConfig(**case["model"]))
-    img_emb, txt_emb = net(case["img"], case["txt"])
-    ref = LOSSES[case["loss"]](img_emb, case["img_gid"], txt_emb, case["txt_gid"], **case["kwargs"])
-    ref["loss"].backward()
+    net, ref = _reference_model_loss(case)
     for o in outs:  # DDP leaves the averaged gradient on every rank
         for n, p in net.named_parameters():
             torch.testing.assert_close(o[name]["grads"][n], p.grad, **TOL, msg=f"{name} {n}")
@@ -159,14 +170,8 @@ def _check_bf16_run(world: int, cases: dict, outs: list) -> None:
         torch.testing.assert_close(got, ref["loss"].detach(), rtol=1e-4, atol=1e-5, msg=name)
         want = torch.zeros_like(img) if img.grad is None else img.grad
         torch.testing.assert_close(torch.cat([o[name]["img_grad"] for o in outs]) / world, want, rtol=1e-3, atol=1e-5)
-    for name in ("model-ranking", "model-infonce"):
-        case = cases[name]
-        torch.manual_seed(0)
-        net = EmbeddingNet(case["img"].shape[1], case["txt"].shape[1], ModelConfig(**case["model"]))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            img_emb, txt_emb = net(case["img"], case["txt"])
-        ref = LOSSES[case["loss"]](img_emb.float(), case["img_gid"], txt_emb.float(), case["txt_gid"], **case["kwargs"])
-        ref["loss"].backward()
+    for name in ("model-ranking", "model-infonce", "model-instance"):
+        net, _ = _reference_model_loss(cases[name], bf16=True)
         for o in outs:
             for n, p in net.named_parameters():
                 torch.testing.assert_close(o[name]["grads"][n], p.grad, rtol=5e-2, atol=5e-3, msg=f"{name} {n}")

@@ -22,12 +22,15 @@ WORLD = 2
 pytestmark = pytest.mark.timeout(600)
 
 
-def _cfg(tmp: Path, **scaling) -> dict:
+def _cfg(tmp: Path, *extra: str, **scaling) -> dict:
     overrides = [f"scaling.{k}={v}" for k, v in scaling.items()]
     cfg = load_config(ROOT / "configs" / "debug.yaml",
                       ["train.epochs=3", "data.batch_size=40", "optim.grad_clip=2.0", "model.dropout=0.1",
-                       f"scaling.num_workers={WORLD}", *overrides])
+                       f"scaling.num_workers={WORLD}", *overrides, *extra])
     return cfg.model_dump()
+
+
+INSTANCE = ("loss.instance_weight=1.0", "loss.instance_stage1_epochs=1")
 
 
 JOBS = {
@@ -47,6 +50,8 @@ def runs(tmp_path_factory):
     store = prepare(f"synthetic:{tmp / 'shapes'}?n_images=60", cache_dir=tmp / "cache", image_encoder="pixels",
                     text_encoder="hashing", progress=False)
     jobs = [{"name": name, "cfg": _cfg(tmp, **scaling)} for name, scaling in JOBS.items()]
+    jobs += [{"name": "ddp-instance", "cfg": _cfg(tmp, *INSTANCE, strategy="ddp")},
+             {"name": "zero3-instance", "cfg": _cfg(tmp, *INSTANCE, strategy="deepspeed", zero_stage=3)}]
     for stage in (2, 3):  # crash after epoch 2, then the same job resumes from that checkpoint
         cfg = _cfg(tmp, strategy="deepspeed", zero_stage=stage)
         jobs += [{"name": f"zero{stage}-crash", "cfg": cfg, "fail_at": 2},
@@ -130,3 +135,17 @@ def test_shm_comm_op_not_built(runs):
     _, logs = runs
     built = [line for log in logs for line in log.splitlines() if "ShareMemComm" in line or "shm_comm" in line]
     assert not built, built
+
+
+def test_instance_loss_two_stages_and_zero3(runs):
+    """Stage I (epoch 1) trains the instance loss alone; from epoch 2 the ranking loss joins.
+    The shared classifier trains the same under DDP and ZeRO-3 (where it is partitioned)."""
+    out, _ = runs
+    ddp, ds = _final(out, "ddp-instance"), _final(out, "zero3-instance")
+    stage1, stage2 = ddp["history"][0], ddp["history"][1]
+    assert stage1["train_loss"] == pytest.approx(stage1["train_visual"] + stage1["train_textual"], rel=1e-5)
+    ranking = stage2["train_i2t"] + 1.5 * stage2["train_t2i"]  # debug preset: lambda1, lambda2 = 1, 1.5
+    assert stage2["train_loss"] == pytest.approx(ranking + stage2["train_visual"] + stage2["train_textual"], rel=1e-5)
+    assert "classifier.weight" in ddp["weights"]
+    for key, value in ddp["weights"].items():
+        torch.testing.assert_close(ds["weights"][key], value, rtol=1e-4, atol=1e-5, msg=key)
