@@ -6,9 +6,11 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
+
 from itmatch.config import Config
 from itmatch.data.store import FeatureSplit
-from itmatch.eval.evaluate import evaluate_split
+from itmatch.eval.evaluate import embed_split, evaluate_split
 from itmatch.state import load_checkpoint, load_model
 
 
@@ -30,10 +32,17 @@ def best_checkpoint_folder(result, dest: Path) -> Path:
     return dest
 
 
-def evaluate_folder(folder: Path, split: FeatureSplit, cfg: Config) -> dict[str, Any]:
+def evaluate_folder(folder: Path, split: FeatureSplit, cfg: Config, plots_dir: Optional[Path] = None) -> dict[str, Any]:
+    """Test metrics of a checkpoint; with `plots_dir`, also its plots and the overlap indicator."""
     model, _ = load_model(folder)
     metrics: dict[str, Any] = evaluate_split(model, split, chunk=cfg.train.eval_chunk)
     state = load_checkpoint(folder)[0]["train_state"]
+    if plots_dir is not None:
+        from itmatch.eval.plots import write_plots
+
+        img, txt = embed_split(model, split)
+        metrics.update(write_plots(img, txt, torch.from_numpy(split.caption_image), state.history, plots_dir,
+                                   cfg.train.metric))
     metrics["_val_score"] = state.best_metric
     metrics["_best_epoch"] = state.best_epoch
     return metrics

@@ -92,6 +92,12 @@ def epoch_logger(tracking: dict[str, Any]) -> Callable[[dict[str, float], int], 
     return log_epoch
 
 
+def log_folder(tracking: dict[str, Any], folder: Path, artifact_path: str) -> None:
+    """Log a folder's files (the run's plots) as artifacts of the run."""
+    if Path(folder).is_dir():
+        MlflowClient(tracking["tracking_uri"]).log_artifacts(tracking["run_id"], str(folder), artifact_path)
+
+
 def log_model(tracking: dict[str, Any], best_folder: Path, store: FeatureStore):
     """Log the best checkpoint as a pyfunc model that embeds images and captions."""
     from trainers.pyfunc_model import EmbeddingModel

@@ -105,7 +105,8 @@ def finalize(cfg: Config, store: FeatureStore, result, tracking: Optional[dict])
     from trainers.results import best_checkpoint_folder, evaluate_folder
 
     best = best_checkpoint_folder(result, run_dir(cfg) / "best_model")
-    test = evaluate_folder(best, store.split(cfg.data.test_split), cfg)
+    plots = run_dir(cfg) / "plots"
+    test = evaluate_folder(best, store.split(cfg.data.test_split), cfg, plots_dir=plots)
     val_score = test.pop("_val_score")
     summary: dict[str, Any] = {"best_checkpoint": str(best), "best_epoch": test.pop("_best_epoch"),
                                f"val_{cfg.train.metric}": val_score, "test": test}
@@ -115,6 +116,7 @@ def finalize(cfg: Config, store: FeatureStore, result, tracking: Optional[dict])
 
         client_metrics = {f"test_{k}": v for k, v in test.items()}
         tr.epoch_logger(tracking)(client_metrics, summary["best_epoch"])
+        tr.log_folder(tracking, plots, "plots")
         info = tr.log_model(tracking, best, store)
         summary["model_uri"] = info.model_uri
         summary["run_id"] = tracking["run_id"]
