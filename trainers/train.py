@@ -62,6 +62,18 @@ def init_ray(cfg: Config) -> None:
         ray.init(address="local", runtime_env={"env_vars": env})
 
 
+def relative_paths_in_job(cfg: Config) -> list[str]:
+    """Settings that resolve inside a Ray job's temporary working directory (deleted with the
+    Ray session) when this driver runs under `ray job submit`."""
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:  # set by Ray Jobs for the entrypoint
+        return []
+    uri = cfg.tracking.tracking_uri
+    paths = {"run.storage_path": cfg.run.storage_path, "data.cache_dir": cfg.data.cache_dir,
+             "tracking.artifact_location": cfg.tracking.artifact_location,
+             "tracking.tracking_uri": uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else "/"}
+    return [f"{key}={value!r}" for key, value in paths.items() if "://" not in value and not os.path.isabs(value)]
+
+
 def _cpus_per_worker(cfg: Config) -> float:
     import ray
 
@@ -167,6 +179,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    relative = relative_paths_in_job(cfg)
+    if relative:
+        log.warning("running as a Ray job with relative paths %s: they live in the job's temporary working "
+                    "directory (%s) and go away with the Ray session; pass absolute paths on shared storage "
+                    "(and an MLflow server or shared sqlite file) to keep checkpoints, runs and models",
+                    ", ".join(relative), os.getcwd())
     run_dir(cfg).mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir(cfg) / "config.yaml")
     tracking = None

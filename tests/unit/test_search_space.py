@@ -53,3 +53,16 @@ def test_trial_config_applies_params_over_preset_and_overrides(tmp_path):
     assert cfg.train.epochs == 5 and cfg.model.embed_dim == 32  # override and preset kept
     assert cfg.run.name == "t1" and cfg.run.storage_path == str(tmp_path / "trials")
     assert not cfg.tracking.registered_model  # only the search registers, once
+
+
+def test_relative_paths_are_flagged_only_inside_a_ray_job(monkeypatch):
+    from trainers.train import relative_paths_in_job
+
+    cfg = load_config(None, ["run.storage_path=/shared/runs", "tracking.tracking_uri=sqlite:///mlruns.db"])
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert relative_paths_in_job(cfg) == []
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    flagged = relative_paths_in_job(cfg)
+    assert any(f.startswith("tracking.tracking_uri=") for f in flagged)
+    assert any(f.startswith("data.cache_dir=") for f in flagged)
+    assert not any(f.startswith("run.storage_path=") for f in flagged)  # absolute: fine
