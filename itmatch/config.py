@@ -43,9 +43,10 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name: Literal["embedding", "cca"] = "embedding"
-    """embedding: the two-branch network (trained); cca: regularised CCA (fitted in closed form,
-    embed_dim canonical dimensions; loss/optim keys do not apply)."""
+    name: Literal["embedding", "similarity", "cca"] = "embedding"
+    """embedding: the two-branch network (trained); similarity: the same branches + an MLP on their
+    element-wise product scoring each pair (001 §3.3, loss.name=logistic); cca: regularised CCA
+    (fitted in closed form, embed_dim canonical dimensions; loss/optim keys do not apply)."""
     branch: Literal["nonlinear", "linear"] = "nonlinear"
     hidden_dim: int = Field(2048, ge=1)
     embed_dim: int = Field(512, ge=1)
@@ -55,8 +56,9 @@ class ModelConfig(_Section):
 
 
 class LossConfig(_Section):
-    name: Literal["ranking", "infonce"] = "ranking"
-    """ranking: 001 Eq. 6 (lambda1..4, margin, top_k, metric); infonce: CLIP-style baseline (temperature)."""
+    name: Literal["ranking", "infonce", "logistic"] = "ranking"
+    """ranking: 001 Eq. 6 (lambda1..4, margin, top_k, metric); infonce: CLIP-style baseline (temperature);
+    logistic: 001 Eq. 7 on one negative pair per positive pair (model.name=similarity only)."""
     mining: Literal["global", "local"] = "global"
     """global: negatives from every worker's rows (the paper's batch); local: this worker's only."""
     lambda1: float = Field(1.0, ge=0.0)
@@ -164,9 +166,12 @@ class Config(_Section):
                 f"data.batch_size={self.data.batch_size} is too small for "
                 f"scaling.num_workers={self.scaling.num_workers} (need >= 2 pairs per worker)"
             )
-        if self.model.name == "cca" and self.loss.instance_weight > 0:
-            raise ValueError(f"loss.instance_weight={self.loss.instance_weight} needs a trained model; "
-                             "model.name='cca' is fitted in closed form")
+        if self.model.name != "embedding" and self.loss.instance_weight > 0:
+            raise ValueError(f"loss.instance_weight={self.loss.instance_weight} needs model.name='embedding', "
+                             f"got {self.model.name!r}")
+        if (self.model.name == "similarity") != (self.loss.name == "logistic"):
+            raise ValueError(f"model.name={self.model.name!r} with loss.name={self.loss.name!r}: the similarity "
+                             "network scores pairs and trains with the logistic loss, the others embed and do not")
         return self
 
     def flat(self) -> dict[str, Any]:

@@ -23,8 +23,8 @@ from itmatch.data.store import FeatureSplit, FeatureStore
 from itmatch.eval.evaluate import evaluate_split
 from itmatch.eval.retrieval import format_metrics
 from itmatch.dist import gather_for
-from itmatch.losses import build_loss, instance_loss
-from itmatch.models import build_model, is_closed_form
+from itmatch.losses import build_loss, instance_loss, logistic_loss, sample_pairs
+from itmatch.models import build_model, is_closed_form, scores_pairs
 from itmatch.optim import build_optimizer, build_scheduler
 from itmatch.state import TrainState, epoch_seed, load_checkpoint, save_checkpoint
 from trainers.dist import WorkerContext, any_worker, mean_over_workers, worker_context
@@ -57,6 +57,7 @@ class Trainer:
         self.n_classes = len(self.train_split.image_ids) if cfg.loss.instance_weight > 0 else 0
         model = build_model(*store.dims, cfg.model, n_classes=self.n_classes)
         self.closed_form = is_closed_form(model)
+        self.pairwise = scores_pairs(model)  # similarity network: logistic loss on sampled pairs
         self.epochs = 1 if self.closed_form else cfg.train.epochs  # a fitted model needs one pass
         self.strategy = build_strategy(cfg, ctx, closed_form=self.closed_form)
         self.sampler = NeighborhoodBatchSampler(
@@ -70,7 +71,7 @@ class Trainer:
             model,
             lambda params: build_optimizer(params, cfg.optim),
             lambda opt: build_scheduler(opt, cfg.optim, self.steps_per_epoch, cfg.train.epochs))
-        self.loss_fn = build_loss(cfg.loss)
+        self.loss_fn = None if self.pairwise or self.closed_form else build_loss(cfg.loss)
         self.gather = gather_for(cfg.loss.mining)  # after Ray Train set up the process group
         self.state = TrainState()
         self.epoch = 0
@@ -124,6 +125,14 @@ class Trainer:
         stats["epoch_time_s"] = time.perf_counter() - start
         return mean_over_workers(stats, self.ctx.device)
 
+    def _pair_objective(self, img, img_gid, txt, txt_gid) -> dict:
+        """001 Eq. 7: each caption with its image and with one image of another group (drawn from
+        the epoch-seeded stream, so a resumed run draws the same pairs)."""
+        pair_image, pair_text, labels = sample_pairs(img_gid, txt_gid)
+        with self.strategy.autocast():
+            outputs = self.model(img, txt, pair_image, pair_text)
+        return logistic_loss(outputs[2].float(), labels, gather=self.gather)
+
     def _with_instance_loss(self, out: dict, img_logits, img_cls, txt_logits, txt_cls) -> dict:
         """004: L = L_rank + w·(L_visual + L_textual), with L_rank off during Stage I."""
         inst = instance_loss(img_logits, img_cls, txt_logits, txt_cls, gather=self.gather)
@@ -142,11 +151,14 @@ class Trainer:
     def train_step(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         img, img_gid, img_cls, txt, txt_gid, txt_cls = batch
         dtype = self.strategy.input_dtype(self.model)
-        with self.strategy.autocast():
-            outputs = self.model(img.to(dtype), txt.to(dtype))
-        out = self.loss_fn(outputs[0].float(), img_gid, outputs[1].float(), txt_gid, gather=self.gather)
-        if len(outputs) == 4:  # the instance loss's class logits
-            out = self._with_instance_loss(out, outputs[2], img_cls, outputs[3], txt_cls)
+        if self.pairwise:
+            out = self._pair_objective(img.to(dtype), img_gid, txt.to(dtype), txt_gid)
+        else:
+            with self.strategy.autocast():
+                outputs = self.model(img.to(dtype), txt.to(dtype))
+            out = self.loss_fn(outputs[0].float(), img_gid, outputs[1].float(), txt_gid, gather=self.gather)
+            if len(outputs) == 4:  # the instance loss's class logits
+                out = self._with_instance_loss(out, outputs[2], img_cls, outputs[3], txt_cls)
         if any_worker(not bool(torch.isfinite(out["loss"])), self.ctx.device):
             raise FloatingPointError(f"non-finite loss at step {self.state.step}: {out}")
         out["grad_norm"] = self.strategy.backward_step(self.model, out["loss"], self.optimizer, self.scheduler)

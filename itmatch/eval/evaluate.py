@@ -30,14 +30,34 @@ def embed_split(model: nn.Module, split: FeatureSplit, *, batch: int = 4096,
         model.train(was_training)
 
 
+def _pair_scorer(model: nn.Module):
+    """The model's learned pair score (similarity network), run in eval mode on CPU embeddings."""
+    if not hasattr(model, "score_matrix"):
+        return None
+    head = model.head
+
+    def score(images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        was_training = head.training
+        head.eval()
+        try:
+            device = next(head.parameters()).device
+            return model.score_matrix(images.to(device), texts.to(device)).float().cpu()
+        finally:
+            head.train(was_training)
+
+    return score
+
+
 def evaluate_split(model: nn.Module, split: FeatureSplit, *, chunk: int = 1024, protocol: str = "full",
                    sentences: bool = True, device: torch.device | str = "cpu") -> dict[str, float]:
-    """R@K both ways, ranks, rsum; `protocol="coco"` adds COCO 1K (5-fold mean) and 5K keys."""
+    """R@K both ways, ranks, rsum; `protocol="coco"` adds COCO 1K (5-fold mean) and 5K keys. A
+    model with a learned pair score (the similarity network) is ranked by it, not by cosine."""
     img, txt = embed_split(model, split, device=device)
     txt_img = torch.from_numpy(split.caption_image)
-    metrics = retrieval_metrics(img, txt, txt_img, chunk=chunk)
+    score_fn = _pair_scorer(model)
+    metrics = retrieval_metrics(img, txt, txt_img, chunk=chunk, score_fn=score_fn)
     if protocol == "coco":
-        metrics.update(coco_protocols(img, txt, txt_img, chunk=chunk))
+        metrics.update(coco_protocols(img, txt, txt_img, chunk=chunk, score_fn=score_fn))
     if sentences:
         metrics.update(sentence_retrieval(txt, torch.from_numpy(split.caption_gid), chunk=chunk))
     return metrics

@@ -13,6 +13,7 @@ from itmatch.config import LossConfig
 from itmatch.losses.gather import LOCAL, Gather, LocalGather
 from itmatch.losses.infonce import infonce_loss
 from itmatch.losses.instance import instance_loss
+from itmatch.losses.logistic import logistic_loss, sample_pairs
 from itmatch.losses.ranking import ranking_loss
 
 
@@ -37,4 +38,5 @@ def build_loss(cfg: LossConfig) -> Callable[..., dict]:
     return LOSSES[cfg.name](cfg)
 
 
-__all__ = ["LOSSES", "build_loss", "Gather", "LocalGather", "LOCAL", "ranking_loss", "infonce_loss", "instance_loss"]
+__all__ = ["LOSSES", "build_loss", "Gather", "LocalGather", "LOCAL", "ranking_loss", "infonce_loss", "instance_loss",
+           "logistic_loss", "sample_pairs"]

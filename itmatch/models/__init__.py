@@ -8,13 +8,20 @@ from torch import nn
 
 from itmatch.config import ModelConfig
 from itmatch.models.cca import CCAModel
+from itmatch.models.similarity import SimilarityNet
 from itmatch.models.two_branch import Branch, EmbeddingNet, build_embedding
 
 # name -> (image_dim, text_dim, cfg, n_classes) -> model; n_classes > 0 adds the instance-loss head
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "embedding": build_embedding,
+    "similarity": lambda image_dim, text_dim, cfg, n_classes=0: SimilarityNet(image_dim, text_dim, cfg),
     "cca": lambda image_dim, text_dim, cfg, n_classes=0: CCAModel(image_dim, text_dim, cfg.embed_dim),
 }
+
+
+def scores_pairs(model: nn.Module) -> bool:
+    """Scores (image, text) pairs with a learned head rather than by the embeddings' dot product."""
+    return isinstance(model, SimilarityNet)
 
 
 def is_closed_form(model: nn.Module) -> bool:
@@ -28,4 +35,5 @@ def build_model(image_dim: int, text_dim: int, cfg: ModelConfig, n_classes: int 
     return MODELS[cfg.name](image_dim, text_dim, cfg, n_classes=n_classes)
 
 
-__all__ = ["MODELS", "build_model", "is_closed_form", "Branch", "EmbeddingNet", "CCAModel"]
+__all__ = ["MODELS", "build_model", "is_closed_form", "scores_pairs", "Branch", "EmbeddingNet",
+           "CCAModel", "SimilarityNet"]

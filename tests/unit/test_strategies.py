@@ -50,6 +50,9 @@ def runs(tmp_path_factory):
     store = prepare(f"synthetic:{tmp / 'shapes'}?n_images=60", cache_dir=tmp / "cache", image_encoder="pixels",
                     text_encoder="hashing", progress=False)
     jobs = [{"name": name, "cfg": _cfg(tmp, **scaling)} for name, scaling in JOBS.items()]
+    similarity = ("model.name=similarity", "loss.name=logistic")
+    jobs += [{"name": "ddp-similarity", "cfg": _cfg(tmp, *similarity, strategy="ddp")},
+             {"name": "zero2-similarity", "cfg": _cfg(tmp, *similarity, strategy="deepspeed", zero_stage=2)}]
     jobs += [{"name": "ddp-instance", "cfg": _cfg(tmp, *INSTANCE, strategy="ddp")},
              {"name": "zero3-instance", "cfg": _cfg(tmp, *INSTANCE, strategy="deepspeed", zero_stage=3)}]
     for stage in (2, 3):  # crash after epoch 2, then the same job resumes from that checkpoint
@@ -147,5 +150,15 @@ def test_instance_loss_two_stages_and_zero3(runs):
     ranking = stage2["train_i2t"] + 1.5 * stage2["train_t2i"]  # debug preset: lambda1, lambda2 = 1, 1.5
     assert stage2["train_loss"] == pytest.approx(ranking + stage2["train_visual"] + stage2["train_textual"], rel=1e-5)
     assert "classifier.weight" in ddp["weights"]
+    for key, value in ddp["weights"].items():
+        torch.testing.assert_close(ds["weights"][key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_similarity_network_trains_the_same_under_ddp_and_deepspeed(runs):
+    out, _ = runs
+    ddp, ds = _final(out, "ddp-similarity"), _final(out, "zero2-similarity")
+    losses = [h["train_logistic"] for h in ddp["history"]]
+    assert losses[-1] < losses[0] < 0.75  # below log 2 = chance after the first epoch
+    assert any(k.startswith("head.") for k in ddp["weights"])
     for key, value in ddp["weights"].items():
         torch.testing.assert_close(ds["weights"][key], value, rtol=1e-4, atol=1e-5, msg=key)

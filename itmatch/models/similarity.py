@@ -1,0 +1,49 @@
+"""The similarity network (001 §3.3, SPEC §2): the embedding network's two branches, then the
+element-wise product of an (image, text) pair through FC 512→512 → ReLU → 512→256 → ReLU → 256→1,
+giving the pair's score p. Trained with the logistic loss (Eq. 7) on one negative pair per
+positive pair; retrieval scores every pair through the head (`score_matrix`, blocked in memory).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from itmatch.config import ModelConfig
+from itmatch.models.two_branch import Branch
+
+
+class SimilarityNet(nn.Module):
+    def __init__(self, image_dim: int, text_dim: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        linear = cfg.branch == "linear"
+        self.image = Branch(image_dim, cfg.hidden_dim, cfg.embed_dim, dropout=cfg.dropout, linear=linear)
+        self.text = Branch(text_dim, cfg.hidden_dim, cfg.embed_dim, dropout=cfg.dropout, linear=linear)
+        self.head = nn.Sequential(nn.Linear(cfg.embed_dim, 512), nn.ReLU(inplace=True),
+                                  nn.Linear(512, 256), nn.ReLU(inplace=True), nn.Linear(256, 1))
+        self.dims = (image_dim, text_dim)
+
+    def forward(self, images: Tensor, texts: Tensor, pair_image: Optional[Tensor] = None,
+                pair_text: Optional[Tensor] = None) -> tuple[Tensor, ...]:
+        """Embeddings; with pair indices (rows of images, rows of texts) also those pairs' scores,
+        computed inside forward so every backend sees the head used."""
+        img, txt = self.image(images), self.text(texts)
+        if pair_image is None:
+            return img, txt
+        return img, txt, self.pair_scores(img[pair_image], txt[pair_text])
+
+    def pair_scores(self, img: Tensor, txt: Tensor) -> Tensor:
+        """[N] scores of aligned pairs (img[i], txt[i])."""
+        return self.head(img * txt).squeeze(-1)
+
+    @torch.no_grad()
+    def score_matrix(self, img: Tensor, txt: Tensor, block: int = 32) -> Tensor:
+        """[len(img), len(txt)] scores of every pair; `block` image rows at a time keep the
+        [block, len(txt), d] product small."""
+        rows = [self.head(img[i:i + block, None, :] * txt[None, :, :]).squeeze(-1) for i in range(0, len(img), block)]
+        return torch.cat(rows)
+
+
+__all__ = ["SimilarityNet"]
