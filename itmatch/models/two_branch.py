@@ -29,14 +29,21 @@ class Branch(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return F.normalize(self.net(x), dim=-1)
 
+    def features(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(f, normalize(f)): the feature before L2 normalisation, and the embedding."""
+        f = self.net(x)
+        return f, F.normalize(f, dim=-1)
+
 
 class EmbeddingNet(nn.Module):
     """Image and text branches into one unit-sphere space.
 
     With `n_classes` > 0 it also holds the instance loss's classifier W_share (004 §4.2): one
     bias-free linear map from the shared space to one class per training image, applied to both
-    modalities; forward then also returns both sides' class logits. It lives in the model so
-    every backend (DDP, DeepSpeed ZeRO-3 included) sees it used inside forward.
+    modalities' features f before L2 normalisation (P = softmax(W_shareᵀ f); on the unit sphere
+    the logits would be bounded by |W| and 1-of-N softmax would barely move); forward then also
+    returns both sides' class logits. It lives in the model so every backend (DDP, DeepSpeed
+    ZeRO-3 included) sees it used inside forward.
     """
 
     def __init__(self, image_dim: int, text_dim: int, cfg: ModelConfig, n_classes: int = 0) -> None:
@@ -48,10 +55,10 @@ class EmbeddingNet(nn.Module):
         self.dims = (image_dim, text_dim)
 
     def forward(self, images: Tensor, texts: Tensor) -> tuple[Tensor, ...]:
-        img, txt = self.image(images), self.text(texts)
         if self.classifier is None:
-            return img, txt
-        return img, txt, self.classifier(img), self.classifier(txt)
+            return self.image(images), self.text(texts)
+        (f_img, img), (f_txt, txt) = self.image.features(images), self.text.features(texts)
+        return img, txt, self.classifier(f_img), self.classifier(f_txt)
 
     @torch.no_grad()
     def embed_images(self, x: Tensor) -> Tensor:

@@ -35,9 +35,12 @@ def test_matches_softmax_cross_entropy_by_hand():
 def test_one_classifier_shared_by_both_sides(tmp_path):
     cfg = ModelConfig(hidden_dim=8, embed_dim=4, dropout=0.0)
     model = build_model(6, 5, cfg, n_classes=11).eval()
-    img, txt, img_logits, txt_logits = model(torch.randn(3, 6), torch.randn(2, 5))
-    torch.testing.assert_close(img_logits, img @ model.classifier.weight.T)  # W_share on the unit embeddings
-    torch.testing.assert_close(txt_logits, txt @ model.classifier.weight.T)
+    x_img, x_txt = torch.randn(3, 6), torch.randn(2, 5)
+    img, txt, img_logits, txt_logits = model(x_img, x_txt)
+    f_img, f_txt = model.image.net(x_img), model.text.net(x_txt)  # features before L2 normalisation
+    torch.testing.assert_close(img, torch.nn.functional.normalize(f_img, dim=-1))
+    torch.testing.assert_close(img_logits, f_img @ model.classifier.weight.T)  # one W_share, both sides
+    torch.testing.assert_close(txt_logits, f_txt @ model.classifier.weight.T)
     assert len(build_model(6, 5, cfg)(torch.randn(3, 6), torch.randn(2, 5))) == 2  # no head without classes
 
     full = load_config(None, ["model.hidden_dim=8", "model.embed_dim=4", "loss.instance_weight=1"])
