@@ -82,10 +82,18 @@ class LossConfig(_Section):
     Adds a classifier with one class per training image to the model."""
     instance_stage1_epochs: int = Field(0, ge=0)
     """004's Stage I: for this many epochs only the instance loss trains (the ranking loss is off)."""
+    center_weight: float = Field(0.0, ge=0.0)
+    """Weight of the center loss (003: ½||x − c_y||², one learned center per training image shared
+    by both modalities), added to each side; 0 = off."""
 
     @property
     def lambdas(self) -> tuple[float, float, float, float]:
         return (self.lambda1, self.lambda2, self.lambda3, self.lambda4)
+
+    @property
+    def heads(self) -> tuple[str, ...]:
+        """Training heads the model needs: "instance" (classifier), "center" (class centers)."""
+        return tuple(name for name, w in (("instance", self.instance_weight), ("center", self.center_weight)) if w > 0)
 
 
 class OptimConfig(_Section):
@@ -166,9 +174,9 @@ class Config(_Section):
                 f"data.batch_size={self.data.batch_size} is too small for "
                 f"scaling.num_workers={self.scaling.num_workers} (need >= 2 pairs per worker)"
             )
-        if self.model.name != "embedding" and self.loss.instance_weight > 0:
-            raise ValueError(f"loss.instance_weight={self.loss.instance_weight} needs model.name='embedding', "
-                             f"got {self.model.name!r}")
+        if self.model.name != "embedding" and (self.loss.instance_weight > 0 or self.loss.center_weight > 0):
+            raise ValueError(f"loss.instance_weight={self.loss.instance_weight} / loss.center_weight="
+                             f"{self.loss.center_weight} need model.name='embedding', got {self.model.name!r}")
         if (self.model.name == "similarity") != (self.loss.name == "logistic"):
             raise ValueError(f"model.name={self.model.name!r} with loss.name={self.loss.name!r}: the similarity "
                              "network scores pairs and trains with the logistic loss, the others embed and do not")

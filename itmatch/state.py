@@ -106,10 +106,10 @@ def load_checkpoint(folder: str | Path) -> tuple[dict, Config]:
 
 def load_model(folder: str | Path) -> tuple[torch.nn.Module, Config]:
     """The model of a checkpoint, in eval mode, on CPU."""
-    from itmatch.models import build_model
+    from itmatch.models import build_model, heads_in
 
     payload, cfg = load_checkpoint(folder)
-    head = payload["model"].get("classifier.weight")  # the instance loss's classifier, if trained with one
-    model = build_model(*payload["dims"], cfg.model, n_classes=0 if head is None else head.shape[0])
+    n_classes, heads = heads_in(payload["model"])  # training heads (instance classifier, centers), if any
+    model = build_model(*payload["dims"], cfg.model, n_classes=n_classes, heads=heads)
     model.load_state_dict(payload["model"])
     return model.eval(), cfg

@@ -23,7 +23,7 @@ from itmatch.data.store import FeatureSplit, FeatureStore
 from itmatch.eval.evaluate import evaluate_split
 from itmatch.eval.retrieval import format_metrics
 from itmatch.dist import gather_for
-from itmatch.losses import build_loss, instance_loss, logistic_loss, sample_pairs
+from itmatch.losses import build_loss, center_loss, instance_loss, logistic_loss, sample_pairs
 from itmatch.models import build_model, is_closed_form, scores_pairs
 from itmatch.optim import build_optimizer, build_scheduler
 from itmatch.state import TrainState, epoch_seed, load_checkpoint, save_checkpoint
@@ -54,8 +54,9 @@ class Trainer:
         self.val_split = store.split(cfg.data.val_split)
         self.dims = store.dims
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every run
-        self.n_classes = len(self.train_split.image_ids) if cfg.loss.instance_weight > 0 else 0
-        model = build_model(*store.dims, cfg.model, n_classes=self.n_classes)
+        self.heads = cfg.loss.heads  # instance classifier / class centers: one class per training image
+        self.n_classes = len(self.train_split.image_ids) if self.heads else 0
+        model = build_model(*store.dims, cfg.model, n_classes=self.n_classes, heads=self.heads)
         self.closed_form = is_closed_form(model)
         self.pairwise = scores_pairs(model)  # similarity network: logistic loss on sampled pairs
         self.epochs = 1 if self.closed_form else cfg.train.epochs  # a fitted model needs one pass
@@ -133,12 +134,18 @@ class Trainer:
             outputs = self.model(img, txt, pair_image, pair_text)
         return logistic_loss(outputs[2].float(), labels, gather=self.gather)
 
-    def _with_instance_loss(self, out: dict, img_logits, img_cls, txt_logits, txt_cls) -> dict:
-        """004: L = L_rank + w·(L_visual + L_textual), with L_rank off during Stage I."""
-        inst = instance_loss(img_logits, img_cls, txt_logits, txt_cls, gather=self.gather)
-        rank_weight = 0.0 if self.epoch < self.cfg.loss.instance_stage1_epochs else 1.0
-        total = rank_weight * out["loss"] + self.cfg.loss.instance_weight * (inst["visual"] + inst["textual"])
-        return {**out, **inst, "loss": total}
+    def _with_heads(self, out: dict, img, txt, extras: dict, img_cls, txt_cls) -> dict:
+        """004: L = L_rank + w·(L_visual + L_textual), L_rank off during Stage I; 003: + w_c·L_center."""
+        c = self.cfg.loss
+        rank_weight = 0.0 if self.epoch < c.instance_stage1_epochs else 1.0
+        terms, total = {}, rank_weight * out["loss"]
+        if "img_logits" in extras:
+            terms.update(instance_loss(extras["img_logits"], img_cls, extras["txt_logits"], txt_cls, gather=self.gather))
+            total = total + c.instance_weight * (terms["visual"] + terms["textual"])
+        if "img_center" in extras:
+            terms.update(center_loss(img, extras["img_center"], txt, extras["txt_center"], gather=self.gather))
+            total = total + c.center_weight * (terms["center_img"] + terms["center_txt"])
+        return {**out, **terms, "loss": total}
 
     def fit_closed_form(self) -> dict[str, float]:
         """Fit on every (image, caption) pair of the training split at once."""
@@ -155,10 +162,10 @@ class Trainer:
             out = self._pair_objective(img.to(dtype), img_gid, txt.to(dtype), txt_gid)
         else:
             with self.strategy.autocast():
-                outputs = self.model(img.to(dtype), txt.to(dtype))
+                outputs = self.model(img.to(dtype), txt.to(dtype), *((img_cls, txt_cls) if self.heads else ()))
             out = self.loss_fn(outputs[0].float(), img_gid, outputs[1].float(), txt_gid, gather=self.gather)
-            if len(outputs) == 4:  # the instance loss's class logits
-                out = self._with_instance_loss(out, outputs[2], img_cls, outputs[3], txt_cls)
+            if self.heads:  # instance logits and/or class centers
+                out = self._with_heads(out, outputs[0], outputs[1], outputs[2], img_cls, txt_cls)
         if any_worker(not bool(torch.isfinite(out["loss"])), self.ctx.device):
             raise FloatingPointError(f"non-finite loss at step {self.state.step}: {out}")
         out["grad_norm"] = self.strategy.backward_step(self.model, out["loss"], self.optimizer, self.scheduler)
@@ -171,7 +178,8 @@ class Trainer:
         checkpoint, and every rank must agree on that: under ZeRO-3 saving it is collective)."""
         weights = self.strategy.full_state_dict(self.model)
         if self.eval_model is None:
-            self.eval_model = build_model(*self.dims, self.cfg.model, n_classes=self.n_classes).to(self.ctx.device)
+            self.eval_model = build_model(*self.dims, self.cfg.model, n_classes=self.n_classes,
+                                          heads=self.heads).to(self.ctx.device)
         self.eval_model.load_state_dict(weights)
         val = evaluate_split(self.eval_model, self.val_split, chunk=self.cfg.train.eval_chunk, device=self.ctx.device)
         return mean_over_workers(val, self.ctx.device)

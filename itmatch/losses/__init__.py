@@ -11,6 +11,7 @@ from typing import Callable
 
 from itmatch.config import LossConfig
 from itmatch.losses.gather import LOCAL, Gather, LocalGather
+from itmatch.losses.center import center_loss
 from itmatch.losses.infonce import infonce_loss
 from itmatch.losses.instance import instance_loss
 from itmatch.losses.logistic import logistic_loss, sample_pairs
@@ -39,4 +40,4 @@ def build_loss(cfg: LossConfig) -> Callable[..., dict]:
 
 
 __all__ = ["LOSSES", "build_loss", "Gather", "LocalGather", "LOCAL", "ranking_loss", "infonce_loss", "instance_loss",
-           "logistic_loss", "sample_pairs"]
+           "logistic_loss", "sample_pairs", "center_loss"]

@@ -11,11 +11,12 @@ from itmatch.models.cca import CCAModel
 from itmatch.models.similarity import SimilarityNet
 from itmatch.models.two_branch import Branch, EmbeddingNet, build_embedding
 
-# name -> (image_dim, text_dim, cfg, n_classes) -> model; n_classes > 0 adds the instance-loss head
+# name -> (image_dim, text_dim, cfg, n_classes, heads) -> model; n_classes > 0 adds the training
+# heads named in `heads` ("instance", "center"), which only the embedding network has
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "embedding": build_embedding,
-    "similarity": lambda image_dim, text_dim, cfg, n_classes=0: SimilarityNet(image_dim, text_dim, cfg),
-    "cca": lambda image_dim, text_dim, cfg, n_classes=0: CCAModel(image_dim, text_dim, cfg.embed_dim),
+    "similarity": lambda image_dim, text_dim, cfg, n_classes=0, heads=(): SimilarityNet(image_dim, text_dim, cfg),
+    "cca": lambda image_dim, text_dim, cfg, n_classes=0, heads=(): CCAModel(image_dim, text_dim, cfg.embed_dim),
 }
 
 
@@ -29,11 +30,19 @@ def is_closed_form(model: nn.Module) -> bool:
     return isinstance(model, CCAModel)
 
 
-def build_model(image_dim: int, text_dim: int, cfg: ModelConfig, n_classes: int = 0) -> nn.Module:
+def build_model(image_dim: int, text_dim: int, cfg: ModelConfig, n_classes: int = 0,
+                heads: tuple[str, ...] = ("instance",)) -> nn.Module:
     if cfg.name not in MODELS:
         raise KeyError(f"model.name={cfg.name!r} unknown; choices: {sorted(MODELS)}")
-    return MODELS[cfg.name](image_dim, text_dim, cfg, n_classes=n_classes)
+    return MODELS[cfg.name](image_dim, text_dim, cfg, n_classes=n_classes, heads=heads)
 
 
-__all__ = ["MODELS", "build_model", "is_closed_form", "scores_pairs", "Branch", "EmbeddingNet",
+def heads_in(state: dict) -> tuple[int, tuple[str, ...]]:
+    """(n_classes, heads) of a saved embedding network's state dict."""
+    found = {"instance": state.get("classifier.weight"), "center": state.get("centers.weight")}
+    present = {k: v for k, v in found.items() if v is not None}
+    return (next(iter(present.values())).shape[0] if present else 0), tuple(present)
+
+
+__all__ = ["MODELS", "build_model", "is_closed_form", "scores_pairs", "heads_in", "Branch", "EmbeddingNet",
            "CCAModel", "SimilarityNet"]

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from itmatch.config import ModelConfig
 from itmatch.dist import DistGather, globalize_batchnorm
-from itmatch.losses import infonce_loss, instance_loss, ranking_loss
+from itmatch.losses import center_loss, infonce_loss, instance_loss, ranking_loss
 from itmatch.models.two_branch import EmbeddingNet
 
 LOSSES = {"ranking": ranking_loss, "infonce": infonce_loss}
@@ -31,6 +31,19 @@ BF16 = False
 
 def _mine(t: torch.Tensor, bounds: list[int], rank: int) -> torch.Tensor:
     return t[bounds[rank]:bounds[rank + 1]].to(DEVICE)
+
+
+def with_heads(out: dict, outputs: tuple, img_cls, txt_cls, gather) -> dict:
+    """The objective with the instance and center heads at weight 1 (the same formula both sides)."""
+    img, txt, extras = outputs
+    terms, total = {}, out["loss"]
+    if "img_logits" in extras:
+        terms.update(instance_loss(extras["img_logits"], img_cls, extras["txt_logits"], txt_cls, gather=gather))
+        total = total + terms["visual"] + terms["textual"]
+    if "img_center" in extras:
+        terms.update(center_loss(img, extras["img_center"], txt, extras["txt_center"], gather=gather))
+        total = total + terms["center_img"] + terms["center_txt"]
+    return {**out, **terms, "loss": total}
 
 
 def embedding_case(case: dict, rank: int, gather: DistGather) -> dict:
@@ -46,16 +59,18 @@ def embedding_case(case: dict, rank: int, gather: DistGather) -> dict:
 
 def model_case(case: dict, rank: int, gather: DistGather) -> dict:
     torch.manual_seed(0)
-    net = EmbeddingNet(case["img"].shape[1], case["txt"].shape[1], ModelConfig(**case["model"]), case.get("n_classes", 0))
+    net = EmbeddingNet(case["img"].shape[1], case["txt"].shape[1], ModelConfig(**case["model"]), case.get("n_classes", 0),
+                       case.get("heads", ("instance",)))
     device_ids = [DEVICE.index] if DEVICE.type == "cuda" else None
     model = torch.nn.parallel.DistributedDataParallel(globalize_batchnorm(net).to(DEVICE), device_ids=device_ids)
     img_gid, txt_gid = _mine(case["img_gid"], case["img_bounds"], rank), _mine(case["txt_gid"], case["txt_bounds"], rank)
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=BF16):
-        outputs = model(_mine(case["img"], case["img_bounds"], rank), _mine(case["txt"], case["txt_bounds"], rank))
+        classes = (img_gid, txt_gid) if case.get("n_classes") else ()  # classes = group ids here
+        outputs = model(_mine(case["img"], case["img_bounds"], rank), _mine(case["txt"], case["txt_bounds"], rank),
+                        *classes)
     out = LOSSES[case["loss"]](outputs[0].float(), img_gid, outputs[1].float(), txt_gid, gather=gather, **case["kwargs"])
-    if len(outputs) == 4:  # + instance loss; classes = group ids here
-        inst = instance_loss(outputs[2], img_gid, outputs[3], txt_gid, gather=gather)
-        out = {**out, **inst, "loss": out["loss"] + inst["visual"] + inst["textual"]}
+    if len(outputs) == 3:
+        out = with_heads(out, outputs, img_gid, txt_gid, gather)
     out["loss"].backward()
     return {"terms": {k: v.detach().cpu() for k, v in out.items()},
             "grads": {n: p.grad.cpu().clone() for n, p in net.named_parameters()},

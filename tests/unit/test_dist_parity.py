@@ -19,10 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from itmatch.config import ModelConfig
-from itmatch.losses import infonce_loss, instance_loss, ranking_loss
+from itmatch.losses import LOCAL, infonce_loss, ranking_loss
 from itmatch.models.two_branch import EmbeddingNet
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).parent))
+from dist_worker import with_heads  # noqa: E402  (the same objective on both sides)
 WORKER = Path(__file__).with_name("dist_worker.py")
 LOSSES = {"ranking": ranking_loss, "infonce": infonce_loss}
 TOL = dict(rtol=1e-4, atol=1e-6)
@@ -69,6 +71,8 @@ def _cases(world: int) -> dict[str, dict]:
                               "kwargs": dict(temperature=0.1)}
     cases["model-instance"] = {"loss": "ranking", "model": model, "n_classes": 9,  # 9 groups in _batch
                                **_batch(world, 302, dim=12, unit=False), "kwargs": dict(margin=0.3, top_k=3)}
+    cases["model-center"] = {"loss": "ranking", "model": model, "n_classes": 9, "heads": ("instance", "center"),
+                             **_batch(world, 303, dim=12, unit=False), "kwargs": dict(margin=0.3, top_k=3)}
     return cases
 
 
@@ -120,18 +124,19 @@ def test_loss_and_embedding_grads_equal_single_process(distributed, name):
 
 def _reference_model_loss(case: dict, bf16: bool = False):
     torch.manual_seed(0)
-    net = EmbeddingNet(case["img"].shape[1], case["txt"].shape[1], ModelConfig(**case["model"]), case.get("n_classes", 0))
+    net = EmbeddingNet(case["img"].shape[1], case["txt"].shape[1], ModelConfig(**case["model"]), case.get("n_classes", 0),
+                       case.get("heads", ("instance",)))
+    classes = (case["img_gid"], case["txt_gid"]) if case.get("n_classes") else ()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        outputs = net(case["img"], case["txt"])
+        outputs = net(case["img"], case["txt"], *classes)
     ref = LOSSES[case["loss"]](outputs[0].float(), case["img_gid"], outputs[1].float(), case["txt_gid"], **case["kwargs"])
-    if len(outputs) == 4:
-        inst = instance_loss(outputs[2], case["img_gid"], outputs[3], case["txt_gid"])
-        ref = {**ref, **inst, "loss": ref["loss"] + inst["visual"] + inst["textual"]}
+    if len(outputs) == 3:
+        ref = with_heads(ref, outputs, case["img_gid"], case["txt_gid"], LOCAL)
     ref["loss"].backward()
     return net, ref
 
 
-@pytest.mark.parametrize("name", ["model-ranking", "model-infonce", "model-instance"])
+@pytest.mark.parametrize("name", ["model-ranking", "model-infonce", "model-instance", "model-center"])
 def test_ddp_model_grads_and_batchnorm_equal_single_process(distributed, name):
     world, cases, outs = distributed
     case = cases[name]
@@ -170,7 +175,7 @@ def _check_bf16_run(world: int, cases: dict, outs: list) -> None:
         torch.testing.assert_close(got, ref["loss"].detach(), rtol=1e-4, atol=1e-5, msg=name)
         want = torch.zeros_like(img) if img.grad is None else img.grad
         torch.testing.assert_close(torch.cat([o[name]["img_grad"] for o in outs]) / world, want, rtol=1e-3, atol=1e-5)
-    for name in ("model-ranking", "model-infonce", "model-instance"):
+    for name in ("model-ranking", "model-infonce", "model-instance", "model-center"):
         net, _ = _reference_model_loss(cases[name], bf16=True)
         for o in outs:
             for n, p in net.named_parameters():

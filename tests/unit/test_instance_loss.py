@@ -36,7 +36,8 @@ def test_one_classifier_shared_by_both_sides(tmp_path):
     cfg = ModelConfig(hidden_dim=8, embed_dim=4, dropout=0.0)
     model = build_model(6, 5, cfg, n_classes=11).eval()
     x_img, x_txt = torch.randn(3, 6), torch.randn(2, 5)
-    img, txt, img_logits, txt_logits = model(x_img, x_txt)
+    img, txt, extras = model(x_img, x_txt)
+    img_logits, txt_logits = extras["img_logits"], extras["txt_logits"]
     f_img, f_txt = model.image.net(x_img), model.text.net(x_txt)  # features before L2 normalisation
     torch.testing.assert_close(img, torch.nn.functional.normalize(f_img, dim=-1))
     torch.testing.assert_close(img_logits, f_img @ model.classifier.weight.T)  # one W_share, both sides
@@ -53,3 +54,25 @@ def test_one_classifier_shared_by_both_sides(tmp_path):
 def test_cca_refuses_instance_loss():
     with pytest.raises(Exception, match="instance_weight"):
         load_config(None, ["model.name=cca", "loss.instance_weight=1"])
+
+
+def test_center_loss_by_hand_and_shared_centers(tmp_path):
+    from itmatch.losses import center_loss
+
+    cfg = ModelConfig(hidden_dim=8, embed_dim=4, dropout=0.0)
+    model = build_model(6, 5, cfg, n_classes=5, heads=("center",)).eval()
+    img_cls, txt_cls = torch.tensor([0, 3]), torch.tensor([0, 0, 3])
+    img, txt, extras = model(torch.randn(2, 6), torch.randn(3, 5), img_cls, txt_cls)
+    assert set(extras) == {"img_center", "txt_center"}  # no classifier asked for
+    torch.testing.assert_close(extras["txt_center"][1], model.centers.weight[0])  # one center per class, both sides
+    out = center_loss(img, extras["img_center"], txt, extras["txt_center"])
+    want_img = sum(0.5 * float(((img[i] - model.centers.weight[c]) ** 2).sum()) for i, c in enumerate(img_cls)) / 2
+    want_txt = sum(0.5 * float(((txt[i] - model.centers.weight[c]) ** 2).sum()) for i, c in enumerate(txt_cls)) / 3
+    assert float(out["center_img"]) == pytest.approx(want_img, rel=1e-5)
+    assert float(out["center_txt"]) == pytest.approx(want_txt, rel=1e-5)
+
+    full = load_config(None, ["model.hidden_dim=8", "model.embed_dim=4", "loss.center_weight=0.5"])
+    assert full.loss.heads == ("center",)
+    save_checkpoint(tmp_path, model=model, cfg=full, train_state=TrainState(), dims=(6, 5))
+    loaded, _ = load_model(tmp_path)
+    assert loaded.centers is not None and loaded.classifier is None

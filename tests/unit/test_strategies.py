@@ -30,7 +30,7 @@ def _cfg(tmp: Path, *extra: str, **scaling) -> dict:
     return cfg.model_dump()
 
 
-INSTANCE = ("loss.instance_weight=1.0", "loss.instance_stage1_epochs=1")
+INSTANCE = ("loss.instance_weight=1.0", "loss.instance_stage1_epochs=1", "loss.center_weight=0.5")
 
 
 JOBS = {
@@ -140,16 +140,17 @@ def test_shm_comm_op_not_built(runs):
     assert not built, built
 
 
-def test_instance_loss_two_stages_and_zero3(runs):
-    """Stage I (epoch 1) trains the instance loss alone; from epoch 2 the ranking loss joins.
-    The shared classifier trains the same under DDP and ZeRO-3 (where it is partitioned)."""
+def test_instance_and_center_losses_two_stages_and_zero3(runs):
+    """Stage I (epoch 1) trains the instance (+ center) loss alone; from epoch 2 the ranking loss
+    joins. The shared classifier and centers train the same under DDP and ZeRO-3 (partitioned)."""
     out, _ = runs
     ddp, ds = _final(out, "ddp-instance"), _final(out, "zero3-instance")
     stage1, stage2 = ddp["history"][0], ddp["history"][1]
-    assert stage1["train_loss"] == pytest.approx(stage1["train_visual"] + stage1["train_textual"], rel=1e-5)
+    heads = lambda h: h["train_visual"] + h["train_textual"] + 0.5 * (h["train_center_img"] + h["train_center_txt"])  # noqa: E731
+    assert stage1["train_loss"] == pytest.approx(heads(stage1), rel=1e-5)
     ranking = stage2["train_i2t"] + 1.5 * stage2["train_t2i"]  # debug preset: lambda1, lambda2 = 1, 1.5
-    assert stage2["train_loss"] == pytest.approx(ranking + stage2["train_visual"] + stage2["train_textual"], rel=1e-5)
-    assert "classifier.weight" in ddp["weights"]
+    assert stage2["train_loss"] == pytest.approx(ranking + heads(stage2), rel=1e-5)
+    assert {"classifier.weight", "centers.weight"} <= set(ddp["weights"])
     for key, value in ddp["weights"].items():
         torch.testing.assert_close(ds["weights"][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
