@@ -35,6 +35,10 @@ class DataConfig(_Section):
     text_encoder: str = "minilm"
     """Frozen caption featurizer; for precomp sources, the name of `{split}_caps_<name>.npy`."""
     cache_dir: str = ".cache/itmatch/features"
+    featurize: Literal["local", "ray"] = "local"
+    """Where images are encoded (once, then cached): this process, or Ray Data actors over the
+    cluster (featurize_actors of them; default one per CPU)."""
+    featurize_actors: Optional[int] = Field(None, ge=1)
     batch_size: int = Field(500, ge=2)
     """Global mini-batch in positive (image, caption) pairs, split across workers."""
     neighborhood_sampling: bool = True

@@ -39,9 +39,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def prepare_store(cfg: Config) -> FeatureStore:
+    """Featurise (or find cached) every split the run uses; `data.featurize=ray` encodes the images
+    with Ray Data actors on the cluster this driver attaches to."""
     d = cfg.data
+    featurizer = None
+    if d.featurize == "ray":
+        from trainers.featurize import ray_image_featurizer
+
+        init_ray(cfg)
+        featurizer = ray_image_featurizer(d.featurize_actors)
     return prepare(d.source, cache_dir=d.cache_dir, image_encoder=d.image_encoder, text_encoder=d.text_encoder,
-                   splits=sorted({d.train_split, d.val_split, d.test_split}))
+                   splits=sorted({d.train_split, d.val_split, d.test_split}), image_featurizer=featurizer)
 
 
 def init_ray(cfg: Config) -> None:

@@ -15,7 +15,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -115,11 +115,20 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _iter_images(corpus_images: pa.Table) -> Iterator:
+# (images table with an "image" bytes or "path" column, encoder name, progress) -> [rows, dim] features
+ImageFeaturizer = Callable[[pa.Table, str, bool], np.ndarray]
+
+
+def pixel_column(images: pa.Table) -> str:
+    """Where a table keeps its pixels: encoded bytes ("image") or file paths ("path")."""
+    return "image" if "image" in images.column_names else "path"
+
+
+def decode_images(values: Iterable, column: str) -> Iterator:
+    """RGB PIL images from encoded bytes or paths; a bad one is a DataError naming it."""
     from PIL import Image  # lazy: only pixel sources need it
 
-    column = "image" if "image" in corpus_images.column_names else "path"
-    for value in corpus_images.column(column).to_pylist():
+    for value in values:
         try:
             image = Image.open(io.BytesIO(value) if column == "image" else value)
             yield image.convert("RGB")
@@ -127,13 +136,19 @@ def _iter_images(corpus_images: pa.Table) -> Iterator:
             raise DataError(f"cannot decode image {value if column == 'path' else '<bytes>'}: {exc}") from exc
 
 
-def _image_features(images: pa.Table, encoder_name: str, progress: bool) -> np.ndarray:
-    if "feature" in images.column_names:
-        return column_to_numpy(images.column("feature"))
+def local_image_features(images: pa.Table, encoder_name: str, progress: bool) -> np.ndarray:
+    """Featurise in this process (the default; trainers.featurize spreads it over a Ray cluster)."""
     from itmatch.data.encoders import build_image_encoder
 
-    encoder = build_image_encoder(encoder_name)
-    return encoder.encode(_iter_images(images), progress=progress)
+    column = pixel_column(images)
+    return build_image_encoder(encoder_name).encode(decode_images(images.column(column).to_pylist(), column),
+                                                    progress=progress)
+
+
+def _image_features(images: pa.Table, encoder_name: str, progress: bool, featurizer: ImageFeaturizer) -> np.ndarray:
+    if "feature" in images.column_names:
+        return column_to_numpy(images.column("feature"))
+    return featurizer(images, encoder_name, progress)
 
 
 def _caption_features(caps: pa.Table, encoder_name: str, progress: bool) -> np.ndarray:
@@ -153,14 +168,15 @@ def _digest(*arrays: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
-def _ingest_split(corpus: Corpus, split: str, root: Path, image_encoder: str, text_encoder: str, progress: bool):
+def _ingest_split(corpus: Corpus, split: str, root: Path, image_encoder: str, text_encoder: str, progress: bool,
+                  featurizer: ImageFeaturizer):
     images = corpus.images.filter(pc.equal(corpus.images.column("split"), split))
     caps = corpus.captions.filter(pc.equal(corpus.captions.column("split"), split))
     known = set(images.column("image_id").to_pylist())
     orphans = [i for i in caps.column("image_id").to_pylist() if i not in known]
     if orphans:
         raise DataError(f"{corpus.name}: split {split!r}: captions refer to unknown image_id {orphans[0]!r}")
-    img_feats = _image_features(images, image_encoder, progress)
+    img_feats = _image_features(images, image_encoder, progress, featurizer)
     cap_feats = _caption_features(caps, text_encoder, progress)
     _check_finite(img_feats, f"{corpus.name}: split {split!r}: image features")
     _check_finite(cap_feats, f"{corpus.name}: split {split!r}: caption features")
@@ -193,8 +209,10 @@ def prepare(
     text_encoder: str,
     splits: Optional[list[str]] = None,
     progress: bool = True,
+    image_featurizer: Optional[ImageFeaturizer] = None,
 ) -> FeatureStore:
-    """Read the source, featurise what is not yet cached, and return the store."""
+    """Read the source, featurise what is not yet cached, and return the store.
+    `image_featurizer` replaces the in-process image encoding (e.g. Ray Data over a cluster)."""
     corpus = read_source(source, caption_features=text_encoder)
     available = corpus.splits
     wanted = splits or available
@@ -210,7 +228,8 @@ def prepare(
     # Splits already in the store stay in it (a worker or evaluator may be reading them): add the rest.
     have = manifest["splits"] if manifest else []
     todo = [s for s in wanted if s not in have]
-    stats = {s: _ingest_split(corpus, s, root, image_encoder, text_encoder, progress) for s in todo}
+    featurizer = image_featurizer or local_image_features
+    stats = {s: _ingest_split(corpus, s, root, image_encoder, text_encoder, progress, featurizer) for s in todo}
     dims = {tuple(v["dims"]) for v in stats.values()} | ({tuple(manifest["dims"])} if manifest else set())
     if len(dims) != 1:
         raise DataError(f"{source}: splits have different feature widths {sorted(dims)}")
