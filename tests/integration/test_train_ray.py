@@ -152,3 +152,18 @@ def test_cca_is_fitted_through_the_same_job(tmp_path):
                      tmp_path, module="trainers.evaluate")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert json.loads(out.read_text())["rsum"] == pytest.approx(summary["test"]["rsum"])
+
+
+def test_worker_failure_recovers_within_one_command(runs):
+    """run.max_failures=1: Ray Train restarts the worker group from the latest checkpoint in the
+    same command; the run ends exactly where an uninterrupted one does."""
+    tmp = runs[0]
+    args = [a if a != "run.max_failures=0" else "run.max_failures=1" for a in _common(tmp, "recovering")]
+    done = _run([*args, "tracking.registered_model="], tmp, {"ITMATCH_FAIL_AT_EPOCH": "2"})
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-5000:]
+    assert "injected failure after epoch 2" in log and "resumed at epoch 2" in log
+    a, b = _latest_state(tmp / "runs" / "straight"), _latest_state(tmp / "runs" / "recovering")
+    assert b["train_state"]["epoch"] == 3 and [h["epoch"] for h in b["train_state"]["history"]] == [1, 2, 3]
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
