@@ -1,6 +1,6 @@
-"""One rank of the cross-worker parity tests (tests/unit/test_dist_parity.py), a real process on gloo.
+"""One rank of the cross-worker parity tests (tests/distributed/test_dist_parity.py), a real process on gloo.
 
-    python tests/unit/dist_worker.py RANK WORLD_SIZE STORE_FILE CASES.pt OUT.pt [gloo|nccl] [bf16]
+    python tests/distributed/dist_worker.py RANK WORLD_SIZE STORE_FILE CASES.pt OUT.pt [gloo|nccl] [bf16]
 
 With nccl each rank uses cuda:RANK (a GPU test needs one GPU per rank); bf16 runs the model cases'
 forward under bf16 autocast, as the trainer does with scaling.precision=bf16.

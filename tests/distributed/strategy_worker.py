@@ -1,6 +1,6 @@
-"""One rank running the real Trainer under each backend, without Ray (tests/unit/test_strategies.py).
+"""One rank running the real Trainer under each backend, without Ray (tests/distributed/test_strategies.py).
 
-    python tests/unit/strategy_worker.py RANK WORLD_SIZE PG_STORE FEATURE_STORE JOBS.json OUT_DIR
+    python tests/distributed/strategy_worker.py RANK WORLD_SIZE PG_STORE FEATURE_STORE JOBS.json OUT_DIR
 
 For every job: build the Trainer from the job's config, optionally restore a checkpoint folder,
 fit with a `report` that writes every rank's checkpoint files into one folder per epoch (what
