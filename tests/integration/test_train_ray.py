@@ -117,7 +117,7 @@ def test_mlflow_run_registry_and_pyfunc(runs):
     holder = next(s for s in summaries if str(s["registry"]["version"]) == str(champion.version))
     reference, _ = load_model(Path(holder["best_checkpoint"]))
     with torch.no_grad():
-        expected = reference.text(torch.from_numpy(split.caption_feats[:4])).numpy()
+        expected = reference.text(torch.tensor(split.caption_feats[:4])).numpy()
     np.testing.assert_allclose(emb, expected, rtol=1e-5, atol=1e-6)
     text_emb = model.predict(pd.DataFrame({"text": ["a red circle on the left"]}))
     assert text_emb.shape == (1, 32) and np.allclose(np.linalg.norm(text_emb, axis=1), 1, atol=1e-5)

@@ -65,9 +65,11 @@ def test_center_loss_by_hand_and_shared_centers(tmp_path):
     img, txt, extras = model(torch.randn(2, 6), torch.randn(3, 5), img_cls, txt_cls)
     assert set(extras) == {"img_center", "txt_center"}  # no classifier asked for
     torch.testing.assert_close(extras["txt_center"][1], model.centers.weight[0])  # one center per class, both sides
-    out = center_loss(img, extras["img_center"], txt, extras["txt_center"])
-    want_img = sum(0.5 * float(((img[i] - model.centers.weight[c]) ** 2).sum()) for i, c in enumerate(img_cls)) / 2
-    want_txt = sum(0.5 * float(((txt[i] - model.centers.weight[c]) ** 2).sum()) for i, c in enumerate(txt_cls)) / 3
+    img, txt = img.detach(), txt.detach()
+    out = center_loss(img, extras["img_center"].detach(), txt, extras["txt_center"].detach())
+    centers = model.centers.weight.detach()
+    want_img = sum(0.5 * float(((img[i] - centers[c]) ** 2).sum()) for i, c in enumerate(img_cls)) / 2
+    want_txt = sum(0.5 * float(((txt[i] - centers[c]) ** 2).sum()) for i, c in enumerate(txt_cls)) / 3
     assert float(out["center_img"]) == pytest.approx(want_img, rel=1e-5)
     assert float(out["center_txt"]) == pytest.approx(want_txt, rel=1e-5)
 
