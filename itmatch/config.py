@@ -211,6 +211,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {exc}") from exc
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and "_" in raw:
+        value = raw  # YAML 1.1 reads 92334_00000 (a Tune trial id, a date-like name) as a number
     return key.strip(), value
 
 

@@ -121,7 +121,7 @@ class Trainer:
             steps += 1
             if self.ctx.is_main and steps % self.cfg.train.log_every == 0:  # .item() syncs only here
                 log.info("epoch %d step %d/%d loss %.4f lr %.2e", epoch + 1, steps, self.steps_per_epoch,
-                         float(out["loss"]), self.scheduler.get_last_lr()[0])
+                         float(out["loss"].detach()), self.scheduler.get_last_lr()[0])
         stats = {f"train_{k}": float(v) / max(steps, 1) for k, v in totals.items()}
         stats["epoch_time_s"] = time.perf_counter() - start
         return mean_over_workers(stats, self.ctx.device)

@@ -74,7 +74,7 @@ def trial_config(setup: dict, params: dict[str, Any], trial_id: str) -> Config:
     """The trial's resolved config: preset, search overrides, sampled params, its own run and no
     registration (the search registers its best trial once)."""
     sampled = [f"{k}={json.dumps(v)}" for k, v in params.items()]
-    return load_config(setup["preset"], [*setup["overrides"], *sampled, f"run.name={trial_id}",
+    return load_config(setup["preset"], [*setup["overrides"], *sampled, f"run.name={json.dumps(trial_id)}",
                                          f"run.storage_path={setup['trials_dir']}", "tracking.registered_model="])
 
 

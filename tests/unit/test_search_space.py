@@ -66,3 +66,13 @@ def test_relative_paths_are_flagged_only_inside_a_ray_job(monkeypatch):
     assert any(f.startswith("tracking.tracking_uri=") for f in flagged)
     assert any(f.startswith("data.cache_dir=") for f in flagged)
     assert not any(f.startswith("run.storage_path=") for f in flagged)  # absolute: fine
+
+
+def test_trial_ids_that_look_like_numbers_stay_names(tmp_path):
+    """Tune trial ids are hex + "_" + index; "92334_00000" is a number to YAML 1.1."""
+    from itmatch.config import parse_override
+
+    assert parse_override("run.name=92334_00000") == ("run.name", "92334_00000")
+    assert parse_override("train.epochs=30") == ("train.epochs", 30)
+    setup = {"preset": None, "overrides": [], "trials_dir": str(tmp_path)}
+    assert trial_config(setup, {}, "92334_00000").run.name == "92334_00000"
