@@ -163,7 +163,10 @@ def _finish(cfg: Config, store: FeatureStore, rows: list[dict], parent: Optional
     best = max(done, key=lambda r: r["summary"][f"val_{cfg.train.metric}"], default=None)
     if parent:
         _close_stopped_trials(parent, rows)
-    if best and parent and cfg.tracking.registered_model:
+    previous = _previous_registry(search_dir, best)
+    if previous:  # a re-run of a finished search: its best trial is registered already
+        best["registry"] = previous
+    elif best and parent and cfg.tracking.registered_model:
         from trainers.train import promote
 
         s = best["summary"]
@@ -173,6 +176,14 @@ def _finish(cfg: Config, store: FeatureStore, rows: list[dict], parent: Optional
     if parent:
         _log_parent(parent, rows, best, cfg, search_dir)
     print(_table(rows, cfg, best))
+
+
+def _previous_registry(search_dir: Path, best: Optional[dict]) -> Optional[dict]:
+    path = search_dir / "search.json"
+    if best is None or not path.is_file():
+        return None
+    before = (json.loads(path.read_text()).get("best") or {})
+    return before.get("registry") if before.get("trial_id") == best["trial_id"] else None
 
 
 def _close_stopped_trials(parent: dict, rows: list[dict]) -> None:

@@ -55,6 +55,20 @@ def test_every_trial_trains_and_the_best_is_registered(search):
     assert "| best |" in done.stdout
 
 
+def test_rerun_restores_the_finished_search_without_registering_again(search):
+    from mlflow.tracking import MlflowClient
+
+    tmp, first = search
+    space = tmp / "space.yaml"
+    again = run_module("tuning.search", _args(tmp, space), tmp, timeout=600)
+    assert again.returncode == 0, again.stderr[-5000:]
+    assert "resuming the search" in again.stdout + again.stderr  # Tuner.restore, no new trials
+    result = json.loads((tmp / "runs" / "s1" / "search.json").read_text())
+    assert len(result["trials"]) == 2 and all(t["summary"] for t in result["trials"])
+    client = MlflowClient(f"sqlite:///{tmp / 'ml.db'}")
+    assert len(client.search_model_versions("name='itm-tune'")) == 1
+
+
 def test_bad_space_fails_before_ray(tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("loss.margn: {uniform: [0.1, 0.2]}\n")
