@@ -77,6 +77,7 @@ class Trainer:
         self.state = TrainState()
         self.epoch = 0
         self.best_weights: Optional[dict] = None
+        self.epoch_weights: Optional[dict] = None  # fp32 full weights of the epoch just trained
         self.eval_model: Optional[torch.nn.Module] = None  # fp32, unsharded copy for evaluation
         self.tracker = _tracker(tracking) if ctx.is_main and tracking else None
 
@@ -91,13 +92,12 @@ class Trainer:
             self.best_weights = load_checkpoint(folder / BEST_DIR)[0]["model"]
 
     def save(self, folder: Path) -> None:
-        """Called on every rank that saves (rank 0; every rank under DeepSpeed, where the weight
-        gathering and the shard writing are collective)."""
-        weights = self.strategy.full_state_dict(self.model)
+        """Called, from `report`, on every rank that saves (rank 0; every rank under DeepSpeed,
+        where writing the shards is collective). The weights are the epoch's consolidated copy."""
         extra = self.strategy.save_state(folder, self.model, self.optimizer, self.scheduler)
         if not self.ctx.is_main:
             return
-        save_checkpoint(folder, model=weights, cfg=self.cfg, train_state=self.state, dims=self.dims,
+        save_checkpoint(folder, model=self.epoch_weights, cfg=self.cfg, train_state=self.state, dims=self.dims,
                         optimizer=extra.pop("optimizer"), scheduler=extra.pop("scheduler"),
                         sampler=self.sampler.state_dict(), extra=extra)
         if self.best_weights is not None:
@@ -173,10 +173,9 @@ class Trainer:
         self.state.samples_seen += len(txt) * self.ctx.world_size
         return out
 
-    def validate(self) -> dict[str, float]:
-        """Validation metrics of the current weights, identical on every rank (they pick the best
-        checkpoint, and every rank must agree on that: under ZeRO-3 saving it is collective)."""
-        weights = self.strategy.full_state_dict(self.model)
+    def validate(self, weights: dict) -> dict[str, float]:
+        """Validation metrics of these (consolidated) weights, identical on every rank (they pick
+        the best checkpoint, and every rank must agree on that: under ZeRO-3 saving is collective)."""
         if self.eval_model is None:
             self.eval_model = build_model(*self.dims, self.cfg.model, n_classes=self.n_classes,
                                           heads=self.heads).to(self.ctx.device)
@@ -189,13 +188,16 @@ class Trainer:
         started_at = self.state.epoch
         for epoch in range(self.state.epoch, self.epochs):
             metrics = self.train_epoch(epoch)
-            val = self.validate()
+            # One consolidation per epoch (a collective gather under ZeRO-3) serves validation,
+            # the best weights and the checkpoint.
+            self.epoch_weights = self.strategy.full_state_dict(self.model)
+            val = self.validate(self.epoch_weights)
             metrics.update({f"val_{k}": v for k, v in val.items()})
             score = val[self.cfg.train.metric]
             self.state.epoch = epoch + 1
             if self.state.improved(score):
                 self.state.best_metric, self.state.best_epoch = score, epoch + 1
-                self.best_weights = self.strategy.full_state_dict(self.model)
+                self.best_weights = self.epoch_weights
             metrics.update(epoch=epoch + 1, step=self.state.step, best_metric=self.state.best_metric)
             self.state.history.append({k: float(v) for k, v in metrics.items()})
             if self.ctx.is_main:

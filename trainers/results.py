@@ -10,7 +10,7 @@ import torch
 
 from itmatch.config import Config
 from itmatch.data.store import FeatureSplit
-from itmatch.eval.evaluate import embed_split, evaluate_split
+from itmatch.eval.evaluate import embed_split, evaluate_embeddings
 from itmatch.state import load_checkpoint, load_model
 
 
@@ -35,12 +35,12 @@ def best_checkpoint_folder(result, dest: Path) -> Path:
 def evaluate_folder(folder: Path, split: FeatureSplit, cfg: Config, plots_dir: Optional[Path] = None) -> dict[str, Any]:
     """Test metrics of a checkpoint; with `plots_dir`, also its plots and the overlap indicator."""
     model, _ = load_model(folder)
-    metrics: dict[str, Any] = evaluate_split(model, split, chunk=cfg.train.eval_chunk)
+    img, txt = embed_split(model, split)  # once, for the metrics and the plots
+    metrics: dict[str, Any] = evaluate_embeddings(model, img, txt, split, chunk=cfg.train.eval_chunk)
     state = load_checkpoint(folder)[0]["train_state"]
     if plots_dir is not None:
         from itmatch.eval.plots import write_plots
 
-        img, txt = embed_split(model, split)
         metrics.update(write_plots(img, txt, torch.from_numpy(split.caption_image), state.history, plots_dir,
                                    cfg.train.metric))
     metrics["_val_score"] = state.best_metric

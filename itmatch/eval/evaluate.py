@@ -53,6 +53,12 @@ def evaluate_split(model: nn.Module, split: FeatureSplit, *, chunk: int = 1024, 
     """R@K both ways, ranks, rsum; `protocol="coco"` adds COCO 1K (5-fold mean) and 5K keys. A
     model with a learned pair score (the similarity network) is ranked by it, not by cosine."""
     img, txt = embed_split(model, split, device=device)
+    return evaluate_embeddings(model, img, txt, split, chunk=chunk, protocol=protocol, sentences=sentences)
+
+
+def evaluate_embeddings(model: nn.Module, img: torch.Tensor, txt: torch.Tensor, split: FeatureSplit, *,
+                        chunk: int = 1024, protocol: str = "full", sentences: bool = True) -> dict[str, float]:
+    """`evaluate_split` on embeddings already computed by `embed_split` (callers that also plot them)."""
     txt_img = torch.from_numpy(split.caption_image)
     score_fn = _pair_scorer(model)
     metrics = retrieval_metrics(img, txt, txt_img, chunk=chunk, score_fn=score_fn)

@@ -9,20 +9,15 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from itmatch.losses.gather import LOCAL, Gather
-
-
-def _global_mean(per_sample: Tensor, gather: Gather) -> Tensor:
-    count = gather.sum(per_sample.new_tensor(float(per_sample.numel()))).clamp_min(1.0)
-    return per_sample.sum() * gather.world_size / count
+from itmatch.losses.gather import LOCAL, Gather, global_mean
 
 
 def center_loss(img: Tensor, img_center: Tensor, txt: Tensor, txt_center: Tensor, *,
                 gather: Gather = LOCAL) -> dict[str, Tensor]:
     """{"center_img", "center_txt"}: ½||x − c_y||² of each side's embeddings to their class centers
     (`*_center` are the centers' rows for each sample's class)."""
-    return {"center_img": _global_mean(0.5 * ((img.float() - img_center.float()) ** 2).sum(1), gather),
-            "center_txt": _global_mean(0.5 * ((txt.float() - txt_center.float()) ** 2).sum(1), gather)}
+    return {"center_img": global_mean(0.5 * ((img.float() - img_center.float()) ** 2).sum(1), gather),
+            "center_txt": global_mean(0.5 * ((txt.float() - txt_center.float()) ** 2).sum(1), gather)}
 
 
 __all__ = ["center_loss"]

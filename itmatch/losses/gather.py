@@ -67,4 +67,11 @@ def reduction_scale(img_gid: Tensor, txt_gid_all: Tensor, reduction: str, gather
     # Tensor ops rather than `if p_global > 0`: no host sync on CUDA.
     return torch.where(p_global > 0, world / p_global.clamp_min(1.0), torch.zeros_like(p_global))
 
-__all__ = ["Gather", "LocalGather", "LOCAL", "reduction_scale"]
+def global_mean(per_sample: Tensor, gather: Gather) -> Tensor:
+    """Mean of a per-sample loss over the *global* batch (counts summed over workers), times
+    world_size so that DDP's gradient average equals one process on the whole batch."""
+    count = gather.sum(per_sample.new_tensor(float(per_sample.numel()))).clamp_min(1.0)
+    return per_sample.sum() * gather.world_size / count
+
+
+__all__ = ["Gather", "LocalGather", "LOCAL", "reduction_scale", "global_mean"]

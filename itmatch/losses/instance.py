@@ -9,17 +9,10 @@ workers) and scaled by world_size, so DDP's gradient average equals one process 
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from itmatch.losses.gather import LOCAL, Gather
-
-
-def _global_mean_ce(logits: Tensor, labels: Tensor, gather: Gather) -> Tensor:
-    total = F.cross_entropy(logits.float(), labels, reduction="sum")
-    count = gather.sum(logits.new_tensor(float(labels.numel())))
-    return total * gather.world_size / count.clamp_min(1.0)
+from itmatch.losses.gather import LOCAL, Gather, global_mean
 
 
 def instance_loss(img_logits: Tensor, img_cls: Tensor, txt_logits: Tensor, txt_cls: Tensor, *,
@@ -27,8 +20,8 @@ def instance_loss(img_logits: Tensor, img_cls: Tensor, txt_logits: Tensor, txt_c
     """{"visual", "textual"}: cross-entropy of each side's logits [N, n_classes] against its class."""
     if img_logits.shape[1] != txt_logits.shape[1]:
         raise ValueError(f"one shared classifier: got {img_logits.shape[1]} and {txt_logits.shape[1]} classes")
-    return {"visual": _global_mean_ce(img_logits, img_cls, gather),
-            "textual": _global_mean_ce(txt_logits, txt_cls, gather)}
+    return {"visual": global_mean(F.cross_entropy(img_logits.float(), img_cls, reduction="none"), gather),
+            "textual": global_mean(F.cross_entropy(txt_logits.float(), txt_cls, reduction="none"), gather)}
 
 
 __all__ = ["instance_loss"]

@@ -11,15 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from itmatch.losses.gather import LOCAL, Gather
+from itmatch.losses.gather import LOCAL, Gather, global_mean
 
 
 def logistic_loss(scores: Tensor, labels: Tensor, *, gather: Gather = LOCAL) -> dict[str, Tensor]:
     """001 Eq. 7: log(1 + exp(−z·p)) averaged over the global batch's pairs, z = +1 for positive
     and −1 for negative pairs; scaled by world_size like the other losses (DDP averages)."""
     z = labels.to(scores.dtype) * 2 - 1
-    count = gather.sum(scores.new_tensor(float(scores.numel()))).clamp_min(1.0)
-    loss = F.softplus(-z * scores).sum() * gather.world_size / count
+    loss = global_mean(F.softplus(-z * scores), gather)
     return {"loss": loss, "logistic": loss.detach()}
 
 
