@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 from torch import Tensor
 
-from itmatch.eval.retrieval import i2t_ranks, overlap_indicator, t2i_ranks
+from itmatch.eval.retrieval import i2t_ranks, overlap_of, pair_cosines, t2i_ranks
 
 
 def _pyplot():
@@ -28,17 +27,13 @@ def _pyplot():
 
 
 def similarity_histogram(img: Tensor, txt: Tensor, txt_img: Tensor, path: Path, *, bins: int = 100,
-                         max_pairs: int = 200_000, seed: int = 0) -> float:
-    """Positive vs negative cosine histograms; returns the overlap indicator S."""
+                         seed: int = 0) -> float:
+    """Positive vs negative cosine histograms; returns the overlap indicator S of the very pairs
+    plotted (the metric's own sampling)."""
     plt = _pyplot()
-    txt_img = txt_img.long()
-    pos = (img[txt_img] * txt).sum(1).numpy()
-    g = torch.Generator().manual_seed(seed)
-    i = torch.randint(len(img), (max_pairs,), generator=g)
-    j = torch.randint(len(txt), (max_pairs,), generator=g)
-    keep = txt_img[j] != i
-    neg = (img[i[keep]] * txt[j[keep]]).sum(1).numpy()
-    s = overlap_indicator(img, txt, txt_img, seed=seed)  # the metric's own sampling (up to 2M pairs)
+    pos_t, neg_t = pair_cosines(img, txt, txt_img, seed=seed)
+    s = overlap_of(pos_t, neg_t)
+    pos, neg = pos_t.numpy(), neg_t.numpy()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     edges = np.linspace(-1, 1, bins + 1)
     ax.hist(neg, bins=edges, density=True, alpha=0.6, label=f"negative pairs ({len(neg):,} sampled)")

@@ -105,9 +105,9 @@ def sentence_retrieval(txt: Tensor, txt_gid: Tensor, *, chunk: int = 1024) -> di
     return _summary(torch.cat(ranks).cpu().numpy(), "s2s")
 
 
-def overlap_indicator(img: Tensor, txt: Tensor, txt_img: Tensor, *, bins: int = 200,
-                      max_pairs: int = 2_000_000, seed: int = 0) -> float:
-    """004 Eq. 10: overlap of the positive- and negative-pair cosine histograms on [-1, 1] (lower is better)."""
+def pair_cosines(img: Tensor, txt: Tensor, txt_img: Tensor, *, max_pairs: int = 2_000_000,
+                 seed: int = 0) -> tuple[Tensor, Tensor]:
+    """(every positive pair's cosine, a seeded sample of up to `max_pairs` negative pairs' cosines)."""
     txt_img = txt_img.long()
     pos = (img[txt_img] * txt).sum(dim=1)
     g = torch.Generator().manual_seed(seed)
@@ -116,9 +116,20 @@ def overlap_indicator(img: Tensor, txt: Tensor, txt_img: Tensor, *, bins: int = 
     j = torch.randint(len(txt), (n,), generator=g)
     neg_mask = txt_img[j] != i
     neg = (img[i[neg_mask]] * txt[j[neg_mask]]).sum(dim=1)
+    return pos, neg
+
+
+def overlap_of(pos: Tensor, neg: Tensor, *, bins: int = 200) -> float:
+    """004 Eq. 10: ∫ min(P, Q) of the two cosine histograms on [-1, 1] (lower is better)."""
     p = torch.histc(pos.float().clamp(-1, 1), bins=bins, min=-1, max=1)
     q = torch.histc(neg.float().clamp(-1, 1), bins=bins, min=-1, max=1)
     return float(torch.minimum(p / p.sum(), q / q.sum()).sum())
+
+
+def overlap_indicator(img: Tensor, txt: Tensor, txt_img: Tensor, *, bins: int = 200,
+                      max_pairs: int = 2_000_000, seed: int = 0) -> float:
+    """004 Eq. 10: overlap of the positive- and negative-pair cosine histograms on [-1, 1] (lower is better)."""
+    return overlap_of(*pair_cosines(img, txt, txt_img, max_pairs=max_pairs, seed=seed), bins=bins)
 
 
 def format_metrics(m: dict[str, float]) -> str:
