@@ -9,9 +9,6 @@ InfoNCE. A DDP model with global BatchNorm must end with the single-process para
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,9 +19,8 @@ from itmatch.config import ModelConfig
 from itmatch.losses import LOCAL, infonce_loss, ranking_loss
 from itmatch.models.two_branch import EmbeddingNet
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(Path(__file__).parent))
-from dist_worker import with_heads  # noqa: E402  (the same objective on both sides)
+from dist_worker import with_heads  # the same objective on both sides
+from ranks import run_ranks
 WORKER = Path(__file__).with_name("dist_worker.py")
 LOSSES = {"ranking": ranking_loss, "infonce": infonce_loss}
 TOL = dict(rtol=1e-4, atol=1e-6)
@@ -79,17 +75,8 @@ def _cases(world: int) -> dict[str, dict]:
 def _launch(world: int, tmp: Path, backend: str = "gloo", precision: str = "fp32"):
     cases = _cases(world)
     torch.save(cases, tmp / "cases.pt")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), str(tmp / "store"),
-                               str(tmp / "cases.pt"), str(tmp / f"out{r}.pt"), backend, precision], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in range(world)]
-    try:
-        logs = [p.communicate(timeout=240)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-4000:]
+    run_ranks(WORKER, world, lambda r: [str(r), str(world), str(tmp / "store"), str(tmp / "cases.pt"),
+                                        str(tmp / f"out{r}.pt"), backend, precision], timeout=240)
     return world, cases, [torch.load(tmp / f"out{r}.pt", weights_only=False) for r in range(world)]
 
 

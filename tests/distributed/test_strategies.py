@@ -5,9 +5,6 @@ no Ray: the Ray path is covered by tests/integration."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ import torch
 
 from itmatch.config import load_config
 from itmatch.data.store import prepare
+from ranks import run_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("strategy_worker.py")
@@ -60,17 +58,9 @@ def runs(tmp_path_factory):
         jobs += [{"name": f"zero{stage}-crash", "cfg": cfg, "fail_at": 2},
                  {"name": f"zero{stage}-resumed", "cfg": cfg, "resume_from": f"zero{stage}-crash/epoch2"}]
     (tmp / "jobs.json").write_text(json.dumps(jobs))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
-           "DS_ACCELERATOR": "cpu"}
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(WORLD), str(tmp / "pg"), str(store.root),
-                               str(tmp / "jobs.json"), str(tmp / "out")], env=env, cwd=tmp,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(WORLD)]
-    try:
-        logs = [p.communicate(timeout=500)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-6000:]
+    logs = run_ranks(WORKER, WORLD, lambda r: [str(r), str(WORLD), str(tmp / "pg"), str(store.root),
+                                               str(tmp / "jobs.json"), str(tmp / "out")],
+                     timeout=500, env_extra={"DS_ACCELERATOR": "cpu"}, cwd=tmp)
     return tmp / "out", logs
 
 
