@@ -1,13 +1,11 @@
 """This worker's rank, world size and device under Ray Train. The collectives themselves live in
-itmatch.dist (the one module that calls torch.distributed), re-exported here for the trainer."""
+itmatch.dist, the one module that calls torch.distributed."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-
-from itmatch.dist import any_worker, mean_over_workers
 
 
 @dataclass(frozen=True)
@@ -40,4 +38,4 @@ def worker_context() -> WorkerContext:
     return WorkerContext(rank, world, local, device)
 
 
-__all__ = ["WorkerContext", "worker_context", "any_worker", "mean_over_workers"]
+__all__ = ["WorkerContext", "worker_context"]

@@ -12,16 +12,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import logging  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Optional  # noqa: E402
 
 from itmatch.data.sources import DataError  # noqa: E402
-from trainers.logs import setup_logging  # noqa: E402
 from itmatch.data.store import prepare  # noqa: E402
 from itmatch.eval.evaluate import evaluate_split  # noqa: E402
 from itmatch.eval.retrieval import format_metrics  # noqa: E402
+from trainers.logs import setup_logging  # noqa: E402
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:

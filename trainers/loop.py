@@ -22,15 +22,15 @@ from itmatch.data.batching import NeighborhoodBatchSampler
 from itmatch.data.store import FeatureSplit, FeatureStore
 from itmatch.eval.evaluate import evaluate_split
 from itmatch.eval.retrieval import format_metrics
-from itmatch.dist import gather_for
+from itmatch.dist import any_worker, gather_for, mean_over_workers
 from itmatch.losses import build_loss, center_loss, instance_loss, logistic_loss, sample_pairs
 from itmatch.models import build_model, is_closed_form, scores_pairs
 from itmatch.optim import build_optimizer, build_scheduler
 from itmatch.state import TrainState, epoch_seed, load_checkpoint, save_checkpoint
-from trainers.dist import WorkerContext, any_worker, mean_over_workers, worker_context
+from trainers.dist import WorkerContext, worker_context
+from trainers.logs import quiet_ray_reports, setup_logging
 from trainers.strategies import build_strategy
 
-from trainers.logs import quiet_ray_reports, setup_logging  # noqa: E402
 log = logging.getLogger("itmatch.train")
 BEST_DIR = "best"
 

@@ -160,10 +160,10 @@ class DeepSpeedStrategy(DDPStrategy):
         import deepspeed
 
         module = self.unwrap(model)
-        if self.cfg.scaling.zero_stage == 3:
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-                return _float_state(module)
-        return _float_state(module)
+        gathered = (deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+                    if self.cfg.scaling.zero_stage == 3 else contextlib.nullcontext())
+        with gathered:
+            return _float_state(module)
 
     def save_state(self, folder: Path, model: nn.Module, optimizer, scheduler) -> dict[str, Any]:
         model.save_checkpoint(str(folder / DS_DIR), tag=DS_TAG)

@@ -22,8 +22,8 @@ from typing import Any, Optional  # noqa: E402
 
 from itmatch.config import Config, ConfigError, load_config, save_config  # noqa: E402
 from itmatch.data.sources import DataError  # noqa: E402
-from trainers.logs import setup_logging  # noqa: E402
 from itmatch.data.store import FeatureStore, prepare  # noqa: E402
+from trainers.logs import setup_logging  # noqa: E402
 
 log = logging.getLogger("itmatch.train")
 ROOT = Path(__file__).resolve().parents[1]
