@@ -14,17 +14,17 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 
 from itmatch.config import Config, validate
+from itmatch.data.batch import Batch, feature_batch
 from itmatch.data.batching import NeighborhoodBatchSampler
-from itmatch.data.store import FeatureSplit, FeatureStore
+from itmatch.data.store import FeatureStore
 from itmatch.eval.evaluate import evaluate_split
 from itmatch.eval.retrieval import format_metrics
 from itmatch.dist import any_worker, gather_for, mean_over_workers
-from itmatch.losses import build_loss, center_loss, instance_loss, logistic_loss, sample_pairs
-from itmatch.models import build_model, is_closed_form, scores_pairs
+from itmatch.losses import build_objective
+from itmatch.models import build_model, is_closed_form
 from itmatch.optim import build_optimizer, build_scheduler
 from itmatch.state import TrainState, epoch_seed, load_checkpoint, save_checkpoint
 from trainers.dist import WorkerContext, worker_context
@@ -33,16 +33,6 @@ from trainers.strategies import build_strategy
 
 log = logging.getLogger("itmatch.train")
 BEST_DIR = "best"
-
-
-def _batch(split: FeatureSplit, captions: np.ndarray, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Unique images of the captions; group ids and instance classes (the image's row in the
-    split) for both sides."""
-    rows = np.unique(split.caption_image[captions])
-    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
-    return (as_tensor(split.image_feats[rows]), as_tensor(split.image_ids[rows]), as_tensor(rows),
-            as_tensor(split.caption_feats[captions]), as_tensor(split.caption_gid[captions]),
-            as_tensor(split.caption_image[captions]))
 
 
 class Trainer:
@@ -58,7 +48,6 @@ class Trainer:
         self.n_classes = len(self.train_split.image_ids) if self.heads else 0
         model = build_model(*store.dims, cfg.model, n_classes=self.n_classes, heads=self.heads)
         self.closed_form = is_closed_form(model)
-        self.pairwise = scores_pairs(model)  # similarity network: logistic loss on sampled pairs
         self.epochs = 1 if self.closed_form else cfg.train.epochs  # a fitted model needs one pass
         self.strategy = build_strategy(cfg, ctx, closed_form=self.closed_form)
         self.sampler = NeighborhoodBatchSampler(
@@ -72,7 +61,7 @@ class Trainer:
             model,
             lambda params: build_optimizer(params, cfg.optim),
             lambda opt: build_scheduler(opt, cfg.optim, self.steps_per_epoch, cfg.train.epochs))
-        self.loss_fn = None if self.pairwise or self.closed_form else build_loss(cfg.loss)
+        self.objective = build_objective(cfg.loss)
         self.gather = gather_for(cfg.loss.mining)  # after Ray Train set up the process group
         self.state = TrainState()
         self.epoch = 0
@@ -115,7 +104,7 @@ class Trainer:
         totals: dict[str, torch.Tensor] = {}
         steps, start = 0, time.perf_counter()
         for captions in self.sampler:
-            out = self.train_step(_batch(self.train_split, captions, self.ctx.device))
+            out = self.train_step(feature_batch(self.train_split, captions, self.ctx.device))
             for key, value in out.items():
                 totals[key] = totals.get(key, 0.0) + value.detach()
             steps += 1
@@ -126,27 +115,6 @@ class Trainer:
         stats["epoch_time_s"] = time.perf_counter() - start
         return mean_over_workers(stats, self.ctx.device)
 
-    def _pair_objective(self, img, img_gid, txt, txt_gid) -> dict:
-        """001 Eq. 7: each caption with its image and with one image of another group (drawn from
-        the epoch-seeded stream, so a resumed run draws the same pairs)."""
-        pair_image, pair_text, labels = sample_pairs(img_gid, txt_gid)
-        with self.strategy.autocast():
-            outputs = self.model(img, txt, pair_image, pair_text)
-        return logistic_loss(outputs[2].float(), labels, gather=self.gather)
-
-    def _with_heads(self, out: dict, img, txt, extras: dict, img_cls, txt_cls) -> dict:
-        """004: L = L_rank + w·(L_visual + L_textual), L_rank off during Stage I; 003: + w_c·L_center."""
-        c = self.cfg.loss
-        rank_weight = 0.0 if self.epoch < c.instance_stage1_epochs else 1.0
-        terms, total = {}, rank_weight * out["loss"]
-        if "img_logits" in extras:
-            terms.update(instance_loss(extras["img_logits"], img_cls, extras["txt_logits"], txt_cls, gather=self.gather))
-            total = total + c.instance_weight * (terms["visual"] + terms["textual"])
-        if "img_center" in extras:
-            terms.update(center_loss(img, extras["img_center"], txt, extras["txt_center"], gather=self.gather))
-            total = total + c.center_weight * (terms["center_img"] + terms["center_txt"])
-        return {**out, **terms, "loss": total}
-
     def fit_closed_form(self) -> dict[str, float]:
         """Fit on every (image, caption) pair of the training split at once."""
         start, s = time.perf_counter(), self.train_split
@@ -155,22 +123,17 @@ class Trainer:
         self.strategy.unwrap(self.model).fit(images, texts, ridge=self.cfg.model.cca_ridge)
         return {"epoch_time_s": time.perf_counter() - start}
 
-    def train_step(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
-        img, img_gid, img_cls, txt, txt_gid, txt_cls = batch
-        dtype = self.strategy.input_dtype(self.model)
-        if self.pairwise:
-            out = self._pair_objective(img.to(dtype), img_gid, txt.to(dtype), txt_gid)
-        else:
-            with self.strategy.autocast():
-                outputs = self.model(img.to(dtype), txt.to(dtype), *((img_cls, txt_cls) if self.heads else ()))
-            out = self.loss_fn(outputs[0].float(), img_gid, outputs[1].float(), txt_gid, gather=self.gather)
-            if self.heads:  # instance logits and/or class centers
-                out = self._with_heads(out, outputs[0], outputs[1], outputs[2], img_cls, txt_cls)
+    def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """One optimizer step: the objective's inputs, the model's named outputs, the objective."""
+        batch = self.objective.prepare(batch)
+        with self.strategy.autocast():
+            outputs = self.model(batch.cast_inputs(self.strategy.input_dtype(self.model)))
+        out = self.objective(outputs, batch, gather=self.gather, epoch=self.epoch)
         if any_worker(not bool(torch.isfinite(out["loss"])), self.ctx.device):
             raise FloatingPointError(f"non-finite loss at step {self.state.step}: {out}")
         out["grad_norm"] = self.strategy.backward_step(self.model, out["loss"], self.optimizer, self.scheduler)
         self.state.step += 1
-        self.state.samples_seen += len(txt) * self.ctx.world_size
+        self.state.samples_seen += len(batch) * self.ctx.world_size
         return out
 
     def validate(self, weights: dict) -> dict[str, float]:

@@ -53,6 +53,5 @@ class EmbeddingModel(mlflow.pyfunc.PythonModel):
         values = model_input[column].tolist()
         feats = np.stack([np.asarray(v, dtype=np.float32) for v in values]) if column.endswith("_feature") \
             else self._encode(column, values)
-        branch = self.model.text if column.startswith("text") else self.model.image
-        with torch.no_grad():
-            return branch(torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))).numpy()
+        embed = self.model.embed_texts if column.startswith("text") else self.model.embed_images
+        return embed(torch.from_numpy(np.ascontiguousarray(feats, dtype=np.float32))).numpy()

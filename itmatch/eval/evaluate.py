@@ -11,8 +11,8 @@ from itmatch.eval.retrieval import coco_protocols, retrieval_metrics, sentence_r
 
 
 @torch.no_grad()
-def _embed(branch: nn.Module, feats: np.ndarray, batch: int, device: torch.device) -> torch.Tensor:
-    out = [branch(torch.tensor(feats[i:i + batch], device=device)).float().cpu()  # copy: store arrays are read-only
+def _embed(embed, feats: np.ndarray, batch: int, device: torch.device) -> torch.Tensor:
+    out = [embed(torch.tensor(feats[i:i + batch], device=device)).float().cpu()  # copy: store arrays are read-only
            for i in range(0, len(feats), batch)]
     return torch.cat(out)
 
@@ -24,8 +24,8 @@ def embed_split(model: nn.Module, split: FeatureSplit, *, batch: int = 4096,
     model.eval()
     try:
         device = torch.device(device)
-        return (_embed(model.image, split.image_feats, batch, device),
-                _embed(model.text, split.caption_feats, batch, device))
+        return (_embed(model.embed_images, split.image_feats, batch, device),
+                _embed(model.embed_texts, split.caption_feats, batch, device))
     finally:
         model.train(was_training)
 

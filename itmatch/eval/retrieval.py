@@ -1,10 +1,11 @@
 """Chunked cross-modal retrieval metrics (SPEC §5).
 
 Conventions: recalls are percentages; ranks are 1-based ranks of the first correct item; a query
-image hits at K if any of its captions is in its top K; a caption hits if its image is. Ties count
-in the query's favour (only strictly higher-scoring wrong items push the correct one down). The
-positive's score is always read from the same score block as the negatives it is compared with,
-so GEMM rounding cannot make an item beat itself.
+image hits at K if any of its captions is in its top K; a caption hits if its image is. Ranks are
+pessimistic: every wrong item that is not strictly below the correct one counts ahead of it, so ties
+count against the query (a collapsed model, every embedding equal, ranks last rather than first)
+and a NaN score ranks last. The positive's score is always read from the same score block as the
+negatives it is compared with, so GEMM rounding cannot make an item beat itself.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ def _scores(queries: Tensor, gallery: Tensor, score_fn: Optional[ScoreFn], chunk
     return torch.cat([score_fn(queries, gallery[j:j + chunk]) for j in range(0, len(gallery), chunk)], dim=1)
 
 
+def _ahead(s: Tensor, correct: Tensor, exclude: Tensor) -> Tensor:
+    """Per row, the wrong items not strictly below the correct score: ties and NaNs count against
+    the query (`~(s < c)` is True for NaN on either side)."""
+    return (~(s < correct) & ~exclude).sum(dim=1)
+
+
 def _summary(ranks: np.ndarray, prefix: str) -> dict[str, float]:
     out = {f"{prefix}_r{k}": float(100.0 * np.mean(ranks <= k)) for k in KS}
     out[f"{prefix}_medr"] = float(np.floor(np.median(ranks)))  # VSE++'s convention: an integer rank
@@ -43,7 +50,7 @@ def i2t_ranks(img: Tensor, txt: Tensor, txt_img: Tensor, *, chunk: int = 1024,
         s = _scores(img[rows], txt, score_fn, chunk)
         positive = txt_img[None, :] == rows[:, None]
         best = torch.where(positive, s, torch.full_like(s, -torch.inf)).max(dim=1, keepdim=True).values
-        ranks.append(((s > best) & ~positive).sum(dim=1) + 1)
+        ranks.append(_ahead(s, best, positive) + 1)
     return torch.cat(ranks).cpu().numpy()
 
 
@@ -58,8 +65,8 @@ def t2i_ranks(img: Tensor, txt: Tensor, txt_img: Tensor, *, chunk: int = 1024,
         else:  # score_fn takes (images, texts): score blocks of images against this caption block
             s = torch.cat([score_fn(img[j:j + chunk], txt[start:start + chunk]).T for j in range(0, len(img), chunk)],
                           dim=1)
-        positive = s.gather(1, own[:, None])
-        ranks.append((s > positive).sum(dim=1) + 1)
+        own_column = torch.zeros_like(s, dtype=torch.bool).scatter_(1, own[:, None], True)
+        ranks.append(_ahead(s, s.gather(1, own[:, None]), own_column) + 1)
     return torch.cat(ranks).cpu().numpy()
 
 
@@ -95,12 +102,12 @@ def sentence_retrieval(txt: Tensor, txt_gid: Tensor, *, chunk: int = 1024) -> di
     for start in range(0, len(txt), chunk):
         q = torch.arange(start, min(start + chunk, len(txt)))
         s = txt[q] @ txt.T
-        s[torch.arange(len(q)), q] = -torch.inf  # a caption never retrieves itself
         positive = txt_gid[None, :] == txt_gid[q, None]
         positive[torch.arange(len(q)), q] = False
         has = positive.any(dim=1)
         best = torch.where(positive, s, torch.full_like(s, -torch.inf)).max(dim=1, keepdim=True).values
-        r = ((s > best) & ~positive).sum(dim=1) + 1
+        itself = torch.zeros_like(positive).scatter_(1, q[:, None], True)  # never retrieves itself
+        r = _ahead(s, best, positive | itself) + 1
         ranks.append(r[has])
     return _summary(torch.cat(ranks).cpu().numpy(), "s2s")
 

@@ -20,11 +20,6 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def scores_pairs(model: nn.Module) -> bool:
-    """Scores (image, text) pairs with a learned head rather than by the embeddings' dot product."""
-    return isinstance(model, SimilarityNet)
-
-
 def is_closed_form(model: nn.Module) -> bool:
     """Fitted in one step (`model.fit(images, texts, ...)`) rather than trained by gradients."""
     return isinstance(model, CCAModel)
@@ -44,5 +39,5 @@ def heads_in(state: dict) -> tuple[int, tuple[str, ...]]:
     return (next(iter(present.values())).shape[0] if present else 0), tuple(present)
 
 
-__all__ = ["MODELS", "build_model", "is_closed_form", "scores_pairs", "heads_in", "Branch", "EmbeddingNet",
+__all__ = ["MODELS", "build_model", "is_closed_form", "heads_in", "Branch", "EmbeddingNet",
            "CCAModel", "SimilarityNet"]

@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from itmatch.data.batch import Batch
+from itmatch.models.two_branch import TwoTower
+
 
 class Projection(nn.Module):
     """x ↦ normalize((x − mean) W): a fixed (fitted, not trained) linear map."""
@@ -26,17 +29,18 @@ class Projection(nn.Module):
         return F.normalize((x.to(self.weight.dtype) - self.mean) @ self.weight, dim=-1)
 
 
-class CCAModel(nn.Module):
-    """Two fitted projections into one space; the same .image/.text/.dims interface as EmbeddingNet."""
+class CCAModel(TwoTower):
+    """Two fitted projections (the branches) on the towers' features into one space; the same
+    embedding interface as EmbeddingNet."""
 
     def __init__(self, image_dim: int, text_dim: int, dim: int) -> None:
         super().__init__()
-        self.image, self.text = Projection(image_dim, dim), Projection(text_dim, dim)
+        d_img, d_txt = self._towers(image_dim, text_dim)
+        self.image, self.text = Projection(d_img, dim), Projection(d_txt, dim)
         self.register_buffer("correlations", torch.zeros(dim))
-        self.dims = (image_dim, text_dim)
 
-    def forward(self, images: Tensor, texts: Tensor) -> tuple[Tensor, Tensor]:
-        return self.image(images), self.text(texts)
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        return {"img": self.image(self.image_tower(batch.images)), "txt": self.text(self.text_tower(batch.texts))}
 
     @torch.no_grad()
     def fit(self, images: Tensor, texts: Tensor, *, ridge: float) -> "CCAModel":

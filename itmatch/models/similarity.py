@@ -6,33 +6,32 @@ positive pair; retrieval scores every pair through the head (`score_matrix`, blo
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
 from itmatch.config import ModelConfig
-from itmatch.models.two_branch import Branch
+from itmatch.data.batch import Batch
+from itmatch.models.two_branch import Branch, TwoTower
 
 
-class SimilarityNet(nn.Module):
+class SimilarityNet(TwoTower):
     def __init__(self, image_dim: int, text_dim: int, cfg: ModelConfig) -> None:
         super().__init__()
+        d_img, d_txt = self._towers(image_dim, text_dim)
         linear = cfg.branch == "linear"
-        self.image = Branch(image_dim, cfg.hidden_dim, cfg.embed_dim, dropout=cfg.dropout, linear=linear)
-        self.text = Branch(text_dim, cfg.hidden_dim, cfg.embed_dim, dropout=cfg.dropout, linear=linear)
+        self.image = Branch(d_img, cfg.hidden_dim, cfg.embed_dim, dropout=cfg.dropout, linear=linear)
+        self.text = Branch(d_txt, cfg.hidden_dim, cfg.embed_dim, dropout=cfg.dropout, linear=linear)
         self.head = nn.Sequential(nn.Linear(cfg.embed_dim, 512), nn.ReLU(inplace=True),
                                   nn.Linear(512, 256), nn.ReLU(inplace=True), nn.Linear(256, 1))
-        self.dims = (image_dim, text_dim)
 
-    def forward(self, images: Tensor, texts: Tensor, pair_image: Optional[Tensor] = None,
-                pair_text: Optional[Tensor] = None) -> tuple[Tensor, ...]:
-        """Embeddings; with pair indices (rows of images, rows of texts) also those pairs' scores,
-        computed inside forward so every backend sees the head used."""
-        img, txt = self.image(images), self.text(texts)
-        if pair_image is None:
-            return img, txt
-        return img, txt, self.pair_scores(img[pair_image], txt[pair_text])
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        """"img", "txt" embeddings; with `batch.pairs` (image rows, text rows, labels) also
+        "pair_scores", computed inside forward so every backend sees the head used."""
+        out = {"img": self.image(self.image_tower(batch.images)), "txt": self.text(self.text_tower(batch.texts))}
+        if batch.pairs is not None:
+            pair_image, pair_text, _ = batch.pairs
+            out["pair_scores"] = self.pair_scores(out["img"][pair_image], out["txt"][pair_text])
+        return out
 
     def pair_scores(self, img: Tensor, txt: Tensor) -> Tensor:
         """[N] scores of aligned pairs (img[i], txt[i])."""

@@ -6,13 +6,13 @@ The linear variant is Linear(d_in→d) → L2. Similarity is the dot product of 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from itmatch.config import ModelConfig
+from itmatch.data.batch import Batch, Inputs
+from itmatch.models.towers import build_tower
 
 
 class Branch(nn.Module):
@@ -37,50 +37,63 @@ class Branch(nn.Module):
         return f, F.normalize(f, dim=-1)
 
 
-class EmbeddingNet(nn.Module):
-    """Image and text branches into one unit-sphere space.
+class TwoTower(nn.Module):
+    """Image tower → image branch and text tower → text branch into one unit-sphere space: the
+    embedding interface every model shares (`embed_images`, `embed_texts`, `dims`). Subclasses set
+    `self.image` / `self.text` (the branches) and define `forward(batch) -> dict` of named outputs."""
 
-    Optional training heads, over `n_classes` classes (one per training image):
-    - "instance": the instance loss's classifier W_share (004 §4.2), one bias-free linear map
-      applied to both modalities' features f before L2 normalisation (P = softmax(W_shareᵀ f); on
-      the unit sphere the logits would be bounded by |W| and a 1-of-N softmax would barely move);
-    - "center": one learned center per class in the embedding space, shared by both modalities
-      (the center loss of 003).
-    With heads, forward takes the samples' classes and also returns a dict of what the heads
-    produce; they live in the model so every backend (DDP, DeepSpeed ZeRO-3 included) sees their
+    image: nn.Module
+    text: nn.Module
+
+    def _towers(self, image_dim: int, text_dim: int) -> tuple[int, int]:
+        """Build the towers for cached features of these widths; returns the branches' input widths."""
+        self.image_tower, self.text_tower = build_tower("features", image_dim), build_tower("features", text_dim)
+        self.dims = (image_dim, text_dim)
+        return self.image_tower.out_dim, self.text_tower.out_dim
+
+    @torch.no_grad()
+    def embed_images(self, x: Inputs) -> Tensor:
+        return self.image(self.image_tower(x))
+
+    @torch.no_grad()
+    def embed_texts(self, x: Inputs) -> Tensor:
+        return self.text(self.text_tower(x))
+
+
+class EmbeddingNet(TwoTower):
+    """The two-branch embedding network; `forward(batch)` returns named outputs:
+    "img", "txt" (unit embeddings of the batch's images and captions), and with heads:
+
+    - "img_logits", "txt_logits": the instance loss's classifier W_share (004 §4.2), one bias-free
+      linear map applied to both modalities' features f before L2 normalisation (P =
+      softmax(W_shareᵀ f); on the unit sphere the logits would be bounded by |W| and a 1-of-N
+      softmax would barely move), over `n_classes` classes (one per training image);
+    - "img_center", "txt_center": each sample's class center, one learned center per class in the
+      embedding space shared by both modalities (the center loss of 003).
+    The heads live in the model so every backend (DDP, DeepSpeed ZeRO-3 included) sees their
     parameters used inside forward.
     """
 
     def __init__(self, image_dim: int, text_dim: int, cfg: ModelConfig, n_classes: int = 0,
                  heads: tuple[str, ...] = ("instance",)) -> None:
         super().__init__()
+        d_img, d_txt = self._towers(image_dim, text_dim)
         linear = cfg.branch == "linear"
-        self.image = Branch(image_dim, cfg.hidden_dim, cfg.embed_dim, dropout=cfg.dropout, linear=linear)
-        self.text = Branch(text_dim, cfg.hidden_dim, cfg.embed_dim, dropout=cfg.dropout, linear=linear)
+        self.image = Branch(d_img, cfg.hidden_dim, cfg.embed_dim, dropout=cfg.dropout, linear=linear)
+        self.text = Branch(d_txt, cfg.hidden_dim, cfg.embed_dim, dropout=cfg.dropout, linear=linear)
         with_heads = n_classes > 0
         self.classifier = nn.Linear(cfg.embed_dim, n_classes, bias=False) if with_heads and "instance" in heads else None
         self.centers = nn.Embedding(n_classes, cfg.embed_dim) if with_heads and "center" in heads else None
-        self.dims = (image_dim, text_dim)
 
-    def forward(self, images: Tensor, texts: Tensor, img_cls: Optional[Tensor] = None,
-                txt_cls: Optional[Tensor] = None) -> tuple:
-        if self.classifier is None and self.centers is None:
-            return self.image(images), self.text(texts)
-        (f_img, img), (f_txt, txt) = self.image.features(images), self.text.features(texts)
-        extras: dict[str, Tensor] = {}
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        (f_img, img), (f_txt, txt) = (self.image.features(self.image_tower(batch.images)),
+                                      self.text.features(self.text_tower(batch.texts)))
+        out = {"img": img, "txt": txt}
         if self.classifier is not None:
-            extras.update(img_logits=self.classifier(f_img), txt_logits=self.classifier(f_txt))
-        if self.centers is not None and img_cls is not None:
-            extras.update(img_center=self.centers(img_cls), txt_center=self.centers(txt_cls))
-        return img, txt, extras
-
-    @torch.no_grad()
-    def embed_images(self, x: Tensor) -> Tensor:
-        return self.image(x)
-
-    @torch.no_grad()
-    def embed_texts(self, x: Tensor) -> Tensor:
-        return self.text(x)
+            out.update(img_logits=self.classifier(f_img), txt_logits=self.classifier(f_txt))
+        if self.centers is not None:
+            out.update(img_center=self.centers(batch.image_cls), txt_center=self.centers(batch.text_cls))
+        return out
 
 
 def build_embedding(image_dim: int, text_dim: int, cfg: ModelConfig, n_classes: int = 0,

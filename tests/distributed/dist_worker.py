@@ -17,9 +17,10 @@ import sys
 import torch
 import torch.distributed as dist
 
-from itmatch.config import ModelConfig
+from itmatch.config import LossConfig, ModelConfig
+from itmatch.data.batch import Batch
 from itmatch.dist import DistGather, globalize_batchnorm
-from itmatch.losses import center_loss, infonce_loss, instance_loss, ranking_loss
+from itmatch.losses import build_objective, infonce_loss, ranking_loss
 from itmatch.models.two_branch import EmbeddingNet
 
 LOSSES = {"ranking": ranking_loss, "infonce": infonce_loss}
@@ -33,17 +34,9 @@ def _mine(t: torch.Tensor, bounds: list[int], rank: int) -> torch.Tensor:
     return t[bounds[rank]:bounds[rank + 1]].to(DEVICE)
 
 
-def with_heads(out: dict, outputs: tuple, img_cls, txt_cls, gather) -> dict:
-    """The objective with the instance and center heads at weight 1 (the same formula both sides)."""
-    img, txt, extras = outputs
-    terms, total = {}, out["loss"]
-    if "img_logits" in extras:
-        terms.update(instance_loss(extras["img_logits"], img_cls, extras["txt_logits"], txt_cls, gather=gather))
-        total = total + terms["visual"] + terms["textual"]
-    if "img_center" in extras:
-        terms.update(center_loss(img, extras["img_center"], txt, extras["txt_center"], gather=gather))
-        total = total + terms["center_img"] + terms["center_txt"]
-    return {**out, **terms, "loss": total}
+def model_objective(case: dict, outputs: dict, batch: Batch, gather) -> dict:
+    """The training objective (itmatch.losses.objective) the case names: the same on both sides."""
+    return build_objective(LossConfig(**case["objective"]))(outputs, batch, gather=gather)
 
 
 def embedding_case(case: dict, rank: int, gather: DistGather) -> dict:
@@ -64,13 +57,11 @@ def model_case(case: dict, rank: int, gather: DistGather) -> dict:
     device_ids = [DEVICE.index] if DEVICE.type == "cuda" else None
     model = torch.nn.parallel.DistributedDataParallel(globalize_batchnorm(net).to(DEVICE), device_ids=device_ids)
     img_gid, txt_gid = _mine(case["img_gid"], case["img_bounds"], rank), _mine(case["txt_gid"], case["txt_bounds"], rank)
+    batch = Batch.of(_mine(case["img"], case["img_bounds"], rank), _mine(case["txt"], case["txt_bounds"], rank),
+                     image_gid=img_gid, text_gid=txt_gid)  # classes = group ids here
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=BF16):
-        classes = (img_gid, txt_gid) if case.get("n_classes") else ()  # classes = group ids here
-        outputs = model(_mine(case["img"], case["img_bounds"], rank), _mine(case["txt"], case["txt_bounds"], rank),
-                        *classes)
-    out = LOSSES[case["loss"]](outputs[0].float(), img_gid, outputs[1].float(), txt_gid, gather=gather, **case["kwargs"])
-    if len(outputs) == 3:
-        out = with_heads(out, outputs, img_gid, txt_gid, gather)
+        outputs = model(batch)
+    out = model_objective(case, outputs, batch, gather)
     out["loss"].backward()
     return {"terms": {k: v.detach().cpu() for k, v in out.items()},
             "grads": {n: p.grad.cpu().clone() for n, p in net.named_parameters()},

@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from itmatch.config import ModelConfig
+from itmatch.data.batch import Batch
 from itmatch.losses import LOCAL, infonce_loss, ranking_loss
 from itmatch.models.two_branch import EmbeddingNet
 
-from dist_worker import with_heads  # the same objective on both sides
+from dist_worker import model_objective  # the same objective on both sides
 from ranks import run_ranks
 WORKER = Path(__file__).with_name("dist_worker.py")
 LOSSES = {"ranking": ranking_loss, "infonce": infonce_loss}
@@ -61,14 +62,17 @@ def _cases(world: int) -> dict[str, dict]:
         kwargs = dict(temperature=0.1, weights=(1.0, 0.5), reduction=reduction)
         cases[f"infonce-{reduction}"] = {"loss": "infonce", "kwargs": kwargs, **_batch(world, 200)}
     model = dict(hidden_dim=16, embed_dim=8, dropout=0.0)
-    cases["model-ranking"] = {"loss": "ranking", "model": model, **_batch(world, 300, dim=12, unit=False),
-                              "kwargs": dict(lambdas=(1.0, 1.5, 0.2, 0.2), margin=0.3, top_k=3)}
-    cases["model-infonce"] = {"loss": "infonce", "model": model, **_batch(world, 301, dim=12, unit=False),
-                              "kwargs": dict(temperature=0.1)}
-    cases["model-instance"] = {"loss": "ranking", "model": model, "n_classes": 9,  # 9 groups in _batch
-                               **_batch(world, 302, dim=12, unit=False), "kwargs": dict(margin=0.3, top_k=3)}
-    cases["model-center"] = {"loss": "ranking", "model": model, "n_classes": 9, "heads": ("instance", "center"),
-                             **_batch(world, 303, dim=12, unit=False), "kwargs": dict(margin=0.3, top_k=3)}
+    # Model cases run the training objective (LossConfig fields) on the model's named outputs.
+    ranking = dict(lambda1=1.0, lambda2=1.5, lambda3=0.2, lambda4=0.2, margin=0.3, top_k=3)
+    cases["model-ranking"] = {"model": model, **_batch(world, 300, dim=12, unit=False), "objective": ranking}
+    cases["model-infonce"] = {"model": model, **_batch(world, 301, dim=12, unit=False),
+                              "objective": dict(name="infonce", temperature=0.1)}
+    cases["model-instance"] = {"model": model, "n_classes": 9,  # 9 groups in _batch
+                               **_batch(world, 302, dim=12, unit=False),
+                               "objective": dict(margin=0.3, top_k=3, instance_weight=1.0)}
+    cases["model-center"] = {"model": model, "n_classes": 9, "heads": ("instance", "center"),
+                             **_batch(world, 303, dim=12, unit=False),
+                             "objective": dict(margin=0.3, top_k=3, instance_weight=1.0, center_weight=1.0)}
     return cases
 
 
@@ -113,12 +117,10 @@ def _reference_model_loss(case: dict, bf16: bool = False):
     torch.manual_seed(0)
     net = EmbeddingNet(case["img"].shape[1], case["txt"].shape[1], ModelConfig(**case["model"]), case.get("n_classes", 0),
                        case.get("heads", ("instance",)))
-    classes = (case["img_gid"], case["txt_gid"]) if case.get("n_classes") else ()
+    batch = Batch.of(case["img"], case["txt"], image_gid=case["img_gid"], text_gid=case["txt_gid"])
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        outputs = net(case["img"], case["txt"], *classes)
-    ref = LOSSES[case["loss"]](outputs[0].float(), case["img_gid"], outputs[1].float(), case["txt_gid"], **case["kwargs"])
-    if len(outputs) == 3:
-        ref = with_heads(ref, outputs, case["img_gid"], case["txt_gid"], LOCAL)
+        outputs = net(batch)
+    ref = model_objective(case, outputs, batch, LOCAL)
     ref["loss"].backward()
     return net, ref
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from itmatch.losses import build_loss, infonce_loss
+from itmatch.data.batch import Batch
+from itmatch.losses import build_objective, infonce_loss
 from itmatch.config import LossConfig
 
 
@@ -69,9 +70,10 @@ def test_perfect_separation_approaches_zero_and_bad_args():
 
 
 def test_config_picks_infonce():
-    fn = build_loss(LossConfig(name="infonce", temperature=0.1, lambda1=1.0, lambda2=0.5))
+    objective = build_objective(LossConfig(name="infonce", temperature=0.1, lambda1=1.0, lambda2=0.5))
     img = F.normalize(torch.randn(4, 3), dim=1)
     txt = F.normalize(torch.randn(4, 3), dim=1)
-    out = fn(img, torch.arange(4), txt, torch.arange(4))
+    ids = torch.arange(4)
+    out = objective({"img": img, "txt": txt}, Batch(img, txt, ids, ids, ids, ids))
     assert set(out) == {"loss", "i2t", "t2i"}
     torch.testing.assert_close(out["loss"], out["i2t"] + 0.5 * out["t2i"])

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 import pytest
 
 from itmatch.config import ModelConfig, load_config
+from itmatch.data.batch import Batch
 from itmatch.losses import instance_loss
 from itmatch.models import build_model
 from itmatch.state import TrainState, load_model, save_checkpoint
@@ -36,13 +37,13 @@ def test_one_classifier_shared_by_both_sides(tmp_path):
     cfg = ModelConfig(hidden_dim=8, embed_dim=4, dropout=0.0)
     model = build_model(6, 5, cfg, n_classes=11).eval()
     x_img, x_txt = torch.randn(3, 6), torch.randn(2, 5)
-    img, txt, extras = model(x_img, x_txt)
-    img_logits, txt_logits = extras["img_logits"], extras["txt_logits"]
+    out = model(Batch.of(x_img, x_txt))
+    img, img_logits, txt_logits = out["img"], out["img_logits"], out["txt_logits"]
     f_img, f_txt = model.image.net(x_img), model.text.net(x_txt)  # features before L2 normalisation
     torch.testing.assert_close(img, torch.nn.functional.normalize(f_img, dim=-1))
     torch.testing.assert_close(img_logits, f_img @ model.classifier.weight.T)  # one W_share, both sides
     torch.testing.assert_close(txt_logits, f_txt @ model.classifier.weight.T)
-    assert len(build_model(6, 5, cfg)(torch.randn(3, 6), torch.randn(2, 5))) == 2  # no head without classes
+    assert set(build_model(6, 5, cfg)(Batch.of(torch.randn(3, 6), torch.randn(2, 5)))) == {"img", "txt"}  # no head without classes
 
     full = load_config(None, ["model.hidden_dim=8", "model.embed_dim=4", "loss.instance_weight=1"])
     save_checkpoint(tmp_path, model=model, cfg=full, train_state=TrainState(), dims=(6, 5))
@@ -62,7 +63,8 @@ def test_center_loss_by_hand_and_shared_centers(tmp_path):
     cfg = ModelConfig(hidden_dim=8, embed_dim=4, dropout=0.0)
     model = build_model(6, 5, cfg, n_classes=5, heads=("center",)).eval()
     img_cls, txt_cls = torch.tensor([0, 3]), torch.tensor([0, 0, 3])
-    img, txt, extras = model(torch.randn(2, 6), torch.randn(3, 5), img_cls, txt_cls)
+    extras = model(Batch.of(torch.randn(2, 6), torch.randn(3, 5), image_cls=img_cls, text_cls=txt_cls))
+    img, txt = extras.pop("img"), extras.pop("txt")
     assert set(extras) == {"img_center", "txt_center"}  # no classifier asked for
     torch.testing.assert_close(extras["txt_center"][1], model.centers.weight[0])  # one center per class, both sides
     img, txt = img.detach(), txt.detach()

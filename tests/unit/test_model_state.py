@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from itmatch.config import load_config
+from itmatch.data.batch import Batch
 from itmatch.models import build_model
 from itmatch.optim import build_optimizer, build_scheduler
 from itmatch.state import TrainState, load_checkpoint, load_model, save_checkpoint
@@ -15,7 +16,8 @@ from itmatch.state import TrainState, load_checkpoint, load_model, save_checkpoi
 def test_branches_embed_on_the_unit_sphere(branch):
     cfg = load_config(overrides=[f"model.branch={branch}", "model.hidden_dim=16", "model.embed_dim=8"])
     model = build_model(12, 20, cfg.model).eval()
-    img, txt = model(torch.randn(5, 12), torch.randn(7, 20))
+    out = model(Batch.of(torch.randn(5, 12), torch.randn(7, 20)))
+    img, txt = out["img"], out["txt"]
     assert img.shape == (5, 8) and txt.shape == (7, 8)
     torch.testing.assert_close(img.norm(dim=1), torch.ones(5))
     layers = [type(m).__name__ for m in model.image.modules()]
@@ -51,7 +53,7 @@ def test_checkpoint_round_trip_restores_everything(tmp_path):
     model = build_model(6, 4, cfg.model)
     opt = build_optimizer(model.parameters(), cfg.optim)
     sched = build_scheduler(opt, cfg.optim, 5, 3)
-    loss = sum(t.sum() for t in model(torch.randn(4, 6), torch.randn(4, 4)))
+    loss = sum(t.sum() for t in model(Batch.of(torch.randn(4, 6), torch.randn(4, 4))).values())
     loss.backward()
     opt.step()
     sched.step()

@@ -25,17 +25,18 @@ def _data(n_img: int, caps_per_img: list[int] | int, dim: int = 16, seed: int = 
 
 
 def _reference(img: torch.Tensor, txt: torch.Tensor, txt_img: torch.Tensor) -> dict[str, float]:
-    """One query at a time: sort the whole gallery, take the position of the first correct item."""
+    """One query at a time: sort the whole gallery (ties: wrong items first, the pessimistic rank),
+    take the position of the first correct item."""
     s = (img @ txt.T).numpy()
     owner = txt_img.numpy()
     i2t, t2i = [], []
     for i in range(len(img)):
         if not (owner == i).any():
             continue
-        order = np.argsort(-s[i], kind="stable")
+        order = np.lexsort((owner == i, -s[i]))  # last key first: score, then wrong before correct
         i2t.append(1 + int(np.flatnonzero(owner[order] == i)[0]))
     for j in range(len(txt)):
-        order = np.argsort(-s[:, j], kind="stable")
+        order = np.lexsort((np.arange(len(img)) == owner[j], -s[:, j]))
         t2i.append(1 + int(np.flatnonzero(order == owner[j])[0]))
     out = {}
     for name, ranks in (("i2t", i2t), ("t2i", t2i)):
@@ -106,11 +107,36 @@ def test_known_ranks_by_hand():
     assert m["i2t_medr"] == 1.0 and m["t2i_meanr"] == pytest.approx(4 / 3)
 
 
-def test_ties_count_in_the_query_favour():
-    img = torch.ones(3, 4) / 2  # every score is equal
-    txt = torch.ones(6, 4) / 2
-    txt_img = torch.tensor([0, 0, 1, 1, 2, 2])
-    assert retrieval_metrics(img, txt, txt_img)["rsum"] == 600.0
+def test_a_collapsed_model_ranks_last_not_first():
+    """Every embedding equal (the collapse hard-negative mining can fall into): each correct item
+    ties with every wrong one and ranks behind all of them, in both directions and s2s."""
+    img = torch.ones(12, 4) / 2
+    txt = torch.ones(24, 4) / 2
+    txt_img = torch.arange(12).repeat_interleave(2)
+    np.testing.assert_array_equal(i2t_ranks(img, txt, txt_img), [23] * 12)  # 22 wrong captions ahead
+    np.testing.assert_array_equal(t2i_ranks(img, txt, txt_img), [12] * 24)  # 11 wrong images ahead
+    m = retrieval_metrics(img, txt, txt_img)
+    assert m["rsum"] == 0.0 and m == _reference(img, txt, txt_img)
+    assert sentence_retrieval(txt, txt_img)["s2s_meanr"] == 23.0  # 22 other-image captions tie ahead
+
+
+def test_partial_ties_match_the_pessimistic_reference():
+    """Scores on a coarse grid tie often; the chunked ranks equal the per-query sort with wrong
+    items first among equals."""
+    g = torch.Generator().manual_seed(7)
+    img = torch.randint(0, 3, (40, 4), generator=g).double()
+    txt_img = torch.arange(40).repeat_interleave(2)
+    txt = torch.randint(0, 3, (80, 4), generator=g).double()
+    assert retrieval_metrics(img, txt, txt_img, chunk=7) == pytest.approx(_reference(img, txt, txt_img))
+
+
+def test_nan_embeddings_rank_last():
+    img, txt, txt_img = _data(20, 2, seed=8)
+    img[3] = float("nan")
+    i2t, t2i = i2t_ranks(img, txt, txt_img), t2i_ranks(img, txt, txt_img)
+    assert i2t[3] == len(txt) - 1  # image 3's 2 captions behind all 38 others
+    assert (t2i[(txt_img == 3).numpy()] == len(img)).all()
+    assert (t2i[(txt_img != 3).numpy()] >= 2).all()  # the NaN image counts ahead of every caption
 
 
 def test_coco_protocols_folds():

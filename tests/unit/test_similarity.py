@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from itmatch.config import ModelConfig, load_config
+from itmatch.data.batch import Batch
 from itmatch.data.store import FeatureSplit
 from itmatch.eval.evaluate import evaluate_split
 from itmatch.eval.retrieval import retrieval_metrics
 from itmatch.losses import logistic_loss, sample_pairs
-from itmatch.models import build_model, scores_pairs
+from itmatch.models import build_model
 
 
 def _net():
@@ -24,15 +25,17 @@ def _net():
 
 def test_score_matrix_equals_per_pair_head():
     net = _net()
-    assert scores_pairs(net)
-    img, txt = net(torch.randn(7, 6), torch.randn(11, 5))
+    assert hasattr(net, "score_matrix")  # evaluation ranks by the head (itmatch.eval.evaluate)
+    out = net(Batch.of(torch.randn(7, 6), torch.randn(11, 5)))
+    img, txt = out["img"], out["txt"]
     full = net.score_matrix(img, txt, block=3)
     for i in range(7):
         for j in range(11):
             with torch.no_grad():
                 want = net.head(img[i] * txt[j])  # the element-wise product through the MLP
             assert float(full[i, j]) == pytest.approx(float(want), rel=1e-5, abs=1e-6)
-    _, _, scores = net(torch.randn(7, 6), torch.randn(11, 5), torch.tensor([0, 6]), torch.tensor([10, 3]))
+    pairs = (torch.tensor([0, 6]), torch.tensor([10, 3]), torch.tensor([1, 0]))
+    scores = net(Batch.of(torch.randn(7, 6), torch.randn(11, 5), pairs=pairs))["pair_scores"]
     assert scores.shape == (2,)
 
 
@@ -41,7 +44,7 @@ def test_logistic_loss_by_hand():
     labels = torch.tensor([1, 0, 0, 1])
     out = logistic_loss(scores, labels)
     want = sum(math.log(1 + math.exp(-z * p)) for z, p in zip([1, -1, -1, 1], [2.0, -1.0, 0.5, 0.0])) / 4
-    assert float(out["loss"]) == pytest.approx(want, rel=1e-6)
+    assert float(out["loss"].detach()) == pytest.approx(want, rel=1e-6)
     out["loss"].backward()
     sig = torch.sigmoid(torch.tensor([2.0, -1.0, 0.5, 0.0]))
     torch.testing.assert_close(scores.grad, (sig - labels.float()) / 4)  # d/dp of the mean
@@ -70,7 +73,8 @@ def test_evaluation_ranks_by_the_head_not_cosine():
                          caption_feats=rng.standard_normal((20, 5), dtype=np.float32), texts=[""] * 20)
     got = evaluate_split(net, split, chunk=4, sentences=False)
     with torch.no_grad():
-        img, txt = net(torch.from_numpy(split.image_feats), torch.from_numpy(split.caption_feats))
+        out = net(Batch.of(torch.from_numpy(split.image_feats), torch.from_numpy(split.caption_feats)))
+        img, txt = out["img"], out["txt"]
     want = retrieval_metrics(img, txt, torch.from_numpy(split.caption_image), score_fn=net.score_matrix)
     cosine = retrieval_metrics(img, txt, torch.from_numpy(split.caption_image))
     assert got == pytest.approx(want)

@@ -1,0 +1,81 @@
+"""The named batch every model and objective takes: the same structure for cached features,
+pixels or token ids.
+
+A batch holds one worker's share of a global batch: its unique images and its captions, each
+with their tower inputs, group ids (positives share one) and instance classes (the image's row in
+the training split, 004's one class per training image). `Batch.images` / `Batch.texts` are what
+the towers consume: a [N, D] feature tensor for the identity tower over cached features, a
+[N, 3, H, W] pixel tensor for an image CNN, or a dict of token tensors for a text encoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+Inputs = Union[Tensor, dict[str, Tensor]]
+
+
+def _to(x: Inputs, device: torch.device, dtype: Optional[torch.dtype] = None) -> Inputs:
+    if isinstance(x, dict):
+        return {k: _to(v, device, dtype) for k, v in x.items()}  # type: ignore[misc]
+    x = x.to(device)
+    return x.to(dtype) if dtype is not None and x.is_floating_point() else x
+
+
+@dataclass
+class Batch:
+    images: Inputs
+    """Image tower inputs, one row per unique image of the batch."""
+    texts: Inputs
+    """Text tower inputs, one row per caption."""
+    image_gid: Tensor
+    text_gid: Tensor
+    image_cls: Tensor
+    """Instance class of each image (its row in the training split)."""
+    text_cls: Tensor
+    """Instance class of each caption (its image's row)."""
+    pairs: Optional[tuple[Tensor, Tensor, Tensor]] = None
+    """(image rows, text rows, labels) of sampled pairs, for objectives that score pairs."""
+
+    @classmethod
+    def of(cls, images: Inputs, texts: Inputs, *, image_gid: Optional[Tensor] = None,
+           text_gid: Optional[Tensor] = None, image_cls: Optional[Tensor] = None, text_cls: Optional[Tensor] = None,
+           pairs: Optional[tuple[Tensor, Tensor, Tensor]] = None) -> "Batch":
+        """A batch from tower inputs; ids not given default to the row numbers (enough for a forward
+        pass that no objective reads them from, e.g. embedding a gallery)."""
+        rows = lambda x: torch.arange(len(next(iter(x.values())) if isinstance(x, dict) else x))  # noqa: E731
+        image_gid = rows(images) if image_gid is None else image_gid
+        text_gid = rows(texts) if text_gid is None else text_gid
+        return cls(images, texts, image_gid, text_gid, image_gid if image_cls is None else image_cls,
+                   text_gid if text_cls is None else text_cls, pairs)
+
+    def __len__(self) -> int:
+        return len(self.text_gid)
+
+    def to(self, device: torch.device) -> "Batch":
+        moved = {f: _to(getattr(self, f), device) for f in ("images", "texts", "image_gid", "text_gid",
+                                                             "image_cls", "text_cls")}
+        pairs = tuple(t.to(device) for t in self.pairs) if self.pairs is not None else None
+        return replace(self, **moved, pairs=pairs)
+
+    def cast_inputs(self, dtype: torch.dtype) -> "Batch":
+        """Floating tower inputs in `dtype` (DeepSpeed bf16 weights take bf16 inputs); ids untouched."""
+        device = self.image_gid.device
+        return replace(self, images=_to(self.images, device, dtype), texts=_to(self.texts, device, dtype))
+
+
+def feature_batch(split, captions: np.ndarray, device: torch.device | str = "cpu") -> Batch:
+    """The batch of cached features for these caption rows of a `FeatureSplit`."""
+    rows = np.unique(split.caption_image[captions])
+    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    return Batch(images=as_tensor(split.image_feats[rows]), texts=as_tensor(split.caption_feats[captions]),
+                 image_gid=as_tensor(split.image_ids[rows]), text_gid=as_tensor(split.caption_gid[captions]),
+                 image_cls=as_tensor(rows), text_cls=as_tensor(split.caption_image[captions])).to(torch.device(device))
+
+
+__all__ = ["Batch", "Inputs", "feature_batch"]
