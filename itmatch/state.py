@@ -1,27 +1,42 @@
 """Training state and checkpoint files.
 
 A checkpoint folder holds `state.pt` (model, optimizer, scheduler, sampler and `TrainState`) and
-`config.yaml` (the resolved config). Random streams are re-derived from (seed, rank, epoch) at the
-start of every epoch (see `epoch_seed`), so a resume at an epoch boundary replays exactly without
-saving per-rank generator states. Files are written to a temporary name and renamed, so a crash
-mid-write never leaves a truncated checkpoint behind.
+`config.yaml` (the resolved config), then `checksums.json` (their sha256, written last). Loading
+uses `torch.load(weights_only=True)`: the state is tensors and plain Python values only, never
+pickled objects, and a file whose checksum does not match is refused by name. A resume whose
+latest checkpoint is damaged takes the newest intact one beside it (`pick_resume_checkpoint`).
+Random streams are re-derived from (seed, rank, epoch) at the start of every epoch (see
+`epoch_seed`), so a resume at an epoch boundary replays exactly without saving per-rank generator
+states. Files are written to a temporary name and renamed, so a crash mid-write never leaves a
+truncated checkpoint behind.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import yaml
 
 from itmatch.config import Config, validate
+from itmatch.data.store import atomic_write_text
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
+CHECKSUM_FILE = "checksums.json"
+CHECKPOINT_PREFIX = "checkpoint_"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be trusted: missing, truncated, corrupt or holding pickled objects."""
 
 
 @dataclass
@@ -84,21 +99,78 @@ def save_checkpoint(
         "sampler": sampler,
         **(extra or {}),
     }
-    _atomic_save(payload, folder / STATE_FILE)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{CONFIG_FILE}.")
-    with os.fdopen(fd, "w") as f:
-        yaml.safe_dump(cfg.model_dump(), f, sort_keys=False)
-    os.replace(tmp, folder / CONFIG_FILE)
+    _atomic_save(plain_state(payload), folder / STATE_FILE)
+    atomic_write_text(folder / CONFIG_FILE, yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    # Last, so a checkpoint with a sidecar has both files complete.
+    sums = {name: file_sha256(folder / name) for name in (STATE_FILE, CONFIG_FILE)}
+    atomic_write_text(folder / CHECKSUM_FILE, json.dumps(sums, indent=2))
     return folder
+
+
+_PLAIN_LEAVES = (torch.Tensor, torch.dtype, torch.Size, torch.device, str, bytes, int, float, bool, type(None))
+
+
+def plain_state(obj: Any, where: str = "state") -> Any:
+    """`obj` with numpy values turned into Python/tensor ones, so `torch.load(weights_only=True)`
+    reads it back; anything else that would need pickling is refused here, at save time, by name."""
+    if isinstance(obj, _PLAIN_LEAVES):
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.array(obj))
+    if isinstance(obj, dict):
+        return {k: plain_state(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain_state(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    raise CheckpointError(f"checkpoint field {where} is a {type(obj).__name__}, which would need pickling; "
+                          "store it as tensors and plain values")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def verify_checkpoint(folder: str | Path) -> None:
+    """Raise naming the file if a checkpoint's files are missing or differ from their checksums.
+    A checkpoint written before the sidecar existed is checked by loading its state.pt."""
+    folder = Path(folder)
+    for name in (STATE_FILE, CONFIG_FILE):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"checkpoint {folder}: missing {name}")
+    sidecar = folder / CHECKSUM_FILE
+    if not sidecar.is_file():  # written before checksums existed: loading it is the only check
+        _load_state(folder / STATE_FILE)
+        return
+    try:
+        sums = json.loads(sidecar.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{sidecar}: unreadable checksum file ({exc})") from exc
+    for name, expected in sums.items():
+        path = folder / name
+        if not path.is_file() or file_sha256(path) != expected:
+            size = path.stat().st_size if path.is_file() else "missing"
+            raise CheckpointError(f"{path}: sha256 differs from {CHECKSUM_FILE} (size {size}): "
+                                  "truncated or corrupt")
+
+
+def _load_state(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for a bad file
+        first = (str(exc).splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: cannot load ({type(exc).__name__}: {first})") from exc
 
 
 def load_checkpoint(folder: str | Path) -> tuple[dict, Config]:
     folder = Path(folder)
     state_path, config_path = folder / STATE_FILE, folder / CONFIG_FILE
-    for path in (state_path, config_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {folder}: missing {path.name}")
-    payload = torch.load(state_path, map_location="cpu", weights_only=False)
+    verify_checkpoint(folder)
+    payload = _load_state(state_path)
     cfg = validate(yaml.safe_load(config_path.read_text()), where=str(config_path))
     payload["train_state"] = TrainState(**payload["train_state"])
     return payload, cfg
@@ -113,3 +185,33 @@ def load_model(folder: str | Path) -> tuple[torch.nn.Module, Config]:
     model = build_model(*payload["dims"], cfg.model, n_classes=n_classes, heads=heads)
     model.load_state_dict(payload["model"])
     return model.eval(), cfg
+
+
+def _checkpoint_order(folder: Path) -> tuple:
+    """Ray names checkpoints by index or timestamp: compare digit runs as numbers."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", folder.name))
+
+
+def checkpoint_candidates(latest: str | Path, run_folder: Optional[str | Path] = None) -> list[Path]:
+    """The latest checkpoint first, then the run folder's other `checkpoint_*` folders, newest first."""
+    latest = Path(latest)
+    others = [] if run_folder is None else [
+        p for p in Path(run_folder).glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name != latest.name]
+    return [latest, *sorted(others, key=_checkpoint_order, reverse=True)]
+
+
+def pick_resume_checkpoint(candidates: list[Path]) -> tuple[Path, list[tuple[Path, str]]]:
+    """The first candidate (newest first) whose files pass their checksums, and the ones skipped
+    with why. Raises CheckpointError naming every candidate when none is intact."""
+    skipped: list[tuple[Path, str]] = []
+    for folder in candidates:
+        try:
+            verify_checkpoint(folder)
+            for inner in Path(folder).iterdir():  # e.g. the best weights travelling inside it
+                if (inner / STATE_FILE).is_file():
+                    verify_checkpoint(inner)
+        except (CheckpointError, FileNotFoundError) as exc:
+            skipped.append((Path(folder), str(exc)))
+            continue
+        return Path(folder), skipped
+    raise CheckpointError("no intact checkpoint to resume from: " + "; ".join(r for _, r in skipped))

@@ -204,6 +204,8 @@ def train_loop_per_worker(config: dict) -> None:
     """Entry point for `TorchTrainer`: config = {"cfg": Config dict, "store": folder, "threads", "tracking"}."""
     import ray.train
 
+    from itmatch.state import checkpoint_candidates, pick_resume_checkpoint
+
     setup_logging()
     torch.set_num_threads(int(config.get("threads", 1)))
     cfg = validate(config["cfg"])
@@ -213,7 +215,15 @@ def train_loop_per_worker(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            trainer.restore(Path(folder))
+            # The latest checkpoint may be truncated or corrupt: fall back to the newest intact one
+            # beside it in the run folder (Ray keeps run.keep_checkpoints of them).
+            run_folder = Path(checkpoint.path).parent
+            chosen, skipped = pick_resume_checkpoint(
+                checkpoint_candidates(folder, run_folder if run_folder.is_dir() else None))
+            for bad, why in skipped:
+                log.warning("rank %d: checkpoint %s is unusable (%s); resuming from %s instead",
+                            trainer.ctx.rank, bad, why, chosen)
+            trainer.restore(chosen)
         log.info("rank %d resumed at epoch %d, step %d, best %s", trainer.ctx.rank, trainer.state.epoch,
                  trainer.state.step, trainer.state.best_metric)
     trainer.fit(_ray_report)

@@ -67,6 +67,20 @@ def _split(name: str, restval: str = "train") -> str:
 # ---------------------------------------------------------------------------- precomp
 
 
+def read_utf8(path: Path) -> str:
+    """A text file's content; undecodable bytes or an unreadable file are a DataError naming it."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"{path}: line {line}: bytes {data[exc.start:exc.end]!r} at offset {exc.start} "
+                        "are not UTF-8 (re-encode the file as UTF-8)") from exc
+
+
 def _load_npy(path: Path) -> np.ndarray:
     try:
         array = np.load(path, mmap_mode="r")
@@ -83,7 +97,10 @@ def _precomp_split(root: Path, prefix: str, caps_per_image: int, caption_feature
         if not path.is_file():
             raise DataError(f"precomp:{root}: missing file {path.name}")
     ims = _load_npy(ims_path)
-    texts = caps_path.read_text(encoding="utf-8").splitlines()
+    texts = read_utf8(caps_path).splitlines()
+    empty = next((i for i, t in enumerate(texts) if not t.strip()), None)
+    if empty is not None:
+        raise DataError(f"{caps_path}: line {empty + 1} is an empty caption")
     n_caps = len(texts)
     if ims.shape[0] * caps_per_image == n_caps:
         image_rows = np.asarray(ims)
@@ -118,8 +135,12 @@ def read_precomp(source: Source, *, caption_features: str | None = None) -> Corp
         raise DataError(f"precomp:{root}: no {{split}}_ims.npy files found")
     image_parts, caption_parts, files = [], [], []
     next_image, next_caption = 0, 0
+    widths: dict[str, tuple[int, Path]] = {}
     for prefix in prefixes:
         rows, texts, cap_feats, used = _precomp_split(root, prefix, per, caption_features)
+        _same_width(widths, "image", rows.shape[1], used[0])
+        if cap_feats is not None:
+            _same_width(widths, "caption", cap_feats.shape[1], used[-1])
         split = _split(prefix)
         n_img, n_cap = rows.shape[0], len(texts)
         image_ids = np.arange(next_image, next_image + n_img, dtype=np.int64)
@@ -140,10 +161,17 @@ def read_precomp(source: Source, *, caption_features: str | None = None) -> Corp
     return Corpus(_concat(image_parts, root), _concat(caption_parts, root), str(source), files)
 
 
+def _same_width(seen: dict[str, tuple[int, Path]], kind: str, width: int, path: Path) -> None:
+    """Every split's features must have one width (a model takes one input size)."""
+    first = seen.setdefault(kind, (width, path))
+    if first[0] != width:
+        raise DataError(f"{path}: {kind} features are {width} wide but {first[1].name} has width {first[0]}")
+
+
 def _concat(tables: list[pa.Table], where: Path) -> pa.Table:
     try:
         return pa.concat_tables(tables, promote_options="permissive")
-    except pa.ArrowInvalid as exc:
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
         raise DataError(f"{where}: splits disagree in their columns or feature widths ({exc})") from exc
 
 
@@ -179,7 +207,7 @@ def read_karpathy(source: Source, **_: Any) -> Corpus:
         raise DataError(f"karpathy:{json_path}: file does not exist")
     image_root = Path(image_dir) if image_dir else json_path.parent / "images"
     try:
-        doc = json.loads(json_path.read_text(encoding="utf-8"))
+        doc = json.loads(read_utf8(json_path))
     except json.JSONDecodeError as exc:
         raise DataError(f"{json_path}: not valid JSON ({exc})") from exc
     entries = doc.get("images") if isinstance(doc, dict) else None
@@ -233,15 +261,24 @@ def _table_from_parquet(path: Path) -> tuple[pa.Table, list[Path]]:
             raise DataError(f"parquet:{path}: folder holds no .parquet files")
         tables = []
         for file in files:
-            table = pq.read_table(file)
+            table = _read_parquet_file(file)
             stem_split = _split(file.stem.split("-")[0].split("_")[0])
             if "split" not in table.column_names and stem_split in ("train", "val", "test"):
                 table = table.append_column("split", pa.array([stem_split] * len(table)))
             tables.append(table)
-        return pa.concat_tables(tables, promote_options="permissive"), files
+        return _concat(tables, path), files
     if not path.is_file():
         raise DataError(f"parquet:{path}: file does not exist")
-    return pq.read_table(path), [path]
+    return _read_parquet_file(path), [path]
+
+
+def _read_parquet_file(path: Path) -> pa.Table:
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file (0 bytes), not Parquet")
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from exc
 
 
 def _image_bytes(value: Any, where: str, row: int) -> bytes:
@@ -317,7 +354,11 @@ def read_hf(source: Source, **_: Any) -> Corpus:
         raise DataError(f"hf:{path}: no such folder (hf: reads a datasets.save_to_disk folder offline)")
     import datasets  # lazy: heavy, and only this reader needs it
 
-    loaded = datasets.load_from_disk(str(path))
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except (FileNotFoundError, ValueError, OSError) as exc:  # no dataset_info.json / state.json, or bad arrow
+        raise DataError(f"hf:{path}: not a datasets.save_to_disk folder nor Parquet "
+                        f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
     parts = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(source.options.get("split", "train"), loaded)]
     tables = []
     for split, ds in parts:
@@ -326,7 +367,7 @@ def read_hf(source: Source, **_: Any) -> Corpus:
             table = table.append_column("split", pa.array([_split(split)] * len(table)))
         tables.append(table)
     files = sorted(p for p in path.rglob("*") if p.is_file())
-    return corpus_from_table(pa.concat_tables(tables, promote_options="permissive"), source.options, str(source), files)
+    return corpus_from_table(_concat(tables, path), source.options, str(source), files)
 
 
 def read_synthetic(source: Source, **_: Any) -> Corpus:

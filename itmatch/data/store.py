@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +24,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from itmatch.data.readers import Corpus, column_to_numpy, features_column, read_source
-from itmatch.data.sources import DataError
+from itmatch.data.sources import DataError, parse_source
+
+log = logging.getLogger("itmatch.data")
 
 SCHEMA_VERSION = 1
 
@@ -124,6 +127,45 @@ def pixel_column(images: pa.Table) -> str:
     return "image" if "image" in images.column_names else "path"
 
 
+BAD_IMAGE_POLICIES = ("fail", "skip")
+
+
+def _undecodable(value: Any, column: str) -> Optional[str]:
+    """Why an image cannot be decoded (missing, unreadable, truncated, not an image), or None.
+    JPEGs are decoded at 1/8 scale (draft mode): the whole stream is still read, at a fraction of the cost."""
+    from PIL import Image  # lazy: only pixel sources need it
+
+    try:
+        with Image.open(io.BytesIO(value) if column == "image" else value) as image:
+            image.draft("RGB", (1, 1))
+            image.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        return str(exc) or type(exc).__name__
+    return None
+
+
+def _drop_bad_images(images: pa.Table, caps: pa.Table, policy: str, where: str) -> tuple[pa.Table, pa.Table, int]:
+    """Check every image decodes before any is encoded; `policy` fail: a DataError naming the first
+    bad one and the count; skip: drop the bad images and their captions, and return how many."""
+    column = pixel_column(images)
+    values = images.column(column).to_pylist()
+    bad = [(row, why) for row, value in enumerate(values) if (why := _undecodable(value, column))]
+    if not bad:
+        return images, caps, 0
+    row, why = bad[0]
+    name = values[row] if column == "path" else f"image_id {images.column('image_id')[row].as_py()} (row {row})"
+    if policy != "skip":
+        raise DataError(f"{where}: {len(bad)} of {len(values)} images cannot be decoded, first {name}: {why} "
+                        "(add ?bad_images=skip to data.source to train without them)")
+    keep = np.ones(len(values), dtype=bool)
+    keep[[r for r, _ in bad]] = False
+    images = images.filter(pa.array(keep))
+    caps = caps.filter(pc.is_in(caps.column("image_id"), value_set=images.column("image_id")))
+    log.warning("%s: skipped %d of %d images that cannot be decoded (bad_images=skip), first %s: %s",
+                where, len(bad), len(values), name, why)
+    return images, caps, len(bad)
+
+
 def decode_images(values: Iterable, column: str) -> Iterator:
     """RGB PIL images from encoded bytes or paths; a bad one is a DataError naming it."""
     from PIL import Image  # lazy: only pixel sources need it
@@ -169,13 +211,16 @@ def _digest(*arrays: np.ndarray) -> str:
 
 
 def _ingest_split(corpus: Corpus, split: str, root: Path, image_encoder: str, text_encoder: str, progress: bool,
-                  featurizer: ImageFeaturizer):
+                  featurizer: ImageFeaturizer, bad_images: str = "fail"):
     images = corpus.images.filter(pc.equal(corpus.images.column("split"), split))
     caps = corpus.captions.filter(pc.equal(corpus.captions.column("split"), split))
     known = set(images.column("image_id").to_pylist())
     orphans = [i for i in caps.column("image_id").to_pylist() if i not in known]
     if orphans:
         raise DataError(f"{corpus.name}: split {split!r}: captions refer to unknown image_id {orphans[0]!r}")
+    skipped = 0
+    if "feature" not in images.column_names:
+        images, caps, skipped = _drop_bad_images(images, caps, bad_images, f"{corpus.name}: split {split!r}")
     img_feats = _image_features(images, image_encoder, progress, featurizer)
     cap_feats = _caption_features(caps, text_encoder, progress)
     _check_finite(img_feats, f"{corpus.name}: split {split!r}: image features")
@@ -189,7 +234,7 @@ def _ingest_split(corpus: Corpus, split: str, root: Path, image_encoder: str, te
     ids = (images.column("image_id").to_numpy(), caps.column("image_id").to_numpy())
     return {
         "digest": _digest(*ids, img_feats, cap_feats), "images": len(images), "captions": len(caps),
-        "dims": [int(img_feats.shape[1]), int(cap_feats.shape[1])],
+        "dims": [int(img_feats.shape[1]), int(cap_feats.shape[1])], "skipped_images": skipped,
     }
 
 
@@ -214,6 +259,10 @@ def prepare(
     """Read the source, featurise what is not yet cached, and return the store.
     `image_featurizer` replaces the in-process image encoding (e.g. Ray Data over a cluster)."""
     corpus = read_source(source, caption_features=text_encoder)
+    bad_images = parse_source(source).options.get("bad_images", "fail")
+    if bad_images not in BAD_IMAGE_POLICIES:
+        raise DataError(f"data.source {source!r}: bad_images={bad_images!r}; choices: {', '.join(BAD_IMAGE_POLICIES)}")
+    check_encoder_names(corpus, image_encoder, text_encoder)
     available = corpus.splits
     wanted = splits or available
     missing = [s for s in wanted if s not in available]
@@ -229,7 +278,8 @@ def prepare(
     have = manifest["splits"] if manifest else []
     todo = [s for s in wanted if s not in have]
     featurizer = image_featurizer or local_image_features
-    stats = {s: _ingest_split(corpus, s, root, image_encoder, text_encoder, progress, featurizer) for s in todo}
+    stats = {s: _ingest_split(corpus, s, root, image_encoder, text_encoder, progress, featurizer, bad_images)
+             for s in todo}
     dims = {tuple(v["dims"]) for v in stats.values()} | ({tuple(manifest["dims"])} if manifest else set())
     if len(dims) != 1:
         raise DataError(f"{source}: splits have different feature widths {sorted(dims)}")
@@ -239,6 +289,8 @@ def prepare(
         "digests": {**(manifest["digests"] if manifest else {}), **{s: v["digest"] for s, v in stats.items()}},
         "counts": {**(manifest["counts"] if manifest else {}),
                    **{s: {"images": v["images"], "captions": v["captions"]} for s, v in stats.items()}},
+        "skipped_images": {**(manifest.get("skipped_images", {}) if manifest else {}),
+                           **{s: v["skipped_images"] for s, v in stats.items()}},
     }
     atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
     return FeatureStore(root, manifest)
@@ -246,3 +298,22 @@ def prepare(
 
 def _payload_encoder(corpus: Corpus, image_encoder: str) -> str:
     return "precomputed" if corpus.payload() == "feature" else image_encoder
+
+
+def check_encoder_names(corpus: Corpus, image_encoder: str, text_encoder: str) -> None:
+    """Refuse an unknown encoder name before anything is encoded, but only where one is needed:
+    precomputed image features need no image encoder, and a precomp `text_encoder` may just name
+    the `{split}_caps_<name>.npy` files."""
+    from itmatch.data.encoders import IMAGE_ENCODERS, TEXT_ENCODERS, image_encoder_choices
+
+    if corpus.payload() != "feature":
+        prefix, sep, arch = image_encoder.partition(":")
+        known = prefix == "torchvision" and bool(arch) if sep else image_encoder in IMAGE_ENCODERS
+        if not known or image_encoder == "torchvision":
+            raise DataError(f"data.image_encoder = {image_encoder!r}: unknown image encoder; "
+                            f"choices: {', '.join(image_encoder_choices())}")
+    caps = corpus.captions
+    needs_text = "feature" not in caps.column_names or caps.column("feature").null_count > 0
+    if needs_text and text_encoder not in TEXT_ENCODERS:
+        raise DataError(f"data.text_encoder = {text_encoder!r}: unknown text encoder and {corpus.name} has no "
+                        f"precomputed caption features of that name; choices: {', '.join(sorted(TEXT_ENCODERS))}")

@@ -72,3 +72,113 @@ def test_checkpoint_round_trip_restores_everything(tmp_path):
 def test_missing_checkpoint_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="state.pt"):
         load_checkpoint(tmp_path)
+
+
+# --------------------------------------------------------------------------- safe, verifiable checkpoints
+
+
+def _save_small(folder, epoch=1, **extra):
+    cfg = load_config(overrides=["model.hidden_dim=8", "model.embed_dim=4"])
+    model = build_model(6, 4, cfg.model)
+    opt = build_optimizer(model.parameters(), load_config(overrides=["optim.name=sgd"]).optim)
+    sched = build_scheduler(opt, cfg.optim, 5, 3)
+    return save_checkpoint(folder, model=model, cfg=cfg, train_state=TrainState(epoch=epoch), dims=(6, 4),
+                           optimizer=opt, scheduler=sched, sampler={"epoch": epoch, "offset": 0, "seed": 0},
+                           extra=extra)
+
+
+def test_state_loads_with_weights_only_and_numpy_values_become_plain(tmp_path):
+    import numpy as np
+
+    from itmatch.state import STATE_FILE
+
+    _save_small(tmp_path, deepspeed={"tag": "ds", "zero_stage": np.int64(2)}, note=np.float32(0.5))
+    payload = torch.load(tmp_path / STATE_FILE, weights_only=True)  # would raise on any pickled object
+    assert payload["deepspeed"] == {"tag": "ds", "zero_stage": 2} and type(payload["deepspeed"]["zero_stage"]) is int
+    assert payload["note"] == 0.5 and payload["optimizer"]["param_groups"][0]["momentum"] == 0.9
+
+
+def test_state_that_needs_pickling_is_refused_at_save_time(tmp_path):
+    import numpy as np
+
+    from itmatch.state import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"state\.sampler\.rng is a Generator"):
+        save_checkpoint(tmp_path, model={}, cfg=load_config(), train_state=TrainState(), dims=(1, 1),
+                        sampler={"rng": np.random.default_rng(0)})
+    assert not (tmp_path / "state.pt").exists()
+
+
+def test_pickled_object_in_a_legacy_state_is_refused(tmp_path):
+    from itmatch.state import CHECKSUM_FILE, STATE_FILE, CheckpointError
+
+    _save_small(tmp_path)
+    (tmp_path / CHECKSUM_FILE).unlink()  # as written before checksums existed
+    torch.save({"train_state": TrainState()}, tmp_path / STATE_FILE)  # a dataclass: needs pickling
+    with pytest.raises(CheckpointError, match=rf"{STATE_FILE}: cannot load \(UnpicklingError"):
+        load_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty"])
+def test_damaged_state_is_named_by_its_checksum(tmp_path, damage):
+    from itmatch.state import STATE_FILE, CheckpointError
+
+    _save_small(tmp_path)
+    path = tmp_path / STATE_FILE
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data[: len(data) // 2] if damage == "truncate" else b"" if damage == "empty" else data))
+    with pytest.raises(CheckpointError, match=rf"{path}: sha256 differs") as info:
+        load_checkpoint(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_truncated_legacy_state_without_sidecar_is_named(tmp_path):
+    from itmatch.state import CHECKSUM_FILE, STATE_FILE, CheckpointError
+
+    _save_small(tmp_path)
+    (tmp_path / CHECKSUM_FILE).unlink()
+    path = tmp_path / STATE_FILE
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=rf"{path}: cannot load"):
+        load_checkpoint(tmp_path)
+
+
+def test_sidecar_is_written_last_and_matches(tmp_path):
+    import json
+
+    from itmatch.state import CHECKSUM_FILE, file_sha256
+
+    _save_small(tmp_path)
+    sums = json.loads((tmp_path / CHECKSUM_FILE).read_text())
+    assert sums == {name: file_sha256(tmp_path / name) for name in ("state.pt", "config.yaml")}
+    assert (tmp_path / CHECKSUM_FILE).stat().st_mtime_ns >= (tmp_path / "state.pt").stat().st_mtime_ns
+
+
+def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path):
+    from itmatch.state import STATE_FILE, CheckpointError, checkpoint_candidates, pick_resume_checkpoint
+
+    for i in (2, 9, 10):
+        _save_small(tmp_path / f"checkpoint_{i:02d}" if i < 10 else tmp_path / f"checkpoint_{i}", epoch=i)
+    latest = tmp_path / "checkpoint_10"
+    state = latest / STATE_FILE
+    state.write_bytes(state.read_bytes()[:50])
+    candidates = checkpoint_candidates(latest, tmp_path)
+    assert [p.name for p in candidates] == ["checkpoint_10", "checkpoint_09", "checkpoint_02"]
+    chosen, skipped = pick_resume_checkpoint(candidates)
+    assert chosen == tmp_path / "checkpoint_09" and [p for p, _ in skipped] == [latest]
+    assert str(state) in skipped[0][1] and load_checkpoint(chosen)[0]["train_state"].epoch == 9
+    # a corrupt best/ inside a checkpoint makes it unusable too
+    _save_small(tmp_path / "checkpoint_09" / "best")
+    (tmp_path / "checkpoint_09" / "best" / STATE_FILE).write_bytes(b"")
+    assert pick_resume_checkpoint(candidates)[0] == tmp_path / "checkpoint_02"
+    (tmp_path / "checkpoint_02" / "config.yaml").unlink()
+    with pytest.raises(CheckpointError, match="no intact checkpoint.*checkpoint_10.*checkpoint_09.*checkpoint_02"):
+        pick_resume_checkpoint(candidates)
+
+
+def test_latest_checkpoint_outside_the_run_folder_comes_first(tmp_path):
+    from itmatch.state import checkpoint_candidates
+
+    assert checkpoint_candidates(tmp_path / "download") == [tmp_path / "download"]

@@ -190,6 +190,7 @@ def test_precomp_caption_features_for_some_splits_only(tmp_path, monkeypatch):
 
     fake = types.ModuleType("itmatch.data.encoders")
     fake.build_text_encoder = lambda name: FakeTextEncoder()
+    fake.TEXT_ENCODERS, fake.IMAGE_ENCODERS, fake.image_encoder_choices = {"foo": FakeTextEncoder}, {}, list
     monkeypatch.setitem(sys.modules, "itmatch.data.encoders", fake)
     store = _prepare(f"precomp:{tmp_path / 'p'}", tmp_path / "cache")
     assert encoded == [data["dev"][1]]
@@ -557,10 +558,10 @@ def test_prepare_caption_image_follows_image_ids(tmp_path, monkeypatch):
         pa.table({"image_id": image_ids, "split": ["train"] * 4, "feature": features_column(image_feats)}),
         pa.table({"caption_id": np.arange(100, 108), "image_id": image_ids[owner], "split": ["train"] * 8,
                   "text": [f"c{i}" for i in range(8)], "feature": features_column(cap_feats)}),
-        "fake:x", [],
+        "precomp:x", [],
     )
     monkeypatch.setattr(store_module, "read_source", lambda *a, **k: corpus)
-    split = _prepare("fake:x", tmp_path / "cache").split("train")
+    split = _prepare("precomp:x", tmp_path / "cache").split("train")
     np.testing.assert_array_equal(split.image_ids, image_ids)
     np.testing.assert_array_equal(split.caption_image, owner)
     np.testing.assert_array_equal(split.caption_gid, image_ids[owner])
