@@ -136,6 +136,9 @@ class ScalingConfig(_Section):
     """bf16: autocast under ddp; bf16 weights with fp32 master weights under deepspeed."""
     sync_batchnorm: bool = True
     """BatchNorm statistics over the global batch (what one worker on the whole batch computes)."""
+    check_resources: bool = True
+    """Refuse before start when the cluster's current CPUs/GPUs cannot place the workers (Ray would
+    wait for them forever); false on an autoscaling cluster that adds nodes on demand."""
 
 
 class RunConfig(_Section):

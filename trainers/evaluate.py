@@ -16,10 +16,12 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Optional  # noqa: E402
 
+from itmatch.config import ConfigError  # noqa: E402
 from itmatch.data.sources import DataError  # noqa: E402
 from itmatch.data.store import prepare  # noqa: E402
 from itmatch.eval.evaluate import evaluate_split  # noqa: E402
 from itmatch.eval.retrieval import format_metrics  # noqa: E402
+from itmatch.state import CheckpointError  # noqa: E402
 from trainers.logs import setup_logging  # noqa: E402
 
 
@@ -39,14 +41,14 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     setup_logging()
     args = parse_args(argv)
-    from trainers.results import resolve_model
+    from trainers.results import ModelRefError, resolve_model
 
     try:
         model, cfg = resolve_model(args.model, args.tracking_uri)
         d = cfg.data
         store = prepare(args.data or d.source, cache_dir=args.cache_dir or d.cache_dir,
                         image_encoder=d.image_encoder, text_encoder=d.text_encoder, splits=[args.split])
-    except (DataError, FileNotFoundError) as exc:
+    except (DataError, ConfigError, CheckpointError, ModelRefError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if tuple(store.dims) != tuple(model.dims):

@@ -48,6 +48,10 @@ def evaluate_folder(folder: Path, split: FeatureSplit, cfg: Config, plots_dir: O
     return metrics
 
 
+class ModelRefError(LookupError):
+    """A model reference that names nothing loadable: unknown registered model, alias, version or run."""
+
+
 def resolve_model(ref: str, tracking_uri: Optional[str] = None):
     """A checkpoint folder (a Ray checkpoint's best/ is preferred), or an MLflow models:/ or runs:/ URI."""
     if "://" in ref or ref.startswith(("models:", "runs:")):
@@ -55,9 +59,18 @@ def resolve_model(ref: str, tracking_uri: Optional[str] = None):
 
         from trainers.tracking import resolve_uri
 
+        from mlflow.exceptions import MlflowException
+
+        from trainers.preflight import check_tracking_uri
+
         if tracking_uri:
+            check_tracking_uri(tracking_uri, key="--tracking-uri")  # else MLflow retries for minutes
             mlflow.set_tracking_uri(resolve_uri(tracking_uri))
-        wrapper = mlflow.pyfunc.load_model(ref).unwrap_python_model()
+        try:
+            wrapper = mlflow.pyfunc.load_model(ref).unwrap_python_model()
+        except (MlflowException, OSError) as exc:  # unknown name, version, alias or run; missing artifacts
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise ModelRefError(f"--model {ref}: cannot load from {mlflow.get_tracking_uri()} ({first})") from exc
         return wrapper.model, wrapper.cfg
     folder = Path(ref)
     if (folder / "best").is_dir():

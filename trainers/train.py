@@ -23,6 +23,7 @@ from typing import Any, Optional  # noqa: E402
 from itmatch.config import Config, ConfigError, load_config, save_config  # noqa: E402
 from itmatch.data.sources import DataError  # noqa: E402
 from itmatch.data.store import FeatureStore, prepare  # noqa: E402
+from trainers import preflight  # noqa: E402
 from trainers.logs import setup_logging  # noqa: E402
 
 log = logging.getLogger("itmatch.train")
@@ -184,6 +185,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not cfg.run.resume and run_dir(cfg).exists():
             raise ConfigError(f"run.resume=false but {run_dir(cfg)} exists: pick a new run.name or resume it")
         store = prepare_store(cfg)
+        preflight.check(cfg, store)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,159 @@
+"""Driver-side checks that run after the data is prepared and before anything of the run is written
+or any worker starts: each refusal is one line naming the key, file or value at fault.
+
+Order matters: the cheap, local checks come first; the cluster check attaches to (or starts) Ray,
+so it runs last. Data-level checks (files, encodings, widths, NaN rows, undecodable images) live
+where the data is read: itmatch/data/readers.py and store.py.
+
+Keys that may change when a run is resumed (everything else must equal the run's saved config):
+where and how loudly it runs (run.max_failures, run.ray_address, run.ray_log_level,
+run.keep_checkpoints, run.resume, scaling.cpus_per_worker, scaling.check_resources), what is
+logged (train.log_every, tracking.*, search.*), how features are found or made (data.cache_dir,
+data.featurize, data.featurize_actors: the features are the same), evaluation chunking
+(train.eval_chunk), and train.epochs when it grows under a schedule that does not depend on the
+run's length (constant, step): a longer cosine schedule would change the learning rate of the
+epochs already planned.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import yaml
+
+from itmatch.config import Config, ConfigError, validate
+from itmatch.data.batching import NeighborhoodBatchSampler
+from itmatch.data.sources import DataError
+from itmatch.data.store import FeatureStore
+from itmatch.state import CONFIG_FILE
+
+RESUMABLE_KEYS = frozenset({
+    "run.name", "run.storage_path",  # they found this run folder (relative or absolute alike)
+    "run.max_failures", "run.ray_address", "run.ray_log_level", "run.keep_checkpoints", "run.resume",
+    "scaling.cpus_per_worker", "scaling.check_resources", "train.log_every", "train.eval_chunk",
+    "data.cache_dir", "data.featurize", "data.featurize_actors",
+})
+RESUMABLE_SECTIONS = ("tracking.", "search.")
+TRACKING_TIMEOUT_S = 5.0
+
+
+def check(cfg: Config, store: FeatureStore) -> None:
+    """Raise ConfigError/DataError (one line) if this run cannot start or must not resume."""
+    check_resume_config(cfg)
+    check_batch(cfg, store)
+    check_tracking(cfg)
+    check_cluster(cfg)  # last: it attaches to or starts Ray
+
+
+# ---------------------------------------------------------------------------- resume
+
+
+def changed_keys(saved: Config, new: Config) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) for every key that may not change on resume."""
+    old, now = saved.flat(), new.flat()
+    out = []
+    for key, value in now.items():
+        if old.get(key) == value or key in RESUMABLE_KEYS or key.startswith(RESUMABLE_SECTIONS):
+            continue
+        if key == "train.epochs" and value > old[key] and new.optim.scheduler != "cosine":
+            continue  # training longer on a schedule that does not depend on the total length
+        out.append((key, old.get(key), value))
+    return out
+
+
+def check_resume_config(cfg: Config) -> None:
+    """A run that has a checkpoint resumes with the config it was started with, or not at all."""
+    folder = Path(cfg.run.storage_path).resolve() / cfg.run.name  # Ray Train's folder of this run
+    saved_path = folder / CONFIG_FILE
+    if not saved_path.is_file() or not any(p.is_dir() for p in folder.glob("checkpoint_*")):
+        return  # nothing to resume: a fresh start may use any config
+    try:
+        saved = validate(yaml.safe_load(saved_path.read_text()) or {}, where=str(saved_path))
+    except (yaml.YAMLError, OSError) as exc:
+        raise ConfigError(f"{saved_path}: cannot read the run's saved config ({exc})") from exc
+    diffs = changed_keys(saved, cfg)
+    if diffs:
+        listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in diffs)
+        raise ConfigError(f"{folder} was started with a different config and would resume mixing both; "
+                          f"changed: {listed} (re-run with the saved values, or pick a new run.name)")
+
+
+# ---------------------------------------------------------------------------- data vs config
+
+
+def check_batch(cfg: Config, store: FeatureStore) -> None:
+    """At least one full global batch of data.batch_size training pairs, shardable over the workers
+    (the workers' own sampler, built here on the training captions' image ids)."""
+    d, workers = cfg.data, cfg.scaling.num_workers
+    path = store.root / f"{d.train_split}_captions.parquet"
+    groups = pq.read_table(path, columns=["image_id"]).column("image_id").to_numpy()
+    where = f"{store.manifest['source']} split {d.train_split!r}"
+    if d.batch_size > len(groups):
+        raise DataError(f"data.batch_size={d.batch_size} is larger than the {len(groups)} training captions of "
+                        f"{where}: lower data.batch_size")
+    try:
+        sampler = NeighborhoodBatchSampler(groups, d.batch_size, rank=0, world_size=workers, seed=cfg.train.seed,
+                                           neighborhood=d.neighborhood_sampling, drop_last=d.drop_last)
+    except ValueError as exc:  # fewer images than workers
+        raise DataError(f"{where}: {exc} (scaling.num_workers={workers})") from exc
+    if len(sampler) == 0:
+        raise DataError(f"data.batch_size={d.batch_size} leaves no full batch of {len(groups)} training captions "
+                        f"in {where} over scaling.num_workers={workers}: lower data.batch_size")
+
+
+# ---------------------------------------------------------------------------- tracking
+
+
+def check_tracking(cfg: Config, timeout: float = TRACKING_TIMEOUT_S) -> None:
+    """The MLflow store can be reached: a sqlite file's folder exists, an http server answers
+    (any HTTP status counts) within `timeout` seconds. Other schemes are left to MLflow."""
+    if cfg.tracking.enabled:
+        check_tracking_uri(cfg.tracking.tracking_uri, timeout, key="tracking.tracking_uri")
+
+
+def check_tracking_uri(uri: str, timeout: float = TRACKING_TIMEOUT_S, key: str = "tracking URI") -> None:
+    """One bounded look at a tracking URI; ConfigError naming `key` and the URI if it cannot work."""
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).resolve().parent
+        if not folder.is_dir():
+            raise ConfigError(f"{key} = {uri!r}: folder {folder} does not exist")
+    elif uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+        except urllib.error.HTTPError:
+            return  # something answered
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ConfigError(f"{key} = {uri!r}: no answer within {timeout:g}s ({reason}); "
+                              "start the MLflow server or set tracking.enabled=false") from exc
+
+
+# ---------------------------------------------------------------------------- cluster
+
+
+def check_cluster(cfg: Config) -> None:
+    """The workers fit on the cluster as it is now (Ray would otherwise wait for them forever).
+    An autoscaling cluster that adds nodes on demand sets scaling.check_resources=false."""
+    if not cfg.scaling.check_resources:
+        return
+    import ray
+
+    from trainers.train import init_ray
+
+    init_ray(cfg)
+    total = ray.cluster_resources()
+    s = cfg.scaling
+    # Unset, each worker gets max(1, CPUs // workers): it fits exactly when there is a CPU per worker.
+    cpus, have = s.cpus_per_worker or 1.0, float(total.get("CPU", 0))
+    if s.num_workers * cpus > have:
+        raise ConfigError(f"scaling.num_workers={s.num_workers} x {cpus:g} CPUs per worker needs "
+                          f"{s.num_workers * cpus:g} CPUs but the Ray cluster has {have:g}: lower "
+                          "scaling.num_workers or scaling.cpus_per_worker, or add nodes")
+    gpus = float(total.get("GPU", 0))
+    if s.use_gpu and gpus < s.num_workers:
+        raise ConfigError(f"scaling.use_gpu=true with scaling.num_workers={s.num_workers} needs "
+                          f"{s.num_workers} GPUs but the Ray cluster has {gpus:g}")
