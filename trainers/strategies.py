@@ -16,16 +16,18 @@ import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
 from itmatch.config import Config
 from itmatch.dist import globalize_batchnorm
+from itmatch.optim import param_groups
 from trainers.dist import WorkerContext
 
-MakeOptimizer = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+MakeOptimizer = Callable[[list[dict]], torch.optim.Optimizer]
+"""Builds the optimizer from parameter groups (itmatch.optim.param_groups of the prepared model)."""
 MakeScheduler = Callable[[torch.optim.Optimizer], Any]
 DS_DIR = "deepspeed"
 DS_TAG = "state"
@@ -53,11 +55,13 @@ class DDPStrategy:
     def setup(self, model: nn.Module, make_optimizer: MakeOptimizer,
               make_scheduler: MakeScheduler) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
         model = self._prepare(model)
-        optimizer = make_optimizer(model.parameters())
+        optimizer = make_optimizer(param_groups(model, self.cfg.optim))
         scheduler = make_scheduler(optimizer)
         if self.ctx.world_size > 1:
             device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
-            model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+            # Towers frozen for a stage get no gradients then: DDP must not wait for them.
+            model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
+                                                        find_unused_parameters=self.cfg.model.tower_frozen_epochs > 0)
         return model, optimizer, scheduler
 
     def unwrap(self, model: nn.Module) -> nn.Module:
@@ -135,7 +139,7 @@ class DeepSpeedStrategy(DDPStrategy):
             _skip_shm_comm_build()
         model = self._prepare(model)
         engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model, model_parameters=list(model.parameters()), optimizer=make_optimizer,
+            model=model, model_parameters=param_groups(model, self.cfg.optim), optimizer=make_optimizer,
             lr_scheduler=make_scheduler,
             config=self.ds_config(), dist_init_required=False)
         return engine, optimizer, scheduler

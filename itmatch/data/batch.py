@@ -11,7 +11,7 @@ the towers consume: a [N, D] feature tensor for the identity tower over cached f
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional, Union
+from typing import Any, Optional, Protocol, Union
 
 import numpy as np
 import torch
@@ -20,9 +20,9 @@ from torch import Tensor
 Inputs = Union[Tensor, dict[str, Tensor]]
 
 
-def _to(x: Inputs, device: torch.device, dtype: Optional[torch.dtype] = None) -> Inputs:
+def move(x: Inputs, device: torch.device, dtype: Optional[torch.dtype] = None) -> Inputs:
     if isinstance(x, dict):
-        return {k: _to(v, device, dtype) for k, v in x.items()}  # type: ignore[misc]
+        return {k: move(v, device, dtype) for k, v in x.items()}  # type: ignore[misc]
     x = x.to(device)
     return x.to(dtype) if dtype is not None and x.is_floating_point() else x
 
@@ -58,7 +58,7 @@ class Batch:
         return len(self.text_gid)
 
     def to(self, device: torch.device) -> "Batch":
-        moved = {f: _to(getattr(self, f), device) for f in ("images", "texts", "image_gid", "text_gid",
+        moved = {f: move(getattr(self, f), device) for f in ("images", "texts", "image_gid", "text_gid",
                                                              "image_cls", "text_cls")}
         pairs = tuple(t.to(device) for t in self.pairs) if self.pairs is not None else None
         return replace(self, **moved, pairs=pairs)
@@ -66,16 +66,35 @@ class Batch:
     def cast_inputs(self, dtype: torch.dtype) -> "Batch":
         """Floating tower inputs in `dtype` (DeepSpeed bf16 weights take bf16 inputs); ids untouched."""
         device = self.image_gid.device
-        return replace(self, images=_to(self.images, device, dtype), texts=_to(self.texts, device, dtype))
+        return replace(self, images=move(self.images, device, dtype), texts=move(self.texts, device, dtype))
+
+
+class Prepare(Protocol):
+    """A tower's input preparation: raw items (feature rows, PIL images, strings) -> tower inputs."""
+
+    def __call__(self, items: Any, *, train: bool = False, rng: Optional[np.random.Generator] = None) -> Inputs: ...
+
+
+def make_batch(split, captions: np.ndarray, prepare_image: Prepare, prepare_text: Prepare, *,
+               train: bool = False, rng: Optional[np.random.Generator] = None) -> Batch:
+    """The batch for these caption rows of a split (FeatureSplit or RawSplit): its unique images
+    and the captions, each prepared by its tower (`rng` draws the augmentation, seeded by the caller
+    per step so a resumed run replays it)."""
+    rows = np.unique(split.caption_image[captions])
+    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    return Batch(images=prepare_image(split.images_at(rows), train=train, rng=rng),
+                 texts=prepare_text(split.captions_at(captions), train=train, rng=rng),
+                 image_gid=as_tensor(split.image_ids[rows]), text_gid=as_tensor(split.caption_gid[captions]),
+                 image_cls=as_tensor(rows), text_cls=as_tensor(split.caption_image[captions]))
+
+
+def _features(items: Any, *, train: bool = False, rng: Optional[np.random.Generator] = None) -> Tensor:
+    return torch.from_numpy(np.ascontiguousarray(items))
 
 
 def feature_batch(split, captions: np.ndarray, device: torch.device | str = "cpu") -> Batch:
     """The batch of cached features for these caption rows of a `FeatureSplit`."""
-    rows = np.unique(split.caption_image[captions])
-    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
-    return Batch(images=as_tensor(split.image_feats[rows]), texts=as_tensor(split.caption_feats[captions]),
-                 image_gid=as_tensor(split.image_ids[rows]), text_gid=as_tensor(split.caption_gid[captions]),
-                 image_cls=as_tensor(rows), text_cls=as_tensor(split.caption_image[captions])).to(torch.device(device))
+    return make_batch(split, captions, _features, _features).to(torch.device(device))
 
 
-__all__ = ["Batch", "Inputs", "feature_batch"]
+__all__ = ["Batch", "Inputs", "Prepare", "make_batch", "feature_batch", "move"]

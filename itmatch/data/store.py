@@ -32,14 +32,12 @@ SCHEMA_VERSION = 1
 
 
 @dataclass
-class FeatureSplit:
-    """One split, ready for training or evaluation."""
+class SplitRows:
+    """A split's rows: what the sampler, batching and evaluation need besides the tower inputs."""
 
     image_ids: np.ndarray  # [Ni] int64, the group ids
-    image_feats: np.ndarray  # [Ni, Di] float32
     caption_ids: np.ndarray  # [Nc] int64
     caption_image: np.ndarray  # [Nc] int64, row into image_* of the caption's image
-    caption_feats: np.ndarray  # [Nc, Dc] float32
     texts: list[str]
 
     @property
@@ -48,6 +46,21 @@ class FeatureSplit:
 
     def __len__(self) -> int:
         return len(self.caption_ids)
+
+
+@dataclass
+class FeatureSplit(SplitRows):
+    """One split of cached features, ready for training or evaluation."""
+
+    image_feats: np.ndarray  # [Ni, Di] float32
+    caption_feats: np.ndarray  # [Nc, Dc] float32
+
+    def images_at(self, rows: np.ndarray) -> np.ndarray:
+        """The image tower's raw items for these rows (here: feature rows; a RawSplit decodes pixels)."""
+        return self.image_feats[rows]
+
+    def captions_at(self, rows: np.ndarray) -> np.ndarray:
+        return self.caption_feats[rows]
 
 
 @dataclass
@@ -72,16 +85,21 @@ class FeatureStore:
     def dims(self) -> tuple[int, int]:
         return tuple(self.manifest["dims"])  # type: ignore[return-value]
 
-    def split(self, name: str) -> FeatureSplit:
+    def tables(self, name: str) -> tuple[pa.Table, pa.Table, np.ndarray]:
+        """(images, captions, caption_image): a split's memory-mapped tables and each caption's image row."""
         if name not in self.manifest["splits"]:
             raise DataError(
                 f"{self.manifest['source']}: split {name!r} not found; available: {self.manifest['splits']}"
             )
         images = pq.read_table(self.root / f"{name}_images.parquet", memory_map=True)
         caps = pq.read_table(self.root / f"{name}_captions.parquet", memory_map=True)
-        image_ids = images.column("image_id").to_numpy()
-        row_of = {int(i): r for r, i in enumerate(image_ids)}
+        row_of = {int(i): r for r, i in enumerate(images.column("image_id").to_numpy())}
         caption_image = np.fromiter((row_of[int(i)] for i in caps.column("image_id").to_numpy()), np.int64, len(caps))
+        return images, caps, caption_image
+
+    def split(self, name: str) -> FeatureSplit:
+        images, caps, caption_image = self.tables(name)
+        image_ids = images.column("image_id").to_numpy()
         return FeatureSplit(
             image_ids=image_ids,
             image_feats=column_to_numpy(images.column("feature")),
@@ -210,14 +228,20 @@ def _digest(*arrays: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
-def _ingest_split(corpus: Corpus, split: str, root: Path, image_encoder: str, text_encoder: str, progress: bool,
-                  featurizer: ImageFeaturizer, bad_images: str = "fail"):
+def split_tables(corpus: Corpus, split: str) -> tuple[pa.Table, pa.Table]:
+    """(images, captions) of one split; a caption of an image the split lacks is a DataError."""
     images = corpus.images.filter(pc.equal(corpus.images.column("split"), split))
     caps = corpus.captions.filter(pc.equal(corpus.captions.column("split"), split))
     known = set(images.column("image_id").to_pylist())
     orphans = [i for i in caps.column("image_id").to_pylist() if i not in known]
     if orphans:
         raise DataError(f"{corpus.name}: split {split!r}: captions refer to unknown image_id {orphans[0]!r}")
+    return images, caps
+
+
+def _ingest_split(corpus: Corpus, split: str, root: Path, image_encoder: str, text_encoder: str, progress: bool,
+                  featurizer: ImageFeaturizer, bad_images: str = "fail"):
+    images, caps = split_tables(corpus, split)
     skipped = 0
     if "feature" not in images.column_names:
         images, caps, skipped = _drop_bad_images(images, caps, bad_images, f"{corpus.name}: split {split!r}")

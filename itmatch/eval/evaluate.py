@@ -4,28 +4,39 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from itmatch.data.batch import move
 from itmatch.data.store import FeatureSplit
 from itmatch.eval.retrieval import coco_protocols, retrieval_metrics, sentence_retrieval
 
 
 @torch.no_grad()
-def _embed(embed, feats: np.ndarray, batch: int, device: torch.device) -> torch.Tensor:
-    out = [embed(torch.tensor(feats[i:i + batch], device=device)).float().cpu()  # copy: store arrays are read-only
-           for i in range(0, len(feats), batch)]
-    return torch.cat(out)
+def _embed(embed, tower: nn.Module, items_at, n: int, device: torch.device, flip: bool = False) -> torch.Tensor:
+    """Embeddings of rows 0..n through a tower's own preparation, `tower.eval_batch` rows at a time;
+    `flip`: the mean of each image's and its mirror image's embedding (004's test-time flip)."""
+    step = getattr(tower, "eval_batch", 4096)
+    out = []
+    for start in range(0, n, step):
+        x = move(tower.prepare(items_at(np.arange(start, min(start + step, n)))), device)
+        e = embed(x)
+        if flip:
+            e = F.normalize(e + embed(x.flip(-1)), dim=-1)
+        out.append(e.float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
 
 
-def embed_split(model: nn.Module, split: FeatureSplit, *, batch: int = 4096,
-                device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Image and caption embeddings of a split, with the model in eval mode (restored after)."""
+def embed_split(model: nn.Module, split, *, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Image and caption embeddings of a split (FeatureSplit or RawSplit), with the model in eval
+    mode (restored after)."""
     was_training = model.training
     model.eval()
     try:
         device = torch.device(device)
-        return (_embed(model.embed_images, split.image_feats, batch, device),
-                _embed(model.embed_texts, split.caption_feats, batch, device))
+        flip = bool(getattr(model.image_tower, "tta_flip", False))
+        return (_embed(model.embed_images, model.image_tower, split.images_at, len(split.image_ids), device, flip),
+                _embed(model.embed_texts, model.text_tower, split.captions_at, len(split), device))
     finally:
         model.train(was_training)
 

@@ -40,7 +40,8 @@ class CCAModel(TwoTower):
         self.register_buffer("correlations", torch.zeros(dim))
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
-        return {"img": self.image(self.image_tower(batch.images)), "txt": self.text(self.text_tower(batch.texts))}
+        x_img, x_txt = self.tower_features(batch)
+        return {"img": self.image(x_img), "txt": self.text(x_txt)}
 
     @torch.no_grad()
     def fit(self, images: Tensor, texts: Tensor, *, ridge: float) -> "CCAModel":

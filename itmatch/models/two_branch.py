@@ -6,13 +6,15 @@ The linear variant is Linear(d_in→d) → L2. Similarity is the dot product of 
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from itmatch.config import ModelConfig
 from itmatch.data.batch import Batch, Inputs
-from itmatch.models.towers import build_tower
+from itmatch.models.towers import build_towers
 
 
 class Branch(nn.Module):
@@ -40,16 +42,28 @@ class Branch(nn.Module):
 class TwoTower(nn.Module):
     """Image tower → image branch and text tower → text branch into one unit-sphere space: the
     embedding interface every model shares (`embed_images`, `embed_texts`, `dims`). Subclasses set
-    `self.image` / `self.text` (the branches) and define `forward(batch) -> dict` of named outputs."""
+    `self.image` / `self.text` (the branches) and define `forward(batch) -> dict` of named outputs;
+    they run the towers through `tower_features`, which honours a frozen stage."""
 
     image: nn.Module
     text: nn.Module
 
-    def _towers(self, image_dim: int, text_dim: int) -> tuple[int, int]:
-        """Build the towers for cached features of these widths; returns the branches' input widths."""
-        self.image_tower, self.text_tower = build_tower("features", image_dim), build_tower("features", text_dim)
+    def _towers(self, image_dim: int, text_dim: int, cfg: Optional[ModelConfig] = None) -> tuple[int, int]:
+        """Build the towers (cached features of these widths unless `cfg` names encoders); returns
+        the branches' input widths."""
+        self.image_tower, self.text_tower = build_towers(cfg or ModelConfig(), image_dim, text_dim)
         self.dims = (image_dim, text_dim)
+        self.towers_frozen = False
         return self.image_tower.out_dim, self.text_tower.out_dim
+
+    def freeze_towers(self, frozen: bool) -> None:
+        """004's Stage I: towers run without gradients (and in eval mode, set by the caller after
+        `train()`) while the branches and heads train."""
+        self.towers_frozen = frozen
+
+    def tower_features(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.towers_frozen):
+            return self.image_tower(batch.images), self.text_tower(batch.texts)
 
     @torch.no_grad()
     def embed_images(self, x: Inputs) -> Tensor:
@@ -77,7 +91,7 @@ class EmbeddingNet(TwoTower):
     def __init__(self, image_dim: int, text_dim: int, cfg: ModelConfig, n_classes: int = 0,
                  heads: tuple[str, ...] = ("instance",)) -> None:
         super().__init__()
-        d_img, d_txt = self._towers(image_dim, text_dim)
+        d_img, d_txt = self._towers(image_dim, text_dim, cfg)
         linear = cfg.branch == "linear"
         self.image = Branch(d_img, cfg.hidden_dim, cfg.embed_dim, dropout=cfg.dropout, linear=linear)
         self.text = Branch(d_txt, cfg.hidden_dim, cfg.embed_dim, dropout=cfg.dropout, linear=linear)
@@ -86,8 +100,8 @@ class EmbeddingNet(TwoTower):
         self.centers = nn.Embedding(n_classes, cfg.embed_dim) if with_heads and "center" in heads else None
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
-        (f_img, img), (f_txt, txt) = (self.image.features(self.image_tower(batch.images)),
-                                      self.text.features(self.text_tower(batch.texts)))
+        x_img, x_txt = self.tower_features(batch)
+        (f_img, img), (f_txt, txt) = self.image.features(x_img), self.text.features(x_txt)
         out = {"img": img, "txt": txt}
         if self.classifier is not None:
             out.update(img_logits=self.classifier(f_img), txt_logits=self.classifier(f_txt))

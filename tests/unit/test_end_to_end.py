@@ -1,0 +1,122 @@
+"""End to end from pixels and words: encoder towers (EfficientNet-lite0, MiniLM from the PyPI
+wheels), the raw store, per-step augmentation, the Stage I / Stage II schedule, and the pyfunc
+model on raw inputs. A handful of real Flickr8k images, a few steps (CPU)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from itmatch.config import load_config
+from itmatch.data.batch import make_batch
+from itmatch.data.encoders import build_efficientnet_lite0, build_text_encoder
+from itmatch.data.raw import RawStore, open_store, prepare_raw
+from itmatch.models import build_model
+from itmatch.optim import TOWERS_GROUP, build_optimizer, build_scheduler, param_groups
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "flickr8k-1k"
+E2E = ["model.image_tower=efficientnet_lite0", "model.text_tower=minilm", "model.image_size=64",
+       "model.hidden_dim=32", "model.embed_dim=16", "data.batch_size=20"]
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data/flickr8k-1k")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> RawStore:
+    tmp = tmp_path_factory.mktemp("f8k")
+    images = json.loads((DATA / "dataset_flickr8k_1k.json").read_text())["images"]
+    keep = [im for split, n in (("train", 8), ("val", 3), ("test", 3)) for im in [i for i in images
+                                                                                 if i["split"] == split][:n]]
+    (tmp / "data.json").write_text(json.dumps({"dataset": "flickr8k", "images": keep}))
+    return prepare_raw(f"karpathy:{tmp / 'data.json'}:{DATA / 'images'}", cache_dir=tmp / "cache")
+
+
+def _cfg(*extra: str):
+    return load_config(None, [*E2E, *extra])
+
+
+def test_raw_store_keeps_bytes_and_groups(store):
+    again = open_store(store.root)
+    split = again.split("train")
+    assert isinstance(again, RawStore) and len(split.image_ids) == 8 and len(split) == 40
+    assert (np.bincount(split.caption_image) == 5).all()
+    image = split.images_at(np.array([3]))[0]
+    assert image.mode == "RGB" and min(image.size) == 256  # the JPEG as stored (short side 256)
+
+
+def test_frozen_towers_compute_what_the_featurizers_compute(store):
+    """The towers are the featurizers' networks: same weights, pooling, normalisation."""
+    model = build_model(0, 0, _cfg("model.image_size=224").model).eval()
+    split = store.split("val")
+    pil = split.images_at(np.arange(3))
+    want = build_efficientnet_lite0().encode(pil)
+    got = model.image_tower(model.image_tower.prepare(pil)).detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    texts = split.captions_at(np.arange(4))
+    want = build_text_encoder("minilm").encode(texts)
+    got = model.text_tower(model.text_tower.prepare(texts)).detach().numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_augmentation_replays_from_its_seed_and_evaluation_is_deterministic(store):
+    model = build_model(0, 0, _cfg().model)
+    split, captions = store.split("train"), np.arange(10)
+    prep = (model.image_tower.prepare, model.text_tower.prepare)
+    a = make_batch(split, captions, *prep, train=True, rng=np.random.default_rng([0, 1, 0, 2]))
+    b = make_batch(split, captions, *prep, train=True, rng=np.random.default_rng([0, 1, 0, 2]))
+    c = make_batch(split, captions, *prep, train=True, rng=np.random.default_rng([0, 1, 0, 3]))
+    assert a.images.dtype == torch.uint8 and a.images.shape == (2, 3, 64, 64)
+    assert torch.equal(a.images, b.images) and not torch.equal(a.images, c.images)
+    e1 = make_batch(split, captions, *prep).images
+    assert torch.equal(e1, make_batch(split, captions, *prep).images)  # no rng, no train: centre crop
+    assert torch.equal(a.texts["input_ids"], make_batch(split, captions, *prep).texts["input_ids"])  # words: no augmentation
+
+
+def test_towers_get_their_lr_factor_and_stage_one_freezes_them():
+    cfg = _cfg("optim.lr=1e-3", "optim.tower_lr_factor=0.1", "model.tower_frozen_epochs=1", "optim.scheduler=constant")
+    model = build_model(0, 0, cfg.model)
+    groups = param_groups(model, cfg.optim)
+    assert [g.get("name") for g in groups] == [None, TOWERS_GROUP]
+    n_tower = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("image_tower", "text_tower")))
+    assert sum(p.numel() for p in groups[1]["params"]) == n_tower > 20_000_000  # MiniLM + EfficientNet
+    opt = build_optimizer(groups, cfg.optim)
+    sched = build_scheduler(opt, cfg.optim, steps_per_epoch=3, epochs=2, towers_frozen_epochs=1)
+    lrs = []
+    for _ in range(6):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    assert lrs[:3] == [[1e-3, 0.0]] * 3 and lrs[3:] == [[1e-3, pytest.approx(1e-4)]] * 3
+    frozen = build_model(0, 0, _cfg("model.train_image_tower=false").model)
+    assert not any(p.requires_grad for p in frozen.image_tower.parameters())
+    assert sum(p.numel() for g in param_groups(frozen, cfg.optim) for p in g["params"]) < \
+        sum(p.numel() for g in groups for p in g["params"])
+
+
+def test_stage_one_runs_the_towers_without_gradients(store):
+    model = build_model(0, 0, _cfg().model).train()
+    split = store.split("train")
+    batch = make_batch(split, np.arange(10), model.image_tower.prepare, model.text_tower.prepare)
+    model.freeze_towers(True)
+    out = model(batch)
+    (out["img"].sum() + out["txt"].sum()).backward()
+    assert all(p.grad is None for p in model.image_tower.parameters())
+    assert any(p.grad is not None for p in model.image.parameters())
+    model.freeze_towers(False)
+    out = model(batch)
+    (out["img"].sum() + out["txt"].sum()).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.image_tower.parameters())
+    bn = [m for m in model.image_tower.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bn and not any(m.training for m in bn)  # frozen ImageNet statistics by default
+
+
+def test_unknown_tower_is_refused_with_choices():
+    from itmatch.models.towers import check_tower_names
+
+    with pytest.raises(KeyError, match="choices"):
+        check_tower_names(load_config(None, ["model.image_tower=resnet", "model.text_tower=minilm"]).model)
+    with pytest.raises(Exception, match="both towers"):
+        load_config(None, ["model.image_tower=efficientnet_lite0"])
