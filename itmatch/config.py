@@ -78,6 +78,11 @@ class ModelConfig(_Section):
     train_image_tower: bool = True
     """False keeps the image tower frozen throughout (no gradients, not in the optimizer)."""
     train_text_tower: bool = True
+    image_train_last: Optional[int] = Field(None, ge=0)
+    """Train only the image tower's last N stages (EfficientNet: stem, 16 blocks, head; torchvision:
+    its top-level layers); the earlier ones stay frozen and cost no backward. None: all."""
+    text_train_last: Optional[int] = Field(None, ge=0)
+    """Train only the text tower's last N stages (MiniLM: embeddings, then 6 transformer layers). None: all."""
     tower_frozen_epochs: int = Field(0, ge=0)
     """004's Stage I: the towers stay frozen for this many epochs (only branches and heads train),
     then train with the rest (Stage II). Resumable across the boundary."""
@@ -155,6 +160,10 @@ class TrainConfig(_Section):
     metric: str = "rsum"
     """Validation metric that picks the best checkpoint and the registry champion (higher is better)."""
     eval_chunk: int = Field(1024, ge=1)
+    grad_cache_chunk: Optional[int] = Field(None, ge=1)
+    """Gradient caching (GradCache) on the towers: run them this many rows at a time, twice (without,
+    then with a graph), while the branches, heads and top-K mining see the whole global batch at
+    once, so a global batch larger than memory trains exactly. None: one pass (DDP or DeepSpeed)."""
 
 
 class ScalingConfig(_Section):
@@ -222,6 +231,9 @@ class Config(_Section):
             raise ValueError(f"model.image_tower={self.model.image_tower!r} with model.text_tower="
                              f"{self.model.text_tower!r}: end to end, both towers are encoders (an encoder with "
                              "train_*_tower=false stands in for cached features)")
+        if self.train.grad_cache_chunk and self.scaling.strategy != "ddp":
+            raise ValueError(f"train.grad_cache_chunk={self.train.grad_cache_chunk} runs under scaling.strategy="
+                             f"'ddp' (gradients averaged by itmatch.dist), not {self.scaling.strategy!r}")
         if self.model.end_to_end and self.model.name == "cca":
             raise ValueError("model.name='cca' fits cached features in closed form: it takes no encoder towers")
         if (self.model.name == "similarity") != (self.loss.name == "logistic"):

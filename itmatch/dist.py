@@ -170,6 +170,30 @@ def mean_over_workers(values: dict[str, float], device: torch.device) -> dict[st
     return dict(zip(keys, t.tolist()))
 
 
+def average_gradients(params: list[nn.Parameter]) -> None:
+    """What DDP's reducer does, for steps that backpropagate more than once per update (gradient
+    caching): average every gradient over workers, in flat buckets per dtype and device. A parameter
+    without a gradient on this rank contributes zeros (it may have one on another)."""
+    if not is_distributed() or torch_dist.get_world_size() == 1:
+        return
+    world = torch_dist.get_world_size()
+    groups: dict[tuple, list[nn.Parameter]] = {}
+    for p in params:
+        if p.requires_grad:
+            groups.setdefault((p.dtype, p.device), []).append(p)
+    for group in groups.values():
+        for p in group:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in group])
+        torch_dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for p in group:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+
+
 def any_worker(flag: bool, device: torch.device) -> bool:
     """True on every rank if `flag` is true on any rank (e.g. a non-finite loss)."""
     if not is_distributed():

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from itmatch.accumulate import cached_step
 from itmatch.config import Config, validate
 from itmatch.data.batch import Batch, make_batch
 from itmatch.data.batching import NeighborhoodBatchSampler
@@ -150,12 +151,18 @@ class Trainer:
     def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:
         """One optimizer step: the objective's inputs, the model's named outputs, the objective."""
         batch = self.objective.prepare(batch)
-        with self.strategy.autocast():
-            outputs = self.model(batch.cast_inputs(self.strategy.input_dtype(self.model)))
-        out = self.objective(outputs, batch, gather=self.gather, epoch=self.epoch)
+        chunk = self.cfg.train.grad_cache_chunk
+        if chunk:  # forward and backward, the towers `chunk` rows at a time; the update below
+            out = cached_step(self.strategy.unwrap(self.model), batch, self.objective, chunk=chunk,
+                              gather=self.gather, epoch=self.epoch, autocast=self.strategy.autocast)
+        else:
+            with self.strategy.autocast():
+                outputs = self.model(batch.cast_inputs(self.strategy.input_dtype(self.model)))
+            out = self.objective(outputs, batch, gather=self.gather, epoch=self.epoch)
         if any_worker(not bool(torch.isfinite(out["loss"])), self.ctx.device):
             raise FloatingPointError(f"non-finite loss at step {self.state.step}: {out}")
-        out["grad_norm"] = self.strategy.backward_step(self.model, out["loss"], self.optimizer, self.scheduler)
+        out["grad_norm"] = self.strategy.step(self.model, self.optimizer, self.scheduler) if chunk else \
+            self.strategy.backward_step(self.model, out["loss"], self.optimizer, self.scheduler)
         self.state.step += 1
         self.state.samples_seen += len(batch) * self.ctx.world_size
         return out

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from itmatch.config import Config
-from itmatch.dist import globalize_batchnorm
+from itmatch.dist import average_gradients, globalize_batchnorm
 from itmatch.optim import param_groups
 from trainers.dist import WorkerContext
 
@@ -45,6 +45,9 @@ class DDPStrategy:
 
     def __init__(self, cfg: Config, ctx: WorkerContext) -> None:
         self.cfg, self.ctx = cfg, ctx
+        # Gradient caching backpropagates several times per update: no DDP wrapper (its reducer
+        # expects one backward per forward); `step` averages the gradients instead.
+        self.manual_sync = bool(cfg.train.grad_cache_chunk)
 
     def _prepare(self, model: nn.Module) -> nn.Module:
         model = model.to(self.ctx.device)
@@ -57,7 +60,7 @@ class DDPStrategy:
         model = self._prepare(model)
         optimizer = make_optimizer(param_groups(model, self.cfg.optim))
         scheduler = make_scheduler(optimizer)
-        if self.ctx.world_size > 1:
+        if self.ctx.world_size > 1 and not self.manual_sync:
             device_ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
             # Towers frozen for a stage get no gradients then: DDP must not wait for them.
             model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
@@ -78,6 +81,13 @@ class DDPStrategy:
         """Backward, clip (if configured), step, zero; returns the pre-clip gradient norm.
         A non-finite norm skips the update (and the schedule) rather than corrupting the weights."""
         loss.backward()
+        return self.step(model, optimizer, scheduler)
+
+    def step(self, model: nn.Module, optimizer, scheduler) -> torch.Tensor:
+        """The update from gradients already in the parameters (averaged over workers here when
+        there is no DDP wrapper to do it)."""
+        if self.manual_sync:
+            average_gradients(list(self.unwrap(model).parameters()))
         clip = self.cfg.optim.grad_clip
         params = [p for p in model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))

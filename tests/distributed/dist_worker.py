@@ -19,7 +19,8 @@ import torch.distributed as dist
 
 from itmatch.config import LossConfig, ModelConfig
 from itmatch.data.batch import Batch
-from itmatch.dist import DistGather, globalize_batchnorm
+from itmatch.accumulate import cached_step
+from itmatch.dist import DistGather, average_gradients, globalize_batchnorm
 from itmatch.losses import build_objective, infonce_loss, ranking_loss
 from itmatch.models.two_branch import EmbeddingNet
 
@@ -37,6 +38,43 @@ def _mine(t: torch.Tensor, bounds: list[int], rank: int) -> torch.Tensor:
 def model_objective(case: dict, outputs: dict, batch: Batch, gather) -> dict:
     """The training objective (itmatch.losses.objective) the case names: the same on both sides."""
     return build_objective(LossConfig(**case["objective"]))(outputs, batch, gather=gather)
+
+
+class ToyTower(torch.nn.Module):
+    """A trainable stand-in for a CNN / text encoder (features -> features, optional dropout)."""
+
+    trainable = True
+
+    def __init__(self, dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(dim, dim), torch.nn.Tanh(), torch.nn.Dropout(dropout))
+        self.out_dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def model_with_towers(dims: tuple[int, int], model: dict, n_classes: int = 0, heads=("instance",),
+                      dropout: float = 0.0) -> EmbeddingNet:
+    """The embedding network with trainable towers in front of its branches, seeded."""
+    torch.manual_seed(0)
+    net = EmbeddingNet(*dims, ModelConfig(**model), n_classes, heads)
+    net.image_tower, net.text_tower = ToyTower(dims[0], dropout), ToyTower(dims[1], dropout)
+    return net
+
+
+def gradcache_case(case: dict, rank: int, gather: DistGather) -> dict:
+    """Gradient caching on this rank's shard, mining over every rank's rows, gradients averaged
+    over ranks by itmatch.dist (no DDP wrapper)."""
+    net = globalize_batchnorm(model_with_towers((case["img"].shape[1], case["txt"].shape[1]), case["model"],
+                                                case.get("n_classes", 0), case.get("heads", ("instance",))).to(DEVICE))
+    img_gid, txt_gid = _mine(case["img_gid"], case["img_bounds"], rank), _mine(case["txt_gid"], case["txt_bounds"], rank)
+    batch = Batch.of(_mine(case["img"], case["img_bounds"], rank), _mine(case["txt"], case["txt_bounds"], rank),
+                     image_gid=img_gid, text_gid=txt_gid)
+    out = cached_step(net, batch, build_objective(LossConfig(**case["objective"])), chunk=case["chunk"], gather=gather)
+    average_gradients(list(net.parameters()))
+    return {"terms": {k: v.detach().cpu() for k, v in out.items()},
+            "grads": {n: p.grad.cpu().clone() for n, p in net.named_parameters()}}
 
 
 def embedding_case(case: dict, rank: int, gather: DistGather) -> dict:
@@ -81,7 +119,7 @@ def main() -> None:
     gather = DistGather()
     results = {}
     for name, case in torch.load(cases_path, weights_only=False).items():
-        run = model_case if "model" in case else embedding_case
+        run = gradcache_case if "chunk" in case else model_case if "model" in case else embedding_case
         results[name] = run(case, rank, gather)
     torch.save(results, out_path)
     dist.barrier()

@@ -15,12 +15,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from itmatch.config import ModelConfig
+from itmatch.config import LossConfig, ModelConfig
 from itmatch.data.batch import Batch
-from itmatch.losses import LOCAL, infonce_loss, ranking_loss
+from itmatch.losses import LOCAL, build_objective, infonce_loss, ranking_loss
 from itmatch.models.two_branch import EmbeddingNet
 
-from dist_worker import model_objective  # the same objective on both sides
+from dist_worker import model_objective, model_with_towers  # the same objective and model on both sides
 from ranks import run_ranks
 WORKER = Path(__file__).with_name("dist_worker.py")
 LOSSES = {"ranking": ranking_loss, "infonce": infonce_loss}
@@ -73,6 +73,11 @@ def _cases(world: int) -> dict[str, dict]:
     cases["model-center"] = {"model": model, "n_classes": 9, "heads": ("instance", "center"),
                              **_batch(world, 303, dim=12, unit=False),
                              "objective": dict(margin=0.3, top_k=3, instance_weight=1.0, center_weight=1.0)}
+    for chunk in (1, 3):  # gradient caching: towers in chunks, mining over the global batch
+        cases[f"gradcache-chunk{chunk}"] = {"model": model, "n_classes": 9, "heads": ("instance", "center"),
+                                            "chunk": chunk, **_batch(world, 304 + chunk, dim=12, unit=False),
+                                            "objective": dict(margin=0.3, top_k=3, lambda3=0.2, instance_weight=1.0,
+                                                              center_weight=0.5)}
     return cases
 
 
@@ -93,7 +98,7 @@ def _case_names() -> list[str]:
     return list(_cases(2))
 
 
-@pytest.mark.parametrize("name", [n for n in _case_names() if not n.startswith("model")])
+@pytest.mark.parametrize("name", [n for n in _case_names() if not n.startswith(("model", "gradcache"))])
 def test_loss_and_embedding_grads_equal_single_process(distributed, name):
     world, cases, outs = distributed
     case = cases[name]
@@ -138,6 +143,24 @@ def test_ddp_model_grads_and_batchnorm_equal_single_process(distributed, name):
     torch.testing.assert_close(torch.stack([o[name]["terms"]["loss"] for o in outs]).mean(), ref["loss"].detach(), **TOL)
 
 
+@pytest.mark.parametrize("name", ["gradcache-chunk1", "gradcache-chunk3"])
+def test_grad_cache_over_workers_equals_one_pass_over_the_global_batch(distributed, name):
+    """Each rank runs its towers in chunks and mines over every rank's rows; after averaging, the
+    gradients are those of one process taking the concatenated batch in one pass."""
+    world, cases, outs = distributed
+    case = cases[name]
+    net = model_with_towers((case["img"].shape[1], case["txt"].shape[1]), case["model"], case["n_classes"],
+                            case["heads"])
+    batch = Batch.of(case["img"], case["txt"], image_gid=case["img_gid"], text_gid=case["txt_gid"])
+    ref = build_objective(LossConfig(**case["objective"]))(net(batch), batch)
+    ref["loss"].backward()
+    assert any(n.startswith("image_tower") for n, p in net.named_parameters() if p.grad is not None)
+    for o in outs:
+        for n, p in net.named_parameters():
+            torch.testing.assert_close(o[name]["grads"][n], p.grad, **TOL, msg=f"{name} {n}")
+    torch.testing.assert_close(torch.stack([o[name]["terms"]["loss"] for o in outs]).mean(), ref["loss"].detach(), **TOL)
+
+
 def test_local_batchnorm_would_differ(distributed):
     """Guards the test above: with per-worker BatchNorm statistics the gradients do not match,
     so the global BatchNorm is what makes them equal."""
@@ -155,7 +178,7 @@ def test_local_batchnorm_would_differ(distributed):
 def _check_bf16_run(world: int, cases: dict, outs: list) -> None:
     """Embedding cases exact to fp32 tolerance; the DDP model's gradients under bf16 autocast close
     to one process under bf16 autocast (on the CPU: bf16 rounding differs by device and order)."""
-    for name in (n for n in cases if not n.startswith("model")):
+    for name in (n for n in cases if not n.startswith(("model", "gradcache"))):
         case = cases[name]
         img, txt = case["img"].clone().requires_grad_(True), case["txt"].clone().requires_grad_(True)
         ref = LOSSES[case["loss"]](img, case["img_gid"], txt, case["txt_gid"], **case["kwargs"])

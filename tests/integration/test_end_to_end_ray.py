@@ -1,0 +1,111 @@
+"""End to end through the real path: EfficientNet-lite0 + MiniLM towers fine-tuned from real
+Flickr8k pixels and words on 2 Ray Train workers (DDP, gloo), with 004's Stage I (towers frozen for
+epoch 1) then Stage II (epochs 2-3); a crash at the stage boundary + the same command equals an uninterrupted
+run; DeepSpeed ZeRO-2 equals DDP; the registered model embeds raw images and captions."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from ray_cli import run_module
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "flickr8k-1k"
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200),
+              pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data/flickr8k-1k")]
+
+
+def _args(tmp: Path, name: str, *extra: str) -> list[str]:
+    return [f"data.source=karpathy:{tmp / 'data.json'}:{DATA / 'images'}", "model.image_tower=efficientnet_lite0",
+            "model.text_tower=minilm", "model.image_size=64", "model.hidden_dim=32", "model.embed_dim=16",
+            "data.batch_size=20", "train.epochs=3", "model.tower_frozen_epochs=1", "optim.lr=1e-3",
+            "scaling.num_workers=2", f"run.storage_path={tmp / 'runs'}", f"run.name={name}", "run.max_failures=0",
+            f"data.cache_dir={tmp / 'cache'}", f"tracking.tracking_uri=sqlite:///{tmp / 'ml.db'}",
+            f"tracking.artifact_location={tmp / 'art'}", "tracking.registered_model=itm-e2e", *extra]
+
+
+def _latest_state(run: Path) -> dict:
+    checkpoints = sorted(p for p in run.glob("checkpoint_*") if p.is_dir())
+    return torch.load(checkpoints[-1] / "state.pt", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    images = json.loads((DATA / "dataset_flickr8k_1k.json").read_text())["images"]
+    keep = [im for split, n in (("train", 12), ("val", 4), ("test", 4))
+            for im in [i for i in images if i["split"] == split][:n]]
+    (tmp / "data.json").write_text(json.dumps({"dataset": "flickr8k", "images": keep}))
+    out = {"straight": run_module("trainers.train", _args(tmp, "straight"), tmp, timeout=600),
+           "crashed": run_module("trainers.train", _args(tmp, "crashy", "tracking.registered_model="), tmp,
+                                 {"ITMATCH_FAIL_AT_EPOCH": "1"}, timeout=600)}
+    out["resumed"] = run_module("trainers.train", _args(tmp, "crashy", "tracking.registered_model="), tmp, timeout=600)
+    out["deepspeed"] = run_module("trainers.train", _args(tmp, "ds", "scaling.strategy=deepspeed", "scaling.zero_stage=2",
+                                                          "tracking.registered_model="), tmp, timeout=600)
+    for name in ("straight", "resumed", "deepspeed"):
+        assert out[name].returncode == 0, name + out[name].stdout[-2000:] + out[name].stderr[-4000:]
+    return tmp, out
+
+
+def test_towers_train_after_stage_one_and_the_loss_falls(runs):
+    tmp, _ = runs
+    first = torch.load(sorted((tmp / "runs" / "straight").glob("checkpoint_*"))[0] / "state.pt", weights_only=False)
+    last = _latest_state(tmp / "runs" / "straight")
+    history = last["train_state"]["history"]
+    # Stage II (epochs 2-3) switches the towers to training mode (dropout, drop-connect): compare
+    # within it.
+    assert [h["epoch"] for h in history] == [1, 2, 3] and history[2]["train_loss"] < history[1]["train_loss"]
+    tower = [k for k in last["model"] if k.startswith("image_tower.") and k.endswith("weight")]
+    text = [k for k in last["model"] if k.startswith("text_tower.") and k.endswith("weight")]
+    assert len(tower) > 50 and len(text) > 30
+    from itmatch.data.encoders import build_efficientnet_lite0
+
+    pretrained = build_efficientnet_lite0().net.state_dict()
+    key = next(k for k in tower if "_conv_stem" in k)
+    inner = key.removeprefix("image_tower.net.")
+    torch.testing.assert_close(first["model"][key], pretrained[inner])  # Stage I: the CNN did not move
+    assert not torch.equal(last["model"][key], pretrained[inner])  # Stage II: it is fine-tuned
+
+
+def test_crash_at_the_stage_boundary_then_resume_equals_uninterrupted(runs):
+    tmp, out = runs
+    assert out["crashed"].returncode != 0 and "injected failure after epoch 1" in out["crashed"].stderr + \
+        out["crashed"].stdout
+    assert "resumed at epoch 1" in out["resumed"].stdout + out["resumed"].stderr
+    a, b = _latest_state(tmp / "runs" / "straight"), _latest_state(tmp / "runs" / "crashy")
+    assert a["train_state"]["step"] == b["train_state"]["step"]
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_deepspeed_zero2_equals_ddp_on_the_weights(runs):
+    tmp, _ = runs
+    ddp, ds = _latest_state(tmp / "runs" / "straight"), _latest_state(tmp / "runs" / "ds")
+    assert ds["deepspeed"]["zero_stage"] == 2
+    for key, value in ddp["model"].items():
+        torch.testing.assert_close(ds["model"][key], value, rtol=1e-3, atol=1e-4, msg=key)
+
+
+def test_registered_model_embeds_raw_images_and_captions(runs):
+    import mlflow
+    from PIL import Image
+
+    from itmatch.state import load_model
+
+    tmp, _ = runs
+    mlflow.set_tracking_uri(f"sqlite:///{tmp / 'ml.db'}")
+    model = mlflow.pyfunc.load_model("models:/itm-e2e@champion")
+    summary = json.loads((tmp / "runs" / "straight" / "summary.json").read_text())
+    reference, _ = load_model(Path(summary["best_checkpoint"]))
+    path = next(iter(sorted((DATA / "images").iterdir())))
+    got = model.predict(pd.DataFrame({"image": [path.read_bytes(), str(path)]}))
+    want = reference.embed_images(reference.image_tower.prepare([Image.open(io.BytesIO(path.read_bytes()))]))
+    np.testing.assert_allclose(got, np.repeat(want.numpy(), 2, axis=0), rtol=1e-4, atol=1e-5)
+    text = model.predict(pd.DataFrame({"text": ["A dog runs on the grass ."]}))
+    want = reference.embed_texts(reference.text_tower.prepare(["A dog runs on the grass ."])).numpy()
+    np.testing.assert_allclose(text, want, rtol=1e-4, atol=1e-5)
