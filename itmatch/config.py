@@ -207,6 +207,31 @@ class TrackingConfig(_Section):
     alias: str = "champion"
 
 
+class SearchConfig(_Section):
+    """A Tune search (`python -m tuning.search`); its CLI flags override these keys, so a preset
+    holding a `search:` section reproduces the whole search. Scheduler and searcher names are
+    checked against their registries in tuning/registry.py (the one list of choices)."""
+    name: str = "search"
+    """Search folder under run.storage_path (and the parent MLflow run's name); re-run to resume."""
+    space: Optional[str] = None
+    """YAML file: dotted key -> {uniform|loguniform|randint|choice|grid: [...]}."""
+    num_samples: int = Field(8, ge=1)
+    algorithm: str = "random"
+    """random (Tune's variant generator; grids allowed) or optuna (TPE)."""
+    scheduler: str = "asha"
+    """asha (stops weak trials at rungs before the last epoch), pbt or fifo."""
+    max_concurrent: int = Field(1, ge=1)
+    """Trials at once; with scaling.cpus_per_worker unset each worker gets CPUs / (workers x this)."""
+    grace_period: Optional[int] = Field(None, ge=1)
+    """ASHA: first rung in epochs (default train.epochs // 8, at least 1)."""
+    reduction_factor: float = Field(3.0, gt=1.0)
+    """ASHA: keep the best 1/reduction_factor at each rung."""
+    perturbation_interval: int = Field(1, ge=1)
+    """PBT: epochs between exploit/explore steps."""
+    seed: Optional[int] = None
+    """Seed of the searcher's sampling (Optuna's TPE sampler)."""
+
+
 class Config(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -216,6 +241,7 @@ class Config(_Section):
     scaling: ScalingConfig = ScalingConfig()
     run: RunConfig = RunConfig()
     tracking: TrackingConfig = TrackingConfig()
+    search: SearchConfig = SearchConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "Config":

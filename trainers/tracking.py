@@ -44,9 +44,11 @@ def setup(cfg: TrackingConfig) -> dict[str, Any]:
     return {"tracking_uri": uri, "experiment_id": experiment_id}
 
 
-def start_run(cfg: Config, run_key: str, store: FeatureStore, tags: Optional[dict[str, str]] = None) -> dict[str, Any]:
+def start_run(cfg: Config, run_key: str, store: FeatureStore, tags: Optional[dict[str, str]] = None,
+              run_name: Optional[str] = None) -> dict[str, Any]:
     """Reopen the MLflow run of this Ray run (same name + storage) or start one, and log the inputs.
-    `tags`: extra tags for a new run (a Tune trial's `mlflow.parentRunId`)."""
+    `tags`: extra tags for a new run (a Tune trial's `mlflow.parentRunId`); `run_name`: its name in
+    the UI (default run.name)."""
     info = setup(cfg.tracking)
     client = MlflowClient(info["tracking_uri"])
     found = client.search_runs([info["experiment_id"]], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
@@ -56,7 +58,7 @@ def start_run(cfg: Config, run_key: str, store: FeatureStore, tags: Optional[dic
         client.update_run(run_id, status="RUNNING")
         log.info("MLflow: resuming run %s", run_id)
     else:
-        run = client.create_run(info["experiment_id"], run_name=cfg.run.name, tags={RUN_KEY_TAG: run_key, **(tags or {})})
+        run = client.create_run(info["experiment_id"], run_name=run_name or cfg.run.name, tags={RUN_KEY_TAG: run_key, **(tags or {})})
         run_id = run.info.run_id
         _log_inputs(client, run_id, cfg, store)
         log.info("MLflow: run %s in experiment %s (%s)", run_id, cfg.tracking.experiment, info["tracking_uri"])

@@ -18,12 +18,13 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Optional  # noqa: E402
+from typing import Optional  # noqa: E402
 
-from itmatch.config import Config, ConfigError, load_config, save_config  # noqa: E402
+from itmatch.config import Config, ConfigError, load_config  # noqa: E402
 from itmatch.data.sources import DataError  # noqa: E402
 from itmatch.data.store import FeatureStore, prepare  # noqa: E402
 from trainers import preflight  # noqa: E402
+from trainers.job import run_dir, run_job  # noqa: E402
 from trainers.logs import setup_logging  # noqa: E402
 
 log = logging.getLogger("itmatch.train")
@@ -83,96 +84,14 @@ def relative_paths_in_job(cfg: Config) -> list[str]:
     return [f"{key}={value!r}" for key, value in paths.items() if "://" not in value and not os.path.isabs(value)]
 
 
-def _cpus_per_worker(cfg: Config) -> float:
-    import ray
-
-    if cfg.scaling.cpus_per_worker:
-        return cfg.scaling.cpus_per_worker
-    return max(1.0, float(int(ray.cluster_resources().get("CPU", 1)) // cfg.scaling.num_workers))
-
-
-def run_dir(cfg: Config) -> Path:
-    return Path(cfg.run.storage_path).resolve() / cfg.run.name
-
-
-def fit(cfg: Config, store: FeatureStore, tracking: Optional[dict], callbacks: Optional[list] = None):
-    """Build and fit the TorchTrainer; returns Ray's Result. `callbacks`: Ray Train user callbacks
-    (a Tune trial passes the one that forwards every report to Tune)."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from trainers.loop import train_loop_per_worker
-
-    cpus = _cpus_per_worker(cfg)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(), "store": str(store.root.resolve()),
-                           "threads": max(1, int(cpus)), "tracking": tracking},
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                               resources_per_worker={"CPU": cpus}),
-        run_config=ray.train.RunConfig(
-            name=cfg.run.name, storage_path=str(Path(cfg.run.storage_path).resolve()),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
-            logging_config=ray.train.LoggingConfig(log_level=cfg.run.ray_log_level),
-            callbacks=callbacks or []),
-    )
-    return trainer.fit()
-
-
-def finalize(cfg: Config, store: FeatureStore, result, tracking: Optional[dict]) -> dict[str, Any]:
-    """Evaluate the best weights on the test split; log, register and maybe promote them."""
-    from trainers.results import best_checkpoint_folder, evaluate_folder
-
-    best = best_checkpoint_folder(result, run_dir(cfg) / "best_model")
-    plots = run_dir(cfg) / "plots"
-    test = evaluate_folder(best, store.split(cfg.data.test_split), cfg, plots_dir=plots)
-    val_score = test.pop("_val_score")
-    summary: dict[str, Any] = {"best_checkpoint": str(best), "best_epoch": test.pop("_best_epoch"),
-                               f"val_{cfg.train.metric}": val_score, "test": test}
-    log.info("test (best epoch %s): %s", summary["best_epoch"], _fmt(test))
-    if tracking:
-        from trainers import tracking as tr
-
-        client_metrics = {f"test_{k}": v for k, v in test.items()}
-        tr.epoch_logger(tracking)(client_metrics, summary["best_epoch"])
-        tr.log_folder(tracking, plots, "plots")
-        info = tr.log_model(tracking, best, store)
-        summary["model_uri"] = info.model_uri
-        summary["run_id"] = tracking["run_id"]
-        if cfg.tracking.registered_model:
-            summary["registry"] = promote(tracking, cfg, store, info.model_uri, val_score)
-        tr.end_run(tracking)
-    return summary
-
-
-def promote(tracking: dict, cfg: Config, store: FeatureStore, model_uri: str, val_score: float) -> dict[str, Any]:
-    """Register the model; it takes the alias only if it beats the holder re-scored on this val split."""
-    from trainers import tracking as tr
-
-    champion_score = _score_on_val(tr.load_champion(tracking, cfg), store, cfg)
-    return tr.register(tracking, cfg, model_uri, val_score, champion_score)
-
-
-def _score_on_val(model, store: FeatureStore, cfg: Config) -> Optional[float]:
-    """The alias holder's score on this run's validation split (None when there is no holder)."""
-    if model is None:
-        return None
-    from itmatch.eval.evaluate import evaluate_split
-
-    if tuple(getattr(model, "dims", ())) != tuple(store.dims):
-        log.warning("champion takes features of width %s, this data has %s: it cannot be compared, keeping it",
-                    getattr(model, "dims", None), store.dims)
-        return float("inf")
-    return evaluate_split(model, store.split(cfg.data.val_split), chunk=cfg.train.eval_chunk)[cfg.train.metric]
-
-
-def _fmt(metrics: dict[str, float]) -> str:
-    from itmatch.eval.retrieval import format_metrics
-
-    return format_metrics(metrics)
-
+def warn_relative_paths(cfg: Config) -> None:
+    """Under `ray job submit`, name each relative setting: it would vanish with the job's folder."""
+    relative = relative_paths_in_job(cfg)
+    if relative:
+        log.warning("running as a Ray job with relative paths %s: they live in the job's temporary working "
+                    "directory (%s) and go away with the Ray session; pass absolute paths on shared storage "
+                    "(and an MLflow server or shared sqlite file) to keep checkpoints, runs and models",
+                    ", ".join(relative), os.getcwd())
 
 def main(argv: Optional[list[str]] = None) -> int:
     setup_logging()
@@ -189,30 +108,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    relative = relative_paths_in_job(cfg)
-    if relative:
-        log.warning("running as a Ray job with relative paths %s: they live in the job's temporary working "
-                    "directory (%s) and go away with the Ray session; pass absolute paths on shared storage "
-                    "(and an MLflow server or shared sqlite file) to keep checkpoints, runs and models",
-                    ", ".join(relative), os.getcwd())
-    run_dir(cfg).mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir(cfg) / "config.yaml")
-    tracking = None
-    if cfg.tracking.enabled:
-        from trainers.tracking import start_run
-
-        tracking = start_run(cfg, str(run_dir(cfg)), store)
+    warn_relative_paths(cfg)
     init_ray(cfg)
-    try:
-        result = fit(cfg, store, tracking)
-    except Exception:
-        if tracking:
-            from trainers.tracking import end_run
-
-            end_run(tracking, "FAILED")
-        raise
-    summary = finalize(cfg, store, result, tracking)
-    (run_dir(cfg) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    summary = run_job(cfg, store)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 

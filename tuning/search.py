@@ -1,16 +1,19 @@
 """Ray Tune over the dotted config keys; every trial is a distributed Ray Train job.
 
     python -m tuning.search --config configs/flickr8k_precomp.yaml --space configs/search/eq6.yaml \\
-        --num-samples 16 --scheduler asha [key=value ...]
+        --num-samples 16 --search optuna --scheduler asha --max-concurrent 2 [key=value ...]
 
 The space file maps dotted keys (the same as the CLI's) to a distribution:
 `{uniform: [lo, hi]}`, `{loguniform: [lo, hi]}`, `{randint: [lo, hi]}`, `{choice: [a, b, ...]}`,
 `{grid: [a, b, ...]}`. Every key and every bound is checked against the config before Ray starts.
-The data is featurised once; each trial then trains with `trainers.train.fit` (its own run folder
-and checkpoints; re-running the same command restores the Tune experiment with Tuner.restore),
-reports every epoch to Tune, evaluates its best epoch on the test split and logs an MLflow run nested under the
-search's run. At the end the best trial by validation score is registered and takes the alias
-only if it beats the holder (re-scored on the same validation split).
+Every flag is also a `search.*` config key (the flags override them), so a preset with a `search:`
+section reproduces a search. The driver resolves the whole config (absolute paths included) and
+featurises the data once; each trial runs `trainers.job.run_job` on the resolved config plus its
+sampled params (its own run folder, config.yaml, checkpoints and summary), reports every epoch to
+Tune and logs an MLflow run nested under the search's run. Re-running the same command restores the
+Tune experiment (Tuner.restore, searcher state included). At the end the best finished trial by
+validation score is registered and takes the alias only if it beats the holder (re-scored on the
+same validation split); the trial table and plots go to the search folder and the parent run.
 """
 
 from __future__ import annotations
@@ -22,160 +25,140 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (see t
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Optional  # noqa: E402
 
-import yaml  # noqa: E402
-
 from itmatch.config import Config, ConfigError, load_config  # noqa: E402
 from itmatch.data.sources import DataError  # noqa: E402
+from itmatch.data.raw import open_store  # noqa: E402
 from itmatch.data.store import FeatureStore  # noqa: E402
 from trainers.logs import setup_logging  # noqa: E402
+from tuning import registry, report  # noqa: E402
+from tuning.space import load_space  # noqa: E402
 
 log = logging.getLogger("itmatch.tune")
-KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
-SUMMARY = "summary.json"
-
-
-def load_space(path: str | Path, base: Config, preset: Optional[str], overrides: list[str]) -> dict[str, dict]:
-    """The search space file, each entry checked: known kind, and every value it can take (both
-    bounds, every choice) accepted by the config on top of the base settings."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read the search space: {exc}") from exc
-    if not isinstance(raw, dict) or not raw:
-        raise ConfigError(f"{path}: expected a mapping of dotted keys to distributions, got {raw!r}")
-    for key, spec in raw.items():
-        if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in KINDS):
-            raise ConfigError(f"{path}: {key}: expected one of {{{', '.join(KINDS)}: [...]}}, got {spec!r}")
-        kind, values = next(iter(spec.items()))
-        if not isinstance(values, list) or not values or (kind in ("uniform", "loguniform", "randint")
-                                                          and len(values) != 2):
-            raise ConfigError(f"{path}: {key}.{kind}: expected a list ({'[low, high]' if kind not in ('choice', 'grid') else 'of values'}), got {values!r}")
-        for value in values:
-            try:
-                load_config(preset, [*overrides, f"{key}={json.dumps(value)}"])
-            except ConfigError as exc:
-                raise ConfigError(f"{path}: {key}: value {value!r} is not valid: {exc}") from exc
-    return raw
-
-
-def to_tune(space: dict[str, dict]) -> dict[str, Any]:
-    from ray import tune
-
-    makers = {"uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v),
-              "randint": lambda v: tune.randint(*v), "choice": tune.choice, "grid": tune.grid_search}
-    return {key: makers[kind](values) for key, spec in space.items() for kind, values in spec.items()}
+# CLI flag -> the search.* key it overrides
+FLAGS = {"space": "space", "name": "name", "num_samples": "num_samples", "max_concurrent": "max_concurrent",
+         "search": "algorithm", "scheduler": "scheduler"}
 
 
 def trial_config(setup: dict, params: dict[str, Any], trial_id: str) -> Config:
-    """The trial's resolved config: preset, search overrides, sampled params, its own run and no
-    registration (the search registers its best trial once)."""
-    sampled = [f"{k}={json.dumps(v)}" for k, v in params.items()]
-    return load_config(setup["preset"], [*setup["overrides"], *sampled, f"run.name={json.dumps(trial_id)}",
-                                         f"run.storage_path={setup['trials_dir']}", "tracking.registered_model="])
+    """The trial's config: the driver's resolved tree (absolute paths; no preset is re-read, as the
+    trial runs in its own folder), its sampled params, its own run and no registration (the search
+    registers its best trial once)."""
+    return load_config(None, {**setup["base"], **params, "run.name": trial_id,
+                              "run.storage_path": setup["trials_dir"], "tracking.registered_model": None})
 
 
-def run_trial(config: dict) -> None:
-    """Tune function trainable: one Ray Train job with the sampled params."""
+def run_trial(config: dict, setup: dict) -> None:
+    """Tune function trainable: one job (trainers.job.run_job) with the sampled params."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from trainers import train
+    from trainers.job import run_job
 
     setup_logging()
-    setup, trial_id = config["setup"], tune.get_context().get_trial_id()
-    cfg = trial_config(setup, config["params"], trial_id)
-    store = FeatureStore.open(setup["store"])
-    folder = train.run_dir(cfg)
-    folder.mkdir(parents=True, exist_ok=True)
-    tracking = None
-    if cfg.tracking.enabled:
-        from trainers.tracking import start_run
-
-        tags = {"mlflow.parentRunId": setup["parent_run_id"], "itmatch.search": setup["name"]}
-        tracking = start_run(cfg, str(folder), store, tags=tags)
-    result = train.fit(cfg, store, tracking, callbacks=[TuneReportCallback()])
-    summary = train.finalize(cfg, store, result, tracking)
-    summary["params"] = config["params"]
-    (folder / SUMMARY).write_text(json.dumps(summary, indent=2, default=str))
+    params, trial_id = config["params"], tune.get_context().get_trial_id()
+    cfg = trial_config(setup, params, trial_id)
+    if _report_finished(cfg):
+        return
+    tags = {"mlflow.parentRunId": setup["parent_run_id"], "itmatch.search": setup["name"],
+            report.TRIAL_TAG: trial_id} if setup["parent_run_id"] else None
+    run_job(cfg, open_store(setup["store"]), tags=tags, callbacks=[TuneReportCallback()],
+            run_name=report.run_name(setup["name"], trial_id, params))
 
 
-def _scheduler(name: str, cfg: Config):
-    if name == "fifo":
-        return None
-    from ray.tune.schedulers import ASHAScheduler
-
-    # Per-epoch validation score; stops the weakest trials at epochs grace, grace*3, ...
-    return ASHAScheduler(time_attr="epoch", metric=f"val_{cfg.train.metric}", mode="max",
-                         max_t=cfg.train.epochs, grace_period=max(1, cfg.train.epochs // 8), reduction_factor=3)
-
-
-def run_search(args: argparse.Namespace, cfg: Config, space: dict[str, dict], store: FeatureStore,
-               search_dir: Path) -> list[dict]:
+def _report_finished(cfg: Config) -> bool:
+    """A trial whose job already ended (the search was killed before Tune recorded it) reports its
+    summary instead of running, finalizing and logging its model again."""
     from ray import tune
 
-    from trainers import train
+    from trainers.job import SUMMARY_FILE, run_dir
+
+    path = run_dir(cfg) / SUMMARY_FILE
+    if not path.is_file():
+        return False
+    summary = json.loads(path.read_text())
+    log.info("trial %s finished before the search stopped: reporting its summary", cfg.run.name)
+    tune.report({"epoch": cfg.train.epochs, "best_metric": summary[f"val_{cfg.train.metric}"]})
+    return True
+
+
+def share_cpus(cfg: Config, cpus: float) -> Config:
+    """With several trials at once and no scaling.cpus_per_worker, give each worker an equal share
+    (fractional below one CPU) so the concurrent trials fit. A trial that still does not fit waits
+    for its placement group: trials queue, they never hold part of the CPUs and deadlock."""
+    s = cfg.scaling
+    if s.cpus_per_worker or cfg.search.max_concurrent == 1:
+        return cfg
+    share = cpus / (s.num_workers * cfg.search.max_concurrent)
+    share = math.floor(share) if share >= 1 else max(0.01, math.floor(share * 100) / 100)
+    return load_config(None, {**cfg.flat(), "scaling.cpus_per_worker": share})
+
+
+def run_search(cfg: Config, space: dict[str, dict], store: FeatureStore, search_dir: Path) -> list[dict]:
+    from ray import tune
+
+    from trainers.train import init_ray
 
     parent = None
     if cfg.tracking.enabled:
         from trainers.tracking import start_run
 
-        parent = start_run(cfg, str(search_dir), store, tags={"itmatch.search": args.name})
-    setup = {"preset": args.config, "overrides": list(args.overrides), "store": str(store.root.resolve()),
-             "trials_dir": str(search_dir / "trials"), "name": args.name,
-             "parent_run_id": parent["run_id"] if parent else None}
-    train.init_ray(cfg)
+        parent = start_run(cfg, str(search_dir), store, tags={"itmatch.search": cfg.search.name})
+    init_ray(cfg)
+    import ray
+
+    cfg = share_cpus(cfg, ray.cluster_resources().get("CPU", 1))
+    setup = {"base": cfg.flat(), "store": str(store.root.resolve()), "trials_dir": str(search_dir / "trials"),
+             "name": cfg.search.name, "parent_run_id": parent["run_id"] if parent else None}
     # The trial only drives its Ray Train workers: it must not hold a CPU they need, and Tune refuses
     # an empty request, so it asks for one byte of memory.
-    trainable = tune.with_resources(run_trial, {"cpu": 0, "memory": 1})
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": 0, "memory": 1})
     path = str(search_dir / "tune")
     if tune.Tuner.can_restore(path):
         log.info("resuming the search in %s", path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
-        tuner = tune.Tuner(
-            trainable, param_space={"setup": setup, "params": to_tune(space)},
-            tune_config=tune.TuneConfig(num_samples=args.num_samples, max_concurrent_trials=args.max_concurrent,
-                                        scheduler=_scheduler(args.scheduler, cfg)),
-            run_config=tune.RunConfig(name="tune", storage_path=str(search_dir), verbose=1))
-    grid = tuner.fit()
-    rows = [_row(r, search_dir) for r in grid]
+        tuner = tune.Tuner(trainable, param_space={"params": registry.params_space(cfg, space)},
+                           tune_config=_tune_config(cfg, space),
+                           run_config=tune.RunConfig(name="tune", storage_path=str(search_dir), verbose=1))
+    rows = [report.trial_row(r, search_dir / "trials") for r in tuner.fit()]
     _finish(cfg, store, rows, parent, search_dir)
     return rows
 
 
-def _row(result, search_dir: Path) -> dict:
-    metrics = result.metrics or {}
-    trial_id = metrics.get("trial_id") or Path(result.path).name
-    summary_path = search_dir / "trials" / trial_id / SUMMARY
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    return {"trial_id": trial_id, "params": result.config["params"], "epochs": metrics.get("epoch"),
-            "best_val": metrics.get("best_metric"), "error": str(result.error)[:300] if result.error else None,
-            "summary": summary}
+def _tune_config(cfg: Config, space: dict[str, dict]):
+    from ray import tune
+
+    # best_metric: the best validation score so far, what a trial is finally judged (and selected) by.
+    return tune.TuneConfig(metric="best_metric", mode="max", num_samples=cfg.search.num_samples,
+                           search_alg=registry.searcher(cfg, space), scheduler=registry.scheduler(cfg, space))
 
 
 def _finish(cfg: Config, store: FeatureStore, rows: list[dict], parent: Optional[dict], search_dir: Path) -> None:
-    """Close trials Tune stopped early, pick the best finished trial, register it, write the table."""
-    done = [r for r in rows if r["summary"]]
-    best = max(done, key=lambda r: r["summary"][f"val_{cfg.train.metric}"], default=None)
+    """End every child run, pick the best finished trial, register it, write the table and plots."""
+    metric = cfg.train.metric
+    # Ties go to the first trial id, so a restored search (rows in another order) picks the same one.
+    done = sorted((r for r in rows if r["summary"]), key=lambda r: r["trial_id"])
+    best = max(done, key=lambda r: r["summary"][f"val_{metric}"], default=None)
     if parent:
-        _close_stopped_trials(parent, rows)
+        report.close_child_runs(parent, rows)
     previous = _previous_registry(search_dir, best)
     if previous:  # a re-run of a finished search: its best trial is registered already
         best["registry"] = previous
     elif best and parent and cfg.tracking.registered_model:
-        from trainers.train import promote
+        from trainers.job import promote
 
         s = best["summary"]
-        best["registry"] = promote({**parent, "run_id": s["run_id"]}, cfg, store, s["model_uri"],
-                                   s[f"val_{cfg.train.metric}"])
+        best["registry"] = promote({**parent, "run_id": s["run_id"]}, cfg, store, s["model_uri"], s[f"val_{metric}"])
     (search_dir / "search.json").write_text(json.dumps({"best": best, "trials": rows}, indent=2, default=str))
+    report.plot_params(rows, metric, search_dir / "plots")
     if parent:
-        _log_parent(parent, rows, best, cfg, search_dir)
-    print(_table(rows, cfg, best))
+        report.log_parent(parent, rows, best, metric, search_dir)
+    print(report.table(rows, metric, best))
 
 
 def _previous_registry(search_dir: Path, best: Optional[dict]) -> Optional[dict]:
@@ -186,77 +169,54 @@ def _previous_registry(search_dir: Path, best: Optional[dict]) -> Optional[dict]
     return before.get("registry") if before.get("trial_id") == best["trial_id"] else None
 
 
-def _close_stopped_trials(parent: dict, rows: list[dict]) -> None:
-    """A trial stopped by the scheduler never reaches its own end_run; mark its MLflow run KILLED."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(parent["tracking_uri"])
-    running = client.search_runs([parent["experiment_id"]], filter_string=(
-        f"tags.`mlflow.parentRunId` = '{parent['run_id']}' and attributes.status = 'RUNNING'"))
-    for run in running:
-        client.set_terminated(run.info.run_id, status="KILLED")
-
-
-def _log_parent(parent: dict, rows: list[dict], best: Optional[dict], cfg: Config, search_dir: Path) -> None:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(parent["tracking_uri"])
-    if best:
-        client.log_metric(parent["run_id"], f"best_val_{cfg.train.metric}", best["summary"][f"val_{cfg.train.metric}"])
-        client.set_tag(parent["run_id"], "itmatch.best_trial", best["trial_id"])
-        for key, value in best["params"].items():
-            client.set_tag(parent["run_id"], f"best.{key}", str(value))
-    client.log_artifact(parent["run_id"], str(search_dir / "search.json"))
-    client.set_terminated(parent["run_id"], status="FINISHED" if best else "FAILED")
-
-
-def _table(rows: list[dict], cfg: Config, best: Optional[dict]) -> str:
-    metric = cfg.train.metric
-    keys = sorted({k for r in rows for k in r["params"]})
-    lines = ["| trial | " + " | ".join(keys) + f" | epochs | best val {metric} | test {metric} | |",
-             "|---" * (len(keys) + 5) + "|"]
-    order = sorted(rows, key=lambda r: -(r["best_val"] or float("-inf")))
-    for r in order:
-        test = r["summary"]["test"][metric] if r["summary"] else None
-        status = "best" if best and r["trial_id"] == best["trial_id"] else ("error" if r["error"] else
-                                                                            "" if r["summary"] else "stopped")
-        values = " | ".join(_fmt(r["params"].get(k)) for k in keys)
-        lines.append(f"| {r['trial_id']} | {values} | {r['epochs']} | {_fmt(r['best_val'])} | {_fmt(test)} | {status} |")
-    return "\n".join(lines)
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tuning.search", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML preset for every trial")
-    parser.add_argument("--space", required=True, help="YAML: dotted key -> {uniform|loguniform|randint|choice|grid: [...]}")
-    parser.add_argument("--name", default="search", help="search folder under run.storage_path; re-run to resume")
-    parser.add_argument("--num-samples", type=int, default=8, help="samples (each grid point repeated this often)")
-    parser.add_argument("--max-concurrent", type=int, default=1, help="trials at once (each is N Ray Train workers)")
-    parser.add_argument("--scheduler", choices=["asha", "fifo"], default="asha")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides for every trial")
-    return parser.parse_args(argv)
+    parser.add_argument("--config", help="YAML preset for every trial (may hold a search: section)")
+    parser.add_argument("--space", help="search.space: YAML, dotted key -> {uniform|loguniform|randint|choice|grid: [...]}")
+    parser.add_argument("--name", help="search.name: folder under run.storage_path; re-run to resume")
+    parser.add_argument("--num-samples", type=int, help="search.num_samples (each grid point repeated this often)")
+    parser.add_argument("--max-concurrent", type=int, help="search.max_concurrent: trials at once")
+    parser.add_argument("--search", choices=sorted(registry.SEARCHERS), help="search.algorithm")
+    parser.add_argument("--scheduler", choices=sorted(registry.SCHEDULERS), help="search.scheduler")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides for every trial (search.* included)")
+    return parser
+
+
+def resolve(args: argparse.Namespace) -> tuple[Config, dict[str, dict]]:
+    """The search's config (flags over dotted overrides over the preset; its own run is named after
+    the search; every path absolute) and its checked space."""
+    from trainers.job import absolute_paths
+    from trainers.train import warn_relative_paths
+
+    flags = [f"search.{key}={json.dumps(getattr(args, flag))}" for flag, key in FLAGS.items()
+             if getattr(args, flag) is not None]
+    cfg = load_config(args.config, [*args.overrides, *flags])
+    cfg = load_config(None, {**cfg.flat(), "run.name": cfg.search.name})
+    warn_relative_paths(cfg)
+    cfg = absolute_paths(cfg)
+    registry.pick(registry.SEARCHERS, "search.algorithm", cfg.search.algorithm)
+    registry.pick(registry.SCHEDULERS, "search.scheduler", cfg.search.scheduler)
+    if not cfg.search.space:
+        raise ConfigError("no search space: pass --space FILE or set search.space")
+    return cfg, load_space(cfg.search.space, cfg)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from trainers import train
+    from trainers.train import prepare_store
 
     setup_logging()
-    args = parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, [*args.overrides, f"run.name={args.name}"])  # the search's own run
-        space = load_space(args.space, cfg, args.config, args.overrides)
-        store = train.prepare_store(cfg)
+        cfg, space = resolve(args)
+        registry.searcher(cfg, space)  # a searcher that refuses the space fails here, before Ray starts
+        store = prepare_store(cfg)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    search_dir = Path(cfg.run.storage_path).resolve() / args.name
+    search_dir = Path(cfg.run.storage_path) / cfg.search.name
     search_dir.mkdir(parents=True, exist_ok=True)
-    rows = run_search(args, cfg, space, store, search_dir)
+    rows = run_search(cfg, space, store, search_dir)
     return 0 if any(r["summary"] for r in rows) else 1
 
 

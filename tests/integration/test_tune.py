@@ -1,70 +1,113 @@
-"""A Tune search over dotted keys where every trial is a 2-worker Ray Train job, end to end:
-trials report per epoch, run their own test evaluation, log nested MLflow runs, and the best
-trial is registered and takes the alias."""
+"""Tune searches where every trial is a 2-worker Ray Train job, end to end, run the way the README
+says: a relative preset from the repo root and the default scheduler (ASHA), locally and as a Ray
+job. Trials report per epoch, ASHA stops the weak ones at a rung before the last epoch, finished
+trials run their own test evaluation and log nested MLflow runs, every run ends in the status of
+its trial, and the best finished trial is registered once and takes the alias."""
 
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 import pytest
+import yaml
 from ray_cli import ROOT, run_module
+from ray_head import ray_head
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
+GOOD_LR, BAD_LR = 3.0e-3, 1.0e-8  # a learning rate that learns in one epoch, and one that cannot
+RUN_STATUS = {"finished": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}  # independent of tuning.report
 
 
-def _args(tmp: Path, space: Path, *extra: str) -> list[str]:
-    return ["--config", str(ROOT / "configs" / "debug.yaml"), "--space", str(space), "--name", "s1",
-            "--num-samples", "1", "--scheduler", "fifo",
-            f"data.source=synthetic:{tmp / 'shapes'}?n_images=120", f"data.cache_dir={tmp / 'cache'}",
-            f"run.storage_path={tmp / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp / 'ml.db'}",
-            f"tracking.artifact_location={tmp / 'art'}", "tracking.registered_model=itm-tune", *extra]
+def _paths(tmp: Path) -> list[str]:
+    """Only where things are written goes to tmp; everything else is the preset's."""
+    return [f"data.cache_dir={tmp / 'cache'}", f"run.storage_path={tmp / 'runs'}",
+            f"tracking.tracking_uri=sqlite:///{tmp / 'ml.db'}", f"tracking.artifact_location={tmp / 'art'}",
+            "tracking.registered_model=itm-tune"]
+
+
+def _readme_args(tmp: Path, space: Path) -> list[str]:
+    # The README's command with the debug preset: relative --config, default --scheduler (asha).
+    # Rungs every epoch before the last (grace 1) and keep the better half (factor 2): 4 trials.
+    return ["--config", "configs/debug.yaml", "--space", str(space), "--num-samples", "2", "--name", "s1",
+            "search.grace_period=1", "search.reduction_factor=2", *_paths(tmp)]
 
 
 @pytest.fixture(scope="module")
 def search(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tune")
     space = tmp / "space.yaml"
-    space.write_text("loss.margin: {grid: [0.1, 0.4]}\n")
-    done = run_module("tuning.search", _args(tmp, space), tmp, timeout=600)
+    space.write_text(f"optim.lr: {{grid: [{GOOD_LR}, {BAD_LR}]}}\n")  # x2 samples: good, bad, good, bad
+    done = run_module("tuning.search", _readme_args(tmp, space), ROOT, timeout=700)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return tmp, done
 
 
-def test_every_trial_trains_and_the_best_is_registered(search):
+def _mlflow_runs(db: Path, parent_name: str):
     from mlflow.tracking import MlflowClient
 
-    tmp, done = search
-    result = json.loads((tmp / "runs" / "s1" / "search.json").read_text())
-    trials = result["trials"]
-    assert sorted(t["params"]["loss.margin"] for t in trials) == [0.1, 0.4]
-    assert all(t["summary"] and t["epochs"] == 2 for t in trials)
-    scores = {t["trial_id"]: t["summary"]["val_rsum"] for t in trials}
-    assert result["best"]["trial_id"] == max(scores, key=scores.get)
-
-    client = MlflowClient(f"sqlite:///{tmp / 'ml.db'}")
+    client = MlflowClient(f"sqlite:///{db}")
     runs = client.search_runs([client.get_experiment_by_name("itmatch").experiment_id])
-    parent = next(r for r in runs if r.info.run_name == "s1")
+    parent = next(r for r in runs if r.info.run_name == parent_name)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(float(r.data.params["loss.margin"]) for r in children) == [0.1, 0.4]
-    assert all(r.info.status == "FINISHED" for r in [parent, *children])
+    return client, parent, children
+
+
+def test_asha_stops_the_weak_trials_and_the_rest_finish(search):
+    tmp, done = search
+    trials = json.loads((tmp / "runs" / "s1" / "search.json").read_text())["trials"]
+    assert len(trials) == 4
+    stopped = [t for t in trials if t["status"] == "stopped"]
+    finished = [t for t in trials if t["status"] == "finished"]
+    assert stopped and len(stopped) + len(finished) == 4, [(t["params"], t["status"]) for t in trials]
+    assert all(t["params"]["optim.lr"] == BAD_LR and t["epochs"] == 1 and not t["summary"] for t in stopped)
+    assert all(t["params"]["optim.lr"] == GOOD_LR for t in finished)  # the first trial is never stopped
+    assert all(t["epochs"] == 2 and t["summary"]["test"]["rsum"] >= 0 for t in finished)
+    for t in trials:  # every trial ran from the resolved config, saved in its own folder
+        saved = yaml.safe_load((tmp / "runs" / "s1" / "trials" / t["trial_id"] / "config.yaml").read_text())
+        assert saved["run"]["storage_path"] == str(tmp / "runs" / "s1" / "trials")
+        assert saved["optim"]["lr"] == t["params"]["optim.lr"] and saved["model"]["embed_dim"] == 32  # preset's
+    assert "| best |" in done.stdout and "| stopped |" in done.stdout
+
+
+def test_every_mlflow_run_ends_in_its_trials_status_and_the_best_is_registered(search):
+    tmp, _ = search
+    result = json.loads((tmp / "runs" / "s1" / "search.json").read_text())
+    client, parent, children = _mlflow_runs(tmp / "ml.db", "s1")
+    by_trial = {r.data.tags["itmatch.trial_id"]: r for r in children}
+    assert sorted(by_trial) == sorted(t["trial_id"] for t in result["trials"])
+    for t in result["trials"]:
+        run = by_trial[t["trial_id"]]
+        assert run.info.status == RUN_STATUS[t["status"]], (t["trial_id"], t["status"], run.info.status)
+        assert run.info.run_name == f"s1-{t['trial_id']}-lr={t['params']['optim.lr']:.4g}"
+    assert parent.info.status == "FINISHED"
+    scores = {t["trial_id"]: t["summary"]["val_rsum"] for t in result["trials"] if t["summary"]}
+    assert result["best"]["trial_id"] == max(scores, key=scores.get)
     assert parent.data.tags["itmatch.best_trial"] == result["best"]["trial_id"]
     champion = client.get_model_version_by_alias("itm-tune", "champion")
     assert float(champion.tags["val_score"]) == pytest.approx(max(scores.values()))
     assert len(client.search_model_versions("name='itm-tune'")) == 1  # only the best trial
-    assert "| best |" in done.stdout
+    # the table and the plot of val score against each searched param, in the folder and the parent run
+    assert (tmp / "runs" / "s1" / "plots" / "val_rsum_vs_optim.lr.png").stat().st_size > 0
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.json", "search.json", "plots"} <= logged
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "trials.json")).read_text())
+    assert sorted(table["columns"]) == sorted(["trial_id", "status", "epochs", "best_val", "optim.lr"])
 
 
-def test_rerun_restores_the_finished_search_without_registering_again(search):
+def test_rerun_restores_the_finished_search_without_rerunning_or_registering(search):
     from mlflow.tracking import MlflowClient
 
     tmp, first = search
-    space = tmp / "space.yaml"
-    again = run_module("tuning.search", _args(tmp, space), tmp, timeout=600)
+    summaries = sorted((tmp / "runs" / "s1" / "trials").glob("*/summary.json"))
+    before = {p: p.stat().st_mtime_ns for p in summaries}
+    again = run_module("tuning.search", _readme_args(tmp, tmp / "space.yaml"), ROOT, timeout=600)
     assert again.returncode == 0, again.stderr[-5000:]
     assert "resuming the search" in again.stdout + again.stderr  # Tuner.restore, no new trials
+    assert {p: p.stat().st_mtime_ns for p in summaries} == before  # no finished trial ran again
     result = json.loads((tmp / "runs" / "s1" / "search.json").read_text())
-    assert len(result["trials"]) == 2 and all(t["summary"] for t in result["trials"])
+    assert len(result["trials"]) == 4
     client = MlflowClient(f"sqlite:///{tmp / 'ml.db'}")
     assert len(client.search_model_versions("name='itm-tune'")) == 1
 
@@ -72,6 +115,41 @@ def test_rerun_restores_the_finished_search_without_registering_again(search):
 def test_bad_space_fails_before_ray(tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("loss.margn: {uniform: [0.1, 0.2]}\n")
-    done = run_module("tuning.search", _args(tmp_path, space), tmp_path, timeout=120)
+    done = run_module("tuning.search", _readme_args(tmp_path, space), ROOT, timeout=120)
     assert done.returncode == 2 and "loss.margn" in done.stderr and str(space) in done.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.fixture(scope="module")
+def job_search(tmp_path_factory):
+    """`ray job submit --working-dir . -- python -m tuning.search ...` on a private head node with
+    2 CPUs: Optuna, 2 trials at once, each wanting 2 workers x 1 CPU, so the second must queue."""
+    tmp = tmp_path_factory.mktemp("tune_job")
+    space = tmp / "space.yaml"
+    space.write_text("optim.lr: {loguniform: [1.0e-3, 5.0e-3]}\nloss.margin: {uniform: [0.05, 0.3]}\n")
+    submission = f"itm-search-{uuid.uuid4().hex[:8]}"
+    with ray_head(num_cpus=2) as head:
+        submit = head.ray("job", "submit", "--address", head.address, "--working-dir", ".", "--submission-id",
+                          submission, "--", "python", "-m", "tuning.search", "--config", "configs/debug.yaml",
+                          "--space", str(space), "--num-samples", "2", "--name", "sj", "--search", "optuna",
+                          "--max-concurrent", "2", "scaling.cpus_per_worker=1", "search.seed=0", *_paths(tmp),
+                          timeout=600)
+        status = head.ray("job", "status", "--address", head.address, submission, timeout=60)
+    return tmp, submit, status, submission
+
+
+def test_search_runs_as_a_ray_job_with_optuna_and_queued_concurrent_trials(job_search):
+    tmp, submit, status, submission = job_search
+    assert submit.returncode == 0 and f"Job '{submission}' succeeded" in status.stdout, \
+        submit.stdout[-4000:] + submit.stderr[-3000:] + status.stdout
+    result = json.loads((tmp / "runs" / "sj" / "search.json").read_text())
+    trials = result["trials"]
+    assert len(trials) == 2 and all(t["status"] in ("finished", "stopped") for t in trials)
+    assert result["best"] and result["best"]["summary"]["val_rsum"] >= 0
+    lrs = [t["params"]["optim.lr"] for t in trials]
+    assert len(set(lrs)) == 2 and all(1e-3 <= lr <= 5e-3 for lr in lrs)  # sampled by Optuna in the space
+    assert list((tmp / "runs" / "sj" / "tune").glob("searcher-state-*.pkl"))  # what Tuner.restore resumes
+    _, parent, children = _mlflow_runs(tmp / "ml.db", "sj")
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in children)
+

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from itmatch.config import ConfigError, load_config
-from tuning.search import load_space, to_tune, trial_config
+from tuning.search import trial_config
+from tuning.space import load_space, to_tune
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,9 +19,15 @@ def _space(tmp_path: Path, text: str) -> Path:
     return path
 
 
+@pytest.mark.parametrize("name", ["eq6", "regularisation", "infonce", "instance"])
+def test_every_shipped_space_is_valid_for_the_debug_preset(name):
+    cfg = load_config(ROOT / "configs" / "debug.yaml", ["loss.name=infonce"] if name == "infonce" else [])
+    assert load_space(ROOT / "configs" / "search" / f"{name}.yaml", cfg)
+
+
 def test_shipped_space_is_valid():
     cfg = load_config(None, [])
-    space = load_space(ROOT / "configs" / "search" / "eq6.yaml", cfg, None, [])
+    space = load_space(ROOT / "configs" / "search" / "eq6.yaml", cfg)
     assert {"loss.margin", "loss.top_k", "loss.lambda2"} <= set(space)
     from ray import tune
 
@@ -41,13 +48,13 @@ def test_shipped_space_is_valid():
 def test_bad_space_names_file_key_and_value(tmp_path, text, needle):
     path = _space(tmp_path, text)
     with pytest.raises(ConfigError) as info:
-        load_space(path, load_config(None, []), None, [])
+        load_space(path, load_config(None, []))
     assert str(path) in str(info.value) and needle in str(info.value)
 
 
 def test_trial_config_applies_params_over_preset_and_overrides(tmp_path):
-    setup = {"preset": str(ROOT / "configs" / "debug.yaml"), "overrides": ["loss.margin=0.3", "train.epochs=5"],
-             "trials_dir": str(tmp_path / "trials")}
+    base = load_config(ROOT / "configs" / "debug.yaml", ["loss.margin=0.3", "train.epochs=5"])
+    setup = {"base": base.flat(), "trials_dir": str(tmp_path / "trials")}
     cfg = trial_config(setup, {"loss.margin": 0.11, "loss.top_k": None, "scaling.strategy": "deepspeed"}, "t1")
     assert cfg.loss.margin == 0.11 and cfg.loss.top_k is None and cfg.scaling.strategy == "deepspeed"
     assert cfg.train.epochs == 5 and cfg.model.embed_dim == 32  # override and preset kept
@@ -74,5 +81,13 @@ def test_trial_ids_that_look_like_numbers_stay_names(tmp_path):
 
     assert parse_override("run.name=92334_00000") == ("run.name", "92334_00000")
     assert parse_override("train.epochs=30") == ("train.epochs", 30)
-    setup = {"preset": None, "overrides": [], "trials_dir": str(tmp_path)}
+    setup = {"base": load_config(None, []).flat(), "trials_dir": str(tmp_path)}
     assert trial_config(setup, {}, "92334_00000").run.name == "92334_00000"
+
+
+def test_space_values_take_the_configs_types(tmp_path):
+    """YAML 1.1 reads 1e-3 as a string: the space must hand Tune the float the config reads."""
+    path = _space(tmp_path, "optim.lr: {loguniform: [1e-5, 1e-3]}\nloss.top_k: {choice: [null, 5]}\n")
+    space = load_space(path, load_config(None, []))
+    assert space == {"optim.lr": {"loguniform": [1e-5, 1e-3]}, "loss.top_k": {"choice": [None, 5]}}
+    assert all(isinstance(v, float) for v in space["optim.lr"]["loguniform"])

@@ -1,0 +1,134 @@
+"""The search's choices have one home (tuning/registry.py): the CLI offers exactly those, unknown
+names list them, and each scheduler/searcher behaves as the search needs (ASHA never stops a trial
+at its last epoch, Optuna refuses grids, concurrent trials share the CPUs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from itmatch.config import ConfigError, load_config
+from tuning import registry
+from tuning.search import build_parser, resolve, share_cpus
+
+ROOT = Path(__file__).resolve().parents[2]
+SPACE = {"optim.lr": {"loguniform": [1e-4, 1e-2]}, "loss.top_k": {"choice": [1, 10]}}
+
+
+def _choices(flag: str) -> list[str]:
+    action = next(a for a in build_parser()._actions if flag in a.option_strings)
+    return list(action.choices)
+
+
+def test_cli_choices_are_the_registries():
+    assert _choices("--scheduler") == sorted(registry.SCHEDULERS) == ["asha", "fifo", "pbt"]
+    assert _choices("--search") == sorted(registry.SEARCHERS) == ["optuna", "random"]
+
+
+@pytest.mark.parametrize("key, name", [("search.scheduler", "hyperband"), ("search.algorithm", "bohb")])
+def test_unknown_name_lists_the_choices(tmp_path, key, name):
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: {uniform: [0.001, 0.01]}\n")
+    args = build_parser().parse_args(["--space", str(space), f"{key}={name}", f"run.storage_path={tmp_path}"])
+    with pytest.raises(ConfigError) as info:
+        resolve(args)
+    registry_ = registry.SCHEDULERS if key == "search.scheduler" else registry.SEARCHERS
+    assert name in str(info.value) and ", ".join(sorted(registry_)) in str(info.value)
+
+
+def test_flags_override_search_keys_of_the_preset(tmp_path):
+    preset = tmp_path / "preset.yaml"
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: {uniform: [0.001, 0.01]}\n")
+    preset.write_text(f"search:\n  space: {space}\n  name: fromfile\n  num_samples: 5\n  scheduler: fifo\n"
+                      f"run:\n  storage_path: rel/runs\n")
+    cfg, parsed = resolve(build_parser().parse_args(["--config", str(preset), "--num-samples", "3"]))
+    assert cfg.search.num_samples == 3 and cfg.search.scheduler == "fifo" and cfg.search.name == "fromfile"
+    assert cfg.run.name == "fromfile" and list(parsed) == ["optim.lr"]
+    # every store path absolute: a trial runs in its own folder, a job in a temporary copy
+    assert cfg.run.storage_path == str(Path("rel/runs").resolve())
+    assert Path(cfg.data.cache_dir).is_absolute() and Path(cfg.tracking.artifact_location).is_absolute()
+    assert cfg.tracking.tracking_uri == f"sqlite:///{Path('mlruns.db').resolve()}"
+
+
+def test_missing_space_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="no search space"):
+        resolve(build_parser().parse_args([f"run.storage_path={tmp_path}"]))
+
+
+def _asha(epochs: int, **search):
+    cfg = load_config(None, {"train.epochs": epochs, **{f"search.{k}": v for k, v in search.items()}})
+    scheduler = registry.scheduler(cfg, SPACE)
+    if scheduler is not None:
+        scheduler.set_search_properties("best_metric", "max")
+    return scheduler
+
+
+def _report(scheduler, trial, epoch: int, score: float) -> str:
+    return scheduler.on_trial_result(None, trial, {"epoch": epoch, "best_metric": score})
+
+
+def test_asha_stops_weak_trials_at_a_rung_but_never_at_the_last_epoch():
+    from ray.tune.schedulers import TrialScheduler
+
+    scheduler = _asha(2, grace_period=1, reduction_factor=2)
+    good, weak, late = (SimpleNamespace(trial_id=name) for name in ("good", "weak", "late"))
+    for trial in (good, weak, late):
+        scheduler.on_trial_add(None, trial)
+    assert _report(scheduler, good, 1, 300.0) == TrialScheduler.CONTINUE
+    assert _report(scheduler, weak, 1, 10.0) == TrialScheduler.STOP  # below the rung's cutoff
+    # At its last epoch a trial goes on to its evaluation and logging, even the worst one.
+    assert _report(scheduler, good, 2, 310.0) == TrialScheduler.CONTINUE
+    assert _report(scheduler, late, 1, 305.0) == TrialScheduler.CONTINUE
+    assert _report(scheduler, late, 2, 1.0) == TrialScheduler.CONTINUE
+
+
+def test_asha_rungs_lie_before_the_last_epoch():
+    for epochs in (2, 3, 9, 20):
+        rungs = [m for m, _ in _asha(epochs)._brackets[0]._rungs]
+        assert rungs and max(rungs) < epochs, (epochs, rungs)
+    assert _asha(1) is None  # nothing to stop at: every trial runs to the end
+    cfg = load_config(None, {"train.epochs": 20})
+    searched = registry.scheduler(cfg, {"train.epochs": {"choice": [30, 4, 10]}})
+    assert max(m for m, _ in searched._brackets[0]._rungs) < 4  # before the shortest trial's last epoch
+
+
+def test_pbt_mutates_the_searched_params_per_epoch():
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    cfg = load_config(None, ["search.scheduler=pbt", "search.perturbation_interval=2"])
+    pbt = registry.scheduler(cfg, {**SPACE, "loss.margin": {"grid": [0.1, 0.2]}})
+    assert isinstance(pbt, PopulationBasedTraining)
+    assert pbt._time_attr == "epoch" and pbt._perturbation_interval == 2
+    assert set(pbt._hyperparam_mutations["params"]) == {"optim.lr", "loss.top_k", "loss.margin"}
+
+
+def test_optuna_samples_and_refuses_grids():
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    cfg = load_config(None, ["search.algorithm=optuna", "search.max_concurrent=2", "search.seed=3"])
+    searcher = registry.searcher(cfg, SPACE)
+    assert isinstance(searcher, ConcurrencyLimiter) and isinstance(searcher.searcher, OptunaSearch)
+    assert searcher.max_concurrent == 2
+    with pytest.raises(ConfigError, match="grid"):
+        registry.searcher(cfg, {"loss.margin": {"grid": [0.1, 0.2]}})
+    assert "grid_search" not in str(registry.params_space(cfg, {"loss.margin": {"grid": [0.1, 0.2]}}))
+
+
+@pytest.mark.parametrize("cpus, workers, concurrent, expected", [
+    (2, 2, 1, None),     # one trial: the trainer's own default (cpus // workers)
+    (2, 2, 2, 0.5),      # two 2-worker trials on 2 CPUs: half a CPU each
+    (16, 2, 3, 2),       # whole CPUs above one
+    (2, 3, 2, 0.33),
+])
+def test_concurrent_trials_share_the_cpus(cpus, workers, concurrent, expected):
+    cfg = load_config(None, {"scaling.num_workers": workers, "search.max_concurrent": concurrent})
+    shared = share_cpus(cfg, cpus).scaling.cpus_per_worker
+    assert shared == expected
+    if expected:
+        assert shared * workers * concurrent <= cpus
+    explicit = load_config(None, {"scaling.cpus_per_worker": 1.0, "search.max_concurrent": 2})
+    assert share_cpus(explicit, cpus).scaling.cpus_per_worker == 1.0  # the user's setting wins (trials queue)

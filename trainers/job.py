@@ -1,0 +1,161 @@
+"""One job, start to end: the single path behind `trainers.train` and every Tune trial.
+
+`run_job` saves the resolved config in the run folder, opens (or reopens) the MLflow run, fits the
+TorchTrainer, evaluates the best epoch on the test split, logs the model, registers and maybe
+promotes it, writes summary.json, and leaves the MLflow run FINISHED, FAILED (any error) or KILLED
+(the process told to stop, e.g. a trial stopped by Tune). Ray must already be initialised.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+from itmatch.config import Config, save_config, validate
+from itmatch.data.store import FeatureStore
+
+log = logging.getLogger("itmatch.job")
+CONFIG_FILE = "config.yaml"
+SUMMARY_FILE = "summary.json"
+
+
+def run_dir(cfg: Config) -> Path:
+    """The run's folder: run.storage_path/run.name (Ray Train's storage for the same run)."""
+    return Path(cfg.run.storage_path).resolve() / cfg.run.name
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """The config with every store path absolute. Tune runs a trial in its own folder and Ray Jobs
+    run the driver in a temporary copy, so a relative path would point somewhere else there."""
+    from trainers.tracking import resolve_uri
+
+    tree = cfg.model_dump()
+    tree["run"]["storage_path"] = str(Path(cfg.run.storage_path).resolve())
+    tree["data"]["cache_dir"] = str(Path(cfg.data.cache_dir).resolve())
+    tree["tracking"]["tracking_uri"] = resolve_uri(cfg.tracking.tracking_uri)
+    if "://" not in cfg.tracking.artifact_location:
+        tree["tracking"]["artifact_location"] = str(Path(cfg.tracking.artifact_location).resolve())
+    return validate(tree)
+
+
+def run_job(cfg: Config, store: FeatureStore, *, tags: Optional[dict[str, str]] = None,
+            callbacks: Optional[list] = None, run_name: Optional[str] = None) -> dict[str, Any]:
+    """Train, finalize, log and register one run; returns its summary (also in summary.json).
+    `tags`/`run_name`: for a new MLflow run (a trial's parent id and readable name);
+    `callbacks`: Ray Train user callbacks (a trial's report forwarding to Tune)."""
+    folder = run_dir(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, folder / CONFIG_FILE)
+    tracking = None
+    if cfg.tracking.enabled:
+        from trainers.tracking import start_run
+
+        tracking = start_run(cfg, str(folder), store, tags=tags, run_name=run_name)
+    try:
+        result = fit(cfg, store, tracking, callbacks)
+        summary = finalize(cfg, store, result, tracking)
+    except Exception:
+        _end(tracking, "FAILED")
+        raise
+    except BaseException:  # SystemExit/KeyboardInterrupt: told to stop (Tune stops trials this way)
+        _end(tracking, "KILLED")
+        raise
+    (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _end(tracking: Optional[dict], status: str) -> None:
+    if tracking:
+        from trainers.tracking import end_run
+
+        end_run(tracking, status)
+
+
+def _cpus_per_worker(cfg: Config) -> float:
+    import ray
+
+    if cfg.scaling.cpus_per_worker:
+        return cfg.scaling.cpus_per_worker
+    return max(1.0, float(int(ray.cluster_resources().get("CPU", 1)) // cfg.scaling.num_workers))
+
+
+def fit(cfg: Config, store: FeatureStore, tracking: Optional[dict], callbacks: Optional[list] = None):
+    """Build and fit the TorchTrainer; returns Ray's Result. `callbacks`: Ray Train user callbacks
+    (a Tune trial passes the one that forwards every report to Tune)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from trainers.loop import train_loop_per_worker
+
+    cpus = _cpus_per_worker(cfg)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(), "store": str(store.root.resolve()),
+                           "threads": max(1, int(cpus)), "tracking": tracking},
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                               resources_per_worker={"CPU": cpus}),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name, storage_path=str(Path(cfg.run.storage_path).resolve()),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level=cfg.run.ray_log_level),
+            callbacks=callbacks or []),
+    )
+    return trainer.fit()
+
+
+def finalize(cfg: Config, store: FeatureStore, result, tracking: Optional[dict]) -> dict[str, Any]:
+    """Evaluate the best weights on the test split; log, register and maybe promote them."""
+    from trainers.results import best_checkpoint_folder, evaluate_folder
+
+    best = best_checkpoint_folder(result, run_dir(cfg) / "best_model")
+    plots = run_dir(cfg) / "plots"
+    test = evaluate_folder(best, store.split(cfg.data.test_split), cfg, plots_dir=plots)
+    val_score = test.pop("_val_score")
+    summary: dict[str, Any] = {"best_checkpoint": str(best), "best_epoch": test.pop("_best_epoch"),
+                               f"val_{cfg.train.metric}": val_score, "test": test}
+    log.info("test (best epoch %s): %s", summary["best_epoch"], _fmt(test))
+    if tracking:
+        from trainers import tracking as tr
+
+        client_metrics = {f"test_{k}": v for k, v in test.items()}
+        tr.epoch_logger(tracking)(client_metrics, summary["best_epoch"])
+        tr.log_folder(tracking, plots, "plots")
+        info = tr.log_model(tracking, best, store)
+        summary["model_uri"] = info.model_uri
+        summary["run_id"] = tracking["run_id"]
+        if cfg.tracking.registered_model:
+            summary["registry"] = promote(tracking, cfg, store, info.model_uri, val_score)
+        tr.end_run(tracking)
+    return summary
+
+
+def promote(tracking: dict, cfg: Config, store: FeatureStore, model_uri: str, val_score: float) -> dict[str, Any]:
+    """Register the model; it takes the alias only if it beats the holder re-scored on this val split
+    (the rule itself: trainers.tracking.register)."""
+    from trainers import tracking as tr
+
+    champion_score = _score_on_val(tr.load_champion(tracking, cfg), store, cfg)
+    return tr.register(tracking, cfg, model_uri, val_score, champion_score)
+
+
+def _score_on_val(model, store: FeatureStore, cfg: Config) -> Optional[float]:
+    """The alias holder's score on this run's validation split (None when there is no holder)."""
+    if model is None:
+        return None
+    from itmatch.eval.evaluate import evaluate_split
+
+    if tuple(getattr(model, "dims", ())) != tuple(store.dims):
+        log.warning("champion takes features of width %s, this data has %s: it cannot be compared, keeping it",
+                    getattr(model, "dims", None), store.dims)
+        return float("inf")
+    return evaluate_split(model, store.split(cfg.data.val_split), chunk=cfg.train.eval_chunk)[cfg.train.metric]
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    from itmatch.eval.retrieval import format_metrics
+
+    return format_metrics(metrics)

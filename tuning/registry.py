@@ -1,0 +1,93 @@
+"""The one home of the search's choices: schedulers and searchers by name (plain dicts, as for
+models and losses). The CLI's `--scheduler`/`--search` choices and the `search.*` config keys are
+both checked here; an unknown name lists the choices."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Optional
+
+from itmatch.config import Config, ConfigError
+from tuning.space import has_grid, to_tune
+
+log = logging.getLogger("itmatch.tune")
+
+
+def _asha(cfg: Config, space: dict[str, dict]):
+    """ASHA on the per-epoch validation score, with every rung before the last epoch: a trial that
+    reaches its last epoch is never stopped, so it is evaluated, logged and can be registered.
+    (At `max_t` ASHA would stop the trial at its last report, before the code after `fit()`.)"""
+    from ray.tune.schedulers import ASHAScheduler
+
+    last = _shortest_run(cfg, space)
+    if last < 2:
+        log.warning("search.scheduler=asha with train.epochs=%d: no epoch before the last to stop at; "
+                    "running every trial to the end", last)
+        return None
+    max_t = last - 1
+    grace = min(cfg.search.grace_period or max(1, last // 8), max_t)
+    return ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=grace,
+                         reduction_factor=cfg.search.reduction_factor, stop_last_trials=False)
+
+
+def _shortest_run(cfg: Config, space: dict[str, dict]) -> int:
+    """The fewest epochs a trial can have: train.epochs, or its lowest value when it is searched."""
+    spec = space.get("train.epochs")
+    return int(min(next(iter(spec.values())))) if spec else cfg.train.epochs
+
+
+def _pbt(cfg: Config, space: dict[str, dict]):
+    """Population-based training over the same space (grids read as choices), every
+    `search.perturbation_interval` epochs."""
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    return PopulationBasedTraining(time_attr="epoch", perturbation_interval=cfg.search.perturbation_interval,
+                                   hyperparam_mutations={"params": to_tune(space, grid=False)})
+
+
+def _fifo(cfg: Config, space: dict[str, dict]) -> None:
+    return None  # Tune's default: every trial runs to the end
+
+
+def _random(cfg: Config, space: dict[str, dict]):
+    """Tune's variant generator: random samples, grids expanded."""
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(max_concurrent=cfg.search.max_concurrent, random_state=cfg.search.seed)
+
+
+def _optuna(cfg: Config, space: dict[str, dict]):
+    """Optuna's TPE sampler; its study is saved with the experiment, so Tuner.restore resumes it."""
+    if has_grid(space):
+        raise ConfigError("search.algorithm=optuna samples: use {choice: [...]} instead of {grid: [...]} "
+                          "(or search.algorithm=random)")
+    from optuna.samplers import TPESampler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    return ConcurrencyLimiter(OptunaSearch(sampler=TPESampler(seed=cfg.search.seed)),
+                              max_concurrent=cfg.search.max_concurrent)
+
+
+Factory = Callable[[Config, dict], Optional[Any]]
+SCHEDULERS: dict[str, Factory] = {"asha": _asha, "pbt": _pbt, "fifo": _fifo}
+SEARCHERS: dict[str, Factory] = {"random": _random, "optuna": _optuna}
+
+
+def pick(registry: dict[str, Factory], what: str, name: str) -> Factory:
+    if name not in registry:
+        raise ConfigError(f"unknown {what} {name!r}; choices: {', '.join(sorted(registry))}")
+    return registry[name]
+
+
+def scheduler(cfg: Config, space: dict[str, dict]):
+    return pick(SCHEDULERS, "search.scheduler", cfg.search.scheduler)(cfg, space)
+
+
+def searcher(cfg: Config, space: dict[str, dict]):
+    return pick(SEARCHERS, "search.algorithm", cfg.search.algorithm)(cfg, space)
+
+
+def params_space(cfg: Config, space: dict[str, dict]) -> dict[str, Any]:
+    """The Tune domains for `params`: grids only where the searcher expands them."""
+    return to_tune(space, grid=cfg.search.algorithm == "random")

@@ -1,0 +1,63 @@
+"""Search spaces: a YAML file mapping dotted config keys to distributions, checked against the
+config before Ray starts, and turned into Tune's sampling domains."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from itmatch.config import Config, ConfigError, load_config
+
+KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
+RANGES = ("uniform", "loguniform", "randint")
+
+
+def load_space(path: str | Path, base: Config) -> dict[str, dict]:
+    """The search space file, each entry checked: known kind, and every value it can take (both
+    bounds, every choice) accepted by the config on top of the base settings. Values come back as
+    the config types them (YAML 1.1 reads `1e-3` as a string; the config reads it as a float)."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read the search space: {exc}") from exc
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"{path}: expected a mapping of dotted keys to distributions, got {raw!r}")
+    flat = base.flat()
+    space = {}
+    for key, spec in raw.items():
+        kind, values = _entry(path, key, spec)
+        space[key] = {kind: [_typed(path, flat, key, value) for value in values]}
+    return space
+
+
+def _typed(path: str | Path, flat: dict[str, Any], key: str, value: Any) -> Any:
+    try:
+        return load_config(None, {**flat, key: value}).flat()[key]
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {key}: value {value!r} is not valid: {exc}") from exc
+
+
+def _entry(path: str | Path, key: str, spec: Any) -> tuple[str, list]:
+    if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in KINDS):
+        raise ConfigError(f"{path}: {key}: expected one of {{{', '.join(KINDS)}: [...]}}, got {spec!r}")
+    kind, values = next(iter(spec.items()))
+    if not isinstance(values, list) or not values or (kind in RANGES and len(values) != 2):
+        wanted = "[low, high]" if kind in RANGES else "of values"
+        raise ConfigError(f"{path}: {key}.{kind}: expected a list ({wanted}), got {values!r}")
+    return kind, values
+
+
+def to_tune(space: dict[str, dict], grid: bool = True) -> dict[str, Any]:
+    """Tune domains; `grid=False` (searchers that sample, PBT's mutations) reads a grid as a choice."""
+    from ray import tune
+
+    makers = {"uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v),
+              "randint": lambda v: tune.randint(*v), "choice": tune.choice,
+              "grid": tune.grid_search if grid else tune.choice}
+    return {key: makers[kind](values) for key, spec in space.items() for kind, values in spec.items()}
+
+
+def has_grid(space: dict[str, dict]) -> bool:
+    return any("grid" in spec for spec in space.values())
