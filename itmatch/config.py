@@ -44,6 +44,17 @@ class DataConfig(_Section):
     neighborhood_sampling: bool = True
     """Every image in a batch comes with at least two of its captions (001 §5.1)."""
     drop_last: bool = True
+    loader: Literal["local", "ray"] = "local"
+    """Where training batches are prepared (decoded, augmented, tokenised) for encoder towers: in the
+    worker's process, or by Ray Data actors with prefetching (trainers/input_pipeline.py). Both give
+    the same batches, step for step."""
+    loader_actors: int = Field(1, ge=1)
+    """data.loader=ray: preparing actors per train worker."""
+    loader_cpus: float = Field(0.0, ge=0.0)
+    """data.loader=ray: CPUs each actor reserves (0 shares the train workers' cores, as on one small
+    machine; on a cluster reserve them so Ray places the actors on spare cores or CPU nodes)."""
+    prefetch_batches: int = Field(2, ge=0)
+    """data.loader=ray: steps prepared ahead of the one training."""
 
 
 class ModelConfig(_Section):

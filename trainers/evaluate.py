@@ -1,7 +1,9 @@
 """Evaluate a trained model: `python -m trainers.evaluate --model REF --data SOURCE --split test --json OUT`.
 
 REF is a checkpoint folder or an MLflow URI (models:/NAME@ALIAS, models:/NAME/3, runs:/ID/model).
-The data is featurised with the encoders the model was trained with (cached like training data).
+The data is featurised with the encoders the model was trained with (cached like training data);
+a model trained end to end reads raw images and captions (e.g. --data karpathy:JSON:IMAGES) and
+embeds them with its own fine-tuned towers.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Optional  # noqa: E402
 
 from itmatch.config import ConfigError  # noqa: E402
 from itmatch.data.sources import DataError  # noqa: E402
-from itmatch.data.store import prepare  # noqa: E402
+from itmatch.data.raw import prepare_inputs  # noqa: E402
 from itmatch.eval.evaluate import evaluate_split  # noqa: E402
 from itmatch.eval.retrieval import format_metrics  # noqa: E402
 from itmatch.state import CheckpointError  # noqa: E402
@@ -46,8 +48,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         model, cfg = resolve_model(args.model, args.tracking_uri)
         d = cfg.data
-        store = prepare(args.data or d.source, cache_dir=args.cache_dir or d.cache_dir,
-                        image_encoder=d.image_encoder, text_encoder=d.text_encoder, splits=[args.split])
+        store = prepare_inputs(args.data or d.source, cache_dir=args.cache_dir or d.cache_dir,
+                               end_to_end=cfg.model.end_to_end, image_encoder=d.image_encoder,
+                               text_encoder=d.text_encoder, splits=[args.split])
     except (DataError, ConfigError, CheckpointError, ModelRefError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ class Trainer:
     def __init__(self, cfg: Config, store: FeatureStore | RawStore, ctx: WorkerContext,
                  tracking: Optional[dict]) -> None:
         self.cfg, self.ctx = cfg, ctx
+        self.store_root = str(store.root)
         self.train_split = store.split(cfg.data.train_split)
         self.val_split = store.split(cfg.data.val_split)
         self.dims = store.dims
@@ -110,8 +111,8 @@ class Trainer:
         torch.manual_seed(epoch_seed(self.cfg.train.seed, self.ctx.rank, epoch))
         totals: dict[str, torch.Tensor] = {}
         steps, start = 0, time.perf_counter()
-        for captions in self.sampler:
-            out = self.train_step(self.batch(captions))
+        for batch in self.batches(epoch):
+            out = self.train_step(batch.to(self.ctx.device))
             for key, value in out.items():
                 totals[key] = totals.get(key, 0.0) + value.detach()
             steps += 1
@@ -133,12 +134,22 @@ class Trainer:
             if stage_one or not tower.trainable:
                 tower.eval()
 
-    def batch(self, captions: np.ndarray) -> Batch:
-        """This rank's batch; augmentation drawn from (seed, epoch, rank, step), so a resumed run
-        replays it."""
-        step = self.sampler.state.offset - 1  # the sampler has already advanced past this batch
-        rng = np.random.default_rng([self.cfg.train.seed, self.epoch, self.ctx.rank, step])
-        return make_batch(self.train_split, captions, *self.prepare, train=True, rng=rng).to(self.ctx.device)
+    def batches(self, epoch: int) -> Iterator[Batch]:
+        """This rank's batches for the rest of the epoch; each step's augmentation is drawn from
+        (seed, epoch, rank, step), so a resumed run replays it, whichever loader prepares it."""
+        d, seed, rank = self.cfg.data, self.cfg.train.seed, self.ctx.rank
+        if d.loader == "ray" and self.store_root is not None:
+            from trainers.input_pipeline import ray_batches
+
+            plan = [(self.sampler.state.offset - 1, captions) for captions in self.sampler]
+            yield from ray_batches(self.store_root, d.train_split, plan, self.prepare, seed=seed, epoch=epoch,
+                                   rank=rank, actors=d.loader_actors, prefetch=d.prefetch_batches,
+                                   actor_cpus=d.loader_cpus)
+            return
+        for captions in self.sampler:
+            step = self.sampler.state.offset - 1  # the sampler has already advanced past this batch
+            rng = np.random.default_rng([seed, epoch, rank, step])
+            yield make_batch(self.train_split, captions, *self.prepare, train=True, rng=rng)
 
     def fit_closed_form(self) -> dict[str, float]:
         """Fit on every (image, caption) pair of the training split at once."""

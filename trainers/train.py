@@ -22,7 +22,9 @@ from typing import Optional  # noqa: E402
 
 from itmatch.config import Config, ConfigError, load_config  # noqa: E402
 from itmatch.data.sources import DataError  # noqa: E402
-from itmatch.data.store import FeatureStore, prepare  # noqa: E402
+from itmatch.data.raw import prepare_inputs  # noqa: E402
+from itmatch.data.store import FeatureStore  # noqa: E402
+from itmatch.models.towers import check_tower_names  # noqa: E402
 from trainers import preflight  # noqa: E402
 from trainers.job import run_dir, run_job  # noqa: E402
 from trainers.logs import setup_logging  # noqa: E402
@@ -44,14 +46,20 @@ def prepare_store(cfg: Config) -> FeatureStore:
     """Featurise (or find cached) every split the run uses; `data.featurize=ray` encodes the images
     with Ray Data actors on the cluster this driver attaches to."""
     d = cfg.data
+    try:
+        check_tower_names(cfg.model)
+    except KeyError as exc:
+        raise ConfigError(exc.args[0]) from None
     featurizer = None
-    if d.featurize == "ray":
+    if d.featurize == "ray" and not cfg.model.end_to_end:
         from trainers.featurize import ray_image_featurizer
 
         init_ray(cfg)
         featurizer = ray_image_featurizer(d.featurize_actors)
-    return prepare(d.source, cache_dir=d.cache_dir, image_encoder=d.image_encoder, text_encoder=d.text_encoder,
-                   splits=sorted({d.train_split, d.val_split, d.test_split}), image_featurizer=featurizer)
+    # Encoder towers (end to end) read raw pixels and words, frozen features otherwise.
+    return prepare_inputs(d.source, cache_dir=d.cache_dir, end_to_end=cfg.model.end_to_end,
+                          image_encoder=d.image_encoder, text_encoder=d.text_encoder,
+                          splits=sorted({d.train_split, d.val_split, d.test_split}), image_featurizer=featurizer)
 
 
 def init_ray(cfg: Config) -> None:

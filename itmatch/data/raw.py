@@ -115,6 +115,18 @@ def prepare_raw(source: str, *, cache_dir: str | Path, splits: Optional[list[str
     return RawStore(root, manifest)
 
 
+def prepare_inputs(source: str, *, cache_dir: str | Path, end_to_end: bool, image_encoder: str, text_encoder: str,
+                   splits: list[str], image_featurizer=None) -> FeatureStore:
+    """What a model needs from a source, cached: raw images and texts for encoder towers
+    (`end_to_end`), else features from the named frozen encoders."""
+    if end_to_end:
+        return prepare_raw(source, cache_dir=cache_dir, splits=splits)
+    from itmatch.data.store import prepare
+
+    return prepare(source, cache_dir=cache_dir, image_encoder=image_encoder, text_encoder=text_encoder,
+                   splits=splits, image_featurizer=image_featurizer)
+
+
 def open_store(root: str | Path) -> FeatureStore:
     """The feature store or the raw store written at `root` (its manifest says which)."""
     manifest = json.loads((Path(root) / "manifest.json").read_text()) if (Path(root) / "manifest.json").is_file() \
@@ -122,4 +134,4 @@ def open_store(root: str | Path) -> FeatureStore:
     return RawStore.open(root) if manifest.get("kind") == KIND else FeatureStore.open(root)
 
 
-__all__ = ["RawSplit", "RawStore", "prepare_raw", "open_store"]
+__all__ = ["RawSplit", "RawStore", "prepare_raw", "prepare_inputs", "open_store"]

