@@ -153,3 +153,42 @@ def test_search_runs_as_a_ray_job_with_optuna_and_queued_concurrent_trials(job_s
     assert parent.info.status == "FINISHED" and len(children) == 2
     assert all(r.info.status in ("FINISHED", "KILLED") for r in children)
 
+
+def test_killed_optuna_search_restores_without_rerunning_finished_trials(tmp_path):
+    """Kill the whole search (driver and its Ray) once a trial has finished; the same command
+    restores the experiment and the Optuna searcher, runs only what is left, and registers once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: {loguniform: [1.0e-3, 5.0e-3]}\n")
+    args = ["--config", "configs/debug.yaml", "--space", str(space), "--num-samples", "3", "--name", "sk",
+            "--search", "optuna", "--scheduler", "fifo", "search.seed=0", *_paths(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"}
+    env.pop("RAY_ADDRESS", None)
+    log = (tmp_path / "first.log").open("w")
+    first = subprocess.Popen([sys.executable, "-m", "tuning.search", *args], cwd=ROOT, env=env, stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)  # its Ray stays in its group
+    trials = tmp_path / "runs" / "sk" / "trials"
+    try:
+        deadline = time.monotonic() + 400
+        while not list(trials.glob("*/summary.json")) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(1)
+        assert list(trials.glob("*/summary.json")) and first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait(30)
+    done_before = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/summary.json")}
+    again = run_module("tuning.search", args, ROOT, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-4000:]
+    assert "resuming the search" in again.stdout + again.stderr
+    result = json.loads((tmp_path / "runs" / "sk" / "search.json").read_text())
+    assert len(result["trials"]) == 3 and all(t["status"] == "finished" for t in result["trials"])
+    after = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/summary.json")}
+    assert {k: after[k] for k in done_before} == done_before  # finished before the kill: not run again
+    _, parent, children = _mlflow_runs(tmp_path / "ml.db", "sk")
+    assert parent.info.status == "FINISHED" and len(children) == 3  # a resumed trial reopens its run
+    assert all(r.info.status == "FINISHED" for r in children)
