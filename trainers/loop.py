@@ -53,8 +53,8 @@ class Trainer:
         self.n_classes = len(self.train_split.image_ids) if self.heads else 0
         model = build_model(*store.dims, cfg.model, n_classes=self.n_classes, heads=self.heads)
         self.closed_form = is_closed_form(model)
-        # Raw items -> tower inputs (feature rows, or decoded + augmented pixels and token ids).
-        self.prepare = (model.image_tower.prepare, model.text_tower.prepare)
+        if hasattr(model.text_tower, "fit_vocabulary"):  # word-level towers: the training split's words only
+            model.text_tower.fit_vocabulary(self.train_split.texts)
         self.epochs = 1 if self.closed_form else cfg.train.epochs  # a fitted model needs one pass
         self.strategy = build_strategy(cfg, ctx, closed_form=self.closed_form)
         self.sampler = NeighborhoodBatchSampler(
@@ -122,6 +122,12 @@ class Trainer:
         stats = {f"train_{k}": float(v) / max(steps, 1) for k, v in totals.items()}
         stats["epoch_time_s"] = time.perf_counter() - start
         return mean_over_workers(stats, self.ctx.device)
+
+    @property
+    def prepare(self) -> tuple:
+        """Raw items -> tower inputs (feature rows, or decoded + augmented pixels and token ids)."""
+        model = self.strategy.unwrap(self.model)
+        return model.image_tower.prepare, model.text_tower.prepare
 
     def set_train_mode(self, epoch: int) -> None:
         """Train mode, except towers that do not learn this epoch (frozen throughout, or in 004's

@@ -36,6 +36,7 @@ DS_TAG = "state"
 def _float_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """A detached fp32 CPU copy of the weights (what evaluation, `best/` and MLflow use)."""
     return {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().clone()
+            if torch.is_tensor(v) else v  # a module's extra state (a word tower's vocabulary)
             for k, v in module.state_dict().items()}
 
 

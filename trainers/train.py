@@ -51,13 +51,13 @@ def prepare_store(cfg: Config) -> FeatureStore:
     except KeyError as exc:
         raise ConfigError(exc.args[0]) from None
     featurizer = None
-    if d.featurize == "ray" and not cfg.model.end_to_end:
+    if d.featurize == "ray" and not cfg.model.raw_images:
         from trainers.featurize import ray_image_featurizer
 
         init_ray(cfg)
         featurizer = ray_image_featurizer(d.featurize_actors)
     # Encoder towers (end to end) read raw pixels and words, frozen features otherwise.
-    return prepare_inputs(d.source, cache_dir=d.cache_dir, end_to_end=cfg.model.end_to_end,
+    return prepare_inputs(d.source, cache_dir=d.cache_dir, raw_images=cfg.model.raw_images,
                           image_encoder=d.image_encoder, text_encoder=d.text_encoder,
                           splits=sorted({d.train_split, d.val_split, d.test_split}), image_featurizer=featurizer)
 

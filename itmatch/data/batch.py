@@ -75,6 +75,15 @@ class Prepare(Protocol):
     def __call__(self, items: Any, *, train: bool = False, rng: Optional[np.random.Generator] = None) -> Inputs: ...
 
 
+def caption_items(split, prepare: Prepare, rows: np.ndarray) -> Any:
+    """What a text tower reads for these caption rows: the caption strings for a tower that
+    tokenises (`prepare.reads == "texts"`, e.g. a text encoder beside cached image features), else
+    the split's own items (feature rows, or the raw store's strings)."""
+    if getattr(prepare, "reads", None) == "texts":
+        return [split.texts[int(r)] for r in np.asarray(rows)]
+    return split.captions_at(rows)
+
+
 def make_batch(split, captions: np.ndarray, prepare_image: Prepare, prepare_text: Prepare, *,
                train: bool = False, rng: Optional[np.random.Generator] = None) -> Batch:
     """The batch for these caption rows of a split (FeatureSplit or RawSplit): its unique images
@@ -83,7 +92,7 @@ def make_batch(split, captions: np.ndarray, prepare_image: Prepare, prepare_text
     rows = np.unique(split.caption_image[captions])
     as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
     return Batch(images=prepare_image(split.images_at(rows), train=train, rng=rng),
-                 texts=prepare_text(split.captions_at(captions), train=train, rng=rng),
+                 texts=prepare_text(caption_items(split, prepare_text, captions), train=train, rng=rng),
                  image_gid=as_tensor(split.image_ids[rows]), text_gid=as_tensor(split.caption_gid[captions]),
                  image_cls=as_tensor(rows), text_cls=as_tensor(split.caption_image[captions]))
 
@@ -97,4 +106,4 @@ def feature_batch(split, captions: np.ndarray, device: torch.device | str = "cpu
     return make_batch(split, captions, _features, _features).to(torch.device(device))
 
 
-__all__ = ["Batch", "Inputs", "Prepare", "make_batch", "feature_batch", "move"]
+__all__ = ["Batch", "Inputs", "Prepare", "caption_items", "make_batch", "feature_batch", "move"]

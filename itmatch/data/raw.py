@@ -115,11 +115,12 @@ def prepare_raw(source: str, *, cache_dir: str | Path, splits: Optional[list[str
     return RawStore(root, manifest)
 
 
-def prepare_inputs(source: str, *, cache_dir: str | Path, end_to_end: bool, image_encoder: str, text_encoder: str,
+def prepare_inputs(source: str, *, cache_dir: str | Path, raw_images: bool, image_encoder: str, text_encoder: str,
                    splits: list[str], image_featurizer=None) -> FeatureStore:
-    """What a model needs from a source, cached: raw images and texts for encoder towers
-    (`end_to_end`), else features from the named frozen encoders."""
-    if end_to_end:
+    """What a model needs from a source, cached: raw images and texts for an image encoder tower
+    (`raw_images`), else features from the named frozen encoders (their captions' text included,
+    for a text encoder tower)."""
+    if raw_images:
         return prepare_raw(source, cache_dir=cache_dir, splits=splits)
     from itmatch.data.store import prepare
 

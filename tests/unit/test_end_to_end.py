@@ -118,5 +118,52 @@ def test_unknown_tower_is_refused_with_choices():
 
     with pytest.raises(KeyError, match="choices"):
         check_tower_names(load_config(None, ["model.image_tower=resnet", "model.text_tower=minilm"]).model)
-    with pytest.raises(Exception, match="both towers"):
-        load_config(None, ["model.image_tower=efficientnet_lite0"])
+    with pytest.raises(Exception, match="raw captions"):
+        load_config(None, ["model.image_tower=efficientnet_lite0"])  # raw images come with raw captions
+
+
+# --------------------------------------------------------------------------- word-level text towers
+
+
+@pytest.mark.parametrize("tower", ["textcnn", "gru"])
+def test_word_towers_learn_beside_cached_image_features(tower, tmp_path):
+    """A word-level text tower on the training split's vocabulary, beside cached image features:
+    the vocabulary is fitted from training captions only, travels in the checkpoint, and the
+    run's loss falls."""
+    from itmatch.data.store import prepare
+    from itmatch.state import TrainState, load_model, save_checkpoint
+    from trainers.dist import WorkerContext
+    from trainers.loop import Trainer
+
+    store = prepare(f"synthetic:{tmp_path / 'shapes'}?n_images=40", cache_dir=tmp_path / "cache", image_encoder="pixels",
+                    text_encoder="hashing", splits=["train", "val", "test"], progress=False)
+    cfg = load_config(None, ["data.source=x", f"model.text_tower={tower}", "model.hidden_dim=32", "model.embed_dim=16",
+                             "model.word_dim=16", "model.text_width=32", "data.batch_size=24", "train.epochs=4",
+                             "optim.lr=2e-3"])
+    trainer = Trainer(cfg, store, WorkerContext(0, 1, 0, torch.device("cpu")), None)
+    vocabulary = trainer.model.text_tower.vocabulary
+    train_words = {w for t in store.split("train").texts for w in t.lower().replace(".", " ").split()}
+    assert vocabulary and set(vocabulary) <= train_words  # the training split's words only
+    trainer.fit(lambda metrics, save: None)
+    losses = [h["train_loss"] for h in trainer.state.history]
+    assert losses[-1] < losses[0]
+    save_checkpoint(tmp_path / "ckpt", model=trainer.strategy.full_state_dict(trainer.model), cfg=cfg,
+                    train_state=TrainState(), dims=store.dims)
+    loaded, _ = load_model(tmp_path / "ckpt")
+    assert loaded.text_tower.vocabulary == vocabulary
+    texts = store.split("test").texts[:3]
+    torch.testing.assert_close(loaded.embed_texts(loaded.text_tower.prepare(texts)),
+                               trainer.model.eval().embed_texts(trainer.model.text_tower.prepare(texts)))
+
+
+def test_position_shift_moves_the_words_inside_the_fixed_length():
+    from itmatch.models.word_towers import WordPrep, build_vocabulary
+
+    vocabulary = build_vocabulary(["a red disc", "a blue square", "a red square"], size=10)
+    assert vocabulary[:2] == ["a", "red"] or vocabulary[:2] == ["a", "square"]  # by count, then alphabet
+    prep = WordPrep(vocabulary, length=8, shift=True)
+    fixed = prep(["a red cat"])
+    assert fixed[0, :3].tolist() == [vocabulary.index("a") + 2, vocabulary.index("red") + 2, 1]  # cat: unknown
+    shifted = {tuple(prep(["a red cat"], train=True, rng=np.random.default_rng(s))[0].tolist()) for s in range(20)}
+    assert len(shifted) > 1 and all(sorted(row, reverse=True)[:3] == sorted(fixed[0].tolist(), reverse=True)[:3]
+                                    for row in shifted)
