@@ -6,8 +6,8 @@ unit-norm embeddings in the shared space:
     text_feature   caption feature vectors (as the model was trained on)
     image          image bytes or file paths (encoded with the run's frozen image encoder)
     image_feature  image feature vectors
-A model trained end to end (encoder towers) embeds `text` and `image` with its own fine-tuned towers
-(their preprocessing included) and takes no feature columns.
+A modality whose tower is an encoder trained with the model (end to end) is embedded from raw
+`text` / `image` by that tower (its preprocessing included) and takes no feature column.
 """
 
 from __future__ import annotations
@@ -64,9 +64,11 @@ class EmbeddingModel(mlflow.pyfunc.PythonModel):
         values = model_input[column].tolist()
         from itmatch.models.towers import FeatureTower
 
-        if not isinstance(self.model.image_tower, FeatureTower):  # an end-to-end model
+        tower = self.model.text_tower if column.startswith("text") else self.model.image_tower
+        if not isinstance(tower, FeatureTower):  # an encoder trained with the model reads raw inputs
             if column.endswith("_feature"):
-                raise ValueError("this model embeds raw inputs with its own towers: pass 'image' or 'text'")
+                raise ValueError(f"this model embeds {column.removesuffix('_feature')}s with its own encoder tower: "
+                                 f"pass '{column.removesuffix('_feature')}' (raw), not '{column}'")
             return self._end_to_end(column, values)
         feats = np.stack([np.asarray(v, dtype=np.float32) for v in values]) if column.endswith("_feature") \
             else self._encode(column, values)
