@@ -4,7 +4,6 @@ classifier in the model, and checkpoints that carry it."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import pytest
 
 from itmatch.config import ModelConfig, load_config
