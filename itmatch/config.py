@@ -190,6 +190,9 @@ class TrainConfig(_Section):
     metric: str = "rsum"
     """Validation metric that picks the best checkpoint and the registry champion (higher is better)."""
     eval_chunk: int = Field(1024, ge=1)
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """A NaN/Inf loss on any worker: stop the run (the last checkpoint stays good), or skip that
+    step on every worker (no update) and count it (train_skipped_steps)."""
     grad_cache_chunk: Optional[int] = Field(None, ge=1)
     """Gradient caching (GradCache) on the towers: run them this many rows at a time, twice (without,
     then with a graph), while the branches, heads and top-K mining see the whole global batch at

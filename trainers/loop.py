@@ -110,16 +110,20 @@ class Trainer:
         self.sampler.set_epoch(epoch)
         torch.manual_seed(epoch_seed(self.cfg.train.seed, self.ctx.rank, epoch))
         totals: dict[str, torch.Tensor] = {}
+        counts: dict[str, int] = {}  # a skipped (non-finite) step has no loss terms
         steps, start = 0, time.perf_counter()
         for batch in self.batches(epoch):
             out = self.train_step(batch.to(self.ctx.device))
             for key, value in out.items():
                 totals[key] = totals.get(key, 0.0) + value.detach()
+                counts[key] = counts.get(key, 0) + 1
             steps += 1
-            if self.ctx.is_main and steps % self.cfg.train.log_every == 0:  # .item() syncs only here
+            if self.ctx.is_main and steps % self.cfg.train.log_every == 0 and "loss" in out:  # .item() syncs only here
                 log.info("epoch %d step %d/%d loss %.4f lr %.2e", epoch + 1, steps, self.steps_per_epoch,
                          float(out["loss"].detach()), self.scheduler.get_last_lr()[0])
-        stats = {f"train_{k}": float(v) / max(steps, 1) for k, v in totals.items()}
+        stats = {f"train_{k}": float(v) / counts[k] for k, v in totals.items()}
+        if "skipped_steps" in totals:
+            stats["train_skipped_steps"] = float(totals["skipped_steps"])
         stats["epoch_time_s"] = time.perf_counter() - start
         return mean_over_workers(stats, self.ctx.device)
 
@@ -177,12 +181,24 @@ class Trainer:
                 outputs = self.model(batch.cast_inputs(self.strategy.input_dtype(self.model)))
             out = self.objective(outputs, batch, gather=self.gather, epoch=self.epoch)
         if any_worker(not bool(torch.isfinite(out["loss"])), self.ctx.device):
-            raise FloatingPointError(f"non-finite loss at step {self.state.step}: {out}")
+            return self.skip_nonfinite(out)
         out["grad_norm"] = self.strategy.step(self.model, self.optimizer, self.scheduler) if chunk else \
             self.strategy.backward_step(self.model, out["loss"], self.optimizer, self.scheduler)
         self.state.step += 1
         self.state.samples_seen += len(batch) * self.ctx.world_size
         return out
+
+    def skip_nonfinite(self, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A non-finite loss on any worker: stop (train.nonfinite=stop, the default), or drop this
+        step on every worker — no update, no schedule step — so no checkpoint is ever poisoned."""
+        terms = {k: round(float(v.detach()), 6) for k, v in out.items()}
+        if self.cfg.train.nonfinite == "stop":
+            raise FloatingPointError(f"non-finite loss at step {self.state.step} (epoch {self.epoch + 1}): {terms}; "
+                                     "train.nonfinite=skip drops such steps instead")
+        self.strategy.unwrap(self.model).zero_grad(set_to_none=True)  # gradient caching has backpropagated
+        if self.ctx.is_main:
+            log.warning("skipping step %d of epoch %d: non-finite loss %s", self.state.step, self.epoch + 1, terms)
+        return {"skipped_steps": torch.ones((), device=self.ctx.device)}
 
     def validate(self, weights: dict) -> dict[str, float]:
         """Validation metrics of these (consolidated) weights, identical on every rank (they pick

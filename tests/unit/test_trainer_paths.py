@@ -46,3 +46,40 @@ def test_grad_cache_step_is_the_one_pass_step(store, objective):
 def test_grad_cache_needs_ddp():
     with pytest.raises(Exception, match="grad_cache_chunk"):
         load_config(None, ["train.grad_cache_chunk=8", "scaling.strategy=deepspeed"])
+
+
+def _poisoned(trainer: Trainer, bad_calls: set[int]) -> None:
+    """Make the objective's loss NaN at these calls (0-based)."""
+    objective, calls = trainer.objective, []
+
+    class Poisoned:
+        def __getattr__(self, name):
+            return getattr(objective, name)
+
+        def __call__(self, *args, **kwargs):
+            out = objective(*args, **kwargs)
+            if len(calls) in bad_calls:
+                out["loss"] = out["loss"] * float("nan")
+            calls.append(1)
+            return out
+
+    trainer.objective = Poisoned()
+
+
+@pytest.mark.parametrize("extra", [[], ["train.grad_cache_chunk=5"]])
+def test_nonfinite_loss_skips_the_step_everywhere_or_stops(store, extra):
+    cfg = load_config(None, [*BASE, "train.nonfinite=skip", *extra])
+    trainer = Trainer(cfg, store, WorkerContext(0, 1, 0, torch.device("cpu")), None)
+    _poisoned(trainer, {1})
+    before = trainer.strategy.full_state_dict(trainer.model)
+    trainer.fit(lambda metrics, save: None)
+    after = trainer.strategy.full_state_dict(trainer.model)
+    assert all(torch.isfinite(v).all() for v in after.values() if v.is_floating_point())
+    assert trainer.state.history[0]["train_skipped_steps"] == 1.0
+    assert "train_skipped_steps" not in trainer.state.history[1]
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the other steps trained
+
+    stop = Trainer(load_config(None, [*BASE, *extra]), store, WorkerContext(0, 1, 0, torch.device("cpu")), None)
+    _poisoned(stop, {1})
+    with pytest.raises(FloatingPointError, match="train.nonfinite=skip"):
+        stop.fit(lambda metrics, save: None)
