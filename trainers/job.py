@@ -52,7 +52,7 @@ def run_job(cfg: Config, store: FeatureStore, *, tags: Optional[dict[str, str]] 
     if cfg.tracking.enabled:
         from trainers.tracking import start_run
 
-        tracking = start_run(cfg, str(folder), store, tags=tags, run_name=run_name)
+        tracking = {**start_run(cfg, str(folder), store, tags=tags, run_name=run_name), "folder": str(folder)}
     try:
         result = fit(cfg, store, tracking, callbacks)
         summary = finalize(cfg, store, result, tracking)
@@ -122,6 +122,9 @@ def finalize(cfg: Config, store: FeatureStore, result, tracking: Optional[dict])
         from trainers import tracking as tr
 
         client_metrics = {f"test_{k}": v for k, v in test.items()}
+        from trainers.metrics_log import flush_pending
+
+        flush_pending(tracking)  # epochs the workers could not send while MLflow was away
         tr.epoch_logger(tracking)(client_metrics, summary["best_epoch"])
         tr.log_folder(tracking, plots, "plots")
         info = tr.log_model(tracking, best, store)

@@ -248,9 +248,9 @@ def _maybe_inject_failure(started_at: int, epoch: int) -> None:
 
 
 def _tracker(tracking: dict):
-    from trainers.tracking import epoch_logger
+    from trainers.metrics_log import MetricsLog
 
-    return epoch_logger(tracking)
+    return MetricsLog(tracking)
 
 
 def _ray_report(metrics: dict[str, Any], save) -> None:

@@ -1,0 +1,79 @@
+"""Per-epoch metrics through an MLflow outage: kept locally, resent in order when the server is
+back, a warning once, never logged twice after a replay (trainers/metrics_log.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from trainers.metrics_log import LOCAL_FILE, MetricsLog, flush_pending
+
+
+class Flaky:
+    """An MLflow client whose server is down while `down` is true."""
+
+    def __init__(self, real: MlflowClient) -> None:
+        self.real, self.down, self.calls = real, False, 0
+
+    def log_batch(self, run_id, metrics):
+        self.calls += 1
+        if self.down:
+            raise mlflow.exceptions.MlflowException("API request to http://mlflow:5000 failed: Connection refused")
+        self.real.log_batch(run_id, metrics=metrics)
+
+
+@pytest.fixture
+def run(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'ml.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    return {"tracking_uri": uri, "run_id": run_id, "folder": str(tmp_path / "run")}, client
+
+
+def _steps(client: MlflowClient, run_id: str, key: str = "val_rsum") -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)]
+
+
+def test_an_outage_keeps_training_and_every_epoch_arrives_once(run, caplog):
+    tracking, client = run
+    flaky = Flaky(client)
+    logger = MetricsLog(tracking, client=flaky)
+    logger({"val_rsum": 1.0}, 1)
+    flaky.down = True
+    with caplog.at_level(logging.WARNING, logger="itmatch.tracking"):
+        logger({"val_rsum": 2.0}, 2)
+        logger({"val_rsum": 3.0}, 3)
+    warnings = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(warnings) == 1 and LOCAL_FILE in warnings[0]
+    assert _steps(client, tracking["run_id"]) == [(1, 1.0)]
+    flaky.down = False
+    logger({"val_rsum": 4.0}, 4)
+    assert _steps(client, tracking["run_id"]) == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]
+    lines = [json.loads(x) for x in (Path(tracking['folder']) / LOCAL_FILE).read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3, 4]
+
+
+def test_replayed_epochs_after_a_restart_are_not_logged_twice(run):
+    tracking, client = run
+    MetricsLog(tracking)({"val_rsum": 1.0}, 1)
+    MetricsLog(tracking)({"val_rsum": 2.0}, 2)
+    restarted = MetricsLog(tracking)  # a worker restarted from the epoch-1 checkpoint replays epoch 2
+    restarted({"val_rsum": 2.0}, 2)
+    restarted({"val_rsum": 3.0}, 3)
+    assert [s for s, _ in _steps(client, tracking["run_id"])] == [1, 2, 3]
+
+
+def test_the_driver_sends_what_the_workers_could_not(run):
+    tracking, client = run
+    flaky = Flaky(client)
+    flaky.down = True
+    MetricsLog(tracking, client=flaky)({"val_rsum": 5.0}, 1)  # the last epoch, while MLflow is down
+    assert _steps(client, tracking["run_id"]) == []
+    assert flush_pending(tracking)  # the server is back when the run ends
+    assert _steps(client, tracking["run_id"]) == [(1, 5.0)]

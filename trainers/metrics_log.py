@@ -1,0 +1,95 @@
+"""Per-epoch metrics that survive a flaky or stopped MLflow server, and are logged once.
+
+Rank 0 appends every epoch's metrics to `<run folder>/metrics.jsonl` first (kept whatever happens
+to MLflow), then sends what MLflow has not yet received. While the server is unreachable, the
+request fails within a bounded time (MLFLOW_HTTP_REQUEST_TIMEOUT / _MAX_RETRIES are lowered
+here unless set), training goes on, a warning says so once, and the epochs wait to be resent at
+the next epoch; the driver sends any that are still missing when the run ends (`flush_pending`).
+`mlflow_logged.json` in the run folder records the last epoch MLflow has, so epochs replayed after
+a recovery (worker restart, driver re-run) are not logged twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+# Bounded: MLflow's defaults (120 s timeout, 7 retries with backoff) hang ~250 s per request.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+
+log = logging.getLogger("itmatch.tracking")
+LOCAL_FILE = "metrics.jsonl"
+MARKER = "mlflow_logged.json"
+
+
+def _logged_through(folder: Path, run_id: str) -> int:
+    """The last epoch this MLflow run has (0 when the marker is another run's, or absent)."""
+    path = folder / MARKER
+    marker = json.loads(path.read_text()) if path.is_file() else {}
+    return int(marker["epoch"]) if marker.get("run_id") == run_id else 0
+
+
+def _local_epochs(folder: Path, after: int) -> list[tuple[int, dict[str, float]]]:
+    """Epochs after `after` from metrics.jsonl, the last record of each epoch (a replayed epoch's)."""
+    path, epochs = folder / LOCAL_FILE, {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if record["epoch"] > after:
+                epochs[record["epoch"]] = record["metrics"]
+    return sorted(epochs.items())
+
+
+class MetricsLog:
+    """Rank 0's per-epoch metric writer: local file first, then MLflow, resent until received."""
+
+    def __init__(self, tracking: dict[str, Any], client: Optional[Any] = None) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.run_id, self.folder = tracking["run_id"], Path(tracking["folder"])
+        self.client = client or MlflowClient(tracking["tracking_uri"])
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.warned = False
+
+    def __call__(self, metrics: dict[str, float], epoch: int) -> None:
+        clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        with open(self.folder / LOCAL_FILE, "a") as f:
+            f.write(json.dumps({"epoch": epoch, "metrics": clean}) + "\n")
+        self.flush()
+
+    def flush(self) -> bool:
+        """Send every epoch MLflow does not have yet, oldest first; False if MLflow is unreachable."""
+        import mlflow
+
+        done = _logged_through(self.folder, self.run_id)
+        for epoch, metrics in _local_epochs(self.folder, done):
+            now = int(mlflow.utils.time.get_current_time_millis())
+            entries = [mlflow.entities.Metric(k, v, now, epoch) for k, v in metrics.items()]
+            try:
+                self.client.log_batch(self.run_id, metrics=entries)
+            except Exception as exc:  # noqa: BLE001 (any transport or server error: keep training)
+                if not self.warned:
+                    log.warning("MLflow unreachable (%s): epoch %d's metrics are kept in %s and resent when it "
+                                "returns", str(exc).splitlines()[0][:200], epoch, self.folder / LOCAL_FILE)
+                    self.warned = True
+                return False
+            (self.folder / MARKER).write_text(json.dumps({"run_id": self.run_id, "epoch": epoch}))
+        if self.warned:
+            log.warning("MLflow reachable again: every epoch's metrics are logged")
+            self.warned = False
+        return True
+
+
+def flush_pending(tracking: dict[str, Any]) -> bool:
+    """At the end of a run (driver): send epochs the workers could not; False (with a warning naming
+    the local file) if MLflow is still unreachable."""
+    if "folder" not in tracking:
+        return True
+    return MetricsLog(tracking).flush()
+
+
+__all__ = ["MetricsLog", "flush_pending", "LOCAL_FILE", "MARKER"]
