@@ -7,7 +7,8 @@
     output does before its all-reduce). Communication is not included; everything else is.
 
 Peak memory is the peak of live tensor storage during forward + backward, inputs excluded: on CUDA
-torch.cuda.max_memory_allocated, on CPU the same quantity tracked by a dispatch mode.
+torch.cuda.max_memory_allocated, on CPU the same quantity tracked by a dispatch mode. Times are
+medians of interleaved rounds (every method once per round), so a shared CPU slows all alike.
 
     .venv/bin/python bench/mined_loss.py [--batches 500 1000 4000] [--workers 1 2 4] [--device cuda]
 """
@@ -15,6 +16,7 @@ torch.cuda.max_memory_allocated, on CPU the same quantity tracked by a dispatch 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 import weakref
@@ -110,42 +112,60 @@ class TensorMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # Views, in-place and out= results share an argument's storage: not new memory (and a view
+        # of a tensor made before the block, an input, must not be counted as made inside it).
+        seen = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.live:
+            if isinstance(t, torch.Tensor):
                 storage = t.untyped_storage()
                 key = storage.data_ptr()
-                if key:
+                if key and key not in self.live and key not in seen:
                     self.live[key] = (storage.nbytes(), weakref.ref(storage, lambda _, k=key: self._free(k)))
                     self.current += storage.nbytes()
                     self.peak = max(self.peak, self.current)
         return out
 
 
-def measure(method: str, g: int, world: int, device: torch.device, repeats: int) -> dict:
-    """Median time of `repeats` forward+backward passes (after one warm-up), and peak memory."""
-    fn = (lambda *b: reference(*b)) if method == "reference" else (lambda *b: project(*b, world))
-    fn(*_batch(g, device))
-    times = []
-    for _ in range(repeats):
-        batch = _batch(g, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn(*batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+def _call(method: str, world: int):
+    return (lambda *b: reference(*b)) if method == "reference" else (lambda *b: project(*b, world))
+
+
+def _seconds(fn, g: int, device: torch.device) -> float:
+    batch = _batch(g, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn(*batch)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def peak_mib(fn, g: int, device: torch.device) -> float:
+    """Peak tensor memory of one forward+backward, inputs excluded, in MiB."""
     batch = _batch(g, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         fn(*batch)
-        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        with TensorMemory() as tracker:
-            fn(*batch)
-        peak = tracker.peak / 2**20
-    return {"time_ms": 1000 * sorted(times)[len(times) // 2], "peak_mib": peak}
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    with TensorMemory() as tracker:
+        fn(*batch)
+    return tracker.peak / 2**20
+
+
+def measure(rows: list[tuple[str, str, int]], g: int, device: torch.device, repeats: int) -> list[dict]:
+    """Median time of `repeats` forward+backward passes per row, the rows interleaved (one round of
+    every row, repeated, after a warm-up round) so a shared CPU slows them alike; and peak memory."""
+    fns = [_call(method, world) for _, method, world in rows]
+    times: list[list[float]] = [[] for _ in rows]
+    for round_ in range(repeats + 1):
+        for fn, t in zip(fns, times):
+            seconds = _seconds(fn, g, device)
+            if round_:
+                t.append(seconds)
+    return [{"time_ms": 1000 * statistics.median(t), "peak_mib": peak_mib(fn, g, device)}
+            for fn, t in zip(fns, times)]
 
 
 def main() -> None:
@@ -157,16 +177,16 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"device {args.device}, torch threads {torch.get_num_threads()}, d={DIM}, K={K}, "
-          f"{CAPS_PER_IMAGE} captions per image, lambdas {LAMBDAS}; memory = peak tensor memory of fwd+bwd")
+          f"{CAPS_PER_IMAGE} captions per image, lambdas {LAMBDAS}; memory = peak tensor memory of fwd+bwd; "
+          f"median of {args.repeats} interleaved rounds")
     print("| global batch | method | time fwd+bwd (ms) | peak memory (MiB) | time / reference | memory / reference |")
     print("|---|---|---|---|---|---|")
     for g in args.batches:
         rows = [("reference (one process, [pairs, G] hinge matrix + top-k)", "reference", 1)]
         rows += [(f"itmatch, one of {n} workers ([G/{n}, G] scores)", "project", n) for n in args.workers]
-        ref = None
-        for label, method, n in rows:
-            r = measure(method, g, n, device, args.repeats)
-            ref = ref or r
+        results = measure(rows, g, device, args.repeats)
+        ref = results[0]
+        for (label, _, _), r in zip(rows, results):
             print(f"| {g} | {label} | {r['time_ms']:.1f} | {r['peak_mib']:.1f} | "
                   f"{r['time_ms'] / ref['time_ms']:.2f} | {r['peak_mib'] / ref['peak_mib']:.2f} |", flush=True)
 

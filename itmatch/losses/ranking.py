@@ -16,7 +16,10 @@ same K *nearest negatives of a*: one top-K of each anchor's negative costs serve
 positives, and the kept hinges form an [anchor, positives-per-anchor, K] block. With top_k=None,
 one sort serves them all: n_viol = #negatives with cost < m + c(a,p) (searchsorted), and the
 violators' hinges sum to n_viol·(m + c(a,p)) − prefix_sum[n_viol]. The only [anchor, candidate]
-tensors are the costs themselves: O(local × global) memory, never an [anchor, pos, neg] cube.
+tensors are the similarities and, without a graph, the costs the K nearest are picked from:
+O(local × global) memory, never an [anchor, pos, neg] cube. Positives are [anchor, P] column
+tables, not [anchor, candidate] masks, and only the picked P + K costs per anchor are recomputed
+with a graph, so the backward is one GEMM per side plus a scatter (same gradients, bit for bit).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from itmatch.eval.retrieval import group_columns
 from itmatch.losses.gather import LOCAL, Gather, reduction_scale
 
 # Keeps sqrt's gradient finite when two embeddings coincide (d = 0).
@@ -34,66 +38,49 @@ _REDUCTIONS = ("sum", "mean")
 _TERMS = ("i2t", "t2i", "i2i", "t2t")
 
 
-def _cost(anchor: Tensor, cand: Tensor, metric: str) -> Tensor:
-    """[n_anchor, n_cand] cost whose *increase* makes a pair less similar.
+def _cost_of(sim: Tensor, metric: str) -> Tensor:
+    """Cost whose *increase* makes a pair less similar, elementwise from cosine similarities.
 
     euclidean: distance on the unit sphere, sqrt(2 − 2cos). cosine: −similarity, so the VSE++
     hinge m + s(a,n) − s(a,p) has the same form m + cost(a,p) − cost(a,n) as the distance one.
     """
-    sim = anchor @ cand.T
     if metric == "euclidean":
         return torch.sqrt(torch.clamp(2.0 - 2.0 * sim, min=_EPS))
     return -sim
 
 
-def _masks(
-    anchor_gid: Tensor, cand_gid: Tensor, self_offset: int | None
-) -> tuple[Tensor, Tensor]:
-    """(positive, negative) boolean masks [n_anchor, n_cand].
+def _negated_negative_costs(sim: Tensor, same: Tensor, same_valid: Tensor, metric: str) -> Tensor:
+    """−cost of every negative, −inf elsewhere, without a graph: what the K nearest negatives are
+    picked from. In place on one buffer; bit for bit −_cost_of(sim) (−2s + 2 is 2 − 2s exactly)."""
+    out = torch.mul(sim, -2.0) if metric == "euclidean" else sim.clone()
+    if metric == "euclidean":
+        out.add_(2.0).clamp_min_(_EPS).sqrt_().neg_()
+    rows = torch.arange(len(sim), device=sim.device)[:, None].expand_as(same)
+    out.view(-1).index_fill_(0, (rows * sim.shape[1] + same)[same_valid], float("-inf"))
+    return out
 
-    With `self_offset` (intra-modal terms) the anchor's own candidate row, global index
-    self_offset + r, is not its own positive.
+
+def _nearest_negative_costs(sim: Tensor, same: Tensor, same_valid: Tensor, top_k: int, metric: str) -> Tensor:
+    """[n_anchor, K] costs of each anchor's K nearest negatives (+inf where it has fewer than K).
+
+    The K are picked on a detached copy; only their K costs are recomputed with a graph, so the
+    backward touches K entries per anchor instead of passing through every [anchor, candidate]
+    elementwise op (the costs and gradients are the same as a top-k through the full cost matrix).
     """
-    same = anchor_gid[:, None] == cand_gid[None, :]
-    pos = same
-    if self_offset is not None:
-        rows = torch.arange(anchor_gid.numel(), device=same.device) + self_offset
-        cols = torch.arange(cand_gid.numel(), device=same.device)
-        pos = same & (rows[:, None] != cols[None, :])
-    return pos, ~same
+    with torch.no_grad():
+        picked = torch.topk(_negated_negative_costs(sim, same, same_valid, metric), top_k, dim=1)
+    cost = _cost_of(sim.gather(1, picked.indices), metric)
+    return cost.masked_fill(torch.isinf(picked.values), float("inf"))
 
 
-def _positive_costs(cost: Tensor, pos: Tensor) -> tuple[Tensor, Tensor] | None:
-    """Each anchor's positive costs, padded to [n_anchor, P_max], with a validity mask.
-
-    P_max (a handful: the captions of one image) is read back to the host once per term; the
-    [anchor, candidate] work below then only ever meets [anchor, P_max] thresholds.
-    """
-    p_max = int(pos.sum(dim=1).max()) if pos.numel() else 0
-    if p_max == 0:
-        return None
-    flag, idx = pos.to(cost.dtype).topk(p_max, dim=1)
-    return cost.gather(1, idx), flag > 0
-
-
-def _mined_hinge_sum(
-    cost: Tensor, pos: Tensor, neg: Tensor, margin: float, top_k: int | None
-) -> Tensor:
-    """Σ over positive pairs (a, p) of the top_k largest positive hinges m + c(a,p) − c(a,n)."""
-    positives = _positive_costs(cost, pos)
-    if positives is None:
-        return cost.sum() * 0.0  # keeps the graph (every rank must run the same backward)
-    pos_cost, valid = positives
-    thresh = margin + pos_cost  # hinge(a, p, n) > 0  <=>  c(a, n) < thresh[a, p]
+def _all_violations_sum(cost: Tensor, thresh: Tensor, valid: Tensor, same: Tensor, same_valid: Tensor) -> Tensor:
+    """Σ over positive pairs of every positive hinge thresh − c(a, n) over the negatives n."""
     # Non-negatives become +inf: never a violator, zero hinge, zero gradient.
-    masked = torch.where(neg, cost, torch.full_like(cost, float("inf")))
-    if top_k is not None and top_k < cost.shape[1]:
-        # The K largest hinges of every positive are against the anchor's K nearest negatives.
-        nearest = -torch.topk(-masked, top_k, dim=1).values  # [n_anchor, K]
-        hinge = (thresh[:, :, None] - nearest[:, None, :]).clamp_min(0)  # [n_anchor, P_max, K]
-        return torch.where(valid[:, :, None], hinge, torch.zeros_like(hinge)).sum()
-    # Every hinge: sort each anchor's negatives once; n_viol = #negatives below the threshold,
-    # and the violators' costs sum to a prefix sum.
+    rows = torch.arange(len(cost), device=cost.device)[:, None].expand_as(same)
+    flat = (rows * cost.shape[1] + same)[same_valid]
+    masked = cost.reshape(-1).index_fill(0, flat, float("inf")).view_as(cost)
+    # Sort each anchor's negatives once; n_viol = #negatives below the threshold, and the violators'
+    # costs sum to a prefix sum.
     neg_sorted = torch.sort(masked, dim=1).values
     n_viol = torch.searchsorted(neg_sorted.detach(), thresh.detach().contiguous(), right=False)
     # float64 prefix sums: n·thresh − prefix cancels, which in float32 would lose the small
@@ -115,9 +102,27 @@ def _term(
     top_k: int | None,
     metric: str,
 ) -> Tensor:
-    """Unreduced sum of kept hinges for local anchors against global candidates."""
-    pos, neg = _masks(anchor_gid, cand_gid, self_offset)
-    return _mined_hinge_sum(_cost(anchor, cand, metric), pos, neg, margin, top_k)
+    """Unreduced sum of kept hinges for local anchors against global candidates: over positive
+    pairs (a, p), the top_k largest positive hinges m + c(a,p) − c(a,n).
+
+    Positives and same-group candidates are [anchor, P] column tables (`group_columns`), never
+    [anchor, candidate] masks. With `self_offset` (intra-modal terms) the anchor's own candidate
+    row, global index self_offset + r, is not its own positive.
+    """
+    itself = None if self_offset is None else torch.arange(len(anchor), device=anchor.device) + self_offset
+    pos, valid = group_columns(anchor_gid, cand_gid, exclude=itself)
+    if not valid.any():
+        # Keeps the graph (every rank must run the same backward) without scoring anything.
+        return (anchor.sum() + cand.sum()) * 0.0
+    same, same_valid = group_columns(anchor_gid, cand_gid)
+    sim = anchor @ cand.T
+    thresh = margin + _cost_of(sim.gather(1, pos), metric)  # hinge(a, p, n) > 0  <=>  c(a, n) < thresh[a, p]
+    if top_k is None or top_k >= cand.shape[0]:
+        return _all_violations_sum(_cost_of(sim, metric), thresh, valid, same, same_valid)
+    # The K largest hinges of every positive are against the anchor's K nearest negatives.
+    nearest = _nearest_negative_costs(sim, same, same_valid, top_k, metric)  # [n_anchor, K]
+    hinge = (thresh[:, :, None] - nearest[:, None, :]).clamp_min(0)  # [n_anchor, P_max, K]
+    return torch.where(valid[:, :, None], hinge, torch.zeros_like(hinge)).sum()
 
 
 def _check_args(

@@ -207,3 +207,20 @@ def test_rejects_bad_arguments(kw):
     img, img_gid, txt, txt_gid = make_batch()
     with pytest.raises(ValueError):
         ranking_loss(img, img_gid, txt, txt_gid, **kw)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_anchors_with_fewer_negatives_than_top_k(metric):
+    """K below the number of candidates but above some anchors' negatives (a group holding most
+    captions): those anchors keep all their hinges, the others K, as in the brute force."""
+    g = torch.Generator().manual_seed(5)
+    img_gid = torch.tensor([0, 1, 1, 2])
+    txt_gid = torch.tensor([1] * 10 + [0, 0, 2, 2, 2, 0])
+    img = torch.nn.functional.normalize(torch.randn(4, 6, generator=g, dtype=torch.float64), dim=1).requires_grad_()
+    txt = torch.nn.functional.normalize(torch.randn(16, 6, generator=g, dtype=torch.float64), dim=1).requires_grad_()
+    kw = dict(lambdas=(1, 1.5, 0.5, 0.5), margin=0.6, top_k=8, metric=metric, reduction="sum")
+    got, want = ranking_loss(img, img_gid, txt, txt_gid, **kw), reference(img, img_gid, txt, txt_gid, **kw)
+    for name in ("loss", *TERMS):
+        torch.testing.assert_close(got[name], want[name], msg=name)
+    for g_got, g_want in zip(_grads(got, img, txt), _grads(want, img, txt)):
+        torch.testing.assert_close(g_got, g_want)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from itmatch.eval import retrieval
 from itmatch.eval.retrieval import (coco_protocols, i2t_ranks, overlap_indicator, retrieval_metrics,
                                     sentence_retrieval, t2i_ranks)
 
@@ -179,3 +180,53 @@ def test_overlap_indicator_orders_separation():
     assert 0.0 <= far < near <= 1.0
     same = overlap_indicator(img.float(), F.normalize(torch.randn_like(txt.float()), dim=1), txt_img)
     assert same > 0.7  # random captions: positive and negative cosines share one distribution
+
+
+def test_group_columns_lists_each_querys_group():
+    g = torch.Generator().manual_seed(9)
+    cand_gid = torch.randint(0, 8, (50,), generator=g)
+    query_gid = torch.tensor([3, 0, 7, 42, 3, 5])  # 42: a group with no candidates
+    exclude = torch.tensor([int((cand_gid == 3).nonzero()[1]), 0, 1, 2, 49, int((cand_gid == 5).nonzero()[0])])
+    for ex in (None, exclude):
+        cols, valid = retrieval.group_columns(query_gid, cand_gid, exclude=ex, pad=-7)
+        for q in range(len(query_gid)):
+            want = [j for j in range(len(cand_gid))
+                    if cand_gid[j] == query_gid[q] and (ex is None or j != ex[q])]
+            assert cols[q][valid[q]].tolist() == want  # ascending, the excluded column left out
+            assert (cols[q][~valid[q]] == -7).all()
+        assert valid.shape[1] == max(valid.sum(dim=1))
+
+
+def _numpy_ranks(s: np.ndarray, correct: list[np.ndarray], excluded: list[np.ndarray]) -> np.ndarray:
+    """Per row: 1 + wrong items not strictly below the best correct score (NaN propagates to best)."""
+    ranks = []
+    for i, row in enumerate(s):
+        best = np.max(row[correct[i]])  # np.max propagates NaN
+        wrong = np.ones(len(row), dtype=bool)
+        wrong[correct[i]] = wrong[excluded[i]] = False
+        ranks.append(1 + int(np.sum(~(row[wrong] < best))))
+    return np.array(ranks)
+
+
+def test_wide_gallery_counts_are_exact(monkeypatch):
+    """Galleries wider than one counting run (2,040 columns) with thousands of items ahead, ties
+    and NaNs, split into many memory-budget blocks: the same ranks as a plain per-row count."""
+    monkeypatch.setattr(retrieval, "BLOCK_BYTES", 64 * 1024)
+    g = torch.Generator().manual_seed(11)
+    img = torch.randint(-1, 2, (700, 3), generator=g).float()  # a coarse grid: many exact ties
+    txt_img = torch.randint(0, 700, (4500,), generator=g)
+    txt = torch.randint(-1, 2, (4500, 3), generator=g).float()
+    img[5], txt[17] = float("nan"), float("nan")
+    s = (img @ txt.T).numpy()
+    owner = txt_img.numpy()
+    queries = np.unique(owner)
+    want_i2t = _numpy_ranks(s[queries], [np.flatnonzero(owner == i) for i in queries], [np.array([], int)] * 700)
+    want_t2i = _numpy_ranks(s.T, [np.array([o]) for o in owner], [np.array([], int)] * len(owner))
+    np.testing.assert_array_equal(i2t_ranks(img, txt, txt_img), want_i2t)
+    np.testing.assert_array_equal(t2i_ranks(img, txt, txt_img), want_t2i)
+    assert want_i2t.max() > 4000 and (want_i2t == want_i2t.max()).sum() > 1  # far past 255 per byte lane
+    st = (txt @ txt.T).numpy()
+    partners = [np.flatnonzero((owner == owner[q]) & (np.arange(len(owner)) != q)) for q in range(len(owner))]
+    has = np.array([len(p) > 0 for p in partners])
+    want_s2s = _numpy_ranks(st[has], [p for p in partners if len(p)], [np.array([q]) for q in np.flatnonzero(has)])
+    assert sentence_retrieval(txt, txt_img)["s2s_meanr"] == pytest.approx(want_s2s.mean())
