@@ -263,6 +263,12 @@ class SearchConfig(_Section):
     """PBT: epochs between exploit/explore steps."""
     seed: Optional[int] = None
     """Seed of the searcher's sampling (Optuna's TPE sampler)."""
+    rerun_top: int = Field(0, ge=0)
+    """Robust selection: after the search, re-run this many finished trials (best validation score
+    first) with search.rerun_seeds more train.seed values and pick the best mean validation score
+    over the seeds. 0: the best single trial is picked, as without re-runs."""
+    rerun_seeds: int = Field(2, ge=1)
+    """Extra seeds per re-run trial: train.seed + 1 .. train.seed + rerun_seeds."""
 
 
 class Config(_Section):

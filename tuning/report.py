@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from trainers.job import SUMMARY_FILE
+from tuning.rerun import RERUN_TAG
 
 TRIAL_TAG = "itmatch.trial_id"
 # A trial's status -> the MLflow status its run must end with.
@@ -25,6 +26,7 @@ def trial_row(result, trials_dir: Path) -> dict[str, Any]:
     status = "failed" if result.error else "finished" if summary else "stopped"
     return {"trial_id": trial_id, "params": result.config["params"], "status": status,
             "epochs": metrics.get("epoch"), "best_val": metrics.get("best_metric"),
+            "wall_s": metrics.get("time_total_s"),
             "error": str(result.error)[:300] if result.error else None, "summary": summary}
 
 
@@ -34,32 +36,52 @@ def run_name(search: str, trial_id: str, params: dict[str, Any]) -> str:
     return f"{search}-{trial_id}-{short}"[:250]
 
 
-def close_child_runs(parent: dict, rows: list[dict]) -> None:
-    """End every child run by its trial's outcome, which only the driver knows: a trial Tune stops
-    is killed mid-`fit()` (its run is left RUNNING, or FAILED by the error the stop raises in it)."""
+def close_child_runs(parent: dict, rows: list[dict], reruns: list[dict]) -> None:
+    """End every child run by its trial's (or seed re-run's) outcome, which only the driver knows: a
+    trial Tune stops is killed mid-`fit()` (its run is left RUNNING, or FAILED by the error the stop
+    raises in it)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(parent["tracking_uri"])
     wanted = {r["trial_id"]: RUN_STATUS[r["status"]] for r in rows}
+    wanted.update({r["run"]: RUN_STATUS[r["status"]] for r in reruns})
     children = client.search_runs([parent["experiment_id"]],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent['run_id']}'")
     for run in children:
-        status = wanted.get(run.data.tags.get(TRIAL_TAG), "KILLED")
+        tags = run.data.tags
+        status = wanted.get(tags.get(RERUN_TAG) or tags.get(TRIAL_TAG), "KILLED")
         if run.info.status != status and (run.info.status == "RUNNING" or status != "FINISHED"):
             client.set_terminated(run.info.run_id, status=status)
 
 
-def table(rows: list[dict], metric: str, best: Optional[dict]) -> str:
-    """The trials as a Markdown table, best validation score first."""
+def table(rows: list[dict], metric: str, best: Optional[dict], candidates: Optional[list[dict]] = None) -> str:
+    """The trials as a Markdown table, best validation score first; with seed re-runs
+    (`candidates`), two more columns: validation mean ± std over the seeds (n) and the test mean."""
     keys = sorted({k for r in rows for k in r["params"]})
-    lines = ["| trial | " + " | ".join(keys) + f" | epochs | best val {metric} | test {metric} | status |",
-             "|---" * (len(keys) + 5) + "|"]
+    seeds = {c["trial_id"]: c for c in candidates or []}
+    extra = f" val {metric} mean ± std (seeds) | test {metric} mean |" if candidates is not None else ""
+    lines = ["| trial | " + " | ".join(keys) + f" | epochs | best val {metric} | test {metric} |{extra} status |",
+             "|---" * (len(keys) + 5 + (2 if extra else 0)) + "|"]
     for r in sorted(rows, key=lambda r: -(r["best_val"] if r["best_val"] is not None else float("inf"))):
         test = r["summary"]["test"][metric] if r["summary"] else None
         status = "best" if best and r["trial_id"] == best["trial_id"] else r["status"]
         values = " | ".join(_fmt(r["params"].get(k)) for k in keys)
-        lines.append(f"| {r['trial_id']} | {values} | {r['epochs']} | {_fmt(r['best_val'])} | {_fmt(test)} | {status} |")
+        more = _seed_cells(seeds.get(r["trial_id"])) if extra else ""
+        lines.append(f"| {r['trial_id']} | {values} | {r['epochs']} | {_fmt(r['best_val'])} | {_fmt(test)} |"
+                     f"{more} {status} |")
     return "\n".join(lines)
+
+
+def mean_std(c: dict) -> str:
+    """`392.1 ± 4.3 (n=3)`; a single score has no spread."""
+    std = f" ± {c['val_std']:.1f}" if c["val_std"] is not None else ""
+    return f"{c['val_mean']:.1f}{std} (n={c['n']})"
+
+
+def _seed_cells(c: Optional[dict]) -> str:
+    if c is None:
+        return " | |"
+    return f" {mean_std(c)} | {_fmt(c['test_mean'])} |"
 
 
 def plot_params(rows: list[dict], metric: str, folder: Path) -> list[Path]:
@@ -97,17 +119,27 @@ def plot_params(rows: list[dict], metric: str, folder: Path) -> list[Path]:
     return paths
 
 
-def log_parent(parent: dict, rows: list[dict], best: Optional[dict], metric: str, search_dir: Path) -> None:
-    """The search's own MLflow run: best score and params, the trial table, plots; then ended."""
+def log_parent(parent: dict, rows: list[dict], best: Optional[dict], metric: str, search_dir: Path,
+               candidates: list[dict]) -> None:
+    """The search's own MLflow run: the choice (its params, registered seed's score, mean ± std over
+    its seeds), the trial and seed tables, plots; then ended."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(parent["tracking_uri"])
+    client, run_id = MlflowClient(parent["tracking_uri"]), parent["run_id"]
     if best:
-        client.log_metric(parent["run_id"], f"best_val_{metric}", best["summary"][f"val_{metric}"])
-        client.set_tag(parent["run_id"], "itmatch.best_trial", best["trial_id"])
+        choice = best["selection"]
+        client.log_metric(run_id, f"best_val_{metric}", choice["model"]["val"])
+        client.log_metric(run_id, f"best_val_{metric}_mean", choice["val_mean"])
+        if choice["val_std"] is not None:
+            client.log_metric(run_id, f"best_val_{metric}_std", choice["val_std"])
+        client.set_tag(run_id, "itmatch.best_trial", best["trial_id"])
+        client.set_tag(run_id, "itmatch.best_seeds", mean_std(choice))
+        client.set_tag(run_id, "itmatch.best_seed", str(choice["model"]["seed"]))
         for key, value in best["params"].items():
-            client.set_tag(parent["run_id"], f"best.{key}", str(value))
-    client.log_table(parent["run_id"], data=_columns(rows), artifact_file="trials.json")
+            client.set_tag(run_id, f"best.{key}", str(value))
+    client.log_table(run_id, data=_columns(rows), artifact_file="trials.json")
+    if candidates:
+        client.log_table(run_id, data=_seed_columns(candidates), artifact_file="seeds.json")
     client.log_artifact(parent["run_id"], str(search_dir / "search.json"))
     client.log_artifacts(parent["run_id"], str(search_dir / "plots"), "plots")
     client.set_terminated(parent["run_id"], status="FINISHED" if best else "FAILED")
@@ -119,6 +151,14 @@ def _columns(rows: list[dict]) -> dict[str, list]:
                              "epochs": [r["epochs"] for r in rows], "best_val": [r["best_val"] for r in rows]}
     cols.update({k: [str(r["params"].get(k)) for r in rows] for k in keys})
     return cols
+
+
+def _seed_columns(candidates: list[dict]) -> dict[str, list]:
+    """One row per run of each candidate configuration: the seeds behind every mean ± std."""
+    runs = [(c, s) for c in candidates for s in c["seeds"]]
+    return {"trial_id": [c["trial_id"] for c, _ in runs], "seed": [s["seed"] for _, s in runs],
+            "val": [s["val"] for _, s in runs], "test": [s["test"] for _, s in runs],
+            "val_mean": [c["val_mean"] for c, _ in runs], "val_std": [c["val_std"] for c, _ in runs]}
 
 
 def _fmt(value: Any) -> str:

@@ -11,9 +11,12 @@ section reproduces a search. The driver resolves the whole config (absolute path
 featurises the data once; each trial runs `trainers.job.run_job` on the resolved config plus its
 sampled params (its own run folder, config.yaml, checkpoints and summary), reports every epoch to
 Tune and logs an MLflow run nested under the search's run. Re-running the same command restores the
-Tune experiment (Tuner.restore, searcher state included). At the end the best finished trial by
-validation score is registered and takes the alias only if it beats the holder (re-scored on the
-same validation split); the trial table and plots go to the search folder and the parent run.
+Tune experiment (Tuner.restore, searcher state included). With `search.rerun_top` N > 0 the N
+best finished trials are then re-run with `search.rerun_seeds` more seeds (tuning/rerun.py) and the
+configuration with the best mean validation score wins (tuning/select.py); otherwise the best
+finished trial does. Only that choice (its best-validation seed's model) is registered, and it takes
+the alias only if it beats the holder (re-scored on the same validation split); the trial table
+(mean ± std over seeds) and plots go to the search folder and the parent run.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (see trainers/train.py)
+# Ray Train's controller takes one worker report per poll (default every 2 s), so no epoch is shorter
+# than the poll: a trial (16-24 short epochs) would spend most of its time waiting. The local cluster
+# this driver starts passes its environment to every Ray process, the controllers included.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -35,13 +42,13 @@ from itmatch.data.sources import DataError  # noqa: E402
 from itmatch.data.raw import open_store  # noqa: E402
 from itmatch.data.store import FeatureStore  # noqa: E402
 from trainers.logs import setup_logging  # noqa: E402
-from tuning import registry, report  # noqa: E402
+from tuning import registry, report, rerun, select  # noqa: E402
 from tuning.space import load_space  # noqa: E402
 
 log = logging.getLogger("itmatch.tune")
 # CLI flag -> the search.* key it overrides
 FLAGS = {"space": "space", "name": "name", "num_samples": "num_samples", "max_concurrent": "max_concurrent",
-         "search": "algorithm", "scheduler": "scheduler"}
+         "search": "algorithm", "scheduler": "scheduler", "rerun_top": "rerun_top", "rerun_seeds": "rerun_seeds"}
 
 
 def trial_config(setup: dict, params: dict[str, Any], trial_id: str) -> Config:
@@ -113,7 +120,8 @@ def run_search(cfg: Config, space: dict[str, dict], store: FeatureStore, search_
 
     cfg = share_cpus(cfg, ray.cluster_resources().get("CPU", 1))
     setup = {"base": cfg.flat(), "store": str(store.root.resolve()), "trials_dir": str(search_dir / "trials"),
-             "name": cfg.search.name, "parent_run_id": parent["run_id"] if parent else None}
+             "reruns_dir": str(rerun.folder(search_dir)), "name": cfg.search.name,
+             "parent_run_id": parent["run_id"] if parent else None}
     # The trial only drives its Ray Train workers: it must not hold a CPU they need, and Tune refuses
     # an empty request, so it asks for one byte of memory.
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": 0, "memory": 1})
@@ -126,8 +134,18 @@ def run_search(cfg: Config, space: dict[str, dict], store: FeatureStore, search_
                            tune_config=_tune_config(cfg, space),
                            run_config=tune.RunConfig(name="tune", storage_path=str(search_dir), verbose=1))
     rows = [report.trial_row(r, search_dir / "trials") for r in tuner.fit()]
-    _finish(cfg, store, rows, parent, search_dir)
+    reruns = _rerun_top(cfg, rows, setup)
+    _finish(cfg, store, rows, reruns, setup, parent, search_dir)
     return rows
+
+
+def _rerun_top(cfg: Config, rows: list[dict], setup: dict) -> list[dict]:
+    """The seed re-runs of the best `search.rerun_top` finished trials (none by default)."""
+    top = select.top_trials(rows, cfg.train.metric, cfg.search.rerun_top) if cfg.search.rerun_top else []
+    items = rerun.plan(top, setup, cfg.search.rerun_seeds)
+    if items:
+        log.info("re-running the top %d trial(s) with %d more seed(s) each", len(top), cfg.search.rerun_seeds)
+    return rerun.run_all(items, setup, cfg.search.max_concurrent) if items else []
 
 
 def _tune_config(cfg: Config, space: dict[str, dict]):
@@ -138,27 +156,38 @@ def _tune_config(cfg: Config, space: dict[str, dict]):
                            search_alg=registry.searcher(cfg, space), scheduler=registry.scheduler(cfg, space))
 
 
-def _finish(cfg: Config, store: FeatureStore, rows: list[dict], parent: Optional[dict], search_dir: Path) -> None:
-    """End every child run, pick the best finished trial, register it, write the table and plots."""
+def _finish(cfg: Config, store: FeatureStore, rows: list[dict], reruns: list[dict], setup: dict,
+            parent: Optional[dict], search_dir: Path) -> None:
+    """End every child run, pick the configuration (tuning/select.py), register its model, write the
+    table and plots."""
     metric = cfg.train.metric
-    # Ties go to the first trial id, so a restored search (rows in another order) picks the same one.
-    done = sorted((r for r in rows if r["summary"]), key=lambda r: r["trial_id"])
-    best = max(done, key=lambda r: r["summary"][f"val_{metric}"], default=None)
+    seeds = {r["trial_id"]: rerun.trial_seed(setup, r["params"]) for r in rows}
+    choice, candidates = select.select(rows, reruns, metric, cfg.search.rerun_top, seeds)
+    best = _best_row(rows, choice)
     if parent:
-        report.close_child_runs(parent, rows)
+        report.close_child_runs(parent, rows, reruns)
     previous = _previous_registry(search_dir, best)
-    if previous:  # a re-run of a finished search: its best trial is registered already
+    if previous:  # a re-run of a finished search: its choice is registered already
         best["registry"] = previous
     elif best and parent and cfg.tracking.registered_model:
         from trainers.job import promote
 
-        s = best["summary"]
-        best["registry"] = promote({**parent, "run_id": s["run_id"]}, cfg, store, s["model_uri"], s[f"val_{metric}"])
-    (search_dir / "search.json").write_text(json.dumps({"best": best, "trials": rows}, indent=2, default=str))
+        model = choice["model"]
+        best["registry"] = promote({**parent, "run_id": model["run_id"]}, cfg, store, model["model_uri"], model["val"])
+    result = {"best": best, "trials": rows, "candidates": candidates, "reruns": reruns}
+    (search_dir / "search.json").write_text(json.dumps(result, indent=2, default=str))
     report.plot_params(rows, metric, search_dir / "plots")
     if parent:
-        report.log_parent(parent, rows, best, metric, search_dir)
-    print(report.table(rows, metric, best))
+        report.log_parent(parent, rows, best, metric, search_dir, candidates)
+    print(report.table(rows, metric, best, candidates if reruns else None))
+
+
+def _best_row(rows: list[dict], choice: Optional[dict]) -> Optional[dict]:
+    """The chosen trial's row with its selection (seeds, mean, std, registered seed) attached."""
+    if choice is None:
+        return None
+    row = next(r for r in rows if r["trial_id"] == choice["trial_id"])
+    return {**row, "selection": choice}
 
 
 def _previous_registry(search_dir: Path, best: Optional[dict]) -> Optional[dict]:
@@ -179,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-concurrent", type=int, help="search.max_concurrent: trials at once")
     parser.add_argument("--search", choices=sorted(registry.SEARCHERS), help="search.algorithm")
     parser.add_argument("--scheduler", choices=sorted(registry.SCHEDULERS), help="search.scheduler")
+    parser.add_argument("--rerun-top", type=int, help="search.rerun_top: re-run this many best trials with more seeds")
+    parser.add_argument("--rerun-seeds", type=int, help="search.rerun_seeds: extra train.seed values per re-run trial")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for every trial (search.* included)")
     return parser
 

@@ -2,7 +2,8 @@
 says: a relative preset from the repo root and the default scheduler (ASHA), locally and as a Ray
 job. Trials report per epoch, ASHA stops the weak ones at a rung before the last epoch, finished
 trials run their own test evaluation and log nested MLflow runs, every run ends in the status of
-its trial, and the best finished trial is registered once and takes the alias."""
+its trial; the best trial is re-run with another seed (`--rerun-top 1 --rerun-seeds 1`) and the
+choice, by mean validation score over its seeds, is registered once and takes the alias."""
 
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ def _paths(tmp: Path) -> list[str]:
 def _readme_args(tmp: Path, space: Path) -> list[str]:
     # The README's command with the debug preset: relative --config, default --scheduler (asha).
     # Rungs every epoch before the last (grace 1) and keep the better half (factor 2): 4 trials.
+    # Robust selection: the best trial re-run with one more seed (flag and key forms both work).
     return ["--config", "configs/debug.yaml", "--space", str(space), "--num-samples", "2", "--name", "s1",
+            "--rerun-top", "1", "search.rerun_seeds=1",
             "search.grace_period=1", "search.reduction_factor=2", *_paths(tmp)]
 
 
@@ -75,7 +78,8 @@ def test_every_mlflow_run_ends_in_its_trials_status_and_the_best_is_registered(s
     tmp, _ = search
     result = json.loads((tmp / "runs" / "s1" / "search.json").read_text())
     client, parent, children = _mlflow_runs(tmp / "ml.db", "s1")
-    by_trial = {r.data.tags["itmatch.trial_id"]: r for r in children}
+    by_trial = {r.data.tags["itmatch.trial_id"]: r for r in children if "itmatch.trial_id" in r.data.tags}
+    assert len(children) == len(by_trial) + 1  # the trials and the one seed re-run
     assert sorted(by_trial) == sorted(t["trial_id"] for t in result["trials"])
     for t in result["trials"]:
         run = by_trial[t["trial_id"]]
@@ -83,11 +87,16 @@ def test_every_mlflow_run_ends_in_its_trials_status_and_the_best_is_registered(s
         assert run.info.run_name == f"s1-{t['trial_id']}-lr={t['params']['optim.lr']:.4g}"
     assert parent.info.status == "FINISHED"
     scores = {t["trial_id"]: t["summary"]["val_rsum"] for t in result["trials"] if t["summary"]}
-    assert result["best"]["trial_id"] == max(scores, key=scores.get)
-    assert parent.data.tags["itmatch.best_trial"] == result["best"]["trial_id"]
+    best = result["best"]["trial_id"]
+    assert scores[best] == max(scores.values())  # the top trial, the only one re-run, is the choice
+    assert parent.data.tags["itmatch.best_trial"] == best
     champion = client.get_model_version_by_alias("itm-tune", "champion")
-    assert float(champion.tags["val_score"]) == pytest.approx(max(scores.values()))
-    assert len(client.search_model_versions("name='itm-tune'")) == 1  # only the best trial
+    assert len(client.search_model_versions("name='itm-tune'")) == 1  # only the choice
+    # its model is its best-validation seed's
+    rerun = json.loads((tmp / "runs" / "s1" / "reruns" / f"{best}-seed1" / "summary.json").read_text())
+    assert float(champion.tags["val_score"]) == pytest.approx(max(scores[best], rerun["val_rsum"]))
+    assert champion.run_id == (rerun["run_id"] if rerun["val_rsum"] > scores[best] else
+                               by_trial[best].info.run_id)
     # the table and the plot of val score against each searched param, in the folder and the parent run
     assert (tmp / "runs" / "s1" / "plots" / "val_rsum_vs_optim.lr.png").stat().st_size > 0
     logged = {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -96,11 +105,35 @@ def test_every_mlflow_run_ends_in_its_trials_status_and_the_best_is_registered(s
     assert sorted(table["columns"]) == sorted(["trial_id", "status", "epochs", "best_val", "optim.lr"])
 
 
+def test_the_best_trial_is_rerun_with_another_seed_and_chosen_by_its_mean(search):
+    tmp, done = search
+    result = json.loads((tmp / "runs" / "s1" / "search.json").read_text())
+    best = result["best"]
+    own = best["summary"]["val_rsum"]
+    folder = tmp / "runs" / "s1" / "reruns" / f"{best['trial_id']}-seed1"
+    again = json.loads((folder / "summary.json").read_text())["val_rsum"]
+    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    assert saved["train"]["seed"] == 1 and saved["optim"]["lr"] == best["params"]["optim.lr"]  # the trial's, seed + 1
+    assert [r["trial_id"] for r in result["reruns"]] == [best["trial_id"]]  # one trial, one extra seed
+    choice = best["selection"]
+    assert [s["seed"] for s in choice["seeds"]] == [0, 1] and choice["n"] == 2
+    assert choice["val_mean"] == pytest.approx((own + again) / 2)
+    assert choice["val_std"] == pytest.approx(abs(own - again) / 2 ** 0.5)  # sample std of two values
+    assert f"{choice['val_mean']:.1f} ± {choice['val_std']:.1f} (n=2)" in done.stdout  # the printed table
+    _, parent, children = _mlflow_runs(tmp / "ml.db", "s1")
+    reruns = [r for r in children if r.data.tags.get("itmatch.rerun_of")]
+    assert len(reruns) == 1 and reruns[0].data.tags["itmatch.rerun_of"] == best["trial_id"]
+    assert reruns[0].info.status == "FINISHED" and reruns[0].data.tags["itmatch.seed"] == "1"
+    assert parent.data.metrics["best_val_rsum_mean"] == pytest.approx(choice["val_mean"])
+    assert parent.data.metrics["best_val_rsum_std"] == pytest.approx(choice["val_std"])
+
+
 def test_rerun_restores_the_finished_search_without_rerunning_or_registering(search):
     from mlflow.tracking import MlflowClient
 
     tmp, first = search
-    summaries = sorted((tmp / "runs" / "s1" / "trials").glob("*/summary.json"))
+    summaries = sorted((tmp / "runs" / "s1").glob("*/*/summary.json"))  # trials and seed re-runs
+    assert any(p.parent.parent.name == "reruns" for p in summaries)
     before = {p: p.stat().st_mtime_ns for p in summaries}
     again = run_module("tuning.search", _readme_args(tmp, tmp / "space.yaml"), ROOT, timeout=600)
     assert again.returncode == 0, again.stderr[-5000:]

@@ -132,3 +132,16 @@ def test_concurrent_trials_share_the_cpus(cpus, workers, concurrent, expected):
         assert shared * workers * concurrent <= cpus
     explicit = load_config(None, {"scaling.cpus_per_worker": 1.0, "search.max_concurrent": 2})
     assert share_cpus(explicit, cpus).scaling.cpus_per_worker == 1.0  # the user's setting wins (trials queue)
+
+
+def test_rerun_flags_override_their_keys(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: {uniform: [0.001, 0.01]}\n")
+    base = ["--space", str(space), f"run.storage_path={tmp_path}", "search.rerun_top=5", "search.rerun_seeds=4"]
+    cfg, _ = resolve(build_parser().parse_args(base))
+    assert (cfg.search.rerun_top, cfg.search.rerun_seeds) == (5, 4)
+    cfg, _ = resolve(build_parser().parse_args([*base, "--rerun-top", "2", "--rerun-seeds", "1"]))
+    assert (cfg.search.rerun_top, cfg.search.rerun_seeds) == (2, 1)
+    assert load_config(None, {}).search.rerun_top == 0  # default: no re-runs, the best single trial
+    with pytest.raises(ConfigError):
+        load_config(None, ["search.rerun_seeds=0"])

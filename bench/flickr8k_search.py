@@ -1,0 +1,109 @@
+"""The README's real-data search, timed, beside CCA and a standalone run, in one session:
+
+    .venv/bin/python bench/flickr8k_search.py [--rerun-top 2 --rerun-seeds 2] [extra key=value overrides]
+
+1. CCA (`model.name=cca`) through `trainers.train` on the same data (the baseline to beat on test);
+2. `python -m tuning.search --config configs/flickr8k_precomp.yaml --space configs/search/flickr8k.yaml
+   --num-samples 16 --search optuna --scheduler asha` (+ re-run flags), wall time of the command;
+3. the chosen trial's configuration (its own seed) alone through `trainers.train`: the per-trial
+   overhead is the trial's MLflow run (start_run -> end_run, i.e. fit + test + log_model) against the
+   standalone run's, and the standalone command's whole wall time (Ray start and shutdown included).
+Prints the trial table, the selection and the comparison as Markdown. Writes only to a temp folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from flickr8k_precomp import run as train_run  # noqa: E402  (trainers.train with tmp paths)
+
+SEARCH = ["--config", "configs/flickr8k_precomp.yaml", "--space", "configs/search/flickr8k.yaml",
+          "--num-samples", "16", "--search", "optuna", "--scheduler", "asha"]
+
+
+def tmp_paths(tmp: Path) -> list[str]:
+    return [f"run.storage_path={tmp / 'runs'}", f"data.cache_dir={tmp / 'cache'}",
+            f"tracking.tracking_uri=sqlite:///{tmp / 'mlruns.db'}", f"tracking.artifact_location={tmp / 'art'}"]
+
+
+def run_search(tmp: Path, extra: list[str]) -> tuple[dict, float, str]:
+    args = [sys.executable, "-m", "tuning.search", *SEARCH, "--name", "bench", *extra, *tmp_paths(tmp)]
+    print("$", " ".join(args[1:]), flush=True)
+    start = time.perf_counter()
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=3600)
+    elapsed = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(done.stdout[-3000:] + done.stderr[-4000:])
+    return json.loads((tmp / "runs" / "bench" / "search.json").read_text()), elapsed, done.stdout
+
+
+def run_seconds(db: Path, run_id: str) -> float:
+    """An MLflow run's duration: the job from start_run to end_run (fit, test, log_model)."""
+    from mlflow.tracking import MlflowClient
+
+    info = MlflowClient(f"sqlite:///{db}").get_run(run_id).info
+    return (info.end_time - info.start_time) / 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rerun-top", type=int, default=0)
+    parser.add_argument("--rerun-seeds", type=int, default=2)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    extra = [*(["--rerun-top", str(args.rerun_top), "--rerun-seeds", str(args.rerun_seeds)] if args.rerun_top else []),
+             *args.overrides]
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
+        cca, cca_wall = train_run("bench-cca", ["model.name=cca", "model.embed_dim=128", "model.cca_ridge=0.3"], tmp)
+        result, search_wall, stdout = run_search(tmp, extra)
+        best = result["best"]
+        choice = best["selection"]
+        alone_overrides = [f"{k}={v}" for k, v in best["params"].items()] + args.overrides
+        alone, alone_wall = train_run("bench-alone", alone_overrides, tmp)
+        trial_s = run_seconds(tmp / "mlruns.db", best["summary"]["run_id"])
+        alone_s = run_seconds(tmp / "mlruns.db", alone["run_id"])
+    report(result, stdout, search_wall, cca["test"]["rsum"], cca_wall, choice, alone, alone_wall, trial_s, alone_s)
+
+
+def report(result: dict, stdout: str, search_wall: float, cca: float, cca_wall: float, choice: dict,
+           alone: dict, alone_wall: float, trial_s: float, alone_s: float) -> None:
+    table = stdout[stdout.index("| trial |"):].strip() if "| trial |" in stdout else "(no table)"
+    trials = result["trials"]
+    counts = {s: sum(t["status"] == s for t in trials) for s in ("finished", "stopped", "failed")}
+    model = choice["model"]
+    print(f"\nsearch wall time: {search_wall:.0f} s ({search_wall / 60:.1f} min); trials {counts}; "
+          f"seed re-runs: {len(result['reruns'])}\n")
+    print(table)
+    print("\n| model (test split) | test rsum | / CCA | val rsum |\n|---|---|---|---|")
+    print(f"| CCA (model.name=cca, this session, {cca_wall:.0f} s) | {cca:.1f} | 1.000 | - |")
+    print(f"| chosen: trial {choice['trial_id']}, registered seed {model['seed']} | {model['test']:.1f} | "
+          f"{model['test'] / cca:.3f} | {model['val']:.1f} |")
+    if choice["n"] > 1:
+        tests = [s["test"] for s in choice["seeds"]]
+        spread = (max(tests) - min(tests)) / 2
+        print(f"| chosen configuration, mean of {choice['n']} seeds (test ±{spread:.1f} half-range) | "
+              f"{choice['test_mean']:.1f} | {choice['test_mean'] / cca:.3f} | "
+              f"{choice['val_mean']:.1f} ± {choice['val_std']:.1f} |")
+    own = choice["seeds"][0]  # the trial's own run, which the standalone run repeats
+    print(f"| chosen trial's own run (seed {own['seed']}) | {own['test']:.1f} | {own['test'] / cca:.3f} | {own['val']:.1f} |")
+    print(f"| the same alone (trainers.train, seed {own['seed']}) | {alone['test']['rsum']:.1f} | "
+          f"{alone['test']['rsum'] / cca:.3f} | {alone['val_rsum']:.1f} |")
+    print("\n| per-trial cost | seconds |\n|---|---|")
+    print(f"| chosen trial's job in the search (MLflow run: fit + test + log_model) | {trial_s:.0f} |")
+    print(f"| the same job alone (trainers.train's MLflow run) | {alone_s:.0f} |")
+    print(f"| the same job alone, whole command (Ray start/shutdown included) | {alone_wall:.0f} |")
+    print(f"| overhead of the trial over its job alone | {100 * (trial_s / alone_s - 1):+.0f} % |")
+
+
+if __name__ == "__main__":
+    main()
