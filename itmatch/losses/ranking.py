@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from itmatch.eval.retrieval import group_columns
+from itmatch.groups import group_columns
 from itmatch.losses.gather import LOCAL, Gather, reduction_scale
 
 # Keeps sqrt's gradient finite when two embeddings coincide (d = 0).
