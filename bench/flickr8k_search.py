@@ -81,8 +81,9 @@ def report(result: dict, stdout: str, search_wall: float, cca: float, cca_wall: 
     trials = result["trials"]
     counts = {s: sum(t["status"] == s for t in trials) for s in ("finished", "stopped", "failed")}
     model = choice["model"]
+    rerun_s = sum(r["wall_s"] or 0.0 for r in result["reruns"])
     print(f"\nsearch wall time: {search_wall:.0f} s ({search_wall / 60:.1f} min); trials {counts}; "
-          f"seed re-runs: {len(result['reruns'])}\n")
+          f"seed re-runs: {len(result['reruns'])} ({rerun_s:.0f} s of the wall time)\n")
     print(table)
     print("\n| model (test split) | test rsum | / CCA | val rsum |\n|---|---|---|---|")
     print(f"| CCA (model.name=cca, this session, {cca_wall:.0f} s) | {cca:.1f} | 1.000 | - |")
