@@ -94,7 +94,6 @@ class DDPStrategy:
             if p.grad is None:  # optimizer's state (Adam's step count) is the same under both backends
                 p.grad = torch.zeros_like(p)
         clip = self.cfg.optim.grad_clip
-        params = [p for p in model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, clip if clip is not None else float("inf"))
         if torch.isfinite(norm):
             optimizer.step()
