@@ -93,7 +93,7 @@ def fit(cfg: Config, store: FeatureStore, tracking: Optional[dict], callbacks: O
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(), "store": str(store.root.resolve()),
-                           "threads": max(1, int(cpus)), "tracking": tracking},
+                           "threads": max(1, int(cpus)), "tracking": tracking, "run_dir": str(run_dir(cfg))},
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker={"CPU": cpus}),

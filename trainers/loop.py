@@ -265,10 +265,9 @@ def _ray_report(metrics: dict[str, Any], save) -> None:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Entry point for `TorchTrainer`: config = {"cfg": Config dict, "store": folder, "threads", "tracking"}."""
+    """Entry point for `TorchTrainer`: config = {"cfg": Config dict, "store": folder, "threads", "tracking",
+    "run_dir"}."""
     import ray.train
-
-    from itmatch.state import checkpoint_candidates, pick_resume_checkpoint
 
     setup_logging()
     torch.set_num_threads(int(config.get("threads", 1)))
@@ -276,18 +275,40 @@ def train_loop_per_worker(config: dict) -> None:
     quiet_ray_reports(cfg.run.ray_log_level)
     store = open_store(config["store"])
     trainer = Trainer(cfg, store, worker_context(), config.get("tracking"))
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
+    _resume(trainer, ray.train.get_checkpoint(), Path(config["run_dir"]) if config.get("run_dir") else None)
+    trainer.fit(_ray_report)
+
+
+def _resume(trainer: Trainer, checkpoint, run_dir: Optional[Path]) -> None:
+    """Restore from Ray's latest checkpoint, or the newest intact one beside it if it is truncated or
+    corrupt. Ray Train registers a reported checkpoint asynchronously, so a worker that dies right
+    after reporting can leave a complete checkpoint on disk that Ray's snapshot does not list: with
+    no checkpoint from Ray, the run folder's own `checkpoint_*` folders are used."""
+    from itmatch.state import CheckpointError, checkpoint_candidates, pick_resume_checkpoint
+
+    if checkpoint is None:
+        found = sorted(run_dir.glob("checkpoint_*")) if run_dir is not None and run_dir.is_dir() else []
+        found = [p for p in found if p.is_dir() and (p / "state.pt").is_file()]
+        if not found:
+            return
+        try:
+            chosen, skipped = pick_resume_checkpoint(checkpoint_candidates(found[-1], run_dir))
+        except CheckpointError as exc:  # e.g. a worker killed while its first checkpoint was written
+            log.warning("rank %d: starting over: %s", trainer.ctx.rank, exc)
+            return
+        log.warning("rank %d: Ray Train listed no checkpoint, but the run folder holds %s: resuming from it",
+                    trainer.ctx.rank, chosen)
+    else:
         with checkpoint.as_directory() as folder:
-            # The latest checkpoint may be truncated or corrupt: fall back to the newest intact one
-            # beside it in the run folder (Ray keeps run.keep_checkpoints of them).
             run_folder = Path(checkpoint.path).parent
             chosen, skipped = pick_resume_checkpoint(
                 checkpoint_candidates(folder, run_folder if run_folder.is_dir() else None))
-            for bad, why in skipped:
-                log.warning("rank %d: checkpoint %s is unusable (%s); resuming from %s instead",
-                            trainer.ctx.rank, bad, why, chosen)
-            trainer.restore(chosen)
-        log.info("rank %d resumed at epoch %d, step %d, best %s", trainer.ctx.rank, trainer.state.epoch,
-                 trainer.state.step, trainer.state.best_metric)
-    trainer.fit(_ray_report)
+            if not skipped:
+                trainer.restore(Path(folder))
+    for bad, why in skipped:
+        log.warning("rank %d: checkpoint %s is unusable (%s); resuming from %s instead",
+                    trainer.ctx.rank, bad, why, chosen)
+    if checkpoint is None or skipped:
+        trainer.restore(chosen)
+    log.info("rank %d resumed at epoch %d, step %d, best %s", trainer.ctx.rank, trainer.state.epoch,
+             trainer.state.step, trainer.state.best_metric)
