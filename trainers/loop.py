@@ -148,7 +148,7 @@ class Trainer:
         """This rank's batches for the rest of the epoch; each step's augmentation is drawn from
         (seed, epoch, rank, step), so a resumed run replays it, whichever loader prepares it."""
         d, seed, rank = self.cfg.data, self.cfg.train.seed, self.ctx.rank
-        if d.loader == "ray" and self.store_root is not None:
+        if d.loader == "ray":
             from trainers.input_pipeline import ray_batches
 
             plan = [(self.sampler.state.offset - 1, captions) for captions in self.sampler]
