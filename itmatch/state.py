@@ -192,11 +192,20 @@ def _checkpoint_order(folder: Path) -> tuple:
     return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", folder.name))
 
 
-def checkpoint_candidates(latest: str | Path, run_folder: Optional[str | Path] = None) -> list[Path]:
-    """The latest checkpoint first, then the run folder's other `checkpoint_*` folders, newest first."""
+def checkpoint_candidates(latest: Optional[str | Path], run_folder: Optional[str | Path] = None) -> list[Path]:
+    """Every checkpoint a run could resume from, newest first: the run folder's `checkpoint_*` folders
+    and `latest`, the one Ray lists. Ray Train registers a reported checkpoint asynchronously, so a
+    worker that dies right after reporting leaves a complete checkpoint newer than the one Ray lists:
+    it ranks by its name like the others. A `latest` outside the run folder (a download) comes first."""
+    run = Path(run_folder) if run_folder is not None and Path(run_folder).is_dir() else None
+    found = [] if run is None else [p for p in run.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()]
+    if latest is None:
+        return sorted(found, key=_checkpoint_order, reverse=True)
     latest = Path(latest)
-    others = [] if run_folder is None else [
-        p for p in Path(run_folder).glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name != latest.name]
+    inside = run is not None and latest.parent.resolve() == run.resolve()
+    others = [p for p in found if p.name != latest.name]
+    if inside:
+        return sorted([latest, *others], key=_checkpoint_order, reverse=True)
     return [latest, *sorted(others, key=_checkpoint_order, reverse=True)]
 
 

@@ -280,35 +280,36 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def _resume(trainer: Trainer, checkpoint, run_dir: Optional[Path]) -> None:
-    """Restore from Ray's latest checkpoint, or the newest intact one beside it if it is truncated or
-    corrupt. Ray Train registers a reported checkpoint asynchronously, so a worker that dies right
-    after reporting can leave a complete checkpoint on disk that Ray's snapshot does not list: with
-    no checkpoint from Ray, the run folder's own `checkpoint_*` folders are used."""
+    """Restore from the newest intact checkpoint: the one Ray lists, or one beside it in the run folder
+    that is newer (Ray registers reports asynchronously) or intact where Ray's is truncated or corrupt."""
+    if checkpoint is None:
+        _restore_newest(trainer, None, run_dir)
+        return
+    with checkpoint.as_directory() as folder:  # a download for remote storage: restore inside it
+        run_folder = Path(checkpoint.path).parent
+        _restore_newest(trainer, Path(folder), run_folder if run_folder.is_dir() else None)
+
+
+def _restore_newest(trainer: Trainer, listed: Optional[Path], run_folder: Optional[Path]) -> None:
     from itmatch.state import CheckpointError, checkpoint_candidates, pick_resume_checkpoint
 
-    if checkpoint is None:
-        found = sorted(run_dir.glob("checkpoint_*")) if run_dir is not None and run_dir.is_dir() else []
-        found = [p for p in found if p.is_dir() and (p / "state.pt").is_file()]
-        if not found:
-            return
-        try:
-            chosen, skipped = pick_resume_checkpoint(checkpoint_candidates(found[-1], run_dir))
-        except CheckpointError as exc:  # e.g. a worker killed while its first checkpoint was written
-            log.warning("rank %d: starting over: %s", trainer.ctx.rank, exc)
-            return
-        log.warning("rank %d: Ray Train listed no checkpoint, but the run folder holds %s: resuming from it",
-                    trainer.ctx.rank, chosen)
-    else:
-        with checkpoint.as_directory() as folder:
-            run_folder = Path(checkpoint.path).parent
-            chosen, skipped = pick_resume_checkpoint(
-                checkpoint_candidates(folder, run_folder if run_folder.is_dir() else None))
-            if not skipped:
-                trainer.restore(Path(folder))
+    candidates = [p for p in checkpoint_candidates(listed, run_folder)
+                  if p == listed or (p / "state.pt").is_file()]  # a folder Ray made but never filled
+    if not candidates:
+        return
+    try:
+        chosen, skipped = pick_resume_checkpoint(candidates)
+    except CheckpointError as exc:
+        if listed is not None:
+            raise
+        log.warning("rank %d: starting over: %s", trainer.ctx.rank, exc)  # e.g. killed in its first save
+        return
     for bad, why in skipped:
         log.warning("rank %d: checkpoint %s is unusable (%s); resuming from %s instead",
                     trainer.ctx.rank, bad, why, chosen)
-    if checkpoint is None or skipped:
-        trainer.restore(chosen)
+    if chosen != listed:
+        log.warning("rank %d: resuming from %s, newer than or in place of the checkpoint Ray lists (%s)",
+                    trainer.ctx.rank, chosen, listed)
+    trainer.restore(chosen)
     log.info("rank %d resumed at epoch %d, step %d, best %s", trainer.ctx.rank, trainer.state.epoch,
              trainer.state.step, trainer.state.best_metric)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -156,6 +158,7 @@ class DeepSpeedStrategy(DDPStrategy):
             model=model, model_parameters=param_groups(model, self.cfg.optim), optimizer=make_optimizer,
             lr_scheduler=make_scheduler,
             config=self.ds_config(), dist_init_required=False)
+        engine.checkpoint_engine = _weights_only_engine(engine.checkpoint_engine)
         return engine, optimizer, scheduler
 
     def unwrap(self, model: nn.Module) -> nn.Module:
@@ -192,6 +195,50 @@ class DeepSpeedStrategy(DDPStrategy):
         path, _ = model.load_checkpoint(str(folder / DS_DIR), tag=DS_TAG)
         if path is None:
             raise FileNotFoundError(f"checkpoint {folder}: no DeepSpeed state under {DS_DIR}/{DS_TAG}")
+
+
+# The only non-tensor objects DeepSpeed's own shards pickle (ZeRO 0-3, fp32 and bf16, DeepSpeed 0.18):
+# with these allowed, its shards load with torch.load(weights_only=True) like our state.pt.
+DS_SAFE_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                   "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                   "deepspeed.runtime.zero.config.ZeroStageEnum",
+                   "deepspeed.utils.tensor_fragment.fragment_address")
+
+
+def _safe_globals() -> list:
+    import importlib
+
+    found = []
+    for dotted in DS_SAFE_GLOBALS:
+        module, _, name = dotted.rpartition(".")
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):  # another DeepSpeed version: the load names what it lacks
+            pass
+    return found
+
+
+def _weights_only_engine(engine):
+    """DeepSpeed's TorchCheckpointEngine loads shards with weights_only=False, which runs any pickled
+    code in a checkpoint. Loading goes through weights_only=True with DeepSpeed's few classes allowed;
+    a shard holding anything else is refused, naming the file and the object."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    if type(engine) is not TorchCheckpointEngine:  # a user-chosen engine (e.g. Nebula): leave it
+        return engine
+
+    def load(path: str, map_location=None):
+        try:
+            with torch.serialization.safe_globals(_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            culprit = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            raise pickle.UnpicklingError(
+                f"{path}: refused to load a DeepSpeed shard holding {culprit.group(1) if culprit else 'an object'}"
+                " (only tensors and DeepSpeed's own classes are loaded: a pickled object can run code)") from exc
+
+    engine.load = load
+    return engine
 
 
 class ClosedFormStrategy(DDPStrategy):

@@ -182,3 +182,22 @@ def test_latest_checkpoint_outside_the_run_folder_comes_first(tmp_path):
     from itmatch.state import checkpoint_candidates
 
     assert checkpoint_candidates(tmp_path / "download") == [tmp_path / "download"]
+    run = tmp_path / "run"
+    for i in (1, 2):
+        _save_small(run / f"checkpoint_{i:06d}", epoch=i)
+    assert checkpoint_candidates(tmp_path / "download", run)[0] == tmp_path / "download"
+
+
+def test_a_newer_intact_checkpoint_than_the_listed_one_wins(tmp_path):
+    """Ray registers a report asynchronously: a worker killed right after reporting epoch 2 leaves
+    Ray listing epoch 1 while checkpoint 2 is complete on disk; resuming from 2 loses nothing."""
+    from itmatch.state import checkpoint_candidates, pick_resume_checkpoint
+
+    for i in (1, 2):
+        _save_small(tmp_path / f"checkpoint_2026-11-30_16-0{i}-00.000000", epoch=i)
+    listed = tmp_path / "checkpoint_2026-11-30_16-01-00.000000"
+    candidates = checkpoint_candidates(listed, tmp_path)
+    assert [p.name[-12:-10] for p in candidates] == ["02", "01"]
+    assert load_checkpoint(pick_resume_checkpoint(candidates)[0])[0]["train_state"].epoch == 2
+    assert checkpoint_candidates(None, tmp_path) == candidates
+    assert checkpoint_candidates(None, tmp_path / "missing") == []
