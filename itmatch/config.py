@@ -58,10 +58,14 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name: Literal["embedding", "similarity", "cca"] = "embedding"
+    name: Literal["embedding", "similarity", "cca", "twoway"] = "embedding"
     """embedding: the two-branch network (trained); similarity: the same branches + an MLP on their
     element-wise product scoring each pair (001 §3.3, loss.name=logistic); cca: regularised CCA
-    (fitted in closed form, embed_dim canonical dimensions; loss/optim keys do not apply)."""
+    (fitted in closed form, embed_dim canonical dimensions; loss/optim keys do not apply);
+    twoway: 2-Way Net (002), two channels image→text and text→image with tied weights, hidden
+    widths (hidden_dim, embed_dim, hidden_dim), the embed_dim middle layer as the embedding,
+    dropout = tied dropout rate (model.branch does not apply); trains with loss.name=twoway,
+    picked automatically when loss.name is not given."""
     branch: Literal["nonlinear", "linear"] = "nonlinear"
     hidden_dim: int = Field(2048, ge=1)
     embed_dim: int = Field(512, ge=1)
@@ -127,9 +131,11 @@ class ModelConfig(_Section):
 
 
 class LossConfig(_Section):
-    name: Literal["ranking", "infonce", "logistic"] = "ranking"
+    name: Literal["ranking", "infonce", "logistic", "twoway"] = "ranking"
     """ranking: 001 Eq. 6 (lambda1..4, margin, top_k, metric); infonce: CLIP-style baseline (temperature);
-    logistic: 001 Eq. 7 on one negative pair per positive pair (model.name=similarity only)."""
+    logistic: 001 Eq. 7 on one negative pair per positive pair (model.name=similarity only);
+    twoway: 2-Way Net's Euclidean losses (002; the twoway_* weights; model.name=twoway only, and
+    the default there)."""
     mining: Literal["global", "local"] = "global"
     """global: negatives from every worker's rows (the paper's batch); local: this worker's only."""
     lambda1: float = Field(1.0, ge=0.0)
@@ -156,6 +162,30 @@ class LossConfig(_Section):
     center_weight: float = Field(0.0, ge=0.0)
     """Weight of the center loss (003: ½||x − c_y||², one learned center per training image shared
     by both modalities), added to each side; 0 = off."""
+
+    twoway_recon_img: float = Field(1.0, ge=0.0)
+    """loss.name=twoway: weight of the text→image channel's reconstruction ||x − x̂||² (the authors' code: 1)."""
+    twoway_recon_txt: float = Field(1.0, ge=0.0)
+    """loss.name=twoway: weight of the image→text channel's reconstruction ||y − ŷ||² (the authors' code: 1)."""
+    twoway_hidden: float = Field(0.25, ge=0.0)
+    """loss.name=twoway: weight of ||h_k − g_k||² between the mirrored embedding layers of the two
+    channels (the authors' code: 0.25)."""
+    twoway_all_hidden: bool = False
+    """loss.name=twoway: apply twoway_hidden to every mirrored hidden pair, not only the embedding
+    layer's (the authors' code: the embedding layer only)."""
+    twoway_decorr: float = Field(0.5, ge=0.0)
+    """loss.name=twoway: weight of the decorrelation regulariser ||C||_F − ||diag C||_2 of each
+    channel's embedding layer over the batch (the authors' code: 0.5 per channel)."""
+    twoway_gamma: float = Field(0.05, ge=0.0)
+    """loss.name=twoway: weight of Σ 1/γ² over the batch-norm scales, which keeps the Euclidean loss
+    from being met by shrinking the representation (002's BN modification; the authors' code: 0.05)."""
+
+    @model_validator(mode="after")
+    def _check_twoway(self) -> "LossConfig":
+        if self.name == "twoway" and self.twoway_recon_img + self.twoway_recon_txt + self.twoway_hidden <= 0:
+            raise ValueError("loss.name='twoway' needs loss.twoway_recon_img, loss.twoway_recon_txt or "
+                             "loss.twoway_hidden > 0: the regularisers alone train no embedding")
+        return self
 
     @property
     def lambdas(self) -> tuple[float, float, float, float]:
@@ -304,7 +334,26 @@ class Config(_Section):
         if (self.model.name == "similarity") != (self.loss.name == "logistic"):
             raise ValueError(f"model.name={self.model.name!r} with loss.name={self.loss.name!r}: the similarity "
                              "network scores pairs and trains with the logistic loss, the others embed and do not")
+        if (self.model.name == "twoway") != (self.loss.name == "twoway"):
+            raise ValueError(f"model.name={self.model.name!r} with loss.name={self.loss.name!r}: 2-Way Net trains "
+                             "with its own losses (reconstructions, mirrored layers), which need its two channels")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _twoway_loss_by_default(cls, data: Any) -> Any:
+        """model.name=twoway without a loss.name trains with loss.name=twoway."""
+        if not isinstance(data, dict):
+            return data
+        model, loss = data.get("model"), data.get("loss")
+        name = model.get("name") if isinstance(model, dict) else getattr(model, "name", None)
+        if name != "twoway":
+            return data
+        if loss is None or (isinstance(loss, dict) and "name" not in loss):
+            return {**data, "loss": {**(loss or {}), "name": "twoway"}}
+        if isinstance(loss, LossConfig) and "name" not in loss.model_fields_set:
+            return {**data, "loss": {**loss.model_dump(exclude_unset=True), "name": "twoway"}}
+        return data
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> values, the form MLflow params and Tune search spaces use."""

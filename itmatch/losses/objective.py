@@ -5,8 +5,9 @@ named outputs and the batch. The train step calls `objective.prepare(batch)`, th
 
     total = w_main(epoch) · main + instance_weight · (visual + textual) + center_weight · (center_img + center_txt)
 
-`main` is `loss.name` (ranking: 001 Eq. 6; infonce; logistic: 001 Eq. 7); w_main is 0 during 004's
-Stage I (`loss.instance_stage1_epochs`) and 1 after. The heads' terms are on when their weight is > 0.
+`main` is `loss.name` (ranking: 001 Eq. 6; infonce; logistic: 001 Eq. 7; twoway: 002's Euclidean
+losses, twoway.py); w_main is 0 during 004's Stage I (`loss.instance_stage1_epochs`) and 1 after.
+The heads' terms are on when their weight is > 0.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from itmatch.losses.infonce import infonce_loss
 from itmatch.losses.instance import instance_loss
 from itmatch.losses.logistic import logistic_loss, sample_pairs
 from itmatch.losses.ranking import ranking_loss
+from itmatch.losses.twoway import twoway_term
 
 Outputs = dict[str, Tensor]
 Term = Callable[[Outputs, Batch, Gather], dict[str, Tensor]]
@@ -65,8 +67,9 @@ def _center(cfg: LossConfig) -> Term:
 # name -> builder binding the term's hyper-parameters from the config. The first three are
 # `loss.name` choices (the main term); the heads' terms are added by weight.
 TERMS: dict[str, Callable[[LossConfig], Term]] = {
-    "ranking": _ranking, "infonce": _infonce, "logistic": _logistic, "instance": _instance, "center": _center}
-MAIN = ("ranking", "infonce", "logistic")
+    "ranking": _ranking, "infonce": _infonce, "logistic": _logistic, "instance": _instance, "center": _center,
+    "twoway": twoway_term}
+MAIN = ("ranking", "infonce", "logistic", "twoway")
 PAIRWISE = ("logistic",)
 """Main terms that score sampled (image, text) pairs: the batch carries the pairs into forward."""
 

@@ -10,6 +10,7 @@ from itmatch.config import ModelConfig
 from itmatch.models.cca import CCAModel
 from itmatch.models.similarity import SimilarityNet
 from itmatch.models.two_branch import Branch, EmbeddingNet, build_embedding
+from itmatch.models.twoway import TwoWayNet, build_twoway
 
 # name -> (image_dim, text_dim, cfg, n_classes, heads) -> model; n_classes > 0 adds the training
 # heads named in `heads` ("instance", "center"), which only the embedding network has
@@ -17,6 +18,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "embedding": build_embedding,
     "similarity": lambda image_dim, text_dim, cfg, n_classes=0, heads=(): SimilarityNet(image_dim, text_dim, cfg),
     "cca": lambda image_dim, text_dim, cfg, n_classes=0, heads=(): CCAModel(image_dim, text_dim, cfg.embed_dim),
+    "twoway": build_twoway,
 }
 
 
@@ -40,4 +42,4 @@ def heads_in(state: dict) -> tuple[int, tuple[str, ...]]:
 
 
 __all__ = ["MODELS", "build_model", "is_closed_form", "heads_in", "Branch", "EmbeddingNet",
-           "CCAModel", "SimilarityNet"]
+           "CCAModel", "SimilarityNet", "TwoWayNet"]
