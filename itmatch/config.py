@@ -301,6 +301,20 @@ class SearchConfig(_Section):
     """Extra seeds per re-run trial: train.seed + 1 .. train.seed + rerun_seeds."""
 
 
+class EvalConfig(_Section):
+    """What a finished run draws from its test split (itmatch/eval/pictures.py), seeded by train.seed."""
+    pictures: bool = True
+    """Write pictures/embedding_map.png (t-SNE map of image and caption embeddings) and
+    pictures/queries.html (example queries, thumbnails inline) into the run folder and MLflow;
+    a failure to draw them only warns."""
+    picture_queries: int = Field(12, ge=1)
+    """Caption queries, and as many image queries, on queries.html."""
+    picture_top_k: int = Field(5, ge=1)
+    """Results shown per query."""
+    picture_map_images: int = Field(200, ge=1)
+    """Images on the map (a seeded sample), each with all its captions."""
+
+
 class Config(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -311,6 +325,7 @@ class Config(_Section):
     run: RunConfig = RunConfig()
     tracking: TrackingConfig = TrackingConfig()
     search: SearchConfig = SearchConfig()
+    eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "Config":

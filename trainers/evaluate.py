@@ -37,6 +37,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--json", help="write the metrics here")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlruns.db"))
     p.add_argument("--cache-dir", help="feature cache (default: the model config's data.cache_dir)")
+    p.add_argument("--pictures", metavar="DIR", help="also write embedding_map.png and queries.html here")
     return p.parse_args(argv)
 
 
@@ -60,6 +61,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     metrics = evaluate_split(model, store.split(args.split), chunk=cfg.train.eval_chunk, protocol=args.protocol)
     print(format_metrics(metrics))
+    if args.pictures:
+        from itmatch.eval.pictures import model_pictures
+
+        written = model_pictures(model, store, args.split, Path(args.pictures), n_queries=cfg.eval.picture_queries,
+                                 k=cfg.eval.picture_top_k, max_images=cfg.eval.picture_map_images,
+                                 seed=cfg.train.seed, title=f"{args.model}: example queries on {args.split}")
+        print(f"pictures: {', '.join(str(p) for p in written.values()) or 'none (see warnings)'}", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2))
     else:

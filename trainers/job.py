@@ -114,6 +114,7 @@ def finalize(cfg: Config, store: FeatureStore, result, tracking: Optional[dict])
     best = best_checkpoint_folder(result, run_dir(cfg) / "best_model")
     plots = run_dir(cfg) / "plots"
     test = evaluate_folder(best, store.split(cfg.data.test_split), cfg, plots_dir=plots)
+    pictures = _pictures(cfg, store, best)
     val_score = test.pop("_val_score")
     summary: dict[str, Any] = {"best_checkpoint": str(best), "best_epoch": test.pop("_best_epoch"),
                                f"val_{cfg.train.metric}": val_score, "test": test}
@@ -127,6 +128,8 @@ def finalize(cfg: Config, store: FeatureStore, result, tracking: Optional[dict])
         flush_pending(tracking)  # epochs the workers could not send while MLflow was away
         tr.epoch_logger(tracking)(client_metrics, summary["best_epoch"])
         tr.log_folder(tracking, plots, "plots")
+        if pictures:
+            tr.log_folder(tracking, run_dir(cfg) / "pictures", "pictures")
         info = tr.log_model(tracking, best, store)
         summary["model_uri"] = info.model_uri
         summary["run_id"] = tracking["run_id"]
@@ -162,3 +165,21 @@ def _fmt(metrics: dict[str, float]) -> str:
     from itmatch.eval.retrieval import format_metrics
 
     return format_metrics(metrics)
+
+
+def _pictures(cfg: Config, store: FeatureStore, best: Path) -> dict[str, Path]:
+    """eval.pictures: the test split's embedding map and example queries in run_dir/pictures (the
+    model embeds the split once more); a failure to draw warns, never fails the run."""
+    if not cfg.eval.pictures:
+        return {}
+    try:
+        from itmatch.eval.pictures import model_pictures
+        from itmatch.state import load_model
+
+        return model_pictures(load_model(best)[0], store, cfg.data.test_split, run_dir(cfg) / "pictures",
+                              n_queries=cfg.eval.picture_queries, k=cfg.eval.picture_top_k,
+                              max_images=cfg.eval.picture_map_images, seed=cfg.train.seed,
+                              title=f"{cfg.run.name}: example queries on {cfg.data.test_split}")
+    except Exception as exc:  # noqa: BLE001 - a picture is never worth a failed run
+        log.warning("pictures not drawn: %s: %s", type(exc).__name__, exc)
+        return {}
