@@ -256,6 +256,10 @@ class RunConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1)
     ray_address: Optional[str] = None
     """None: attach to RAY_ADDRESS if set (ray job submit), else start Ray in-process."""
+    start_from: Optional[str] = None
+    """A checkpoint folder (state.pt + config.yaml) a new run continues from: its weights, optimizer
+    moments, sampler, epoch, history and schedule position, with this config's optim.lr and
+    weight decay (a fork; PBT's exploit uses it). Ignored once the run has checkpoints of its own."""
     ray_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
     """Console level of Ray Train's own logs (every report and checkpoint at INFO); the project's
     per-epoch lines are always shown, and Ray's session log files keep everything."""

@@ -68,3 +68,17 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_pe
     frozen_steps = towers_frozen_epochs * steps_per_epoch
     frozen = lambda step: 0.0 if step < frozen_steps else factor(step)  # noqa: E731
     return LambdaLR(optimizer, [frozen if g.get("name") == TOWERS_GROUP else factor for g in optimizer.param_groups])
+
+
+def retarget(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, cfg: OptimConfig) -> None:
+    """After loading a checkpoint trained with other hyperparameters (PBT's exploit, `run.start_from`):
+    this config's learning rate (per group, as `param_groups` sets it) and weight decay, keeping the
+    optimizer's moments and the schedule's position. Loading an optimizer's state restores the old
+    values, which would silently undo the new config's."""
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        lr = cfg.lr * (cfg.tower_lr_factor if group.get("name") == TOWERS_GROUP else 1.0)
+        group["initial_lr"] = lr
+        group["weight_decay"] = cfg.weight_decay
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]

@@ -37,6 +37,8 @@ def absolute_paths(cfg: Config) -> Config:
     tree["tracking"]["tracking_uri"] = resolve_uri(cfg.tracking.tracking_uri)
     if "://" not in cfg.tracking.artifact_location:
         tree["tracking"]["artifact_location"] = str(Path(cfg.tracking.artifact_location).resolve())
+    if cfg.run.start_from:
+        tree["run"]["start_from"] = str(Path(cfg.run.start_from).resolve())
     return validate(tree)
 
 

@@ -88,6 +88,15 @@ class Trainer:
         if (folder / BEST_DIR).is_dir():
             self.best_weights = load_checkpoint(folder / BEST_DIR)[0]["model"]
 
+    def start_from(self, folder: Path) -> None:
+        """A new run continuing another's checkpoint (`run.start_from`; PBT's exploit): its weights,
+        optimizer moments, sampler, epoch, history and schedule position, with this config's
+        learning rates and weight decay (a checkpoint's optimizer state would restore its own)."""
+        from itmatch.optim import retarget
+
+        self.restore(folder)
+        retarget(self.optimizer, self.scheduler, self.cfg.optim)
+
     def save(self, folder: Path) -> None:
         """Called, from `report`, on every rank that saves (rank 0; every rank under DeepSpeed,
         where writing the shards is collective). The weights are the epoch's consolidated copy."""
@@ -283,27 +292,31 @@ def _resume(trainer: Trainer, checkpoint, run_dir: Optional[Path]) -> None:
     """Restore from the newest intact checkpoint: the one Ray lists, or one beside it in the run folder
     that is newer (Ray registers reports asynchronously) or intact where Ray's is truncated or corrupt."""
     if checkpoint is None:
-        _restore_newest(trainer, None, run_dir)
+        if not _restore_newest(trainer, None, run_dir) and trainer.cfg.run.start_from:
+            trainer.start_from(Path(trainer.cfg.run.start_from))
+            log.info("rank %d started from %s at epoch %d with optim.lr=%g", trainer.ctx.rank,
+                     trainer.cfg.run.start_from, trainer.state.epoch, trainer.cfg.optim.lr)
         return
     with checkpoint.as_directory() as folder:  # a download for remote storage: restore inside it
         run_folder = Path(checkpoint.path).parent
         _restore_newest(trainer, Path(folder), run_folder if run_folder.is_dir() else None)
 
 
-def _restore_newest(trainer: Trainer, listed: Optional[Path], run_folder: Optional[Path]) -> None:
+def _restore_newest(trainer: Trainer, listed: Optional[Path], run_folder: Optional[Path]) -> bool:
+    """True if a checkpoint was restored."""
     from itmatch.state import CheckpointError, checkpoint_candidates, pick_resume_checkpoint
 
     candidates = [p for p in checkpoint_candidates(listed, run_folder)
                   if p == listed or (p / "state.pt").is_file()]  # a folder Ray made but never filled
     if not candidates:
-        return
+        return False
     try:
         chosen, skipped = pick_resume_checkpoint(candidates)
     except CheckpointError as exc:
         if listed is not None:
             raise
         log.warning("rank %d: starting over: %s", trainer.ctx.rank, exc)  # e.g. killed in its first save
-        return
+        return False
     for bad, why in skipped:
         log.warning("rank %d: checkpoint %s is unusable (%s); resuming from %s instead",
                     trainer.ctx.rank, bad, why, chosen)
@@ -313,3 +326,4 @@ def _restore_newest(trainer: Trainer, listed: Optional[Path], run_folder: Option
     trainer.restore(chosen)
     log.info("rank %d resumed at epoch %d, step %d, best %s", trainer.ctx.rank, trainer.state.epoch,
              trainer.state.step, trainer.state.best_metric)
+    return True

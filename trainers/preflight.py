@@ -34,6 +34,7 @@ from itmatch.state import CONFIG_FILE
 RESUMABLE_KEYS = frozenset({
     "run.name", "run.storage_path",  # they found this run folder (relative or absolute alike)
     "run.max_failures", "run.ray_address", "run.ray_log_level", "run.keep_checkpoints", "run.resume",
+    "run.start_from",  # read only by a run without checkpoints of its own
     "scaling.cpus_per_worker", "scaling.check_resources", "train.log_every", "train.eval_chunk",
     "data.cache_dir", "data.featurize", "data.featurize_actors",
 })
@@ -44,6 +45,7 @@ TRACKING_TIMEOUT_S = 5.0
 def check(cfg: Config, store: FeatureStore) -> None:
     """Raise ConfigError/DataError (one line) if this run cannot start or must not resume."""
     check_resume_config(cfg)
+    check_start_from(cfg)
     check_batch(cfg, store)
     check_tracking(cfg)
     check_cluster(cfg)  # last: it attaches to or starts Ray
@@ -83,6 +85,13 @@ def check_resume_config(cfg: Config) -> None:
 
 
 # ---------------------------------------------------------------------------- data vs config
+
+
+def check_start_from(cfg: Config) -> None:
+    """run.start_from names a checkpoint folder (its files' integrity is checked when it is loaded)."""
+    folder = cfg.run.start_from
+    if folder and not (Path(folder) / "state.pt").is_file():
+        raise ConfigError(f"run.start_from = {folder!r}: not a checkpoint folder (no state.pt there)")
 
 
 def check_batch(cfg: Config, store: FeatureStore) -> None:

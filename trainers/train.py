@@ -12,6 +12,10 @@ import os
 
 # Before torch loads: libgomp's spin-waiting makes CPU workers that share cores 7-9x slower.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Ray Train's controller takes one worker report per poll (default every 2 s): no epoch could be
+# shorter than the poll. The in-process cluster this driver starts passes its environment to every
+# Ray process, the controller included (on an existing cluster, set it where `ray start` runs).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -111,6 +115,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 0
         if not cfg.run.resume and run_dir(cfg).exists():
             raise ConfigError(f"run.resume=false but {run_dir(cfg)} exists: pick a new run.name or resume it")
+        if cfg.run.start_from:  # the workers' working directory is not this one
+            cfg = load_config(None, {**cfg.flat(), "run.start_from": str(Path(cfg.run.start_from).resolve())})
         store = prepare_store(cfg)
         preflight.check(cfg, store)
     except (ConfigError, DataError) as exc:

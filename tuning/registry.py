@@ -45,6 +45,11 @@ def _pbt(cfg: Config, space: dict[str, dict]):
                                    hyperparam_mutations={"params": to_tune(space, grid=False)})
 
 
+def needs_checkpoints(cfg: Config) -> bool:
+    """PBT clones trials by the checkpoints they report to Tune; the others need none there."""
+    return cfg.search.scheduler == "pbt"
+
+
 def _fifo(cfg: Config, space: dict[str, dict]) -> None:
     return None  # Tune's default: every trial runs to the end
 

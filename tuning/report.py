@@ -21,13 +21,19 @@ def trial_row(result, trials_dir: Path) -> dict[str, Any]:
     """One row of the table from Tune's Result and the summary the trial wrote (if it got that far)."""
     metrics = result.metrics or {}
     trial_id = metrics.get("trial_id") or Path(result.path).name
-    path = trials_dir / trial_id / SUMMARY_FILE
+    path = trial_folder(trials_dir, trial_id) / SUMMARY_FILE
     summary = json.loads(path.read_text()) if path.is_file() else None
     status = "failed" if result.error else "finished" if summary else "stopped"
     return {"trial_id": trial_id, "params": result.config["params"], "status": status,
             "epochs": metrics.get("epoch"), "best_val": metrics.get("best_metric"),
             "wall_s": metrics.get("time_total_s"),
             "error": str(result.error)[:300] if result.error else None, "summary": summary}
+
+
+def trial_folder(trials_dir: Path, trial_id: str) -> Path:
+    """The trial's run folder: its last PBT generation `<trial>-g<n>` if it has one."""
+    generations = [p for p in trials_dir.glob(f"{trial_id}-g*") if p.name.rsplit("-g", 1)[1].isdigit()]
+    return max(generations, key=lambda p: int(p.name.rsplit("-g", 1)[1])) if generations else trials_dir / trial_id
 
 
 def run_name(search: str, trial_id: str, params: dict[str, Any]) -> str:

@@ -41,6 +41,7 @@ from itmatch.config import Config, ConfigError, load_config  # noqa: E402
 from itmatch.data.sources import DataError  # noqa: E402
 from itmatch.data.raw import open_store  # noqa: E402
 from itmatch.data.store import FeatureStore  # noqa: E402
+from trainers import preflight  # noqa: E402
 from trainers.logs import setup_logging  # noqa: E402
 from tuning import registry, report, rerun, select  # noqa: E402
 from tuning.space import load_space  # noqa: E402
@@ -53,9 +54,10 @@ FLAGS = {"space": "space", "name": "name", "num_samples": "num_samples", "max_co
 
 def trial_config(setup: dict, params: dict[str, Any], trial_id: str) -> Config:
     """The trial's config: the driver's resolved tree (absolute paths; no preset is re-read, as the
-    trial runs in its own folder), its sampled params, its own run and no registration (the search
-    registers its best trial once)."""
-    return load_config(None, {**setup["base"], **params, "run.name": trial_id,
+    trial runs in its own folder), its sampled params, its own run, no registration (the search
+    registers its best trial once) and no pictures (`trainers.evaluate --pictures` draws the chosen
+    model's)."""
+    return load_config(None, {**setup["base"], **params, "run.name": trial_id, "eval.pictures": False,
                               "run.storage_path": setup["trials_dir"], "tracking.registered_model": None})
 
 
@@ -69,12 +71,45 @@ def run_trial(config: dict, setup: dict) -> None:
     setup_logging()
     params, trial_id = config["params"], tune.get_context().get_trial_id()
     cfg = trial_config(setup, params, trial_id)
+    exploited = tune.get_checkpoint()
+    if exploited is not None:  # PBT: go on from a better trial's checkpoint with these params
+        cfg = _next_generation(cfg, setup, trial_id, exploited.path)
     if _report_finished(cfg):
         return
+    callbacks = [TuneReportCallback()]
+    if setup.get("checkpoints_to_tune"):
+        _forward_checkpoints()
     tags = {"mlflow.parentRunId": setup["parent_run_id"], "itmatch.search": setup["name"],
             report.TRIAL_TAG: trial_id} if setup["parent_run_id"] else None
-    run_job(cfg, open_store(setup["store"]), tags=tags, callbacks=[TuneReportCallback()],
-            run_name=report.run_name(setup["name"], trial_id, params))
+    run_job(cfg, open_store(setup["store"]), tags=tags, callbacks=callbacks,
+            run_name=report.run_name(setup["name"], cfg.run.name, params))
+
+
+def _next_generation(cfg: Config, setup: dict, trial_id: str, checkpoint: str) -> Config:
+    """A PBT trial that exploits another's checkpoint runs as a new generation of itself: its own run
+    folder `<trial>-g<n>` that starts from that checkpoint (`run.start_from`: the weights, moments,
+    epoch and schedule position, with this trial's mutated params)."""
+    n = len(list(Path(setup["trials_dir"]).glob(f"{trial_id}-g*"))) + 1
+    log.info("trial %s (generation %d) continues from %s with %s", trial_id, n, checkpoint, cfg.optim.lr)
+    return load_config(None, {**cfg.flat(), "run.name": f"{trial_id}-g{n}", "run.start_from": checkpoint})
+
+
+def _forward_checkpoints() -> None:
+    """Hand every checkpoint Ray Train reports to Tune as well (PBT clones trials by their Tune
+    checkpoints). Ray's TuneReportCallback passes only the checkpoint's path, as a metric, which the
+    trial's Tune session reports as a plain result; this turns it back into a checkpoint there."""
+    from ray.train import Checkpoint
+    from ray.train._internal.session import get_session
+    from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+
+    session = get_session()
+    plain = session.report
+
+    def report(metrics: dict, checkpoint=None) -> None:
+        path = metrics.pop(CHECKPOINT_PATH_KEY, None)
+        plain(metrics, checkpoint=checkpoint or (Checkpoint(path) if path else None))
+
+    session.report = report
 
 
 def _report_finished(cfg: Config) -> bool:
@@ -110,18 +145,21 @@ def run_search(cfg: Config, space: dict[str, dict], store: FeatureStore, search_
 
     from trainers.train import init_ray
 
+    init_ray(cfg)
+    import ray
+
+    cfg = share_cpus(cfg, ray.cluster_resources().get("CPU", 1))
+    preflight.check_cluster(hardest_trial(cfg, space))  # else Tune waits forever for a trial's workers
+    search_dir.mkdir(parents=True, exist_ok=True)
     parent = None
     if cfg.tracking.enabled:
         from trainers.tracking import start_run
 
         parent = start_run(cfg, str(search_dir), store, tags={"itmatch.search": cfg.search.name})
-    init_ray(cfg)
-    import ray
-
-    cfg = share_cpus(cfg, ray.cluster_resources().get("CPU", 1))
     setup = {"base": cfg.flat(), "store": str(store.root.resolve()), "trials_dir": str(search_dir / "trials"),
              "reruns_dir": str(rerun.folder(search_dir)), "name": cfg.search.name,
-             "parent_run_id": parent["run_id"] if parent else None}
+             "parent_run_id": parent["run_id"] if parent else None,
+             "checkpoints_to_tune": registry.needs_checkpoints(cfg)}
     # The trial only drives its Ray Train workers: it must not hold a CPU they need, and Tune refuses
     # an empty request, so it asks for one byte of memory.
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": 0, "memory": 1})
@@ -132,7 +170,8 @@ def run_search(cfg: Config, space: dict[str, dict], store: FeatureStore, search_
     else:
         tuner = tune.Tuner(trainable, param_space={"params": registry.params_space(cfg, space)},
                            tune_config=_tune_config(cfg, space),
-                           run_config=tune.RunConfig(name="tune", storage_path=str(search_dir), verbose=1))
+                           run_config=tune.RunConfig(name="tune", storage_path=str(search_dir), verbose=1,
+                                                     checkpoint_config=tune.CheckpointConfig(num_to_keep=4)))
     rows = [report.trial_row(r, search_dir / "trials") for r in tuner.fit()]
     reruns = _rerun_top(cfg, rows, setup)
     _finish(cfg, store, rows, reruns, setup, parent, search_dir)
@@ -242,13 +281,28 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg, space = resolve(args)
         registry.searcher(cfg, space)  # a searcher that refuses the space fails here, before Ray starts
         store = prepare_store(cfg)
+        preflight.check_batch(hardest_trial(cfg, space), store)
+        preflight.check_tracking(cfg)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     search_dir = Path(cfg.run.storage_path) / cfg.search.name
-    search_dir.mkdir(parents=True, exist_ok=True)
-    rows = run_search(cfg, space, store, search_dir)
+    try:
+        rows = run_search(cfg, space, store, search_dir)
+    except ConfigError as exc:  # the cluster cannot place a trial's workers
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0 if any(r["summary"] for r in rows) else 1
+
+
+def hardest_trial(cfg: Config, space: dict[str, dict]) -> Config:
+    """The base config with the largest batch and the most workers the space can sample: what the
+    training driver's preflight checks, made once for every trial before Ray starts."""
+    worst = {}
+    for key in ("data.batch_size", "scaling.num_workers"):
+        for kind, values in space.get(key, {}).items():
+            worst[key] = values[1] - 1 if kind == "randint" else max(values)  # randint's high is exclusive
+    return load_config(None, {**cfg.flat(), **worst}) if worst else cfg
 
 
 if __name__ == "__main__":

@@ -145,11 +145,18 @@ def test_rerun_restores_the_finished_search_without_rerunning_or_registering(sea
     assert len(client.search_model_versions("name='itm-tune'")) == 1
 
 
-def test_bad_space_fails_before_ray(tmp_path):
+@pytest.mark.parametrize("text, needles", [
+    ("loss.margn: {uniform: [0.1, 0.2]}", ["loss.margn", "space.yaml"]),
+    # the debug preset's synthetic data has 480 training captions: a trial with 4096 could never run
+    ("data.batch_size: {choice: [32, 4096]}", ["data.batch_size=4096", "training captions"]),
+])
+def test_bad_space_fails_before_ray(tmp_path, text, needles):
     space = tmp_path / "space.yaml"
-    space.write_text("loss.margn: {uniform: [0.1, 0.2]}\n")
+    space.write_text(text + "\n")
     done = run_module("tuning.search", _readme_args(tmp_path, space), ROOT, timeout=120)
-    assert done.returncode == 2 and "loss.margn" in done.stderr and str(space) in done.stderr
+    assert done.returncode == 2 and all(n in done.stderr for n in needles), done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr and "Started a local Ray" not in done.stderr
     assert not (tmp_path / "runs").exists()
 
 
@@ -198,7 +205,7 @@ def test_killed_optuna_search_restores_without_rerunning_finished_trials(tmp_pat
 
     space = tmp_path / "space.yaml"
     space.write_text("optim.lr: {loguniform: [1.0e-3, 5.0e-3]}\n")
-    args = ["--config", "configs/debug.yaml", "--space", str(space), "--num-samples", "3", "--name", "sk",
+    args = ["--config", "configs/debug.yaml", "--space", str(space), "--num-samples", "2", "--name", "sk",
             "--search", "optuna", "--scheduler", "fifo", "search.seed=0", *_paths(tmp_path)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"}
     env.pop("RAY_ADDRESS", None)
@@ -219,9 +226,41 @@ def test_killed_optuna_search_restores_without_rerunning_finished_trials(tmp_pat
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-4000:]
     assert "resuming the search" in again.stdout + again.stderr
     result = json.loads((tmp_path / "runs" / "sk" / "search.json").read_text())
-    assert len(result["trials"]) == 3 and all(t["status"] == "finished" for t in result["trials"])
+    assert len(result["trials"]) == 2 and all(t["status"] == "finished" for t in result["trials"])
     after = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/summary.json")}
     assert {k: after[k] for k in done_before} == done_before  # finished before the kill: not run again
     _, parent, children = _mlflow_runs(tmp_path / "ml.db", "sk")
-    assert parent.info.status == "FINISHED" and len(children) == 3  # a resumed trial reopens its run
+    assert parent.info.status == "FINISHED" and len(children) == 2  # a resumed trial reopens its run
     assert all(r.info.status == "FINISHED" for r in children)
+
+
+def test_pbt_exploits_the_better_trials_checkpoint_with_its_own_params(tmp_path):
+    """--scheduler pbt: the trial with a learning rate that cannot learn is cloned from the good one's
+    checkpoint (a new generation of its run folder, `run.start_from`) and goes on from that epoch
+    with a mutated learning rate, not from scratch and not with the donor's."""
+    space = tmp_path / "space.yaml"
+    space.write_text(f"optim.lr: {{grid: [{GOOD_LR}, {BAD_LR}]}}\n")
+    args = ["--config", "configs/debug.yaml", "--space", str(space), "--num-samples", "1", "--name", "sp",
+            "--scheduler", "pbt", "--max-concurrent", "2", "search.perturbation_interval=1", "train.epochs=4",
+            "search.seed=0", *_paths(tmp_path), "tracking.registered_model="]
+    done = run_module("tuning.search", args, ROOT, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
+    search = tmp_path / "runs" / "sp"
+    # Tune's record of each exploit: [tag, donor's tag, iteration, donor's iteration, donor's config, new config]
+    exploits = [json.loads(line) for line in (search / "tune" / "pbt_global.txt").read_text().splitlines()]
+    assert exploits and all(e[0] != e[1] for e in exploits)
+    generations = {}  # (run folder, its start_from, its lr) for every restarted trial
+    for folder in (search / "trials").glob("*-g*"):
+        saved = yaml.safe_load((folder / "config.yaml").read_text())
+        generations[folder] = (Path(saved["run"]["start_from"]), saved["optim"]["lr"])
+    _, donor_tag, _, _, _, new_config = exploits[0]
+    cloned = [f for f, (start, lr) in generations.items()
+              if f"_{donor_tag}_" in start.parent.name and lr == pytest.approx(new_config["params"]["optim.lr"])]
+    assert cloned, (exploits, generations)  # a run started from the donor's checkpoint with the new params
+    for folder in cloned:
+        assert generations[folder][0].parent.parent == search / "tune"
+        epochs = [json.loads(line)["epoch"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        # went on from the donor's epoch (until the end, or until PBT paused or cloned it again)
+        assert epochs[0] > 1 and epochs == list(range(epochs[0], epochs[0] + len(epochs)))
+    result = json.loads((tmp_path / "runs" / "sp" / "search.json").read_text())
+    assert len(result["trials"]) == 2 and all(t["summary"] and t["epochs"] == 4 for t in result["trials"])
