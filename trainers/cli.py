@@ -9,6 +9,7 @@ COMMANDS = {
     "train": "trainers.train",
     "eval": "trainers.evaluate",
     "submit": "cluster.submit",
+    "jobs": "cluster.jobs",
 }
 
 

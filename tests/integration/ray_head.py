@@ -3,7 +3,8 @@
 Every port is explicit and free (two clusters on one machine collide on the default agent ports:
 "No available agent to submit job"), the session lives in its own temp dir, `python` on the
 cluster's PATH is the venv's (a job's entrypoint runs whatever `python` Ray was started with), and
-job submission needs no token (RAY_AUTH_MODE=disabled: the dashboard binds 127.0.0.1 only).
+job submission needs no token (RAY_AUTH_MODE=disabled: the dashboard binds 127.0.0.1 only) unless
+`auth_token` is given: then the cluster runs with RAY_AUTH_MODE=token and that RAY_AUTH_TOKEN.
 Teardown kills the cluster's own process group rather than `ray stop`, which stops every Ray
 process of this user on the machine, other people's clusters included.
 """
@@ -21,7 +22,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 from ray_cli import ROOT
 
@@ -53,12 +54,14 @@ def _free_ports(n: int) -> list[int]:
 
 
 @contextmanager
-def ray_head(num_cpus: int = 2, timeout: float = 120) -> Iterator[Head]:
+def ray_head(num_cpus: int = 2, timeout: float = 120, auth_token: Optional[str] = None) -> Iterator[Head]:
     ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS))))
     temp = tempfile.mkdtemp(prefix="rayh", dir="/tmp")  # short: Ray's unix socket paths have a length limit
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "disabled",
            "GLOO_SOCKET_IFNAME": "lo", "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
+    if auth_token:
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=auth_token)
     cmd = [str(BIN / "ray"), "start", "--head", f"--num-cpus={num_cpus}", "--dashboard-host=127.0.0.1",
            "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp}",
            *(f"{flag}={port}" for flag, port in ports.items())]
