@@ -127,6 +127,7 @@ class Trainer:
                 totals[key] = totals.get(key, 0.0) + value.detach()
                 counts[key] = counts.get(key, 0) + 1
             steps += 1
+            _maybe_hold(epoch + 1, steps, self.ctx.rank)
             if self.ctx.is_main and steps % self.cfg.train.log_every == 0 and "loss" in out:  # .item() syncs only here
                 log.info("epoch %d step %d/%d loss %.4f lr %.2e", epoch + 1, steps, self.steps_per_epoch,
                          float(out["loss"].detach()), self.scheduler.get_last_lr()[0])
@@ -254,6 +255,30 @@ def _maybe_inject_failure(started_at: int, epoch: int) -> None:
     fail_at = os.environ.get("ITMATCH_FAIL_AT_EPOCH")
     if fail_at and started_at < int(fail_at) == epoch:
         raise RuntimeError(f"injected failure after epoch {epoch} (ITMATCH_FAIL_AT_EPOCH)")
+
+
+def _maybe_hold(epoch: int, step: int, rank: int) -> None:
+    """Fault injection for tests and drills: with ITMATCH_HOLD_AT=E:S[,E:S...] and ITMATCH_HOLD_DIR=D,
+    every worker, right after step S of epoch E, writes its pid to D/hold-E-S.rank<R>.pid and waits
+    until D/hold-E-S.go exists (at most ITMATCH_HOLD_TIMEOUT_S, default 600, then it fails), so a test
+    can kill a worker or a node mid-epoch, or stop a service, at a known point. Once the .go file
+    exists the point no longer holds: a restarted worker replaying the epoch passes it."""
+    points = os.environ.get("ITMATCH_HOLD_AT")
+    if not points or f"{epoch}:{step}" not in points.split(","):
+        return
+    folder = Path(os.environ["ITMATCH_HOLD_DIR"])
+    go = folder / f"hold-{epoch}-{step}.go"
+    if go.exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    pid_file = folder / f"hold-{epoch}-{step}.rank{rank}.pid"
+    pid_file.with_suffix(".tmp").write_text(str(os.getpid()))
+    pid_file.with_suffix(".tmp").replace(pid_file)  # the test never reads half a pid
+    deadline = time.monotonic() + float(os.environ.get("ITMATCH_HOLD_TIMEOUT_S", "600"))
+    while not go.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"held after step {step} of epoch {epoch} and {go} never appeared (ITMATCH_HOLD_AT)")
+        time.sleep(0.05)
 
 
 def _tracker(tracking: dict):

@@ -6,7 +6,10 @@ request fails within a bounded time (MLFLOW_HTTP_REQUEST_TIMEOUT / _MAX_RETRIES 
 here unless set), training goes on, a warning says so once, and the epochs wait to be resent at
 the next epoch; the driver sends any that are still missing when the run ends (`flush_pending`).
 `mlflow_logged.json` in the run folder records the last epoch MLflow has, so epochs replayed after
-a recovery (worker restart, driver re-run) are not logged twice.
+a recovery (worker restart, driver re-run) are not logged twice. Each record keeps the time it was
+made, and a resend carries that time: when a request failed after the server had stored it (the
+server went down before answering, a timeout), the resend is an exact duplicate (key, time, step,
+value) that MLflow's SQL store drops, rather than a second value at the same step.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -33,14 +37,14 @@ def _logged_through(folder: Path, run_id: str) -> int:
     return int(marker["epoch"]) if marker.get("run_id") == run_id else 0
 
 
-def _local_epochs(folder: Path, after: int) -> list[tuple[int, dict[str, float]]]:
+def _local_epochs(folder: Path, after: int) -> list[tuple[int, dict[str, Any]]]:
     """Epochs after `after` from metrics.jsonl, the last record of each epoch (a replayed epoch's)."""
     path, epochs = folder / LOCAL_FILE, {}
     if path.is_file():
         for line in path.read_text().splitlines():
             record = json.loads(line)
             if record["epoch"] > after:
-                epochs[record["epoch"]] = record["metrics"]
+                epochs[record["epoch"]] = record
     return sorted(epochs.items())
 
 
@@ -57,8 +61,9 @@ class MetricsLog:
 
     def __call__(self, metrics: dict[str, float], epoch: int) -> None:
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
+        record = {"epoch": epoch, "timestamp": int(time.time() * 1000), "metrics": clean}
         with open(self.folder / LOCAL_FILE, "a") as f:
-            f.write(json.dumps({"epoch": epoch, "metrics": clean}) + "\n")
+            f.write(json.dumps(record) + "\n")
         self.flush()
 
     def flush(self) -> bool:
@@ -66,9 +71,9 @@ class MetricsLog:
         import mlflow
 
         done = _logged_through(self.folder, self.run_id)
-        for epoch, metrics in _local_epochs(self.folder, done):
-            now = int(mlflow.utils.time.get_current_time_millis())
-            entries = [mlflow.entities.Metric(k, v, now, epoch) for k, v in metrics.items()]
+        for epoch, record in _local_epochs(self.folder, done):
+            stamp = int(record.get("timestamp") or mlflow.utils.time.get_current_time_millis())  # the record's time
+            entries = [mlflow.entities.Metric(k, v, stamp, epoch) for k, v in record["metrics"].items()]
             try:
                 self.client.log_batch(self.run_id, metrics=entries)
             except Exception as exc:  # noqa: BLE001 (any transport or server error: keep training)

@@ -75,8 +75,9 @@ def init_ray(cfg: Config) -> None:
     env = {"OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     if cfg.scaling.strategy == "deepspeed":  # read when deepspeed is first imported in a worker
         env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
-    if "ITMATCH_FAIL_AT_EPOCH" in os.environ:
-        env["ITMATCH_FAIL_AT_EPOCH"] = os.environ["ITMATCH_FAIL_AT_EPOCH"]
+    for name in ("ITMATCH_FAIL_AT_EPOCH", "ITMATCH_HOLD_AT", "ITMATCH_HOLD_DIR", "ITMATCH_HOLD_TIMEOUT_S"):
+        if name in os.environ:  # fault injection (trainers/loop.py), for tests and drills
+            env[name] = os.environ[name]
     if address:
         ray.init(address=address, runtime_env={"env_vars": env})
     else:  # a private in-process cluster on this machine; gloo over loopback

@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+from fault_tools import kill_group
 from ray_cli import ROOT
 
 BIN = Path(sys.executable).parent
@@ -79,16 +78,5 @@ def ray_head(num_cpus: int = 2, timeout: float = 120, auth_token: Optional[str] 
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _kill_group(pgid: int, grace: float = 15) -> None:
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.5)
+def _kill_group(pgid: int) -> None:
+    kill_group(pgid, grace=15)
