@@ -13,9 +13,15 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from itmatch.data.sources import PHRASE_SCHEMES
+
 
 class ConfigError(ValueError):
     """A bad config file, key or value; the message names all three."""
+
+
+PHRASE_METRICS = ("phrase_r1", "phrase_r5", "phrase_r10", "phrase_upper", "phrase_random_r1")
+"""Phrase localization's metrics (itmatch.eval.phrases); the first three can pick the best epoch."""
 
 
 class _Section(BaseModel):
@@ -26,7 +32,8 @@ class _Section(BaseModel):
 class DataConfig(_Section):
     source: str = "synthetic:.cache/itmatch/shapes?n_images=1200"
     """Where the data comes from: precomp:DIR, karpathy:JSON[:IMAGE_DIR], parquet:PATH, hf:PATH,
-    synthetic:DIR (see itmatch.data.sources)."""
+    synthetic:DIR (see itmatch.data.sources); region-phrase data, which makes the run a phrase
+    localization task (`task`): entities:ROOT (Flickr30K Entities), shapes-phrases:DIR."""
     train_split: str = "train"
     val_split: str = "val"
     test_split: str = "test"
@@ -55,6 +62,18 @@ class DataConfig(_Section):
     machine; on a cluster reserve them so Ray places the actors on spare cores or CPU nodes)."""
     prefetch_batches: int = Field(2, ge=0)
     """data.loader=ray: steps prepared ahead of the one training."""
+    augment_positives: Optional[int] = Field(1, ge=0)
+    """Phrase localization (001 Algorithm 1 step 2): per phrase and step, this many proposals of its
+    picture with IoU >= 0.7 to its box, drawn at random, join its ground-truth region as positives;
+    0: the ground truth alone (001's "single positive"); null: all of them (the similarity
+    network's sampling in Algorithm 1)."""
+
+    @property
+    def task(self) -> Literal["retrieval", "phrases"]:
+        """What the run learns, from the source: phrase localization for region-phrase schemes
+        (entities:, shapes-phrases:), image-text retrieval otherwise. Inferred, not a key: a
+        source holds one kind of data, so a separate key could only contradict it."""
+        return "phrases" if self.source.split(":", 1)[0] in PHRASE_SCHEMES else "retrieval"
 
 
 class ModelConfig(_Section):
@@ -162,7 +181,6 @@ class LossConfig(_Section):
     center_weight: float = Field(0.0, ge=0.0)
     """Weight of the center loss (003: ½||x − c_y||², one learned center per training image shared
     by both modalities), added to each side; 0 = off."""
-
     twoway_recon_img: float = Field(1.0, ge=0.0)
     """loss.name=twoway: weight of the text→image channel's reconstruction ||x − x̂||² (the authors' code: 1)."""
     twoway_recon_txt: float = Field(1.0, ge=0.0)
@@ -373,6 +391,51 @@ class Config(_Section):
         if isinstance(loss, LossConfig) and "name" not in loss.model_fields_set:
             return {**data, "loss": {**loss.model_dump(exclude_unset=True), "name": "twoway"}}
         return data
+
+    @model_validator(mode="after")
+    def _check_task(self) -> "Config":
+        """Phrase localization trains the embedding or similarity network (or fits CCA) on cached
+        region and phrase features, with Algorithm 1's batches, and is scored by phrase_r*."""
+        metric, phrases = self.train.metric, self.data.task == "phrases"
+        if not phrases:
+            if metric in PHRASE_METRICS:
+                raise ValueError(f"train.metric={metric!r} needs phrase localization data (data.source entities: "
+                                 f"or shapes-phrases:), got data.source={self.data.source!r}")
+            return self
+        where = f"data.source={self.data.source!r} is phrase localization data"
+        refused = [(self.model.name not in ("embedding", "similarity", "cca"), f"model.name={self.model.name!r}"),
+                   (self.loss.name == "infonce", "loss.name='infonce'"),
+                   (self.model.end_to_end, "encoder towers (model.image_tower / model.text_tower)"),
+                   (self.data.loader != "local" or self.data.featurize != "local", "data.loader / data.featurize=ray"),
+                   (bool(self.loss.heads), "loss.instance_weight / loss.center_weight")]
+        bad = [what for refuse, what in refused if refuse]
+        if bad:
+            raise ValueError(f"{where}: {bad[0]} does not apply to it (it trains the embedding or similarity network "
+                             "with the ranking or logistic loss, or fits CCA, on cached region features)")
+        if metric not in PHRASE_METRICS[:3]:
+            raise ValueError(f"{where}: train.metric={metric!r} is not one of its metrics; choose "
+                             f"{', '.join(PHRASE_METRICS[:3])}")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _phrase_task_defaults(cls, data: Any) -> Any:
+        """A region-phrase source picks phrase localization's defaults where the keys are not
+        given: train.metric=phrase_r1 and its own registered model (tracking.registered_model=
+        itmatch-phrases), so a phrase model never takes the retrieval model's alias."""
+        data_cfg = data.get("data") if isinstance(data, dict) else None
+        source = data_cfg.get("source") if isinstance(data_cfg, dict) else getattr(data_cfg, "source", None)
+        if not isinstance(source, str) or source.split(":", 1)[0] not in PHRASE_SCHEMES:
+            return data
+        out = dict(data)
+        for section, key, value in (("train", "metric", "phrase_r1"), ("tracking", "registered_model",
+                                                                        "itmatch-phrases")):
+            given = out.get(section)
+            if isinstance(given, BaseModel):
+                given = given.model_dump(exclude_unset=True)
+            if key not in (given or {}):
+                out[section] = {**(given or {}), key: value}
+        return out
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> values, the form MLflow params and Tune search spaces use."""

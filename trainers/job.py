@@ -172,7 +172,7 @@ def _fmt(metrics: dict[str, float]) -> str:
 def _pictures(cfg: Config, store: FeatureStore, best: Path) -> dict[str, Path]:
     """eval.pictures: the test split's embedding map and example queries in run_dir/pictures (the
     model embeds the split once more); a failure to draw warns, never fails the run."""
-    if not cfg.eval.pictures:
+    if not cfg.eval.pictures or cfg.data.task != "retrieval":  # the pictures show image-caption retrieval
         return {}
     try:
         from itmatch.eval.pictures import model_pictures

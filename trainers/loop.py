@@ -59,7 +59,8 @@ class Trainer:
         self.strategy = build_strategy(cfg, ctx, closed_form=self.closed_form)
         self.sampler = NeighborhoodBatchSampler(
             self.train_split.caption_image, cfg.data.batch_size, rank=ctx.rank, world_size=ctx.world_size,
-            seed=cfg.train.seed, neighborhood=cfg.data.neighborhood_sampling, drop_last=cfg.data.drop_last)
+            seed=cfg.train.seed, neighborhood=cfg.data.neighborhood_sampling, drop_last=cfg.data.drop_last,
+            shard_by=self.train_split.caption_shard)
         self.steps_per_epoch = len(self.sampler)
         if self.steps_per_epoch == 0:
             raise ValueError(f"data.batch_size={cfg.data.batch_size} leaves no full batch in "
@@ -169,7 +170,7 @@ class Trainer:
         for captions in self.sampler:
             step = self.sampler.state.offset - 1  # the sampler has already advanced past this batch
             rng = np.random.default_rng([seed, epoch, rank, step])
-            yield make_batch(self.train_split, captions, *self.prepare, train=True, rng=rng)
+            yield make_batch(self.train_split, captions, *self.prepare, train=True, rng=rng, data=self.cfg.data)
 
     def fit_closed_form(self) -> dict[str, float]:
         """Fit on every (image, caption) pair of the training split at once."""

@@ -22,7 +22,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 import yaml
 
 from itmatch.config import Config, ConfigError, validate
@@ -98,15 +97,14 @@ def check_batch(cfg: Config, store: FeatureStore) -> None:
     """At least one full global batch of data.batch_size training pairs, shardable over the workers
     (the workers' own sampler, built here on the training captions' image ids)."""
     d, workers = cfg.data, cfg.scaling.num_workers
-    path = store.root / f"{d.train_split}_captions.parquet"
-    groups = pq.read_table(path, columns=["image_id"]).column("image_id").to_numpy()
+    groups, shards = store.caption_groups(d.train_split)  # phrases: grouped by region, sharded by picture
     where = f"{store.manifest['source']} split {d.train_split!r}"
     if d.batch_size > len(groups):
         raise DataError(f"data.batch_size={d.batch_size} is larger than the {len(groups)} training captions of "
                         f"{where}: lower data.batch_size")
     try:
         sampler = NeighborhoodBatchSampler(groups, d.batch_size, rank=0, world_size=workers, seed=cfg.train.seed,
-                                           neighborhood=d.neighborhood_sampling, drop_last=d.drop_last)
+                                           neighborhood=d.neighborhood_sampling, drop_last=d.drop_last, shard_by=shards)
     except ValueError as exc:  # fewer images than workers
         raise DataError(f"{where}: {exc} (scaling.num_workers={workers})") from exc
     if len(sampler) == 0:

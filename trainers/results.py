@@ -9,6 +9,7 @@ from typing import Any, Optional
 import torch
 
 from itmatch.config import Config
+from itmatch.data.phrase_store import PhraseSplit
 from itmatch.data.store import FeatureSplit
 from itmatch.eval.evaluate import embed_split, evaluate_embeddings
 from itmatch.state import load_checkpoint, load_model
@@ -38,7 +39,12 @@ def evaluate_folder(folder: Path, split: FeatureSplit, cfg: Config, plots_dir: O
     img, txt = embed_split(model, split)  # once, for the metrics and the plots
     metrics: dict[str, Any] = evaluate_embeddings(model, img, txt, split, chunk=cfg.train.eval_chunk)
     state = load_checkpoint(folder)[0]["train_state"]
-    if plots_dir is not None:
+    if plots_dir is not None and isinstance(split, PhraseSplit):  # retrieval's plots rank whole galleries
+        from itmatch.eval.plots import training_curves
+
+        if state.history:
+            training_curves(state.history, Path(plots_dir) / "training.png", cfg.train.metric)
+    elif plots_dir is not None:
         from itmatch.eval.plots import write_plots
 
         metrics.update(write_plots(img, txt, torch.from_numpy(split.caption_image), state.history, plots_dir,

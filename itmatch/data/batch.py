@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from itmatch.config import DataConfig
+
 Inputs = Union[Tensor, dict[str, Tensor]]
 
 
@@ -25,6 +27,25 @@ def move(x: Inputs, device: torch.device, dtype: Optional[torch.dtype] = None) -
         return {k: move(v, device, dtype) for k, v in x.items()}  # type: ignore[misc]
     x = x.to(device)
     return x.to(dtype) if dtype is not None and x.is_floating_point() else x
+
+
+@dataclass
+class Boxes:
+    """Where the rows of a region-phrase batch lie (001 Algorithm 1): every image row is a region of
+    a picture, every text row a phrase with its ground-truth box (0-based exclusive pixels). The
+    objective derives a phrase's negative regions from them: same picture, IoU < 0.3."""
+
+    image_picture: Tensor
+    """[Ni] the picture (a row of the split's pictures) each region lies in."""
+    image_box: Tensor
+    """[Ni, 4] each region's box."""
+    text_picture: Tensor
+    """[Nt] the picture each phrase describes."""
+    text_box: Tensor
+    """[Nt, 4] each phrase's ground-truth box."""
+
+    def to(self, device: torch.device) -> "Boxes":
+        return Boxes(*(t.to(device) for t in (self.image_picture, self.image_box, self.text_picture, self.text_box)))
 
 
 @dataclass
@@ -41,6 +62,8 @@ class Batch:
     """Instance class of each caption (its image's row)."""
     pairs: Optional[tuple[Tensor, Tensor, Tensor]] = None
     """(image rows, text rows, labels) of sampled pairs, for objectives that score pairs."""
+    boxes: Optional[Boxes] = None
+    """Region-phrase batches only: the rows' pictures and boxes (None for image-caption batches)."""
 
     @classmethod
     def of(cls, images: Inputs, texts: Inputs, *, image_gid: Optional[Tensor] = None,
@@ -61,7 +84,8 @@ class Batch:
         moved = {f: move(getattr(self, f), device) for f in ("images", "texts", "image_gid", "text_gid",
                                                              "image_cls", "text_cls")}
         pairs = tuple(t.to(device) for t in self.pairs) if self.pairs is not None else None
-        return replace(self, **moved, pairs=pairs)
+        boxes = self.boxes.to(device) if self.boxes is not None else None
+        return replace(self, **moved, pairs=pairs, boxes=boxes)
 
     def cast_inputs(self, dtype: torch.dtype) -> "Batch":
         """Floating tower inputs in `dtype` (DeepSpeed bf16 weights take bf16 inputs); ids untouched."""
@@ -85,10 +109,15 @@ def caption_items(split, prepare: Prepare, rows: np.ndarray) -> Any:
 
 
 def make_batch(split, captions: np.ndarray, prepare_image: Prepare, prepare_text: Prepare, *,
-               train: bool = False, rng: Optional[np.random.Generator] = None) -> Batch:
+               train: bool = False, rng: Optional[np.random.Generator] = None,
+               data: Optional[DataConfig] = None) -> Batch:
     """The batch for these caption rows of a split (FeatureSplit or RawSplit): its unique images
     and the captions, each prepared by its tower (`rng` draws the augmentation, seeded by the caller
-    per step so a resumed run replays it)."""
+    per step so a resumed run replays it). A split that builds its own batches (region-phrase data:
+    regions and proposals around the phrases, 001 Algorithm 1) has a `make_batch` method, which
+    takes the run's `data` settings."""
+    if hasattr(split, "make_batch"):
+        return split.make_batch(captions, prepare_image, prepare_text, train=train, rng=rng, data=data)
     rows = np.unique(split.caption_image[captions])
     as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
     return Batch(images=prepare_image(split.images_at(rows), train=train, rng=rng),
@@ -106,4 +135,4 @@ def feature_batch(split, captions: np.ndarray, device: torch.device | str = "cpu
     return make_batch(split, captions, _features, _features).to(torch.device(device))
 
 
-__all__ = ["Batch", "Inputs", "Prepare", "caption_items", "make_batch", "feature_batch", "move"]
+__all__ = ["Batch", "Boxes", "Inputs", "Prepare", "caption_items", "make_batch", "feature_batch", "move"]

@@ -7,11 +7,17 @@ global batches of about `batch_size` captions, an image at most once per batch (
 the same image waits for the next batch). Each global batch is then split by image across ranks,
 so a group never straddles workers and every rank gets a non-empty share in the same number of
 steps. Everything is a function of (seed, epoch): resuming needs only (epoch, offset).
+
+Region-phrase data (001 Algorithm 1) groups phrases by their ground-truth region (its coreference
+chain: units of two phrases of one region are 3.c.i's neighborhood sampling) but shards by picture
+(`shard_by`): a phrase's negative regions are the proposals of its picture, so a picture's phrases
+and proposals must stay on one worker, or the global batch would hold them twice.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -31,13 +37,17 @@ def _units(caption_image: np.ndarray, rng: np.random.Generator, neighborhood: bo
 
 
 def _pack(
-    units: list[np.ndarray], caption_image: np.ndarray, batch_size: int, drop_last: bool, min_images: int = 1
+    units: list[np.ndarray], caption_image: np.ndarray, batch_size: int, drop_last: bool, min_images: int = 1,
+    shard_key: Optional[np.ndarray] = None,
 ) -> list[np.ndarray]:
-    """A batch closes at `batch_size` captions and `min_images` images (one per rank: with units of
-    up to 3 captions, `batch_size` captions alone may be too few images to shard)."""
+    """A batch closes at `batch_size` captions and `min_images` shards (one per rank: with units of
+    up to 3 captions, `batch_size` captions alone may be too few images to shard). Shards are the
+    images unless `shard_key` (per caption) says otherwise."""
+    shard_key = caption_image if shard_key is None else shard_key
     batches: list[np.ndarray] = []
     current: list[np.ndarray] = []
     images: set[int] = set()
+    shards: set[int] = set()
     size = 0
     waiting: list[np.ndarray] = []
     for unit in units:
@@ -50,23 +60,25 @@ def _pack(
                 continue
             current.append(item)
             images.add(image)
+            shards.add(int(shard_key[item[0]]))
             size += len(item)
-            if size >= batch_size and len(images) >= min_images:
+            if size >= batch_size and len(shards) >= min_images:
                 batches.append(np.concatenate(current))
-                current, images, size = [], set(), 0
+                current, images, shards, size = [], set(), set(), 0
     leftover = current + waiting
     if leftover and not drop_last:
         tail = np.concatenate(leftover)
-        if batches and len(np.unique(caption_image[tail])) < min_images:
+        if batches and len(np.unique(shard_key[tail])) < min_images:
             batches[-1] = np.concatenate([batches[-1], tail])  # too few images to shard: join the last batch
         else:
             batches.append(tail)
     return batches
 
 
-def _shard(batch: np.ndarray, caption_image: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-    """Greedy split by image: the largest groups first, each to the rank with the fewest captions."""
-    images, inverse, counts = np.unique(caption_image[batch], return_inverse=True, return_counts=True)
+def _shard(batch: np.ndarray, shard_key: np.ndarray, rank: int, world_size: int) -> np.ndarray:
+    """Greedy split by shard key (the image): the largest groups first, each to the rank with the
+    fewest captions."""
+    images, inverse, counts = np.unique(shard_key[batch], return_inverse=True, return_counts=True)
     load = np.zeros(world_size, dtype=np.int64)
     owner = np.empty(len(images), dtype=np.int64)
     for g in np.lexsort((images, -counts)):
@@ -95,14 +107,19 @@ class NeighborhoodBatchSampler:
         seed: int = 0,
         neighborhood: bool = True,
         drop_last: bool = True,
+        shard_by: Optional[np.ndarray] = None,
     ) -> None:
+        """`shard_by`: per caption, what must stay on one worker (default: its image, `caption_image`)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.caption_image = np.asarray(caption_image, dtype=np.int64)
+        self.shard_key = self.caption_image if shard_by is None else np.asarray(shard_by, dtype=np.int64)
+        if self.shard_key.shape != self.caption_image.shape:
+            raise ValueError(f"shard_by has shape {self.shard_key.shape}, caption_image {self.caption_image.shape}")
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.neighborhood, self.drop_last = seed, neighborhood, drop_last
         self.state = SamplerState()
-        n_images = len(np.unique(self.caption_image))
+        n_images = len(np.unique(self.shard_key))
         if n_images < world_size:
             raise ValueError(f"{n_images} images cannot be split over {world_size} workers")
 
@@ -110,9 +127,10 @@ class NeighborhoodBatchSampler:
         rng = np.random.default_rng([self.seed, epoch])
         units = _units(self.caption_image, rng, self.neighborhood)
         order = rng.permutation(len(units))
-        batches = _pack([units[i] for i in order], self.caption_image, self.batch_size, self.drop_last, self.world_size)
+        batches = _pack([units[i] for i in order], self.caption_image, self.batch_size, self.drop_last, self.world_size,
+                        self.shard_key)
         # A batch with fewer images than workers would leave a rank idle: DDP needs every rank to step.
-        return [b for b in batches if len(np.unique(self.caption_image[b])) >= self.world_size]
+        return [b for b in batches if len(np.unique(self.shard_key[b])) >= self.world_size]
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.state.epoch:
@@ -126,7 +144,7 @@ class NeighborhoodBatchSampler:
         while self.state.offset < len(batches):
             batch = batches[self.state.offset]
             self.state.offset += 1
-            yield _shard(batch, self.caption_image, self.rank, self.world_size)
+            yield _shard(batch, self.shard_key, self.rank, self.world_size)
 
     def state_dict(self) -> dict:
         return {"epoch": self.state.epoch, "offset": self.state.offset, "seed": self.seed}

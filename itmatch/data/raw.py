@@ -21,8 +21,10 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 
+from itmatch.data.phrase_store import KIND as PHRASES_KIND
+from itmatch.data.phrase_store import PhraseStore, prepare_phrases
 from itmatch.data.readers import Corpus, read_source
-from itmatch.data.sources import DataError, parse_source
+from itmatch.data.sources import PHRASE_SCHEMES, DataError, parse_source
 from itmatch.data.store import (BAD_IMAGE_POLICIES, FeatureStore, SplitRows, _atomic_write_table, _cache_key,
                                 _drop_bad_images, atomic_write_text, split_tables)
 
@@ -119,7 +121,13 @@ def prepare_inputs(source: str, *, cache_dir: str | Path, raw_images: bool, imag
                    splits: list[str], image_featurizer=None) -> FeatureStore:
     """What a model needs from a source, cached: raw images and texts for an image encoder tower
     (`raw_images`), else features from the named frozen encoders (their captions' text included,
-    for a text encoder tower)."""
+    for a text encoder tower); region-phrase sources: region and phrase features (phrase_store.py)."""
+    if parse_source(source).scheme in PHRASE_SCHEMES:
+        if raw_images or image_featurizer is not None:
+            raise DataError(f"data.source {source!r}: region-phrase data is featurised in this process from crops "
+                            "of its regions: it takes model.image_tower=features and data.featurize=local")
+        return prepare_phrases(source, cache_dir=cache_dir, image_encoder=image_encoder, text_encoder=text_encoder,
+                               splits=splits)
     if raw_images:
         return prepare_raw(source, cache_dir=cache_dir, splits=splits)
     from itmatch.data.store import prepare
@@ -129,9 +137,12 @@ def prepare_inputs(source: str, *, cache_dir: str | Path, raw_images: bool, imag
 
 
 def open_store(root: str | Path) -> FeatureStore:
-    """The feature store or the raw store written at `root` (its manifest says which)."""
+    """The feature store, the raw store or the region-phrase store written at `root` (its manifest
+    says which)."""
     manifest = json.loads((Path(root) / "manifest.json").read_text()) if (Path(root) / "manifest.json").is_file() \
         else {}
+    if manifest.get("kind") == PHRASES_KIND:
+        return PhraseStore.open(root)
     return RawStore.open(root) if manifest.get("kind") == KIND else FeatureStore.open(root)
 
 

@@ -390,4 +390,7 @@ READERS: dict[str, Callable[..., Corpus]] = {
 def read_source(text: str, *, caption_features: str | None = None) -> Corpus:
     """Parse the source string and read it; `caption_features` names precomp's caption file."""
     source = parse_source(text)
+    if source.scheme not in READERS:  # region-phrase data: itmatch.data.phrase_store reads it
+        raise DataError(f"data.source {text!r}: {source.scheme}: holds region-phrase data (a phrase localization "
+                        "task), not image-caption pairs; prepare it with itmatch.data.raw.prepare_inputs")
     return READERS[source.scheme](source, caption_features=caption_features)

@@ -5,6 +5,12 @@
     parquet:PATH                  Parquet file or folder with image and caption columns
     hf:PATH                       a Hugging Face `datasets` folder (save_to_disk) or a Parquet path
     synthetic:DIR                 the generated shapes dataset (written to DIR on first use)
+    entities:ROOT                 Flickr30K Entities (Sentences/, Annotations/, split lists, proposals.parquet,
+                                  images/): region-phrase data, read by itmatch.phrases.read_entities
+    shapes-phrases:DIR            the shapes scenes written in that layout (itmatch.phrases.write_shapes_entities)
+
+The last two carry phrases with boxes and region proposals: a source of either scheme makes the run
+a phrase localization task (`PHRASE_SCHEMES`, `DataConfig.task`).
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
-SCHEMES = ("precomp", "karpathy", "parquet", "hf", "synthetic")
+SCHEMES = ("precomp", "karpathy", "parquet", "hf", "synthetic", "entities", "shapes-phrases")
+PHRASE_SCHEMES = ("entities", "shapes-phrases")
+"""Schemes whose data is region-phrase pairs (001 §4) rather than image-caption pairs."""
 
 
 class DataError(ValueError):

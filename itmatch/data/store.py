@@ -44,6 +44,11 @@ class SplitRows:
     def caption_gid(self) -> np.ndarray:
         return self.image_ids[self.caption_image]
 
+    @property
+    def caption_shard(self) -> np.ndarray:
+        """Per caption, what must stay on one worker: its image (region-phrase splits: the picture)."""
+        return self.caption_image
+
     def __len__(self) -> int:
         return len(self.caption_ids)
 
@@ -96,6 +101,14 @@ class FeatureStore:
         row_of = {int(i): r for r, i in enumerate(images.column("image_id").to_numpy())}
         caption_image = np.fromiter((row_of[int(i)] for i in caps.column("image_id").to_numpy()), np.int64, len(caps))
         return images, caps, caption_image
+
+    def caption_groups(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(group, shard key) of every caption of a split, the sampler's inputs, without reading
+        features: for image-caption data both are the caption's image."""
+        if name not in self.manifest["splits"]:
+            self.tables(name)  # raises, naming the available splits
+        groups = pq.read_table(self.root / f"{name}_captions.parquet", columns=["image_id"]).column("image_id")
+        return groups.to_numpy(), groups.to_numpy()
 
     def split(self, name: str) -> FeatureSplit:
         images, caps, caption_image = self.tables(name)

@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from itmatch.data.batch import caption_items, move
+from itmatch.data.phrase_store import PhraseSplit
 from itmatch.data.store import FeatureSplit
+from itmatch.eval.phrases import phrase_metrics
 from itmatch.eval.retrieval import coco_protocols, retrieval_metrics, sentence_retrieval
 
 
@@ -70,7 +72,11 @@ def evaluate_split(model: nn.Module, split: FeatureSplit, *, chunk: int = 1024, 
 
 def evaluate_embeddings(model: nn.Module, img: torch.Tensor, txt: torch.Tensor, split: FeatureSplit, *,
                         chunk: int = 1024, protocol: str = "full", sentences: bool = True) -> dict[str, float]:
-    """`evaluate_split` on embeddings already computed by `embed_split` (callers that also plot them)."""
+    """`evaluate_split` on embeddings already computed by `embed_split` (callers that also plot them).
+    On a region-phrase split (images = regions, captions = phrases) the metrics are phrase
+    localization's (itmatch.eval.phrases)."""
+    if isinstance(split, PhraseSplit):
+        return phrase_metrics(model, img, txt, split)
     txt_img = torch.from_numpy(split.caption_image)
     score_fn = _pair_scorer(model)
     metrics = retrieval_metrics(img, txt, txt_img, chunk=chunk, score_fn=score_fn)

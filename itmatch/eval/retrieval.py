@@ -189,7 +189,11 @@ def overlap_indicator(img: Tensor, txt: Tensor, txt_img: Tensor, *, bins: int = 
 
 
 def format_metrics(m: dict[str, float]) -> str:
-    """One line for progress logs."""
+    """One line for progress logs (phrase localization's, for its metrics)."""
+    if "phrase_r1" in m:
+        from itmatch.eval.phrases import format_phrase_metrics
+
+        return format_phrase_metrics(m)
     return (f"i2t {m['i2t_r1']:.1f}/{m['i2t_r5']:.1f}/{m['i2t_r10']:.1f} "
             f"t2i {m['t2i_r1']:.1f}/{m['t2i_r5']:.1f}/{m['t2i_r10']:.1f} rsum {m['rsum']:.1f} "
             f"medr {m['i2t_medr']:g}/{m['t2i_medr']:g}")

@@ -25,6 +25,7 @@ from itmatch.losses.gather import LOCAL, Gather
 from itmatch.losses.infonce import infonce_loss
 from itmatch.losses.instance import instance_loss
 from itmatch.losses.logistic import logistic_loss, sample_pairs
+from itmatch.losses.phrases import pair_negatives, ranking_negatives
 from itmatch.losses.ranking import ranking_loss
 from itmatch.losses.twoway import twoway_term
 
@@ -36,8 +37,9 @@ Term = Callable[[Outputs, Batch, Gather], dict[str, Tensor]]
 def _ranking(cfg: LossConfig) -> Term:
     fn = partial(ranking_loss, lambdas=cfg.lambdas, margin=cfg.margin, top_k=cfg.top_k, metric=cfg.metric,
                  reduction=cfg.reduction)
+    # Region-phrase batches narrow a phrase's negatives to its picture (001 Algorithm 1, phrases.py).
     return lambda out, batch, gather: fn(out["img"].float(), batch.image_gid, out["txt"].float(), batch.text_gid,
-                                         gather=gather)
+                                         gather=gather, negatives=ranking_negatives(batch, gather))
 
 
 def _infonce(cfg: LossConfig) -> Term:
@@ -90,7 +92,7 @@ class Objective:
         from the global (epoch-seeded) stream so a resumed run draws the same pairs."""
         if self.cfg.name not in PAIRWISE:
             return batch
-        return replace(batch, pairs=sample_pairs(batch.image_gid, batch.text_gid))
+        return replace(batch, pairs=sample_pairs(batch.image_gid, batch.text_gid, negatives=pair_negatives(batch)))
 
     def main_weight(self, epoch: int) -> float:
         """004's Stage I trains the heads alone."""

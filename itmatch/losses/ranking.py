@@ -10,6 +10,10 @@ SPEC §3, 001 Eq. 6:
 For every (anchor, positive) pair only the `top_k` largest positive hinges over the negatives are
 kept (top_k=1 with cosine is VSE++ max-violation; top_k=None sums every hinge).
 
+A negative is every candidate of another group, unless the caller narrows a term's negatives with a
+[local anchor, global candidate] mask (`negatives`): 001 Algorithm 1 takes a phrase's negative
+regions only from its own picture with IoU < 0.3 (itmatch.data.phrase_batch.region_negatives).
+
 Memory strategy. A hinge m + c(a,p) − c(a,n) (c = distance, or −similarity for cosine) falls as the
 negative's cost c(a,n) rises, so for every positive of anchor a the K largest hinges are against the
 same K *nearest negatives of a*: one top-K of each anchor's negative costs serves all of its
@@ -23,6 +27,8 @@ with a graph, so the backward is one GEMM per side plus a scatter (same gradient
 """
 
 from __future__ import annotations
+
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -60,25 +66,33 @@ def _negated_negative_costs(sim: Tensor, same: Tensor, same_valid: Tensor, metri
     return out
 
 
-def _nearest_negative_costs(sim: Tensor, same: Tensor, same_valid: Tensor, top_k: int, metric: str) -> Tensor:
-    """[n_anchor, K] costs of each anchor's K nearest negatives (+inf where it has fewer than K).
+def _nearest_negative_costs(sim: Tensor, same: Tensor, same_valid: Tensor, top_k: int, metric: str,
+                            allowed: Tensor | None = None) -> Tensor:
+    """[n_anchor, K] costs of each anchor's K nearest negatives (+inf where it has fewer than K);
+    `allowed` ([n_anchor, n_cand] bool) narrows the negatives to its True entries.
 
     The K are picked on a detached copy; only their K costs are recomputed with a graph, so the
     backward touches K entries per anchor instead of passing through every [anchor, candidate]
     elementwise op (the costs and gradients are the same as a top-k through the full cost matrix).
     """
     with torch.no_grad():
-        picked = torch.topk(_negated_negative_costs(sim, same, same_valid, metric), top_k, dim=1)
+        negated = _negated_negative_costs(sim, same, same_valid, metric)
+        if allowed is not None:
+            negated.masked_fill_(~allowed, float("-inf"))
+        picked = torch.topk(negated, top_k, dim=1)
     cost = _cost_of(sim.gather(1, picked.indices), metric)
     return cost.masked_fill(torch.isinf(picked.values), float("inf"))
 
 
-def _all_violations_sum(cost: Tensor, thresh: Tensor, valid: Tensor, same: Tensor, same_valid: Tensor) -> Tensor:
+def _all_violations_sum(cost: Tensor, thresh: Tensor, valid: Tensor, same: Tensor, same_valid: Tensor,
+                        allowed: Tensor | None = None) -> Tensor:
     """Σ over positive pairs of every positive hinge thresh − c(a, n) over the negatives n."""
     # Non-negatives become +inf: never a violator, zero hinge, zero gradient.
     rows = torch.arange(len(cost), device=cost.device)[:, None].expand_as(same)
     flat = (rows * cost.shape[1] + same)[same_valid]
     masked = cost.reshape(-1).index_fill(0, flat, float("inf")).view_as(cost)
+    if allowed is not None:
+        masked = masked.masked_fill(~allowed, float("inf"))
     # Sort each anchor's negatives once; n_viol = #negatives below the threshold, and the violators'
     # costs sum to a prefix sum.
     neg_sorted = torch.sort(masked, dim=1).values
@@ -101,9 +115,11 @@ def _term(
     margin: float,
     top_k: int | None,
     metric: str,
+    allowed: Tensor | None = None,
 ) -> Tensor:
     """Unreduced sum of kept hinges for local anchors against global candidates: over positive
-    pairs (a, p), the top_k largest positive hinges m + c(a,p) − c(a,n).
+    pairs (a, p), the top_k largest positive hinges m + c(a,p) − c(a,n), n a negative of a (another
+    group's candidate, and one that `allowed` [anchor, candidate] admits, when given).
 
     Positives and same-group candidates are [anchor, P] column tables (`group_columns`), never
     [anchor, candidate] masks. With `self_offset` (intra-modal terms) the anchor's own candidate
@@ -118,9 +134,9 @@ def _term(
     sim = anchor @ cand.T
     thresh = margin + _cost_of(sim.gather(1, pos), metric)  # hinge(a, p, n) > 0  <=>  c(a, n) < thresh[a, p]
     if top_k is None or top_k >= cand.shape[0]:
-        return _all_violations_sum(_cost_of(sim, metric), thresh, valid, same, same_valid)
+        return _all_violations_sum(_cost_of(sim, metric), thresh, valid, same, same_valid, allowed)
     # The K largest hinges of every positive are against the anchor's K nearest negatives.
-    nearest = _nearest_negative_costs(sim, same, same_valid, top_k, metric)  # [n_anchor, K]
+    nearest = _nearest_negative_costs(sim, same, same_valid, top_k, metric, allowed)  # [n_anchor, K]
     hinge = (thresh[:, :, None] - nearest[:, None, :]).clamp_min(0)  # [n_anchor, P_max, K]
     return torch.where(valid[:, :, None], hinge, torch.zeros_like(hinge)).sum()
 
@@ -128,6 +144,7 @@ def _term(
 def _check_args(
     img: Tensor, img_gid: Tensor, txt: Tensor, txt_gid: Tensor,
     lambdas: tuple[float, ...], top_k: int | None, metric: str, reduction: str,
+    negatives: Mapping[str, Tensor] | None = None,
 ) -> None:
     if metric not in _METRICS:
         raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
@@ -141,6 +158,9 @@ def _check_args(
         raise ValueError(f"img and txt must be [N, d] with equal d, got {img.shape}, {txt.shape}")
     if img_gid.shape != img.shape[:1] or txt_gid.shape != txt.shape[:1]:
         raise ValueError("img_gid / txt_gid must hold one group id per row")
+    unknown = sorted(set(negatives or {}) - set(_TERMS))
+    if unknown:
+        raise ValueError(f"negatives: unknown term(s) {unknown}; terms are {_TERMS}")
 
 
 def ranking_loss(
@@ -155,6 +175,7 @@ def ranking_loss(
     metric: str = "euclidean",
     reduction: str = "mean",
     gather: Gather = LOCAL,
+    negatives: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Bi-directional ranking loss with neighborhood constraints (001 Eq. 6), SPEC §3.
 
@@ -170,6 +191,9 @@ def ranking_loss(
         reduction: "sum" of kept hinges, or "mean": every term divided by P, the number of
             positive (image, text) pairs in the global batch (the same P for all four terms).
         gather: supplies the global candidates; anchors stay local (O(local × global) memory).
+        negatives: per term name ("i2t", "t2i", "i2i", "t2t"), a [local anchors, global candidates]
+            bool mask of the candidates that may be an anchor's negatives (besides being of another
+            group); terms without one take every other group's candidate.
 
     Both reductions are multiplied by gather.world_size so that DDP's gradient averaging matches
     the single-process loss; with LOCAL the factor is 1.
@@ -177,7 +201,7 @@ def ranking_loss(
     Returns:
         {"loss": λ-weighted total, "i2t", "t2i", "i2i", "t2t": unweighted reduced terms}.
     """
-    _check_args(img, img_gid, txt, txt_gid, lambdas, top_k, metric, reduction)
+    _check_args(img, img_gid, txt, txt_gid, lambdas, top_k, metric, reduction, negatives)
     img_all, txt_all = gather.cat(img), gather.cat(txt)
     img_gid_all, txt_gid_all = gather.cat_nograd(img_gid), gather.cat_nograd(txt_gid)
     img_off, txt_off = gather.offset(img.shape[0]), gather.offset(txt.shape[0])
@@ -196,7 +220,11 @@ def ranking_loss(
         if lam == 0:
             out[name] = img.new_zeros(())
             continue
-        term = _term(*setups[name], margin=margin, top_k=top_k, metric=metric) * scale
+        allowed = (negatives or {}).get(name)
+        if allowed is not None and allowed.shape != (setups[name][0].shape[0], setups[name][2].shape[0]):
+            raise ValueError(f"negatives[{name!r}] has shape {tuple(allowed.shape)}, expected [local anchors, "
+                             f"global candidates] = {(setups[name][0].shape[0], setups[name][2].shape[0])}")
+        term = _term(*setups[name], margin=margin, top_k=top_k, metric=metric, allowed=allowed) * scale
         out[name] = term
         total = total + lam * term
     out["loss"] = total

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from itmatch.config import LossConfig, ModelConfig
-from itmatch.data.batch import Batch
+from itmatch.data.batch import Batch, Boxes
 from itmatch.accumulate import cached_step
 from itmatch.dist import DistGather, average_gradients, globalize_batchnorm
 from itmatch.losses import build_objective, infonce_loss, ranking_loss
@@ -97,6 +97,10 @@ def model_case(case: dict, rank: int, gather: DistGather) -> dict:
     img_gid, txt_gid = _mine(case["img_gid"], case["img_bounds"], rank), _mine(case["txt_gid"], case["txt_bounds"], rank)
     batch = Batch.of(_mine(case["img"], case["img_bounds"], rank), _mine(case["txt"], case["txt_bounds"], rank),
                      image_gid=img_gid, text_gid=txt_gid)  # classes = group ids here
+    if "boxes" in case:  # a region-phrase batch: this rank's rows' pictures and boxes
+        b = case["boxes"]
+        batch.boxes = Boxes(*(_mine(b[k], case[f"{side}_bounds"], rank) for k, side in (
+            ("image_picture", "img"), ("image_box", "img"), ("text_picture", "txt"), ("text_box", "txt"))))
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=BF16):
         outputs = model(batch)
     out = model_objective(case, outputs, batch, gather)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from itmatch.config import LossConfig, ModelConfig
-from itmatch.data.batch import Batch
+from itmatch.data.batch import Batch, Boxes
 from itmatch.losses import LOCAL, build_objective, infonce_loss, ranking_loss
 from itmatch.models.two_branch import EmbeddingNet
 
@@ -48,6 +48,35 @@ def _batch(world: int, seed: int, dim: int = 8, unit: bool = True) -> dict:
             "img_bounds": _bounds(len(img_gid), world, g), "txt_bounds": _bounds(len(txt_gid), world, g)}
 
 
+def _phrase_batch(world: int, seed: int, dim: int = 12) -> dict:
+    """A region-phrase batch (001 Algorithm 1): 3 pictures of 2 chains each, every chain's ground
+    truth, proposals jittered around them and random ones (unique negative groups), a few proposals
+    again as their chain's augmented positives, 2-4 phrases per chain; rows shuffled so pictures
+    straddle ranks. The objective narrows a phrase's negative regions by picture and IoU."""
+    g = torch.Generator().manual_seed(seed)
+    chain_picture = torch.arange(3).repeat_interleave(2)
+    lo = torch.rand(6, 2, generator=g) * 30
+    truth = torch.cat([lo, lo + 10 + torch.rand(6, 2, generator=g) * 10], dim=1)
+    jitter = truth.repeat_interleave(3, dim=0) + torch.randn(18, 4, generator=g) * 4
+    jitter = torch.cat([jitter[:, :2], torch.maximum(jitter[:, 2:], jitter[:, :2] + 1)], dim=1)
+    rand_lo = torch.rand(6, 2, generator=g) * 40
+    proposals = torch.cat([jitter, torch.cat([rand_lo, rand_lo + 5 + torch.rand(6, 2, generator=g) * 15], dim=1)])
+    prop_picture = torch.cat([chain_picture.repeat_interleave(3), torch.arange(3).repeat(2)])
+    again = torch.tensor([0, 4, 7, 12])  # jittered proposals also taken as their chain's positives
+    img_gid = torch.cat([torch.arange(6), -1 - torch.arange(len(proposals)), again // 3])
+    image_box = torch.cat([truth, proposals, jitter[again]])
+    image_picture = torch.cat([chain_picture, prop_picture, chain_picture[again // 3]])
+    txt_gid = torch.repeat_interleave(torch.arange(6), torch.randint(2, 5, (6,), generator=g))
+    img_perm, txt_perm = torch.randperm(len(img_gid), generator=g), torch.randperm(len(txt_gid), generator=g)
+    img_gid, image_box, image_picture, txt_gid = img_gid[img_perm], image_box[img_perm], image_picture[img_perm], \
+        txt_gid[txt_perm]
+    boxes = {"image_picture": image_picture, "image_box": image_box, "text_picture": chain_picture[txt_gid],
+             "text_box": truth[txt_gid]}
+    return {"img": torch.randn(len(img_gid), dim, generator=g), "img_gid": img_gid,
+            "txt": torch.randn(len(txt_gid), dim, generator=g), "txt_gid": txt_gid, "boxes": boxes,
+            "img_bounds": _bounds(len(img_gid), world, g), "txt_bounds": _bounds(len(txt_gid), world, g)}
+
+
 def _cases(world: int) -> dict[str, dict]:
     cases = {}
     for t, lambdas in enumerate([(1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1)]):
@@ -73,6 +102,9 @@ def _cases(world: int) -> dict[str, dict]:
     cases["model-center"] = {"model": model, "n_classes": 9, "heads": ("instance", "center"),
                              **_batch(world, 303, dim=12, unit=False),
                              "objective": dict(margin=0.3, top_k=3, instance_weight=1.0, center_weight=1.0)}
+    cases["model-phrases"] = {"model": model, **_phrase_batch(world, 310),
+                              "objective": dict(lambda1=1.0, lambda2=4.0, lambda3=0.1, lambda4=0.1, margin=0.3,
+                                                top_k=3)}
     for chunk in (1, 3):  # gradient caching: towers in chunks, mining over the global batch
         cases[f"gradcache-chunk{chunk}"] = {"model": model, "n_classes": 9, "heads": ("instance", "center"),
                                             "chunk": chunk, **_batch(world, 304 + chunk, dim=12, unit=False),
@@ -123,6 +155,8 @@ def _reference_model_loss(case: dict, bf16: bool = False):
     net = EmbeddingNet(case["img"].shape[1], case["txt"].shape[1], ModelConfig(**case["model"]), case.get("n_classes", 0),
                        case.get("heads", ("instance",)))
     batch = Batch.of(case["img"], case["txt"], image_gid=case["img_gid"], text_gid=case["txt_gid"])
+    if "boxes" in case:
+        batch.boxes = Boxes(**case["boxes"])
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         outputs = net(batch)
     ref = model_objective(case, outputs, batch, LOCAL)
@@ -130,7 +164,8 @@ def _reference_model_loss(case: dict, bf16: bool = False):
     return net, ref
 
 
-@pytest.mark.parametrize("name", ["model-ranking", "model-infonce", "model-instance", "model-center"])
+@pytest.mark.parametrize("name", ["model-ranking", "model-infonce", "model-instance", "model-center",
+                                  "model-phrases"])
 def test_ddp_model_grads_and_batchnorm_equal_single_process(distributed, name):
     world, cases, outs = distributed
     case = cases[name]

@@ -23,8 +23,9 @@ def _ref_cost(a: torch.Tensor, b: torch.Tensor, metric: str) -> torch.Tensor:
     return -dot
 
 
-def _ref_term(anchors, a_gid, cands, c_gid, same_set, margin, top_k, metric):
-    """Loop over every (anchor, positive, negative) triplet; keep the top_k positive hinges."""
+def _ref_term(anchors, a_gid, cands, c_gid, same_set, margin, top_k, metric, allowed=None):
+    """Loop over every (anchor, positive, negative) triplet; keep the top_k positive hinges.
+    `allowed[a][n]` False: candidate n is no negative of anchor a (a region-phrase batch's mask)."""
     total = anchors.new_zeros(())
     for a in range(len(anchors)):
         for p in range(len(cands)):
@@ -33,7 +34,7 @@ def _ref_term(anchors, a_gid, cands, c_gid, same_set, margin, top_k, metric):
             d_ap = _ref_cost(anchors[a], cands[p], metric)
             hinges = []
             for n in range(len(cands)):
-                if c_gid[n] == a_gid[a]:
+                if c_gid[n] == a_gid[a] or (allowed is not None and not allowed[a][n]):
                     continue
                 h = margin + d_ap - _ref_cost(anchors[a], cands[n], metric)
                 if h.item() > 0:
@@ -44,7 +45,7 @@ def _ref_term(anchors, a_gid, cands, c_gid, same_set, margin, top_k, metric):
     return total
 
 
-def reference(img, img_gid, txt, txt_gid, *, lambdas, margin, top_k, metric, reduction):
+def reference(img, img_gid, txt, txt_gid, *, lambdas, margin, top_k, metric, reduction, negatives=None):
     ig, tg = img_gid.tolist(), txt_gid.tolist()
     args = dict(margin=margin, top_k=top_k, metric=metric)
     setups = {
@@ -56,7 +57,9 @@ def reference(img, img_gid, txt, txt_gid, *, lambdas, margin, top_k, metric, red
     n_pos_pairs = sum(1 for i in ig for t in tg if i == t)
     out = {}
     for name, lam in zip(TERMS, lambdas):
-        term = _ref_term(*setups[name], **args) if lam else img.new_zeros(())
+        mask = (negatives or {}).get(name)
+        term = _ref_term(*setups[name], **args, allowed=None if mask is None else mask.tolist()) if lam \
+            else img.new_zeros(())
         out[name] = term / n_pos_pairs if reduction == "mean" else term
     out["loss"] = sum(lam * out[name] for name, lam in zip(TERMS, lambdas))
     return out
@@ -110,6 +113,30 @@ def test_matches_brute_force(top_k, metric, reduction, lambdas):
             assert g_got.abs().max().item() == 0
         else:
             torch.testing.assert_close(g_got, g_want)
+
+
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+@pytest.mark.parametrize("top_k", [1, 3, None])
+def test_negative_masks_match_brute_force(top_k, metric):
+    """A [anchor, candidate] mask of allowed negatives (001 Algorithm 1: a phrase's negative
+    regions lie in its picture with IoU < 0.3) against the triplet loop that skips the others."""
+    img, img_gid, txt, txt_gid = make_batch(seed=4)
+    g = torch.Generator().manual_seed(7)
+    negatives = {"t2i": torch.rand(len(txt), len(img), generator=g) < 0.5,
+                 "i2i": torch.rand(len(img), len(img), generator=g) < 0.7}
+    kw = dict(lambdas=(1, 4, 0.3, 0.1), margin=0.4, top_k=top_k, metric=metric, reduction="mean")
+    got = ranking_loss(img, img_gid, txt, txt_gid, negatives=negatives, **kw)
+    want = reference(img, img_gid, txt, txt_gid, negatives=negatives, **kw)
+    unmasked = ranking_loss(img, img_gid, txt, txt_gid, **kw)
+    for name in ("loss", *TERMS):
+        torch.testing.assert_close(got[name], want[name], msg=name)
+    assert got["t2i"] < unmasked["t2i"] and got["i2t"] == unmasked["i2t"]  # only the masked terms change
+    for g_got, g_want in zip(_grads(got, img, txt), _grads(want, img, txt)):
+        torch.testing.assert_close(g_got, g_want)
+    with pytest.raises(ValueError, match="t2i"):
+        ranking_loss(img, img_gid, txt, txt_gid, negatives={"t2i": negatives["t2i"][:, :3]}, **kw)
+    with pytest.raises(ValueError, match="unknown term"):
+        ranking_loss(img, img_gid, txt, txt_gid, negatives={"x2y": negatives["t2i"]}, **kw)
 
 
 def test_top_k_keeps_only_positive_hinges():

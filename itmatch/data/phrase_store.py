@@ -1,0 +1,299 @@
+"""Region-phrase data as a feature store: the phrase localization task's counterpart of store.py.
+
+`prepare_phrases(source)` reads an `entities:` or `shapes-phrases:` source (itmatch.phrases), crops
+every region of every picture (the ground-truth region of each coreference chain and every region
+proposal) and encodes the crops with the image encoder (`data.image_encoder`), encodes the phrases
+with the text encoder (`data.text_encoder`), and caches per split, in a folder keyed by the source's
+files and the encoders like the image-caption features:
+
+    {split}_regions.parquet   region_gid, image_id, proposal_index (-1: ground truth), box, feature;
+                              per picture (ascending image_id) its ground-truth regions, then its proposals
+    {split}_phrases.parquet   phrase_id, caption_id, image_id, region_gid (its chain's region), text, box, feature
+    manifest.json             kind "phrases", source, encoders, dims, per-split digests and counts
+
+`PhraseStore.split(name)` is a `PhraseSplit`: a `FeatureSplit` whose "images" are regions and whose
+"captions" are phrases, so everything that takes a FeatureSplit (the sampler, embedding a split,
+the closed-form CCA fit, MLflow's dataset record) takes it too. A region's group id (`image_ids`) is
+its chain's region id for a ground-truth region and a unique negative number for a proposal, so
+a phrase's positive "image" is its ground-truth region. What differs is batch construction
+(`make_batch`: 001 Algorithm 1, phrase_batch.py) and evaluation (itmatch.eval.phrases).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from itmatch.config import DataConfig
+from itmatch.data.batch import Batch, Prepare
+from itmatch.data.phrase_batch import phrase_batch
+from itmatch.data.readers import Corpus, column_to_numpy, features_column
+from itmatch.data.sources import DataError, Source, parse_source
+from itmatch.data.store import (FeatureSplit, FeatureStore, _atomic_write_table, _cache_key, _check_finite, _digest,
+                                atomic_write_text, check_encoder_names)
+from itmatch.phrases.entities import PhraseCorpus, boxes_column, boxes_of, read_entities
+
+SCHEMA_VERSION = 1
+KIND = "phrases"
+_SHAPES_OPTIONS = {"n_images": int, "seed": int, "image_size": int, "n_captions": int, "jitter_per_region": int,
+                   "random_proposals": int, "val_fraction": float, "test_fraction": float}
+_ENTITIES_OPTIONS = ("proposals", "images")
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _typed_options(source: Source, types: dict[str, type]) -> dict[str, Any]:
+    unknown = sorted(set(source.options) - set(types))
+    if unknown:
+        raise DataError(f"data.source {str(source)!r}: unknown option {unknown[0]!r}; choices: {', '.join(types)}")
+    out = {}
+    for key, value in source.options.items():
+        try:
+            out[key] = types[key](value)
+        except ValueError:
+            raise DataError(f"data.source {str(source)!r}: option {key}={value!r} is not a {types[key].__name__}") \
+                from None
+    return out
+
+
+def read_phrase_source(text: str) -> PhraseCorpus:
+    """`entities:ROOT[?proposals=FILE&images=DIR]` or `shapes-phrases:DIR[?n_images=N&seed=S&...]`
+    (written there once by `write_shapes_entities`) -> the corpus, with proposals and image paths."""
+    source = parse_source(text)
+    if source.scheme == "shapes-phrases":
+        from itmatch.phrases.synthetic import write_shapes_entities
+
+        options = _typed_options(source, _SHAPES_OPTIONS)
+        try:
+            root = write_shapes_entities(source.location, **options)
+        except ValueError as exc:  # the writer's own argument checks
+            raise DataError(f"data.source {text!r}: {exc}") from None
+        corpus = read_entities(root)
+    elif source.scheme == "entities":
+        _typed_options(source, dict.fromkeys(_ENTITIES_OPTIONS, str))
+        corpus = read_entities(source.location, image_dir=source.options.get("images"),
+                               proposals=source.options.get("proposals"))
+    else:
+        raise DataError(f"data.source {text!r}: {source.scheme}: is image-caption data, not region-phrase data")
+    _check_usable(corpus)
+    return corpus
+
+
+def _check_usable(corpus: PhraseCorpus) -> None:
+    if corpus.proposals is None:
+        raise DataError(f"{corpus.name}: no region proposals ({corpus.name.split(':', 1)[-1]}/proposals.parquet or "
+                        "?proposals=FILE): phrase localization ranks proposals, and training draws its negative "
+                        "regions from them")
+    if corpus.images.column("path").null_count:
+        raise DataError(f"{corpus.name}: no image folder (images/ beside Sentences/, or ?images=DIR): region "
+                        "features are computed from crops of the images")
+    if corpus.phrases.num_rows == 0:
+        raise DataError(f"{corpus.name}: no phrase with a box (dropped: {corpus.dropped})")
+
+
+def caption_view(corpus: PhraseCorpus) -> Corpus:
+    """The corpus as pictures and phrases in the image-caption reader's schema (encoder checks)."""
+    images = corpus.images.select(["image_id", "split", "path"])
+    phrases = corpus.phrases.select(["phrase_id", "image_id", "split", "text"]).rename_columns(
+        ["caption_id", "image_id", "split", "text"])
+    return Corpus(images, phrases, corpus.name, corpus.files)
+
+
+# --------------------------------------------------------------------------- featurising crops
+
+
+def region_rows(corpus: PhraseCorpus) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(image_id, region_gid, proposal_index, box) of every region of the corpus (one split), per
+    picture its ground-truth regions (by region id) then its proposals (by index). A proposal's
+    group id is -(1 + its row): unique, and never a chain's."""
+    gt, props = corpus.regions, corpus.proposals
+    image_id = np.concatenate([gt.column("image_id").to_numpy(), props.column("image_id").to_numpy()])
+    region_id = gt.column("region_id").to_numpy()
+    index = props.column("proposal_index").to_numpy().astype(np.int64)
+    is_proposal = np.r_[np.zeros(len(region_id), bool), np.ones(len(index), bool)]
+    within = np.concatenate([region_id, index])  # order inside a picture's ground truths / proposals
+    order = np.lexsort((within, is_proposal, image_id))
+    boxes = np.concatenate([boxes_of(gt.column("box")), boxes_of(props.column("box"))])[order]
+    gid = np.where(is_proposal[order], -1 - np.arange(len(order)), within[order])
+    proposal_index = np.where(is_proposal, within, -1)[order].astype(np.int32)
+    return image_id[order].astype(np.int64), gid.astype(np.int64), proposal_index, boxes.astype(np.float32)
+
+
+def pixel_box(box: np.ndarray, width: int, height: int) -> tuple[int, int, int, int]:
+    """A box as whole pixels inside the image, at least one pixel wide and high (what PIL crops)."""
+    x1 = min(max(math.floor(float(box[0])), 0), width - 1)
+    y1 = min(max(math.floor(float(box[1])), 0), height - 1)
+    x2 = max(min(math.ceil(float(box[2])), width), x1 + 1)
+    y2 = max(min(math.ceil(float(box[3])), height), y1 + 1)
+    return x1, y1, x2, y2
+
+
+def _crops(paths: dict[int, str], image_ids: np.ndarray, boxes: np.ndarray) -> Iterator:
+    """The crop of every row, rows grouped by picture: each picture is decoded once."""
+    from PIL import Image
+
+    starts = np.flatnonzero(np.r_[True, image_ids[1:] != image_ids[:-1]])
+    for lo, hi in zip(starts, np.r_[starts[1:], len(image_ids)]):
+        path = paths[int(image_ids[lo])]
+        try:
+            with Image.open(path) as opened:
+                image = opened.convert("RGB")
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise DataError(f"{path}: cannot decode image ({exc})") from exc
+        for box in boxes[lo:hi]:
+            yield image.crop(pixel_box(box, *image.size))
+
+
+def crop_features(paths: dict[int, str], image_ids: np.ndarray, boxes: np.ndarray, encoder_name: str,
+                  progress: bool = False) -> np.ndarray:
+    """[rows, dim] features of the crops (boxes of pictures `image_ids`, rows grouped by picture) from
+    the named frozen image encoder, the one that featurises whole images for retrieval."""
+    from itmatch.data.encoders import build_image_encoder
+
+    return build_image_encoder(encoder_name).encode(_crops(paths, image_ids, boxes), progress=progress)
+
+
+def _ingest_split(corpus: PhraseCorpus, split: str, root: Path, image_encoder: str, text_encoder: str,
+                  progress: bool) -> dict[str, Any]:
+    from itmatch.data.encoders import build_text_encoder
+
+    part = corpus.split(split)
+    image_id, gid, proposal_index, boxes = region_rows(part)
+    paths = dict(zip(part.images.column("image_id").to_pylist(), part.images.column("path").to_pylist()))
+    region_feats = crop_features(paths, image_id, boxes, image_encoder, progress)
+    phrases = part.phrases
+    phrase_feats = build_text_encoder(text_encoder).encode(phrases.column("text").to_pylist(), progress=progress)
+    where = f"{corpus.name}: split {split!r}"
+    _check_finite(region_feats, f"{where}: region features")
+    _check_finite(phrase_feats, f"{where}: phrase features")
+    _atomic_write_table(pa.table({"region_gid": gid, "image_id": image_id, "proposal_index": proposal_index,
+                                  "box": boxes_column(boxes), "feature": features_column(region_feats)}),
+                        root / f"{split}_regions.parquet")
+    _atomic_write_table(pa.table({
+        "phrase_id": phrases.column("phrase_id"), "caption_id": phrases.column("caption_id"),
+        "image_id": phrases.column("image_id"), "region_gid": phrases.column("region_id"),
+        "text": phrases.column("text"), "box": phrases.column("box"), "feature": features_column(phrase_feats),
+    }), root / f"{split}_phrases.parquet")
+    return {"digest": _digest(image_id, gid, boxes, region_feats, phrase_feats), "images": part.images.num_rows,
+            "phrases": phrases.num_rows, "regions": len(gid), "proposals": int((proposal_index >= 0).sum()),
+            "dims": [int(region_feats.shape[1]), int(phrase_feats.shape[1])]}
+
+
+def prepare_phrases(source: str, *, cache_dir: str | Path, image_encoder: str, text_encoder: str,
+                    splits: Optional[list[str]] = None, progress: bool = True) -> "PhraseStore":
+    """Read a region-phrase source, featurise what is not yet cached, and return the store."""
+    corpus = read_phrase_source(source)
+    check_encoder_names(caption_view(corpus), image_encoder, text_encoder)
+    wanted = splits or corpus.splits
+    missing = [s for s in wanted if s not in corpus.splits]
+    if missing:
+        raise DataError(f"{source}: split(s) {missing} not found; available: {corpus.splits}")
+    root = Path(cache_dir) / (f"{KIND}-" + _cache_key(corpus, image_encoder, text_encoder))
+    manifest_path = root / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    if manifest and all(s in manifest["splits"] for s in wanted):
+        return PhraseStore(root, manifest)
+    root.mkdir(parents=True, exist_ok=True)
+    have = manifest["splits"] if manifest else []  # kept: a worker may be reading them
+    stats = {s: _ingest_split(corpus, s, root, image_encoder, text_encoder, progress) for s in wanted if s not in have}
+    dims = {tuple(v["dims"]) for v in stats.values()} | ({tuple(manifest["dims"])} if manifest else set())
+    if len(dims) != 1:
+        raise DataError(f"{source}: splits have different feature widths {sorted(dims)}")
+    old = manifest or {"digests": {}, "counts": {}}
+    manifest = {
+        "schema_version": SCHEMA_VERSION, "kind": KIND, "source": source, "image_encoder": image_encoder,
+        "text_encoder": text_encoder, "splits": have + list(stats), "dims": list(dims.pop()),
+        "digests": {**old["digests"], **{s: v["digest"] for s, v in stats.items()}},
+        "counts": {**old["counts"], **{s: {k: v[k] for k in ("images", "phrases", "regions", "proposals")}
+                                       for s, v in stats.items()}},
+        "dropped_phrases": corpus.dropped,
+    }
+    atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
+    return PhraseStore(root, manifest)
+
+
+# --------------------------------------------------------------------------- reading the store
+
+
+@dataclass
+class PhraseSplit(FeatureSplit):
+    """One split of region-phrase features. As a FeatureSplit: images = regions (ground truths and
+    proposals), captions = phrases, `caption_image` = each phrase's ground-truth region row. Beyond
+    it, the geometry Algorithm 1 and the evaluation need."""
+
+    picture_ids: np.ndarray  # [I] the split's pictures (image ids of the source)
+    region_picture: np.ndarray  # [R] row into picture_ids
+    region_box: np.ndarray  # [R, 4] float32, 0-based exclusive pixels
+    proposal_rows: np.ndarray  # [I, P_max] region rows of each picture's proposals, -1 = padding
+    phrase_picture: np.ndarray  # [N] row into picture_ids
+    phrase_box: np.ndarray  # [N, 4] the phrase's ground-truth box
+
+    @property
+    def caption_shard(self) -> np.ndarray:
+        """What keeps a phrase's batch rows on one worker: its picture (see batching.py)."""
+        return self.phrase_picture
+
+    def make_batch(self, phrases: np.ndarray, prepare_image: Prepare, prepare_text: Prepare, *, train: bool = False,
+                   rng: Optional[np.random.Generator] = None, data: Optional[DataConfig] = None) -> Batch:
+        """001 Algorithm 1's batch for these phrase rows (phrase_batch.py); `data.augment_positives`
+        positives drawn per phrase (default 1)."""
+        augment = 1 if data is None else data.augment_positives
+        return phrase_batch(self, phrases, prepare_image, prepare_text, augment=augment, train=train, rng=rng)
+
+
+def _padded_rows(picture: np.ndarray, is_proposal: np.ndarray, n_pictures: int) -> np.ndarray:
+    """[I, P_max] region rows of each picture's proposals (rows grouped by picture), -1 padded."""
+    rows = np.flatnonzero(is_proposal)
+    counts = np.bincount(picture[rows], minlength=n_pictures)
+    out = np.full((n_pictures, int(counts.max(initial=0))), -1, np.int64)
+    slot = np.arange(len(rows)) - np.r_[0, np.cumsum(counts)][picture[rows]]
+    out[picture[rows], slot] = rows
+    return out
+
+
+class PhraseStore(FeatureStore):
+    """The feature store's manifest and identity with region and phrase tables (module docstring)."""
+
+    def _read(self, name: str) -> tuple[pa.Table, pa.Table]:
+        if name not in self.manifest["splits"]:
+            raise DataError(f"{self.manifest['source']}: split {name!r} not found; available: "
+                            f"{self.manifest['splits']}")
+        return (pq.read_table(self.root / f"{name}_regions.parquet", memory_map=True),
+                pq.read_table(self.root / f"{name}_phrases.parquet", memory_map=True))
+
+    def caption_groups(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(chain, picture) of every phrase: what the sampler groups and shards by (no features read)."""
+        phrases = pq.read_table(self.root / f"{name}_phrases.parquet", columns=["region_gid", "image_id"])
+        return phrases.column("region_gid").to_numpy(), phrases.column("image_id").to_numpy()
+
+    def split(self, name: str) -> PhraseSplit:  # type: ignore[override]
+        regions, phrases = self._read(name)
+        region_image = regions.column("image_id").to_numpy()
+        pictures, region_picture = np.unique(region_image, return_inverse=True)
+        gid = regions.column("region_gid").to_numpy()
+        truth = np.flatnonzero(gid >= 0)
+        row_of = dict(zip(gid[truth].tolist(), truth.tolist()))
+        chains = phrases.column("region_gid").to_numpy()
+        return PhraseSplit(
+            image_ids=gid, image_feats=column_to_numpy(regions.column("feature")),
+            caption_ids=phrases.column("phrase_id").to_numpy(),
+            caption_image=np.fromiter((row_of[int(c)] for c in chains), np.int64, len(chains)),
+            caption_feats=column_to_numpy(phrases.column("feature")), texts=phrases.column("text").to_pylist(),
+            picture_ids=pictures, region_picture=region_picture.astype(np.int64),
+            region_box=boxes_of(regions.column("box")),
+            proposal_rows=_padded_rows(region_picture, regions.column("proposal_index").to_numpy() >= 0,
+                                       len(pictures)),
+            phrase_picture=np.searchsorted(pictures, phrases.column("image_id").to_numpy()).astype(np.int64),
+            phrase_box=boxes_of(phrases.column("box")))
+
+
+__all__ = ["KIND", "read_phrase_source", "region_rows", "pixel_box", "crop_features", "prepare_phrases",
+           "PhraseSplit", "PhraseStore"]
