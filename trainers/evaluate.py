@@ -61,7 +61,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     metrics = evaluate_split(model, store.split(args.split), chunk=cfg.train.eval_chunk, protocol=args.protocol)
     print(format_metrics(metrics))
-    if args.pictures:
+    if args.pictures and cfg.data.task != "retrieval":
+        print("pictures: not drawn (they show image-caption retrieval; this is a phrase model)", file=sys.stderr)
+    elif args.pictures:
         from itmatch.eval.pictures import model_pictures
 
         written = model_pictures(model, store, args.split, Path(args.pictures), n_queries=cfg.eval.picture_queries,

@@ -1,0 +1,63 @@
+"""The ablation table's planning and arithmetic (no Ray): rows checked before anything runs, one job
+per (row, seed), mean ± sample std per row against a by-hand computation, differences to the first
+row flagged when they exceed the seeds' spread."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from itmatch.config import ConfigError
+from tuning.ablation import RECALLS, load_table, markdown, plan, summarize
+
+
+def _table(tmp_path, text):
+    path = tmp_path / "t.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_rows_are_checked_before_anything_runs(tmp_path):
+    path = _table(tmp_path, "config: configs/debug.yaml\nseeds: [0, 1]\nrows:\n  ok: {}\n  bad: {loss.margn: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"t\.yaml: row 'bad'.*loss\.margn"):
+        load_table(path, [])
+    with pytest.raises(ConfigError, match="seeds"):
+        load_table(_table(tmp_path, "seeds: [a]\nrows: {x: {}}\n"), [])
+    with pytest.raises(ConfigError, match="rows"):
+        load_table(_table(tmp_path, "rows: [1, 2]\n"), [])
+
+
+def test_one_job_per_row_and_seed_with_the_table_and_command_line_overrides(tmp_path):
+    path = _table(tmp_path, "config: configs/debug.yaml\nseeds: [3, 4]\noverrides: {train.epochs: 2}\n"
+                            "rows:\n  full model: {}\n  linear / K=1: {model.branch: linear, loss.top_k: 1}\n")
+    base, rows, seeds = load_table(path, ["loss.margin=0.3"])
+    assert base.train.epochs == 2 and base.loss.margin == 0.3 and seeds == [3, 4]
+    jobs = plan(rows, seeds)
+    assert [(j["trial_id"], j["seed"], j["run"]) for j in jobs] == [
+        ("full model", 3, "full-model-seed3"), ("full model", 4, "full-model-seed4"),
+        ("linear / K=1", 3, "linear-k-1-seed3"), ("linear / K=1", 4, "linear-k-1-seed4")]
+    assert jobs[2]["params"] == {"model.branch": "linear", "loss.top_k": 1}
+
+
+def _record(row, rsum, val, failed=False):
+    test = {k: rsum / 6 for k in RECALLS} | {"rsum": rsum}
+    return {"trial_id": row, "summary": None if failed else {"test": test, "val_rsum": val}}
+
+
+def test_mean_std_and_difference_beyond_the_spread():
+    rows = {"a": {}, "b": {"model.branch": "linear"}, "c": {"loss.top_k": 1}, "d": {}}
+    records = [_record("a", 300, 310), _record("a", 310, 312), _record("a", 320, 314),
+               _record("b", 250, 260), _record("b", 252, 262), _record("b", 0, 0, failed=True),
+               _record("c", 305, 300), _record("c", 325, 301),
+               _record("d", 0, 0, failed=True)]
+    table = {t["row"]: t for t in summarize(rows, records)}
+    assert table["a"]["rsum"] == (310.0, 10.0) and table["a"]["val"] == (312.0, 2.0) and table["a"]["seeds"] == 3
+    assert table["b"]["seeds"] == 2 and table["b"]["failed"] == 1
+    assert table["b"]["rsum"][1] == pytest.approx(math.sqrt(2.0))  # sample std of 250, 252
+    assert table["b"]["delta"] == -59.0 and table["b"]["beyond_spread"]
+    assert table["c"]["delta"] == 5.0 and not table["c"]["beyond_spread"]  # 5 < sqrt(10^2 + 14.1^2)
+    assert table["d"]["rsum"] == (None, 0.0) and table["d"]["delta"] is None
+    text = markdown(list(table.values()))
+    assert "310.0 ± 10.0" in text and "-59.0 |" in text and "+5.0 (within spread)" in text
+    assert "0 (1 failed)" in text and "`model.branch=linear`" in text and "(the preset)" in text

@@ -1,0 +1,194 @@
+"""An ablation table: rows of config variants, each trained with several seeds, reported with the
+spread, so a difference can be told from seed noise.
+
+    python -m tuning.ablation configs/ablation/flickr8k.yaml [--name NAME] [--max-concurrent C] [key=value ...]
+
+The table file names the preset every row starts from, the seeds, and the rows (dotted overrides,
+the same keys as the CLI and Tune):
+
+    config: configs/flickr8k_precomp.yaml
+    seeds: [0, 1, 2]
+    overrides: {train.epochs: 20}      # optional, for every row (the command line's come last)
+    rows:
+      full: {}
+      linear branches: {model.branch: linear}
+
+Every row is validated before Ray starts (an error names the row and the key). Each (row, seed) is a
+normal job (`trainers.job.run_job`): its folder `runs/<name>/runs/<row>-seed<k>`, an MLflow run nested
+under the table's parent run; finished ones are read back when the command is run again. The table
+(test R@K, rsum mean ± sample std, validation rsum, the difference to the first row and whether it
+is larger than the spread) is printed and written as `runs/<name>/ablation.md` and `ablation.json`,
+both logged to the parent run. Nothing is registered.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (see trainers/train.py)
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Optional  # noqa: E402
+
+import yaml  # noqa: E402
+
+from itmatch.config import Config, ConfigError, load_config  # noqa: E402
+from itmatch.data.sources import DataError  # noqa: E402
+from trainers.logs import setup_logging  # noqa: E402
+from tuning import rerun  # noqa: E402
+
+RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
+
+
+def load_table(path: str | Path, extra: list[str]) -> tuple[Config, dict[str, dict], list[int]]:
+    """The base config (the table's preset + its overrides + the command line's) and the rows, each
+    checked against it. A row name becomes a folder name, so it is slugged."""
+    try:
+        spec = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read the ablation table: {exc}") from exc
+    rows, seeds = spec.get("rows"), spec.get("seeds", [0])
+    if not isinstance(rows, dict) or not rows or not all(isinstance(v, dict) or v is None for v in rows.values()):
+        raise ConfigError(f"{path}: rows: expected a mapping of row name -> {{dotted key: value}}, got {rows!r}")
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ConfigError(f"{path}: seeds: expected a list of integers, got {seeds!r}")
+    common = [f"{k}={json.dumps(v)}" for k, v in (spec.get("overrides") or {}).items()]
+    base = load_config(spec.get("config"), [*common, *extra])
+    for row, overrides in rows.items():
+        try:
+            load_config(None, {**base.flat(), **(overrides or {})})
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: row {row!r}: {exc}") from exc
+    return base, {row: overrides or {} for row, overrides in rows.items()}, seeds
+
+
+def slug(row: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", row).strip("-").lower() or "row"
+
+
+def plan(rows: dict[str, dict], seeds: list[int]) -> list[dict[str, Any]]:
+    """One job per (row, seed), in row order; `trial_id` is the row (what tuning.rerun calls it)."""
+    return [{"trial_id": row, "params": overrides, "seed": seed, "run": f"{slug(row)}-seed{seed}"}
+            for row, overrides in rows.items() for seed in seeds]
+
+
+def summarize(rows: dict[str, dict], records: list[dict], metric: str = "rsum") -> list[dict[str, Any]]:
+    """Per row: mean and sample std over its finished seeds of every test recall, test rsum and the
+    best validation score; the first row is the reference each difference is taken to."""
+    table = []
+    for row, overrides in rows.items():
+        done = [r["summary"] for r in records if r["trial_id"] == row and r["summary"]]
+        line: dict[str, Any] = {"row": row, "overrides": overrides, "seeds": len(done),
+                                "failed": sum(1 for r in records if r["trial_id"] == row and not r["summary"])}
+        for key in (*RECALLS, metric):
+            line[key] = _mean_std([s["test"][key] for s in done])
+        line["val"] = _mean_std([s[f"val_{metric}"] for s in done])
+        table.append(line)
+    ref = table[0][metric]
+    for line in table:
+        mean, std = line[metric]
+        if ref[0] is None or mean is None:
+            line["delta"], line["beyond_spread"] = None, None
+            continue
+        line["delta"] = mean - ref[0]
+        # outside the seed noise: the difference exceeds both rows' standard deviations combined
+        line["beyond_spread"] = abs(line["delta"]) > (std ** 2 + ref[1] ** 2) ** 0.5
+    return table
+
+
+def _mean_std(values: list[float]) -> tuple[Optional[float], float]:
+    if not values:
+        return None, 0.0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def markdown(table: list[dict[str, Any]], metric: str = "rsum") -> str:
+    head = ("| row | overrides | seeds | i2t R@1/5/10 | t2i R@1/5/10 | test rsum (mean ± std) | val rsum | "
+            f"Δ {metric} vs first row |")
+    lines = [head, "|" + "---|" * 8]
+    for t in table:
+        if t[metric][0] is None:
+            lines.append(f"| {t['row']} | {_overrides(t)} | 0 ({t['failed']} failed) | | | | | |")
+            continue
+        i2t = "/".join(f"{t[k][0]:.1f}" for k in RECALLS[:3])
+        t2i = "/".join(f"{t[k][0]:.1f}" for k in RECALLS[3:])
+        delta = "—" if t is table[0] else f"{t['delta']:+.1f}" + ("" if t["beyond_spread"] else " (within spread)")
+        lines.append(f"| {t['row']} | {_overrides(t)} | {t['seeds']} | {i2t} | {t2i} | "
+                     f"{t[metric][0]:.1f} ± {t[metric][1]:.1f} | {t['val'][0]:.1f} ± {t['val'][1]:.1f} | {delta} |")
+    return "\n".join(lines) + "\n"
+
+
+def _overrides(line: dict[str, Any]) -> str:
+    return ", ".join(f"`{k}={v}`" for k, v in line["overrides"].items()) or "(the preset)"
+
+
+def run_table(base: Config, rows: dict[str, dict], seeds: list[int], name: str, max_concurrent: int) -> list[dict]:
+    """Every (row, seed) as a job on one Ray session; the table under runs/<name>, in MLflow too."""
+    from trainers.job import absolute_paths
+    from trainers.train import init_ray, prepare_store
+
+    cfg = absolute_paths(load_config(None, {**base.flat(), "run.name": name, "eval.pictures": False,
+                                            "tracking.registered_model": None}))
+    store = prepare_store(cfg)
+    folder = Path(cfg.run.storage_path) / name
+    folder.mkdir(parents=True, exist_ok=True)
+    init_ray(cfg)
+    parent = _parent_run(cfg, folder, store, name)
+    setup = {"base": cfg.flat(), "store": str(store.root.resolve()), "reruns_dir": str(folder / "runs"),
+             "name": name, "parent_run_id": parent["run_id"] if parent else None}
+    records = rerun.run_all(plan(rows, seeds), setup, max_concurrent)
+    table = summarize(rows, records, cfg.train.metric)
+    (folder / "ablation.json").write_text(json.dumps({"rows": table, "runs": records}, indent=2, default=str))
+    (folder / "ablation.md").write_text(markdown(table, cfg.train.metric))
+    if parent:
+        _close_parent(parent, folder, records)
+    return table
+
+
+def _parent_run(cfg: Config, folder: Path, store, name: str) -> Optional[dict]:
+    if not cfg.tracking.enabled:
+        return None
+    from trainers.tracking import start_run
+
+    return start_run(cfg, str(folder), store, tags={"itmatch.ablation": name})
+
+
+def _close_parent(parent: dict, folder: Path, records: list[dict]) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from trainers.tracking import end_run
+
+    client = MlflowClient(parent["tracking_uri"])
+    for name in ("ablation.md", "ablation.json"):
+        client.log_artifact(parent["run_id"], str(folder / name))
+    end_run(parent, "FINISHED" if all(r["summary"] for r in records) else "FAILED")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    setup_logging()
+    p = argparse.ArgumentParser(prog="tuning.ablation", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("table", help="YAML: config (preset), seeds, overrides, rows")
+    p.add_argument("--name", help="folder under run.storage_path and the parent MLflow run (default: the file's name)")
+    p.add_argument("--max-concurrent", type=int, default=1, help="jobs at once")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for every row (after the table's own)")
+    args = p.parse_intermixed_args(argv)  # the table, flags and overrides in any order
+    try:
+        base, rows, seeds = load_table(args.table, args.overrides)
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    name = args.name or Path(args.table).stem
+    table = run_table(base, rows, seeds, name, max(1, args.max_concurrent))
+    print(markdown(table, base.train.metric))
+    return 0 if all(t["failed"] == 0 for t in table) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
