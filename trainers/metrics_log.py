@@ -18,6 +18,8 @@ import json
 import logging
 import os
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,6 +30,7 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 log = logging.getLogger("itmatch.tracking")
 LOCAL_FILE = "metrics.jsonl"
 MARKER = "mlflow_logged.json"
+PROBE_TIMEOUT_S = 2.0
 
 
 def _logged_through(folder: Path, run_id: str) -> int:
@@ -54,7 +57,7 @@ class MetricsLog:
     def __init__(self, tracking: dict[str, Any], client: Optional[Any] = None) -> None:
         from mlflow.tracking import MlflowClient
 
-        self.run_id, self.folder = tracking["run_id"], Path(tracking["folder"])
+        self.run_id, self.folder, self.uri = tracking["run_id"], Path(tracking["folder"]), tracking["tracking_uri"]
         self.client = client or MlflowClient(tracking["tracking_uri"])
         self.folder.mkdir(parents=True, exist_ok=True)
         self.warned = False
@@ -70,6 +73,8 @@ class MetricsLog:
         """Send every epoch MLflow does not have yet, oldest first; False if MLflow is unreachable."""
         import mlflow
 
+        if self.warned and not self._answers():
+            return False  # still down: the epoch waits in metrics.jsonl, training does not
         done = _logged_through(self.folder, self.run_id)
         for epoch, record in _local_epochs(self.folder, done):
             stamp = int(record.get("timestamp") or mlflow.utils.time.get_current_time_millis())  # the record's time
@@ -86,6 +91,21 @@ class MetricsLog:
         if self.warned:
             log.warning("MLflow reachable again: every epoch's metrics are logged")
             self.warned = False
+        return True
+
+
+    def _answers(self) -> bool:
+        """While the server is known to be down, one short look at it (PROBE_TIMEOUT_S) instead of a
+        full request: with its timeout and retries that would stall every epoch of every worker
+        (they wait for rank 0) for up to ~35 s against a server that hangs. Non-HTTP stores: True."""
+        if not self.uri.startswith(("http://", "https://")):
+            return True
+        try:
+            urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S).close()
+        except urllib.error.HTTPError:
+            return True  # something answered
+        except (urllib.error.URLError, OSError):
+            return False
         return True
 
 

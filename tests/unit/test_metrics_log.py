@@ -77,3 +77,29 @@ def test_the_driver_sends_what_the_workers_could_not(run):
     assert _steps(client, tracking["run_id"]) == []
     assert flush_pending(tracking)  # the server is back when the run ends
     assert _steps(client, tracking["run_id"]) == [(1, 5.0)]
+
+
+def test_while_the_server_is_down_an_epoch_costs_one_short_look_not_a_request(run, monkeypatch):
+    """A server that is down (here: nothing listens on the port) is probed with one short request
+    per epoch; the full logging request, with its timeout and retries, waits until it answers."""
+    import socket
+
+    import trainers.metrics_log as ml
+
+    tracking, client = run
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: connection refused
+    flaky = Flaky(client)
+    logger = MetricsLog({**tracking, "tracking_uri": f"http://127.0.0.1:{port}"}, client=flaky)
+    flaky.down = True
+    logger({"val_rsum": 1.0}, 1)  # the first failure is a real request: that is how it is found down
+    assert flaky.calls == 1 and logger.warned
+    logger({"val_rsum": 2.0}, 2)
+    logger({"val_rsum": 3.0}, 3)
+    assert flaky.calls == 1  # no more full requests while nothing answers
+    flaky.down = False
+    monkeypatch.setattr(ml.MetricsLog, "_answers", lambda self: True)  # the server is back
+    logger({"val_rsum": 4.0}, 4)
+    assert _steps(client, tracking["run_id"]) == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0)]
+    assert not logger.warned
