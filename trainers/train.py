@@ -106,8 +106,22 @@ def warn_relative_paths(cfg: Config) -> None:
                     "(and an MLflow server or shared sqlite file) to keep checkpoints, runs and models",
                     ", ".join(relative), os.getcwd())
 
+def exit_on_sigterm() -> None:
+    """`ray job stop`, `kill` and batch schedulers send SIGTERM, on which Python dies without running
+    `except`/`finally` or atexit: the MLflow run stayed RUNNING and an in-process Ray cluster's
+    processes (dashboard, agents) outlived the driver. SystemExit instead ends the run KILLED and
+    shuts Ray down; the same command resumes it from its last checkpoint."""
+    import signal
+
+    def stop(signum: int, frame) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     setup_logging()
+    exit_on_sigterm()
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
@@ -125,6 +139,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     warn_relative_paths(cfg)
     init_ray(cfg)
+    exit_on_sigterm()  # again: Ray's driver installs its own SIGTERM handler, which aborts
     summary = run_job(cfg, store)
     print(json.dumps(summary, indent=2, default=str))
     return 0

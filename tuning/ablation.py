@@ -131,7 +131,7 @@ def _overrides(line: dict[str, Any]) -> str:
 def run_table(base: Config, rows: dict[str, dict], seeds: list[int], name: str, max_concurrent: int) -> list[dict]:
     """Every (row, seed) as a job on one Ray session; the table under runs/<name>, in MLflow too."""
     from trainers.job import absolute_paths
-    from trainers.train import init_ray, prepare_store
+    from trainers.train import exit_on_sigterm, init_ray, prepare_store
 
     cfg = absolute_paths(load_config(None, {**base.flat(), "run.name": name, "eval.pictures": False,
                                             "tracking.registered_model": None}))
@@ -139,6 +139,7 @@ def run_table(base: Config, rows: dict[str, dict], seeds: list[int], name: str, 
     folder = Path(cfg.run.storage_path) / name
     folder.mkdir(parents=True, exist_ok=True)
     init_ray(cfg)
+    exit_on_sigterm()  # again: Ray's driver installs its own SIGTERM handler, which aborts
     parent = _parent_run(cfg, folder, store, name)
     setup = {"base": cfg.flat(), "store": str(store.root.resolve()), "reruns_dir": str(folder / "runs"),
              "name": name, "parent_run_id": parent["run_id"] if parent else None}
@@ -172,6 +173,9 @@ def _close_parent(parent: dict, folder: Path, records: list[dict]) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     setup_logging()
+    from trainers.train import exit_on_sigterm
+
+    exit_on_sigterm()
     p = argparse.ArgumentParser(prog="tuning.ablation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("table", help="YAML: config (preset), seeds, overrides, rows")

@@ -143,9 +143,10 @@ def share_cpus(cfg: Config, cpus: float) -> Config:
 def run_search(cfg: Config, space: dict[str, dict], store: FeatureStore, search_dir: Path) -> list[dict]:
     from ray import tune
 
-    from trainers.train import init_ray
+    from trainers.train import exit_on_sigterm, init_ray
 
     init_ray(cfg)
+    exit_on_sigterm()  # again: Ray's driver installs its own SIGTERM handler, which aborts
     import ray
 
     cfg = share_cpus(cfg, ray.cluster_resources().get("CPU", 1))
@@ -273,9 +274,10 @@ def resolve(args: argparse.Namespace) -> tuple[Config, dict[str, dict]]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from trainers.train import prepare_store
+    from trainers.train import exit_on_sigterm, prepare_store
 
     setup_logging()
+    exit_on_sigterm()
     args = build_parser().parse_args(argv)
     try:
         cfg, space = resolve(args)
