@@ -324,8 +324,7 @@ def _resume(trainer: Trainer, checkpoint, run_dir: Optional[Path]) -> None:
                      trainer.cfg.run.start_from, trainer.state.epoch, trainer.cfg.optim.lr)
         return
     with checkpoint.as_directory() as folder:  # a download for remote storage: restore inside it
-        run_folder = Path(checkpoint.path).parent
-        _restore_newest(trainer, Path(folder), run_folder if run_folder.is_dir() else None)
+        _restore_newest(trainer, Path(folder), Path(checkpoint.path).parent)  # not a local dir: no siblings
 
 
 def _restore_newest(trainer: Trainer, listed: Optional[Path], run_folder: Optional[Path]) -> bool:

@@ -31,7 +31,6 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import re  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Optional  # noqa: E402
@@ -41,7 +40,7 @@ import yaml  # noqa: E402
 from itmatch.config import Config, ConfigError, load_config  # noqa: E402
 from itmatch.data.sources import DataError  # noqa: E402
 from trainers.logs import setup_logging  # noqa: E402
-from tuning import rerun  # noqa: E402
+from tuning import rerun, select  # noqa: E402
 
 RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 
@@ -103,9 +102,11 @@ def summarize(rows: dict[str, dict], records: list[dict], metric: str = "rsum") 
 
 
 def _mean_std(values: list[float]) -> tuple[Optional[float], float]:
+    """select.spread's mean and sample std; a row with no finished seed has no mean, one seed no spread."""
     if not values:
         return None, 0.0
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    mean, std = select.spread(values)
+    return mean, std or 0.0
 
 
 def markdown(table: list[dict[str, Any]], metric: str = "rsum") -> str:
