@@ -14,12 +14,16 @@ towers, which hold nearly all the activation memory, run in chunks twice:
 The gradients equal one pass over the whole batch (tested against it with 2 and 3 processes),
 while the towers' activations never exceed one chunk. Exact when the towers' BatchNorm uses fixed
 statistics (model.tower_batchnorm=frozen, the default): batch statistics would be per chunk.
+
+`Passes` says how the passes with a graph run and backpropagate: by default directly on the
+unwrapped model (the DDP strategy averages the gradients afterwards); a DeepSpeed engine routes
+them through itself and reduces once per step (trainers.strategies).
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -46,48 +50,99 @@ def _set_rng_state(state: tuple) -> None:
         torch.cuda.set_rng_state_all(state[1])
 
 
-def _features_without_graph(tower: nn.Module, inputs: Inputs, chunk: int,
+class Passes:
+    """How `cached_step` runs its passes and backpropagates. This default calls the modules and
+    `Tensor.backward` directly, on a model no wrapper reduces (the DDP strategy averages the
+    gradients over workers afterwards); trainers.strategies routes them through a DeepSpeed engine."""
+
+    feature_dtype: torch.dtype = torch.float32
+    """The cached tower features' dtype as the branches take them (autocast casts inside)."""
+
+    def chunks(self, n: int) -> int:
+        """How many chunks a tower runs when this worker's rows need `n`: more where every worker
+        must run as many (ZeRO-3 gathers weights per chunk); the extra ones carry a zero gradient."""
+        return n
+
+    def forward(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(*args)
+
+    def backpropagates(self, loss: Tensor) -> bool:
+        """False skips every backward pass of the step (a non-finite loss the caller will drop)."""
+        return True
+
+    def backward(self, out: Tensor, grad: Optional[Tensor] = None) -> None:
+        out.backward(grad)
+
+    def reduction(self) -> AbstractContextManager:
+        """Around every backward pass of one step: its gradients are reduced over workers at most
+        once, on exit (here: not at all, the caller averages them)."""
+        return nullcontext()
+
+
+DIRECT = Passes()
+
+
+def _chunks(inputs: Inputs, chunk: int, count: int) -> list[tuple[int, int, bool]]:
+    """(start, stop, real) for this worker's rows, then padding up to `count` chunks (the first
+    rows again, whose outputs are dropped / get zero gradients)."""
+    n = _length(inputs)
+    real = [(start, min(start + chunk, n), True) for start in range(0, n, chunk)]
+    return real + [(0, min(chunk, n), False)] * (count - len(real))
+
+
+def _features_without_graph(tower: nn.Module, inputs: Inputs, chunks: list, passes: Passes,
                             autocast: Callable[[], AbstractContextManager]) -> tuple[Tensor, list]:
-    """Step 1: the tower's features, chunk by chunk, and the RNG state before each chunk."""
+    """Step 1: the tower's features, chunk by chunk, and the RNG state before each chunk. Padding
+    chunks leave the RNG where they found it, so padding changes no random draw of the step."""
     states, parts = [], []
     with torch.no_grad():
-        for start in range(0, _length(inputs), chunk):
+        for start, stop, real in chunks:
             states.append(_rng_state())
             with autocast():
-                parts.append(tower(_rows(inputs, start, start + chunk)))
+                features = passes.forward(tower, _rows(inputs, start, stop))
+            if real:
+                parts.append(features)
+            else:
+                _set_rng_state(states[-1])
     return torch.cat(parts), states
 
 
-def _tower_backward(tower: nn.Module, inputs: Inputs, chunk: int, states: list, grad: Tensor,
+def _tower_backward(tower: nn.Module, inputs: Inputs, chunks: list, states: list, grad: Tensor, passes: Passes,
                     autocast: Callable[[], AbstractContextManager]) -> None:
     """Step 3: each chunk again with a graph (same RNG as step 1), backward with its feature grads."""
-    for i, start in enumerate(range(0, _length(inputs), chunk)):
-        _set_rng_state(states[i])
+    for (start, stop, real), state in zip(chunks, states):
+        _set_rng_state(state)
         with autocast():
-            features = tower(_rows(inputs, start, start + chunk))
-        features.backward(grad[start:start + chunk].to(features.dtype))
+            features = passes.forward(tower, _rows(inputs, start, stop))
+        rows = grad[start:stop] if real else torch.zeros_like(grad[:stop - start])
+        passes.backward(features, rows.to(features.dtype))
 
 
 def cached_step(model: nn.Module, batch: Batch, objective, *, chunk: int, gather: Gather = LOCAL, epoch: int = 0,
-                autocast: Callable[[], AbstractContextManager] = nullcontext) -> dict[str, Tensor]:
+                autocast: Callable[[], AbstractContextManager] = nullcontext,
+                passes: Passes = DIRECT) -> dict[str, Tensor]:
     """Forward and backward of `objective` on `batch` with the towers run `chunk` rows at a time;
-    leaves the gradients in the (unwrapped) model's parameters and returns the objective's terms.
-    `model` must not be wrapped by DDP (its gradients are averaged over workers afterwards)."""
+    leaves the gradients in the (unwrapped) model's parameters (`passes` may reduce them) and
+    returns the objective's terms. `model` must not be wrapped by DDP."""
     towers = [(model.image_tower, batch.images), (model.text_tower, batch.texts)]
     # A frozen tower (Stage I, or not trained at all) needs no step 3.
     trains = [not model.towers_frozen and any(p.requires_grad for p in t.parameters()) for t, _ in towers]
-    cached = [_features_without_graph(t, x, chunk, autocast) for t, x in towers]
-    features = [f.detach().float().requires_grad_(g) for (f, _), g in zip(cached, trains)]
+    plans = [_chunks(x, chunk, passes.chunks(-(-_length(x) // chunk))) for _, x in towers]
+    cached = [_features_without_graph(t, x, plan, passes, autocast) for (t, x), plan in zip(towers, plans)]
+    features = [f.detach().to(passes.feature_dtype).requires_grad_(g) for (f, _), g in zip(cached, trains)]
     with autocast():
-        outputs = model.from_features(*features, batch)
+        outputs = passes.forward(model.from_features, *features, batch)
     out = objective(outputs, batch, gather=gather, epoch=epoch)
-    out["loss"].backward()
-    after = _rng_state()  # step 3 replays the towers' draws; what follows continues from here
-    for (tower, inputs), (_, states), f, g in zip(towers, cached, features, trains):
-        if g:
-            _tower_backward(tower, inputs, chunk, states, f.grad, autocast)
-    _set_rng_state(after)
+    if not passes.backpropagates(out["loss"]):
+        return out
+    with passes.reduction():
+        passes.backward(out["loss"])
+        after = _rng_state()  # step 3 replays the towers' draws; what follows continues from here
+        for (tower, inputs), plan, (_, states), f, g in zip(towers, plans, cached, features, trains):
+            if g:
+                _tower_backward(tower, inputs, plan, states, f.grad, passes, autocast)
+        _set_rng_state(after)
     return out
 
 
-__all__ = ["cached_step"]
+__all__ = ["DIRECT", "Passes", "cached_step"]

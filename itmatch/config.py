@@ -77,14 +77,17 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name: Literal["embedding", "similarity", "cca", "twoway"] = "embedding"
+    name: Literal["embedding", "similarity", "cca", "twoway", "single"] = "embedding"
     """embedding: the two-branch network (trained); similarity: the same branches + an MLP on their
     element-wise product scoring each pair (001 §3.3, loss.name=logistic); cca: regularised CCA
     (fitted in closed form, embed_dim canonical dimensions; loss/optim keys do not apply);
     twoway: 2-Way Net (002), two channels image→text and text→image with tied weights, hidden
     widths (hidden_dim, embed_dim, hidden_dim), the embed_dim middle layer as the embedding,
     dropout = tied dropout rate (model.branch does not apply); trains with loss.name=twoway,
-    picked automatically when loss.name is not given."""
+    picked automatically when loss.name is not given; single: 003's single network, one CNN
+    (model.image_tower, default convnet) embeds images and captions encoded as images of their
+    word vectors (models/single.py), trained with loss.name=softmax_center (the default there);
+    model.text_tower, branch and hidden_dim do not apply."""
     branch: Literal["nonlinear", "linear"] = "nonlinear"
     hidden_dim: int = Field(2048, ge=1)
     embed_dim: int = Field(512, ge=1)
@@ -116,7 +119,8 @@ class ModelConfig(_Section):
     word_dim: int = Field(300, ge=1)
     """textcnn / gru: word vector width (004: 300; 001 §5.3's GRU: 256)."""
     word_vectors: Optional[str] = None
-    """textcnn / gru: a local word-vector text file ("word v1 v2 ..." a line) to initialise the lookup."""
+    """textcnn / gru / single: a local word-vector text file ("word v1 v2 ..." a line) to initialise
+    the lookup, or `minilm`: all-MiniLM-L6-v2's token embeddings projected to word_dim (offline)."""
     text_width: int = Field(512, ge=2)
     """textcnn: channels of the residual blocks; gru: 2 x hidden (bidirectional)."""
     text_blocks: int = Field(2, ge=0)
@@ -134,6 +138,16 @@ class ModelConfig(_Section):
     tower_frozen_epochs: int = Field(0, ge=0)
     """004's Stage I: the towers stay frozen for this many epochs (only branches and heads train),
     then train with the rest (Stage II). Resumable across the boundary."""
+    cnn_width: int = Field(32, ge=4)
+    """image_tower=convnet: channels of its first stage (doubled at each of the three after it)."""
+    single_inputs: Literal["standard", "config2"] = "standard"
+    """model.name=single, 003 §4.1: standard (an image and its encoded captions) or config2 (in
+    training also the image's horizontal flip and a 227/256 random crop of each encoded caption)."""
+    encode_superpixel: Optional[int] = Field(None, ge=1)
+    """model.name=single: pixels per side of one word-vector triplet in the encoded caption; None:
+    the largest with which text_max_length words fit in image_size."""
+    encode_separator: int = Field(1, ge=0)
+    """model.name=single: blank pixels between two words of an encoded caption."""
     tower_batchnorm: Literal["frozen", "train"] = "frozen"
     """The image CNN's BatchNorm: frozen (ImageNet statistics, eval mode; usual when fine-tuning on
     small per-worker batches) or train (batch statistics, running averages updated)."""
@@ -150,11 +164,12 @@ class ModelConfig(_Section):
 
 
 class LossConfig(_Section):
-    name: Literal["ranking", "infonce", "logistic", "twoway"] = "ranking"
+    name: Literal["ranking", "infonce", "logistic", "twoway", "softmax_center"] = "ranking"
     """ranking: 001 Eq. 6 (lambda1..4, margin, top_k, metric); infonce: CLIP-style baseline (temperature);
     logistic: 001 Eq. 7 on one negative pair per positive pair (model.name=similarity only);
     twoway: 2-Way Net's Euclidean losses (002; the twoway_* weights; model.name=twoway only, and
-    the default there)."""
+    the default there); softmax_center: softmax over the training images + center_weight x center
+    loss (Wen et al., 003's supervision; model.name=single only, and the default there)."""
     mining: Literal["global", "local"] = "global"
     """global: negatives from every worker's rows (the paper's batch); local: this worker's only."""
     lambda1: float = Field(1.0, ge=0.0)
@@ -180,7 +195,7 @@ class LossConfig(_Section):
     """004's Stage I: for this many epochs only the instance loss trains (the ranking loss is off)."""
     center_weight: float = Field(0.0, ge=0.0)
     """Weight of the center loss (003: ½||x − c_y||², one learned center per training image shared
-    by both modalities), added to each side; 0 = off."""
+    by both modalities), added to each side; 0 = off. With loss.name=softmax_center: its λ."""
     twoway_recon_img: float = Field(1.0, ge=0.0)
     """loss.name=twoway: weight of the text→image channel's reconstruction ||x − x̂||² (the authors' code: 1)."""
     twoway_recon_txt: float = Field(1.0, ge=0.0)
@@ -212,6 +227,8 @@ class LossConfig(_Section):
     @property
     def heads(self) -> tuple[str, ...]:
         """Training heads the model needs: "instance" (classifier), "center" (class centers)."""
+        if self.name == "softmax_center":
+            return ("instance", "center")
         return tuple(name for name, w in (("instance", self.instance_weight), ("center", self.center_weight)) if w > 0)
 
 
@@ -356,16 +373,15 @@ class Config(_Section):
                 f"data.batch_size={self.data.batch_size} is too small for "
                 f"scaling.num_workers={self.scaling.num_workers} (need >= 2 pairs per worker)"
             )
-        if self.model.name != "embedding" and (self.loss.instance_weight > 0 or self.loss.center_weight > 0):
+        if self.model.name not in ("embedding", "single") and (self.loss.instance_weight > 0
+                                                               or self.loss.center_weight > 0):
             raise ValueError(f"loss.instance_weight={self.loss.instance_weight} / loss.center_weight="
-                             f"{self.loss.center_weight} need model.name='embedding', got {self.model.name!r}")
-        if self.model.raw_images and self.model.text_tower == "features":
+                             f"{self.loss.center_weight} need model.name='embedding' (or 'single'), "
+                             f"got {self.model.name!r}")
+        if self.model.raw_images and self.model.text_tower == "features" and self.model.name != "single":
             raise ValueError(f"model.image_tower={self.model.image_tower!r} with model.text_tower='features': an "
                              "image encoder reads raw images, which come with raw captions: name a text encoder "
                              "(minilm with model.train_text_tower=false stands in for frozen MiniLM features)")
-        if self.train.grad_cache_chunk and self.scaling.strategy != "ddp":
-            raise ValueError(f"train.grad_cache_chunk={self.train.grad_cache_chunk} runs under scaling.strategy="
-                             f"'ddp' (gradients averaged by itmatch.dist), not {self.scaling.strategy!r}")
         if self.model.end_to_end and self.model.name == "cca":
             raise ValueError("model.name='cca' fits cached features in closed form: it takes no encoder towers")
         if (self.model.name == "similarity") != (self.loss.name == "logistic"):
@@ -376,21 +392,40 @@ class Config(_Section):
                              "with its own losses (reconstructions, mirrored layers), which need its two channels")
         return self
 
+    @model_validator(mode="after")
+    def _check_single(self) -> "Config":
+        """003's single network: its one CNN reads pixels, its captions are its own encoding, and
+        its loss is softmax + center loss."""
+        m, loss = self.model, self.loss
+        if (m.name == "single") != (loss.name == "softmax_center"):
+            raise ValueError(f"model.name={m.name!r} with loss.name={loss.name!r}: the single network trains with "
+                             "loss.name='softmax_center' (003), which needs its classifier and centers")
+        if m.name != "single":
+            return self
+        refused = [(m.image_tower == "features", "model.image_tower='features' does not apply: its one CNN reads "
+                                                 "pixels (convnet, efficientnet_lite0 or torchvision:<arch>)"),
+                   (m.text_tower != "features", f"model.text_tower={m.text_tower!r} does not apply: captions are "
+                                                "encoded as images for the one CNN (003 §3.1)"),
+                   (m.word_dim % 3 != 0, f"model.word_dim={m.word_dim} must be a multiple of 3: word vectors are "
+                                         "split into RGB triplets"),
+                   (loss.instance_weight > 0, f"loss.instance_weight={loss.instance_weight} does not apply: "
+                                              "softmax_center's softmax has weight 1, loss.center_weight weights "
+                                              "the center loss")]
+        bad = [what for refuse, what in refused if refuse]
+        if bad:
+            raise ValueError(f"model.name='single': {bad[0]}")
+        return self
+
     @model_validator(mode="before")
     @classmethod
-    def _twoway_loss_by_default(cls, data: Any) -> Any:
-        """model.name=twoway without a loss.name trains with loss.name=twoway."""
+    def _method_defaults(cls, data: Any) -> Any:
+        """Keys a method picks where they are not given: model.name=twoway trains with
+        loss.name=twoway; model.name=single with loss.name=softmax_center and model.image_tower=convnet."""
         if not isinstance(data, dict):
             return data
-        model, loss = data.get("model"), data.get("loss")
+        model = data.get("model")
         name = model.get("name") if isinstance(model, dict) else getattr(model, "name", None)
-        if name != "twoway":
-            return data
-        if loss is None or (isinstance(loss, dict) and "name" not in loss):
-            return {**data, "loss": {**(loss or {}), "name": "twoway"}}
-        if isinstance(loss, LossConfig) and "name" not in loss.model_fields_set:
-            return {**data, "loss": {**loss.model_dump(exclude_unset=True), "name": "twoway"}}
-        return data
+        return _fill_unset(data, METHOD_DEFAULTS.get(name, ()))
 
     @model_validator(mode="after")
     def _check_task(self) -> "Config":
@@ -427,19 +462,31 @@ class Config(_Section):
         source = data_cfg.get("source") if isinstance(data_cfg, dict) else getattr(data_cfg, "source", None)
         if not isinstance(source, str) or source.split(":", 1)[0] not in PHRASE_SCHEMES:
             return data
-        out = dict(data)
-        for section, key, value in (("train", "metric", "phrase_r1"), ("tracking", "registered_model",
-                                                                        "itmatch-phrases")):
-            given = out.get(section)
-            if isinstance(given, BaseModel):
-                given = given.model_dump(exclude_unset=True)
-            if key not in (given or {}):
-                out[section] = {**(given or {}), key: value}
-        return out
+        return _fill_unset(data, (("train", "metric", "phrase_r1"),
+                                  ("tracking", "registered_model", "itmatch-phrases")))
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> values, the form MLflow params and Tune search spaces use."""
         return flatten(self.model_dump())
+
+
+METHOD_DEFAULTS: dict[str, tuple[tuple[str, str, Any], ...]] = {
+    "twoway": (("loss", "name", "twoway"),),
+    "single": (("loss", "name", "softmax_center"), ("model", "image_tower", "convnet")),
+}
+"""model.name -> (section, key, value) set when the key is not given."""
+
+
+def _fill_unset(data: dict[str, Any], defaults) -> dict[str, Any]:
+    """`data` with each (section, key, value) of `defaults` set where that key is not given."""
+    out = dict(data)
+    for section, key, value in defaults:
+        given = out.get(section)
+        if isinstance(given, BaseModel):
+            given = given.model_dump(exclude_unset=True)
+        if key not in (given or {}):
+            out[section] = {**(given or {}), key: value}
+    return out
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

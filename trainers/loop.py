@@ -17,7 +17,6 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from itmatch.accumulate import cached_step
 from itmatch.config import Config, validate
 from itmatch.data.batch import Batch, make_batch
 from itmatch.data.batching import NeighborhoodBatchSampler
@@ -185,8 +184,8 @@ class Trainer:
         batch = self.objective.prepare(batch)
         chunk = self.cfg.train.grad_cache_chunk
         if chunk:  # forward and backward, the towers `chunk` rows at a time; the update below
-            out = cached_step(self.strategy.unwrap(self.model), batch, self.objective, chunk=chunk,
-                              gather=self.gather, epoch=self.epoch, autocast=self.strategy.autocast)
+            out = self.strategy.cached_step(self.model, batch, self.objective, chunk=chunk, gather=self.gather,
+                                            epoch=self.epoch)
         else:
             with self.strategy.autocast():
                 outputs = self.model(batch.cast_inputs(self.strategy.input_dtype(self.model)))

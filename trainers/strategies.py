@@ -18,13 +18,14 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
+from itmatch.accumulate import Passes, cached_step
 from itmatch.config import Config
-from itmatch.dist import average_gradients, globalize_batchnorm
+from itmatch.dist import DistGather, any_worker, average_gradients, globalize_batchnorm
 from itmatch.optim import param_groups
 from trainers.dist import WorkerContext
 
@@ -85,6 +86,12 @@ class DDPStrategy:
         A non-finite norm skips the update (and the schedule) rather than corrupting the weights."""
         loss.backward()
         return self.step(model, optimizer, scheduler)
+
+    def cached_step(self, model: nn.Module, batch, objective, *, chunk: int, gather, epoch: int) -> dict:
+        """Forward and backward with gradient caching on the towers (itmatch.accumulate); the
+        update is `step`'s."""
+        return cached_step(self.unwrap(model), batch, objective, chunk=chunk, gather=gather, epoch=epoch,
+                           autocast=self.autocast)
 
     def step(self, model: nn.Module, optimizer, scheduler) -> torch.Tensor:
         """The update from gradients already in the parameters (averaged over workers here when
@@ -172,9 +179,19 @@ class DeepSpeedStrategy(DDPStrategy):
 
     def backward_step(self, model: nn.Module, loss: torch.Tensor, optimizer, scheduler) -> torch.Tensor:
         model.backward(loss)
+        return self.step(model, optimizer, scheduler)
+
+    def step(self, model: nn.Module, optimizer, scheduler) -> torch.Tensor:
         model.step()  # clips, steps the optimizer and the schedule, zeroes gradients
         norm = model.get_global_grad_norm()
         return torch.tensor(float("nan") if norm is None else float(norm))
+
+    def cached_step(self, model: nn.Module, batch, objective, *, chunk: int, gather, epoch: int) -> dict:
+        """Gradient caching through the engine (_EnginePasses): every pass with a graph goes through
+        it, the backward passes accumulate locally and the step's gradients are reduced once."""
+        passes = _EnginePasses(model, self.cfg.scaling.zero_stage, self.input_dtype(model), self.ctx)
+        return cached_step(self.unwrap(model), batch.cast_inputs(self.input_dtype(model)), objective, chunk=chunk,
+                           gather=gather, epoch=epoch, autocast=self.autocast, passes=passes)
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Collective under ZeRO-3 (every rank must call it): gathers the partitioned weights."""
@@ -195,6 +212,66 @@ class DeepSpeedStrategy(DDPStrategy):
         path, _ = model.load_checkpoint(str(folder / DS_DIR), tag=DS_TAG)
         if path is None:
             raise FileNotFoundError(f"checkpoint {folder}: no DeepSpeed state under {DS_DIR}/{DS_TAG}")
+
+
+class _EnginePasses(Passes):
+    """Gradient caching's passes through a DeepSpeed engine, as gradient accumulation over micro-
+    steps that all belong to one update:
+
+    - every pass (the towers' chunks, the branches and heads on the cached features) is a forward
+      of the engine (its module's `forward` is that pass for the call), so DeepSpeed's per-forward
+      work runs as for any micro-batch: ZeRO-3's parameter gathering and backward hooks, the
+      optimizer's backward bookkeeping;
+    - every backward is `engine.backward` with `scale_wrt_gas=False` (the objective is already the
+      global batch's; a tower chunk backpropagates sum(features * d loss / d features), whose
+      gradient is exactly its rows of d loss / d features), inside one reduction window:
+      `coalesce_grad_reduction` under ZeRO 1-3, `no_sync` then one `allreduce_gradients` under
+      ZeRO-0. Gradients accumulate locally (whole, as under DDP) and are averaged over workers once,
+      at the step's one accumulation boundary; `engine.step()` then clips and updates once.
+      (Marking only the last backward as the boundary, without the window, is wrong under ZeRO-3:
+      its reduced gradient partitions are copied on the first micro-step and added to afterwards,
+      and the towers' parameters, first touched by a later micro-step, would add to the previous
+      step's gradients.)
+    - under ZeRO-3 every worker runs as many chunks per tower (the most any worker needs; extra
+      chunks get a zero gradient), because each chunk's forward and backward gather the weights
+      collectively."""
+
+    def __init__(self, engine, zero_stage: int, dtype: torch.dtype, ctx: WorkerContext) -> None:
+        self.engine, self.zero_stage, self.feature_dtype, self.ctx = engine, zero_stage, dtype, ctx
+
+    def chunks(self, n: int) -> int:
+        if self.zero_stage < 3 or self.ctx.world_size == 1:
+            return n
+        return max(DistGather().sizes(n, self.ctx.device))
+
+    def forward(self, fn: Callable[..., Any], *args: Any) -> Any:
+        module = self.engine.module
+        # An instance attribute (a plain function: a Module would be registered as a submodule),
+        # which nn.Module.__call__, with its hooks, runs in place of the class's forward.
+        module.forward = lambda *a: fn(*a)
+        try:
+            return self.engine(*args)
+        finally:
+            del module.forward
+
+    def backpropagates(self, loss: torch.Tensor) -> bool:
+        # Gradients are reduced inside the step here, so a non-finite loss (dropped by the loop,
+        # train.nonfinite=skip) must not reach them: no worker backpropagates it.
+        return not any_worker(not bool(torch.isfinite(loss.detach())), self.ctx.device)
+
+    def backward(self, out: torch.Tensor, grad: Optional[torch.Tensor] = None) -> None:
+        loss = out if grad is None else (out.float() * grad.float()).sum()
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    @contextlib.contextmanager
+    def reduction(self):
+        if self.zero_stage > 0:
+            with self.engine.coalesce_grad_reduction():
+                yield
+            return
+        with self.engine.no_sync():
+            yield
+        self.engine.allreduce_gradients()
 
 
 # The only non-tensor objects DeepSpeed's own shards pickle (ZeRO 0-3, fp32 and bf16, DeepSpeed 0.18):

@@ -6,8 +6,10 @@ named outputs and the batch. The train step calls `objective.prepare(batch)`, th
     total = w_main(epoch) · main + instance_weight · (visual + textual) + center_weight · (center_img + center_txt)
 
 `main` is `loss.name` (ranking: 001 Eq. 6; infonce; logistic: 001 Eq. 7; twoway: 002's Euclidean
-losses, twoway.py); w_main is 0 during 004's Stage I (`loss.instance_stage1_epochs`) and 1 after.
-The heads' terms are on when their weight is > 0.
+losses, twoway.py; softmax_center: softmax + center_weight · center loss, 003's single network,
+center.py);
+w_main is 0 during 004's Stage I (`loss.instance_stage1_epochs`) and 1 after.
+The heads' terms are on when their weight is > 0 (with `softmax_center`, they are the main term).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import Tensor
 
 from itmatch.config import LossConfig
 from itmatch.data.batch import Batch
-from itmatch.losses.center import center_loss
+from itmatch.losses.center import center_loss, softmax_center_loss
 from itmatch.losses.gather import LOCAL, Gather
 from itmatch.losses.infonce import infonce_loss
 from itmatch.losses.instance import instance_loss
@@ -66,12 +68,22 @@ def _center(cfg: LossConfig) -> Term:
     return term
 
 
+def _softmax_center(cfg: LossConfig) -> Term:
+    """The rows' classes come with the outputs (the single network's config2 adds augmented rows)."""
+    def term(out: Outputs, batch: Batch, gather: Gather) -> dict[str, Tensor]:
+        img_cls, txt_cls = out.get("img_cls", batch.image_cls), out.get("txt_cls", batch.text_cls)
+        return softmax_center_loss(out["img"], out["img_logits"], out["img_center"], img_cls, out["txt"],
+                                   out["txt_logits"], out["txt_center"], txt_cls, center_weight=cfg.center_weight,
+                                   gather=gather)
+    return term
+
+
 # name -> builder binding the term's hyper-parameters from the config. The first three are
 # `loss.name` choices (the main term); the heads' terms are added by weight.
 TERMS: dict[str, Callable[[LossConfig], Term]] = {
     "ranking": _ranking, "infonce": _infonce, "logistic": _logistic, "instance": _instance, "center": _center,
-    "twoway": twoway_term}
-MAIN = ("ranking", "infonce", "logistic", "twoway")
+    "twoway": twoway_term, "softmax_center": _softmax_center}
+MAIN = ("ranking", "infonce", "logistic", "twoway", "softmax_center")
 PAIRWISE = ("logistic",)
 """Main terms that score sampled (image, text) pairs: the batch carries the pairs into forward."""
 
@@ -84,7 +96,9 @@ class Objective:
         if self.cfg.name not in MAIN:
             raise KeyError(f"loss.name={self.cfg.name!r} unknown; choices: {list(MAIN)}")
         self.main = TERMS[self.cfg.name](self.cfg)
-        weights = {"instance": self.cfg.instance_weight, "center": self.cfg.center_weight}
+        # softmax_center is the heads' two terms (softmax + center loss) as the main term
+        weights = {} if self.cfg.name == "softmax_center" else {"instance": self.cfg.instance_weight,
+                                                                "center": self.cfg.center_weight}
         self.heads = [(name, w, TERMS[name](self.cfg)) for name, w in weights.items() if w > 0]
 
     def prepare(self, batch: Batch) -> Batch:

@@ -9,16 +9,19 @@ from torch import nn
 from itmatch.config import ModelConfig
 from itmatch.models.cca import CCAModel
 from itmatch.models.similarity import SimilarityNet
+from itmatch.models.single import SingleNet, build_single
 from itmatch.models.two_branch import Branch, EmbeddingNet, build_embedding
 from itmatch.models.twoway import TwoWayNet, build_twoway
 
 # name -> (image_dim, text_dim, cfg, n_classes, heads) -> model; n_classes > 0 adds the training
-# heads named in `heads` ("instance", "center"), which only the embedding network has
+# heads named in `heads` ("instance", "center"), which the embedding network has (the single network
+# always has both: its loss is softmax + center loss)
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "embedding": build_embedding,
     "similarity": lambda image_dim, text_dim, cfg, n_classes=0, heads=(): SimilarityNet(image_dim, text_dim, cfg),
     "cca": lambda image_dim, text_dim, cfg, n_classes=0, heads=(): CCAModel(image_dim, text_dim, cfg.embed_dim),
     "twoway": build_twoway,
+    "single": build_single,
 }
 
 
@@ -42,4 +45,4 @@ def heads_in(state: dict) -> tuple[int, tuple[str, ...]]:
 
 
 __all__ = ["MODELS", "build_model", "is_closed_form", "heads_in", "Branch", "EmbeddingNet",
-           "CCAModel", "SimilarityNet", "TwoWayNet"]
+           "CCAModel", "SimilarityNet", "TwoWayNet", "SingleNet"]

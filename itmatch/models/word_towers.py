@@ -44,6 +44,31 @@ def build_vocabulary(texts: Sequence[str], size: int, min_count: int = 1) -> lis
     return ranked[:size]
 
 
+MINILM_VECTORS = "minilm"
+"""model.word_vectors value: word vectors from all-MiniLM-L6-v2's input embeddings (offline, the wheel)."""
+
+
+def minilm_word_vectors(vocabulary: Sequence[str], dim: int) -> Tensor:
+    """[len(vocabulary), dim] word vectors that need no download: each word's vector is the mean of
+    its word pieces' input (token) embeddings in all-MiniLM-L6-v2 (384-d, from the PyPI wheel),
+    projected onto the vocabulary's first `dim` principal components, each scaled to unit standard
+    deviation. Semantically close words keep close vectors, which is all 003's encoding asks of
+    Word2Vec; the projection makes them as short as the paper's (12-d in [49])."""
+    from itmatch.data.encoders import build_text_encoder
+
+    encoder = build_text_encoder("minilm")
+    table = encoder.model.get_input_embeddings().weight.detach().float().cpu()
+    pieces = encoder.tokenizer(list(vocabulary), add_special_tokens=False)["input_ids"]
+    vectors = torch.stack([table[ids].mean(0) if ids else torch.zeros(table.shape[1]) for ids in pieces])
+    centred = vectors - vectors.mean(0)
+    if dim > min(centred.shape):
+        raise ValueError(f"model.word_dim={dim}: MiniLM word vectors of {len(vocabulary)} words give at most "
+                         f"{min(centred.shape)} components")
+    _, _, vt = torch.linalg.svd(centred, full_matrices=False)
+    projected = centred @ vt[:dim].T
+    return projected / projected.std(0).clamp_min(1e-8)
+
+
 class WordPrep:
     """Captions -> [N, length] word ids (0 pads, 1 unknown); with `shift` and a training rng, 004's
     position shift puts a random number of pads before the words."""
@@ -90,9 +115,16 @@ class WordTower(nn.Module):
         raise NotImplementedError
 
     def _init_word_vectors(self) -> None:
-        """Rows of the lookup from a local word-vector text file ("word v1 v2 ..." a line)."""
+        """Rows of the lookup from a local word-vector text file ("word v1 v2 ..." a line), or from
+        MiniLM's input token embeddings (`minilm`, see `minilm_word_vectors`)."""
         path = self.cfg.word_vectors
         if not path:
+            return
+        if path == MINILM_VECTORS:
+            with torch.no_grad():
+                weight = self._lookup_weight()
+                weight[2:2 + len(self.vocabulary)] = minilm_word_vectors(self.vocabulary, weight.shape[1]).to(weight)
+            log.info("text tower: %d vocabulary words initialised from MiniLM's token embeddings", len(self.vocabulary))
             return
         weight, index, found = self._lookup_weight(), {w: i + 2 for i, w in enumerate(self.vocabulary)}, 0
         with torch.no_grad(), open(path, encoding="utf-8", errors="replace") as f:
@@ -154,4 +186,5 @@ class GRUTower(WordTower):
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # mean over the words
 
 
-__all__ = ["GRUTower", "TextCNNTower", "WordPrep", "WordTower", "build_vocabulary", "words"]
+__all__ = ["GRUTower", "TextCNNTower", "WordPrep", "WordTower", "build_vocabulary", "words", "minilm_word_vectors",
+           "MINILM_VECTORS"]

@@ -5,7 +5,8 @@
 For every job: build the Trainer from the job's config, optionally restore a checkpoint folder,
 fit with a `report` that writes every rank's checkpoint files into one folder per epoch (what
 Ray Train's merge of the workers' folders produces), then save the final consolidated weights.
-An injected failure (ITMATCH_FAIL_AT_EPOCH) ends that job on every rank and the next job runs.
+An injected failure (ITMATCH_FAIL_AT_EPOCH) ends that job on every rank and the next job runs;
+`nan_on_ranks` + `nan_at_calls` make the objective's loss NaN at those calls on those ranks.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ def run_job(job: dict, rank: int, world: int, store: FeatureStore, out: Path) ->
     trainer = Trainer(cfg, store, WorkerContext(rank, world, 0, torch.device("cpu")), None)
     if job.get("resume_from"):
         trainer.restore(out / job["resume_from"])
+    if rank in job.get("nan_on_ranks", ()):
+        poison(trainer, set(job["nan_at_calls"]))
 
     def report(metrics: dict, save) -> None:
         target = folder / f"epoch{metrics['epoch']}"
@@ -52,6 +55,24 @@ def run_job(job: dict, rank: int, world: int, store: FeatureStore, out: Path) ->
     if rank == 0:
         torch.save({"weights": weights, "history": trainer.state.history}, folder / "final.pt")
     dist.barrier()
+
+
+def poison(trainer: Trainer, calls: set[int]) -> None:
+    """Make the objective's loss NaN at these calls (0-based) (train.nonfinite tests)."""
+    objective, seen = trainer.objective, []
+
+    class Poisoned:
+        def __getattr__(self, name):
+            return getattr(objective, name)
+
+        def __call__(self, *args, **kwargs):
+            out = objective(*args, **kwargs)
+            if len(seen) in calls:
+                out["loss"] = out["loss"] * float("nan")
+            seen.append(1)
+            return out
+
+    trainer.objective = Poisoned()
 
 
 def main() -> None:

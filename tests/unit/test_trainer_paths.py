@@ -3,6 +3,9 @@ the one-pass step, and the train step runs one path for every objective."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +13,9 @@ from itmatch.config import load_config
 from itmatch.data.store import prepare
 from trainers.dist import WorkerContext
 from trainers.loop import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "distributed"))
+from strategy_worker import poison as _poisoned  # noqa: E402  (a NaN loss at given calls, one definition)
 
 BASE = ["data.source=x", "data.batch_size=24", "train.epochs=2", "model.hidden_dim=32", "model.embed_dim=16",
         "optim.lr=1e-3"]
@@ -43,27 +49,10 @@ def test_grad_cache_step_is_the_one_pass_step(store, objective):
                                                                          rel=1e-4)
 
 
-def test_grad_cache_needs_ddp():
-    with pytest.raises(Exception, match="grad_cache_chunk"):
-        load_config(None, ["train.grad_cache_chunk=8", "scaling.strategy=deepspeed"])
-
-
-def _poisoned(trainer: Trainer, bad_calls: set[int]) -> None:
-    """Make the objective's loss NaN at these calls (0-based)."""
-    objective, calls = trainer.objective, []
-
-    class Poisoned:
-        def __getattr__(self, name):
-            return getattr(objective, name)
-
-        def __call__(self, *args, **kwargs):
-            out = objective(*args, **kwargs)
-            if len(calls) in bad_calls:
-                out["loss"] = out["loss"] * float("nan")
-            calls.append(1)
-            return out
-
-    trainer.objective = Poisoned()
+def test_grad_cache_runs_under_either_strategy():
+    """DeepSpeed (ZeRO 0-3) takes gradient caching too: tests/distributed/test_grad_cache_deepspeed.py."""
+    for strategy in ("ddp", "deepspeed"):
+        assert load_config(None, ["train.grad_cache_chunk=8", f"scaling.strategy={strategy}"]).train.grad_cache_chunk == 8
 
 
 @pytest.mark.parametrize("extra", [[], ["train.grad_cache_chunk=5"]])
