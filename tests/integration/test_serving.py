@@ -40,7 +40,13 @@ CAPTION = "a red disc"
 @pytest.fixture(scope="module")
 def logged(tmp_path_factory):
     """(tmp, tracking uri, checkpoint folder, store, logged model info)."""
-    tmp = tmp_path_factory.mktemp("serving")
+    return train_and_log(tmp_path_factory.mktemp("serving"))
+
+
+def train_and_log(tmp: Path):
+    """Train the tiny model in this process, log it with trainers.tracking to a sqlite store in `tmp`
+    and register it @champion: (tmp, tracking uri, checkpoint folder, store, logged model info).
+    Also bench/serve_fresh_env.py's model, served there from a fresh virtualenv."""
     source = f"synthetic:{tmp / 'shapes'}?n_images=40"
     store = prepare(source, cache_dir=tmp / "cache", image_encoder="pixels", text_encoder="hashing",
                     splits=["train", "val", "test"], progress=False)
@@ -131,18 +137,19 @@ def _split(column: str, values: list) -> dict:
     return {"dataframe_split": {"columns": [column], "data": [[v] for v in values]}}
 
 
-def _wait_until_up(proc: subprocess.Popen, port: int, log: Path, timeout: float = 240) -> None:
+def wait_until_up(proc: subprocess.Popen, port: int, log: Path, timeout: float = 240) -> None:
+    """Until /ping answers 200; RuntimeError with the server's log tail if it exits or never does."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            pytest.fail(f"mlflow models serve exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(f"mlflow models serve exited {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as response:
                 if response.status == 200:
                     return
         except OSError:
             time.sleep(1)
-    pytest.fail(f"mlflow models serve did not answer /ping within {timeout}s:\n{log.read_text()[-3000:]}")
+    raise RuntimeError(f"mlflow models serve did not answer /ping within {timeout}s:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +166,7 @@ def server(logged):
                                  "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"],
                                 cwd=tmp, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_until_up(proc, port, log)
+        wait_until_up(proc, port, log)
         yield port
     finally:
         _stop(proc)
