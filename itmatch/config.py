@@ -338,6 +338,10 @@ class SearchConfig(_Section):
     over the seeds. 0: the best single trial is picked, as without re-runs."""
     rerun_seeds: int = Field(2, ge=1)
     """Extra seeds per re-run trial: train.seed + 1 .. train.seed + rerun_seeds."""
+    ensemble: bool = False
+    """With rerun_top > 0: register the ensemble of the chosen configuration's seed runs (the mean of
+    their cosines, trainers.ensemble) instead of its best-validation seed. On the Flickr8k-1k
+    features three seeds' ensemble gave 419.4 test rsum against 400.3 for the seeds alone."""
 
 
 class EvalConfig(_Section):

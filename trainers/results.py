@@ -81,7 +81,9 @@ def resolve_model(ref: str, tracking_uri: Optional[str] = None):
     folder = Path(ref)
     if (folder / "best").is_dir():
         folder = folder / "best"
-    if not (folder / "state.pt").is_file():
-        raise FileNotFoundError(f"--model {ref}: not a checkpoint folder (state.pt + config.yaml) "
-                                "nor an MLflow URI such as models:/NAME@ALIAS")
+    from itmatch.models.ensemble import is_ensemble
+
+    if not (folder / "state.pt").is_file() and not is_ensemble(folder):
+        raise FileNotFoundError(f"--model {ref}: not a checkpoint folder (state.pt + config.yaml), an ensemble "
+                                "folder (ensemble.json) nor an MLflow URI such as models:/NAME@ALIAS")
     return load_model(folder)

@@ -212,7 +212,7 @@ def _finish(cfg: Config, store: FeatureStore, rows: list[dict], reruns: list[dic
     elif best and parent and cfg.tracking.registered_model:
         from trainers.job import promote
 
-        model = choice["model"]
+        model = ensemble_model(cfg, choice, search_dir, parent) if cfg.search.ensemble else choice["model"]
         best["registry"] = promote({**parent, "run_id": model["run_id"]}, cfg, store, model["model_uri"], model["val"])
     result = {"best": best, "trials": rows, "candidates": candidates, "reruns": reruns}
     (search_dir / "search.json").write_text(json.dumps(result, indent=2, default=str))
@@ -220,6 +220,29 @@ def _finish(cfg: Config, store: FeatureStore, rows: list[dict], reruns: list[dic
     if parent:
         report.log_parent(parent, rows, best, metric, search_dir, candidates)
     print(report.table(rows, metric, best, candidates if reruns else None))
+
+
+def ensemble_model(cfg: Config, choice: dict, search_dir: Path, parent: dict) -> dict[str, Any]:
+    """The chosen configuration's seed runs as one ensemble model (trainers.ensemble), evaluated and
+    logged as a child of the search's run; recorded in the choice as its model. One seed: that seed."""
+    from trainers.ensemble import build, evaluate_and_log
+
+    runs = [s for s in choice["seeds"] if s.get("checkpoint")]
+    if len(runs) < 2:
+        return choice["model"]
+    members = [s["checkpoint"] for s in runs]
+    # logged where the search logs (its members' own tracking settings may differ), registered by the search
+    where = [f"tracking.{k}={v}" for k, v in cfg.tracking.model_dump().items() if k != "registered_model"]
+    ens_cfg, folders = build(members, f"{cfg.search.name}-ensemble",
+                             [f"run.storage_path={search_dir}", *where, "tracking.registered_model="])
+    summary = evaluate_and_log(ens_cfg, folders, members, tags={"mlflow.parentRunId": parent["run_id"]})
+    metric = cfg.train.metric
+    choice["model"] = {"seed": [s["seed"] for s in runs], "val": summary[f"val_{metric}"],
+                       "test": summary["test"].get(metric), "run_id": summary.get("run_id"),
+                       "model_uri": summary.get("model_uri"), "checkpoint": summary["best_checkpoint"]}
+    log.info("ensemble of seeds %s: val %s %.2f (best seed alone %.2f)", choice["model"]["seed"], metric,
+             choice["model"]["val"], max(s["val"] for s in runs))
+    return choice["model"]
 
 
 def _best_row(rows: list[dict], choice: Optional[dict]) -> Optional[dict]:

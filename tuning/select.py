@@ -27,7 +27,8 @@ def scores(row: dict, reruns: list[dict], metric: str, seed: int) -> list[dict[s
     runs = [(seed, row["summary"])] + sorted((r["seed"], r["summary"]) for r in reruns
                                              if r["trial_id"] == row["trial_id"] and r["summary"])
     return [{"seed": s, "val": summary[f"val_{metric}"], "test": summary["test"].get(metric),
-             "run_id": summary.get("run_id"), "model_uri": summary.get("model_uri")} for s, summary in runs]
+             "run_id": summary.get("run_id"), "model_uri": summary.get("model_uri"),
+             "checkpoint": summary.get("best_checkpoint")} for s, summary in runs]
 
 
 def spread(values: list[float]) -> tuple[float, Optional[float]]:

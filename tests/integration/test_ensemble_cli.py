@@ -1,0 +1,155 @@
+"""Ensembles of trained runs (itmatch.models.ensemble, `python -m trainers.ensemble`, a search's
+`search.ensemble`): two tiny embedding networks trained in one process (no Ray) with different
+seeds, then checked against independent references: the ensemble's cosine is the mean of the
+members' cosines, its retrieval metrics equal ranking by that mean, the CLI's summary equals the
+saved ensemble evaluated again, MLflow holds it as a registered model that embeds like the folder,
+and members with other inputs or a learned pair score are refused in one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from itmatch.config import load_config
+from itmatch.data.store import prepare
+from itmatch.eval.evaluate import embed_split, evaluate_split
+from itmatch.eval.retrieval import retrieval_metrics
+from itmatch.models.ensemble import Ensemble, save_ensemble
+from itmatch.state import load_model, save_checkpoint
+from trainers.dist import WorkerContext
+from trainers.loop import Trainer
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
+TINY = ["data.batch_size=24", "train.epochs=2", "model.hidden_dim=32", "model.embed_dim=16", "optim.lr=1e-3",
+        "data.image_encoder=pixels", "data.text_encoder=hashing", "tracking.enabled=false"]
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory):
+    """(tmp, source, store, [run folders with summary.json], the members' configs)."""
+    tmp = tmp_path_factory.mktemp("ensemble")
+    source = f"synthetic:{tmp / 'shapes'}?n_images=60"
+    store = prepare(source, cache_dir=tmp / "cache", image_encoder="pixels", text_encoder="hashing",
+                    splits=["train", "val", "test"], progress=False)
+    runs = []
+    for seed in (0, 1):
+        cfg = load_config(None, [f"data.source={source}", f"data.cache_dir={tmp / 'cache'}", f"train.seed={seed}",
+                                 f"run.storage_path={tmp / 'runs'}", f"run.name=seed{seed}", *TINY])
+        trainer = Trainer(cfg, store, WorkerContext(0, 1, 0, torch.device("cpu")), None)
+        trainer.fit(lambda metrics, save: None)
+        run = tmp / "runs" / f"seed{seed}"
+        best = save_checkpoint(run / "best_model", model=trainer.strategy.full_state_dict(trainer.model), cfg=cfg,
+                               train_state=trainer.state, dims=trainer.dims)
+        (run / "summary.json").write_text(json.dumps({"best_checkpoint": str(best)}))
+        runs.append(run)
+    return tmp, source, store, runs
+
+
+def test_the_ensemble_ranks_by_the_mean_of_the_members_cosines(members, tmp_path):
+    tmp, _, store, runs = members
+    models = [load_model(r / "best_model")[0] for r in runs]
+    split = store.split("test")
+    embedded = [embed_split(m, split) for m in models]
+    mean_cos = sum(F.normalize(i, dim=1) @ F.normalize(t, dim=1).T for i, t in embedded) / len(embedded)
+    txt_img = torch.from_numpy(split.caption_image)
+    reference = retrieval_metrics(embedded[0][0], embedded[0][1], txt_img, score_fn=lambda rows_i, rows_t: mean_cos[
+        _rows(rows_i, embedded[0][0])][:, _rows(rows_t, embedded[0][1])])
+    ens = Ensemble(models)
+    img, txt = embed_split(ens, split)
+    torch.testing.assert_close(img @ txt.T, mean_cos, rtol=1e-5, atol=1e-6)
+    ours = evaluate_split(ens, split, sentences=False)
+    for key in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "rsum"):
+        assert ours[key] == pytest.approx(reference[key])
+    # saved and loaded back: the same model
+    folder = save_ensemble(tmp_path / "ens", [r / "best_model" for r in runs])
+    loaded, cfg = load_model(folder)
+    img2, txt2 = embed_split(loaded, split)
+    torch.testing.assert_close(img2, img)
+    torch.testing.assert_close(txt2, txt)
+    assert cfg.model.embed_dim == 16 and loaded.dims == models[0].dims
+
+
+def _rows(block: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """Which rows of `full` a score_fn block holds (retrieval_metrics passes row slices)."""
+    matches = (block[:, None, :] == full[None, :, :]).all(-1)
+    return matches.float().argmax(1)
+
+
+def test_cli_evaluates_logs_and_registers_the_ensemble(members):
+    tmp, source, store, runs = members
+    uri = f"sqlite:///{tmp / 'ml.db'}"
+    args = [sys.executable, "-m", "trainers.ensemble", str(runs[0]), str(runs[1] / "best_model"), "--name", "ens",
+            "tracking.enabled=true", f"tracking.tracking_uri={uri}", f"tracking.artifact_location={tmp / 'art'}",
+            "tracking.registered_model=itm-ens"]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp / "runs" / "ens" / "summary.json").read_text())
+    model, _ = load_model(summary["best_checkpoint"])
+    assert isinstance(model, Ensemble) and len(model.members) == 2
+    again = evaluate_split(model, store.split("test"))
+    assert summary["test"]["rsum"] == pytest.approx(again["rsum"])
+    assert summary["val_rsum"] == pytest.approx(evaluate_split(model, store.split("val"))["rsum"])
+    assert summary["registry"]["promoted"] is True  # the first version takes the alias
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    served = mlflow.pyfunc.load_model("models:/itm-ens@champion")
+    feats = store.split("test").caption_feats[:3]
+    emb = served.predict(pd.DataFrame({"text_feature": list(feats)}))
+    np.testing.assert_allclose(emb, model.embed_texts(torch.tensor(feats)).numpy(), rtol=1e-5, atol=1e-6)
+    assert emb.shape == (3, 32) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+
+
+def test_members_with_other_inputs_or_a_pair_score_are_refused(members, tmp_path):
+    tmp, source, store, runs = members
+    cfg = load_config(None, [f"data.source={source}", *TINY, "data.text_encoder=minilm"])
+    other = save_checkpoint(tmp_path / "other", model=load_model(runs[0] / "best_model")[0], cfg=cfg,
+                            train_state=__import__("itmatch.state", fromlist=["TrainState"]).TrainState(),
+                            dims=(1, 1))
+    done = subprocess.run([sys.executable, "-m", "trainers.ensemble", str(runs[0]), str(other), "--name", "bad",
+                           f"run.storage_path={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert "data.text_encoder='minilm'" in done.stderr and str(other) in done.stderr
+
+    class Scored(torch.nn.Module):
+        def score_matrix(self, a, b):  # a learned pair score: not a cosine to average
+            return a @ b.T
+
+    with pytest.raises(ValueError, match="learned pair score"):
+        Ensemble([load_model(runs[0] / "best_model")[0], Scored()])
+
+
+def test_a_search_registers_its_choices_seeds_as_one_ensemble(members):
+    """search.ensemble: the chosen configuration's seed runs become one model, logged as a child of
+    the search's MLflow run; it is what the search then promotes."""
+    from mlflow.tracking import MlflowClient
+
+    from trainers import tracking
+    from tuning.search import ensemble_model
+
+    tmp, source, store, runs = members
+    uri = f"sqlite:///{tmp / 'search.db'}"
+    cfg = load_config(None, [f"data.source={source}", *TINY, "tracking.enabled=true", f"tracking.tracking_uri={uri}",
+                             f"tracking.artifact_location={tmp / 'sart'}", "search.name=s9", "search.ensemble=true"])
+    info = tracking.setup(cfg.tracking)
+    parent = {**info, "run_id": MlflowClient(uri).create_run(info["experiment_id"], run_name="s9").info.run_id}
+    seeds = [{"seed": k, "val": 1.0 + k, "test": 0.0, "run_id": None, "model_uri": None,
+              "checkpoint": str(r / "best_model")} for k, r in enumerate(runs)]
+    choice = {"seeds": seeds, "model": seeds[1]}
+    model = ensemble_model(cfg, choice, tmp / "search", parent)
+    assert model["seed"] == [0, 1] and choice["model"] is model
+    ens, _ = load_model(model["checkpoint"])
+    assert isinstance(ens, Ensemble)
+    assert model["val"] == pytest.approx(evaluate_split(ens, store.split("val"))["rsum"])
+    run = MlflowClient(uri).get_run(model["run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == parent["run_id"] and run.info.status == "FINISHED"
+    assert model["model_uri"].startswith("models:/")
+    single = {"seeds": seeds[:1], "model": seeds[0]}  # one seed: nothing to ensemble
+    assert ensemble_model(cfg, single, tmp / "search", parent) is seeds[0]

@@ -1,0 +1,138 @@
+"""Ensemble trained runs: `python -m trainers.ensemble MEMBER MEMBER ... --name NAME [key=value ...]`.
+
+MEMBER is a run folder (its summary.json names the best checkpoint) or a checkpoint folder: e.g.
+the seed re-runs of a search's chosen configuration (`runs/<search>/trials/*`), or runs of one
+preset with several `train.seed`s. The members must take the same inputs (same encoders and
+towers). The ensemble (itmatch.models.ensemble: the mean of the members' cosines) is saved as
+`run.storage_path/NAME/best_model`, evaluated on the validation and test splits of the first
+member's data (key=value overrides apply to that config, e.g. data.cache_dir=...), logged to MLflow
+as its own run and registered like any job's model: it takes the alias only if it beats the
+holder on the same validation split. No Ray: it trains nothing.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Optional  # noqa: E402
+
+from itmatch.config import Config, ConfigError, load_config  # noqa: E402
+from itmatch.data.sources import DataError  # noqa: E402
+from itmatch.state import CheckpointError  # noqa: E402
+from trainers.logs import setup_logging  # noqa: E402
+
+log = logging.getLogger("itmatch.ensemble")
+# Keys that decide how inputs are prepared: members must agree on them to share one preparation.
+SAME_INPUTS = ("data.image_encoder", "data.text_encoder", "model.image_tower", "model.text_tower", "model.image_size",
+               "model.text_max_length", "model.name")
+
+
+def member_checkpoint(ref: str) -> Path:
+    """A run folder's best checkpoint (from its summary.json), or the checkpoint folder itself."""
+    folder = Path(ref)
+    summary = folder / "summary.json"
+    if summary.is_file():
+        best = json.loads(summary.read_text()).get("best_checkpoint")
+        if not best:
+            raise CheckpointError(f"{summary}: no best_checkpoint (the run did not finish)")
+        folder = Path(best)
+    if not (folder / "state.pt").is_file():
+        raise CheckpointError(f"member {ref}: neither a finished run folder (summary.json) nor a checkpoint "
+                              "folder (state.pt + config.yaml)")
+    return folder
+
+
+def check_members(configs: list[Config], refs: list[str]) -> None:
+    """One line naming the first member whose inputs differ from the first member's."""
+    first = configs[0].flat()
+    for cfg, ref in zip(configs[1:], refs[1:]):
+        flat = cfg.flat()
+        for key in SAME_INPUTS:
+            if flat[key] != first[key]:
+                raise ConfigError(f"member {ref}: {key}={flat[key]!r}, but {refs[0]} has {first[key]!r}; an "
+                                  "ensemble's members must take the same inputs")
+
+
+def build(refs: list[str], name: str, overrides: list[str]) -> tuple[Config, list[Path]]:
+    from itmatch.state import load_checkpoint
+
+    if len(refs) < 2:
+        raise ConfigError("an ensemble needs at least two members")
+    folders = [member_checkpoint(r) for r in refs]
+    configs = [load_checkpoint(f)[1] for f in folders]
+    check_members(configs, refs)
+    cfg = load_config(None, {**configs[0].flat(), "run.name": name, "run.start_from": None,
+                             **dict(o.split("=", 1) for o in overrides)})
+    return cfg, folders
+
+
+def evaluate_and_log(cfg: Config, folders: list[Path], refs: list[str],
+                     tags: Optional[dict[str, str]] = None) -> dict[str, Any]:
+    """Save, evaluate (val, test), log and maybe register the ensemble; `tags` for its MLflow run."""
+    from itmatch.eval.evaluate import evaluate_split
+    from itmatch.models.ensemble import save_ensemble
+    from itmatch.state import load_model
+    from trainers.job import SUMMARY_FILE, promote, run_dir
+    from trainers.train import prepare_store
+
+    store = prepare_store(cfg)
+    best = save_ensemble(run_dir(cfg) / "best_model", folders, sources=refs)
+    model, _ = load_model(best)
+    if tuple(store.dims) != tuple(model.dims):
+        raise DataError(f"the members take features of width {model.dims}, {cfg.data.source} gives {store.dims}")
+    metric, chunk = cfg.train.metric, cfg.train.eval_chunk
+    val = evaluate_split(model, store.split(cfg.data.val_split), chunk=chunk)
+    test = evaluate_split(model, store.split(cfg.data.test_split), chunk=chunk)
+    summary: dict[str, Any] = {"best_checkpoint": str(best), "members": [str(f) for f in folders],
+                               f"val_{metric}": val[metric], "test": test}
+    if cfg.tracking.enabled:
+        from trainers import tracking as tr
+
+        info = tr.start_run(cfg, str(run_dir(cfg)), store, tags={"itmatch.ensemble": str(len(folders)), **(tags or {})})
+        try:
+            tr.epoch_logger(info)({**{f"val_{k}": v for k, v in val.items()},
+                                   **{f"test_{k}": v for k, v in test.items()}}, 1)
+            model_info = tr.log_model(info, best, store)
+            summary.update(model_uri=model_info.model_uri, run_id=info["run_id"])
+            if cfg.tracking.registered_model:
+                summary["registry"] = promote(info, cfg, store, model_info.model_uri, val[metric])
+        except BaseException:
+            tr.end_run(info, "FAILED")
+            raise
+        tr.end_run(info)
+    (run_dir(cfg) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    setup_logging()
+    p = argparse.ArgumentParser(prog="trainers.ensemble", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("members", nargs="+", help="run folders or checkpoint folders, then key=value overrides")
+    p.add_argument("--name", required=True, help="the ensemble's run name (its folder under run.storage_path)")
+    args = p.parse_intermixed_args(argv)
+    refs = [m for m in args.members if "=" not in m]
+    overrides = [m for m in args.members if "=" in m]
+    try:
+        cfg, folders = build(refs, args.name, overrides)
+        summary = evaluate_and_log(cfg, folders, refs)
+    except (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from itmatch.eval.retrieval import format_metrics
+
+    log.info("ensemble of %d: val %s %.2f | test %s", len(folders), cfg.train.metric,
+             summary[f"val_{cfg.train.metric}"], format_metrics(summary["test"]))
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
