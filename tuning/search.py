@@ -49,7 +49,8 @@ from tuning.space import load_space  # noqa: E402
 log = logging.getLogger("itmatch.tune")
 # CLI flag -> the search.* key it overrides
 FLAGS = {"space": "space", "name": "name", "num_samples": "num_samples", "max_concurrent": "max_concurrent",
-         "search": "algorithm", "scheduler": "scheduler", "rerun_top": "rerun_top", "rerun_seeds": "rerun_seeds"}
+         "search": "algorithm", "scheduler": "scheduler", "rerun_top": "rerun_top", "rerun_seeds": "rerun_seeds",
+         "ensemble": "ensemble"}
 
 
 def trial_config(setup: dict, params: dict[str, Any], trial_id: str) -> Config:
@@ -273,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scheduler", choices=sorted(registry.SCHEDULERS), help="search.scheduler")
     parser.add_argument("--rerun-top", type=int, help="search.rerun_top: re-run this many best trials with more seeds")
     parser.add_argument("--rerun-seeds", type=int, help="search.rerun_seeds: extra train.seed values per re-run trial")
+    parser.add_argument("--ensemble", action="store_true", default=None,
+                        help="search.ensemble: register the chosen configuration's seed runs as one ensemble")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for every trial (search.* included)")
     return parser
 

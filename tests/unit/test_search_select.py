@@ -13,7 +13,8 @@ METRIC = "rsum"
 
 
 def _summary(val: float, test: float, run: str) -> dict:
-    return {"val_rsum": val, "test": {"rsum": test}, "run_id": run, "model_uri": f"runs:/{run}/model"}
+    return {"val_rsum": val, "test": {"rsum": test}, "run_id": run, "model_uri": f"runs:/{run}/model",
+            "best_checkpoint": f"/runs/{run}/best_model"}
 
 
 def _trial(tid: str, val, test: float = 0.0) -> dict:
@@ -46,7 +47,8 @@ def test_best_mean_beats_the_luckiest_single_trial():
     assert choice["trial_id"] == "b" and choice["n"] == 3
     assert choice["test_mean"] == pytest.approx((395.0 + 393.0 + 397.0) / 3)
     # the model kept is b's best-validation seed (seed 2, val 398), not the trial's own run
-    assert choice["model"] == {"seed": 2, "val": 398.0, "test": 397.0, "run_id": "b-s2", "model_uri": "runs:/b-s2/model"}
+    assert choice["model"] == {"seed": 2, "val": 398.0, "test": 397.0, "run_id": "b-s2", "model_uri": "runs:/b-s2/model",
+                               "checkpoint": "/runs/b-s2/best_model"}
 
 
 def test_equal_means_go_to_the_smaller_spread_then_the_first_trial():
