@@ -46,6 +46,7 @@ def check(cfg: Config, store: FeatureStore) -> None:
     check_resume_config(cfg)
     check_start_from(cfg)
     check_batch(cfg, store)
+    check_cca(cfg, store)
     check_tracking(cfg)
     check_cluster(cfg)  # last: it attaches to or starts Ray
 
@@ -110,6 +111,16 @@ def check_batch(cfg: Config, store: FeatureStore) -> None:
     if len(sampler) == 0:
         raise DataError(f"data.batch_size={d.batch_size} leaves no full batch of {len(groups)} training captions "
                         f"in {where} over scaling.num_workers={workers}: lower data.batch_size")
+
+
+def check_cca(cfg: Config, store: FeatureStore) -> None:
+    """CCA keeps at most as many canonical dimensions as the narrower feature set has: say so here,
+    naming the key, rather than in a Ray worker after start-up."""
+    widest = min(store.dims) if cfg.model.name == "cca" else None
+    if widest is not None and cfg.model.embed_dim > widest:
+        raise ConfigError(f"model.embed_dim={cfg.model.embed_dim} with model.name='cca': at most {widest} canonical "
+                          f"dimensions (features of {store.manifest['source']} are {store.dims[0]}-d image, "
+                          f"{store.dims[1]}-d text); lower model.embed_dim")
 
 
 # ---------------------------------------------------------------------------- tracking
