@@ -1,6 +1,6 @@
 """The README's real-data search, timed, beside CCA and a standalone run, in one session:
 
-    .venv/bin/python bench/flickr8k_search.py [--rerun-top 2 --rerun-seeds 2] [extra key=value overrides]
+    .venv/bin/python bench/flickr8k_search.py [--rerun-top 2 --rerun-seeds 2 [--ensemble]] [key=value ...]
 
 1. CCA (`model.name=cca`) through `trainers.train` on the same data (the baseline to beat on test);
 2. `python -m tuning.search --config configs/flickr8k_precomp.yaml --space configs/search/flickr8k.yaml
@@ -58,10 +58,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rerun-top", type=int, default=0)
     parser.add_argument("--rerun-seeds", type=int, default=2)
+    parser.add_argument("--ensemble", action="store_true", help="register the chosen configuration's seeds as one")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     extra = [*(["--rerun-top", str(args.rerun_top), "--rerun-seeds", str(args.rerun_seeds)] if args.rerun_top else []),
-             *args.overrides]
+             *(["--ensemble"] if args.ensemble else []), *args.overrides]
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
         cca, cca_wall = train_run("bench-cca", ["model.name=cca", "model.embed_dim=128", "model.cca_ridge=0.3"], tmp)
@@ -87,7 +88,8 @@ def report(result: dict, stdout: str, search_wall: float, cca: float, cca_wall: 
     print(table)
     print("\n| model (test split) | test rsum | / CCA | val rsum |\n|---|---|---|---|")
     print(f"| CCA (model.name=cca, this session, {cca_wall:.0f} s) | {cca:.1f} | 1.000 | - |")
-    print(f"| chosen: trial {choice['trial_id']}, registered seed {model['seed']} | {model['test']:.1f} | "
+    what = f"ensemble of seeds {model['seed']}" if isinstance(model["seed"], list) else f"seed {model['seed']}"
+    print(f"| chosen: trial {choice['trial_id']}, registered {what} | {model['test']:.1f} | "
           f"{model['test'] / cca:.3f} | {model['val']:.1f} |")
     if choice["n"] > 1:
         tests = [s["test"] for s in choice["seeds"]]
