@@ -223,6 +223,8 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
     def fit(self, report) -> None:
         started_at = self.state.epoch
+        if started_at >= self.epochs and self.state.history:
+            self.report_restored(report)
         for epoch in range(self.state.epoch, self.epochs):
             metrics = self.train_epoch(epoch)
             # One consolidation per epoch (a collective gather under ZeRO-3) serves validation,
@@ -247,6 +249,16 @@ class Trainer:
             saves = self.ctx.is_main or self.strategy.saves_on_every_rank
             report(metrics, self.save if saves else None)
             _maybe_inject_failure(started_at, epoch + 1)
+
+
+    def report_restored(self, report) -> None:
+        """Nothing is left to train (PBT cloned a donor at its last epoch; a resumed run that had
+        ended): report the restored state once, so the run still ends with its own checkpoint."""
+        self.epoch_weights = self.strategy.full_state_dict(self.model)
+        if self.best_weights is None:
+            self.best_weights = self.epoch_weights
+        report(dict(self.state.history[-1]), self.save if self.ctx.is_main or self.strategy.saves_on_every_rank
+               else None)
 
 
 def _maybe_inject_failure(started_at: int, epoch: int) -> None:

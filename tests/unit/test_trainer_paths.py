@@ -72,3 +72,28 @@ def test_nonfinite_loss_skips_the_step_everywhere_or_stops(store, extra):
     _poisoned(stop, {1})
     with pytest.raises(FloatingPointError, match="train.nonfinite=skip"):
         stop.fit(lambda metrics, save: None)
+
+
+def test_a_run_started_at_its_last_epoch_still_reports_its_checkpoint(store, tmp_path):
+    """PBT can clone a donor's checkpoint from its last epoch: the new run has nothing left to train,
+    but it must still report a checkpoint (with best/ weights), or finalizing it fails."""
+    from trainers.loop import BEST_DIR
+
+    done = _train(store)
+    done.epoch_weights = done.strategy.full_state_dict(done.model)
+    done.save(tmp_path / "donor")
+    cfg = load_config(None, [*BASE, f"run.start_from={tmp_path / 'donor'}"])
+    clone = Trainer(cfg, store, WorkerContext(0, 1, 0, torch.device("cpu")), None)
+    clone.start_from(tmp_path / "donor")
+    reports = []
+
+    def report(metrics, save):
+        save(tmp_path / f"report{len(reports)}")
+        reports.append(metrics)
+
+    clone.fit(report)
+    assert [r["epoch"] for r in reports] == [2.0]
+    assert (tmp_path / "report0" / BEST_DIR / "state.pt").is_file()
+    saved = torch.load(tmp_path / "report0" / "state.pt", weights_only=False)["model"]
+    for key, value in done.strategy.full_state_dict(done.model).items():
+        torch.testing.assert_close(saved[key], value, msg=key)
