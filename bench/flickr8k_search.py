@@ -59,12 +59,13 @@ def main() -> None:
     parser.add_argument("--rerun-top", type=int, default=0)
     parser.add_argument("--rerun-seeds", type=int, default=2)
     parser.add_argument("--ensemble", action="store_true", help="register the chosen configuration's seeds as one")
+    parser.add_argument("--workdir", help="keep the runs, models and MLflow db here (default: a temp folder)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     extra = [*(["--rerun-top", str(args.rerun_top), "--rerun-seeds", str(args.rerun_seeds)] if args.rerun_top else []),
              *(["--ensemble"] if args.ensemble else []), *args.overrides]
     with tempfile.TemporaryDirectory() as folder:
-        tmp = Path(folder)
+        tmp = Path(args.workdir or folder).resolve()
         cca, cca_wall = train_run("bench-cca", ["model.name=cca", "model.embed_dim=128", "model.cca_ridge=0.3"], tmp)
         result, search_wall, stdout = run_search(tmp, extra)
         best = result["best"]
