@@ -15,6 +15,8 @@ The gradients equal one pass over the whole batch (tested against it with 2 and 
 while the towers' activations never exceed one chunk. Exact when the towers' BatchNorm uses fixed
 statistics (model.tower_batchnorm=frozen, the default): batch statistics would be per chunk.
 
+`embed_rows` is step 1 over a whole table (Stage I's tower cache, trainers/loop.py).
+
 `Passes` says how the passes with a graph run and backpropagate: by default directly on the
 unwrapped model (the DDP strategy averages the gradients afterwards); a DeepSpeed engine routes
 them through itself and reduces once per step (trainers.strategies).
@@ -28,7 +30,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from itmatch.data.batch import Batch, Inputs
+from itmatch.data.batch import Batch, Inputs, move
 from itmatch.losses.gather import LOCAL, Gather
 
 
@@ -125,11 +127,15 @@ def cached_step(model: nn.Module, batch: Batch, objective, *, chunk: int, gather
     leaves the gradients in the (unwrapped) model's parameters (`passes` may reduce them) and
     returns the objective's terms. `model` must not be wrapped by DDP."""
     towers = [(model.image_tower, batch.images), (model.text_tower, batch.texts)]
-    # A frozen tower (Stage I, or not trained at all) needs no step 3.
-    trains = [not model.towers_frozen and any(p.requires_grad for p in t.parameters()) for t, _ in towers]
-    plans = [_chunks(x, chunk, passes.chunks(-(-_length(x) // chunk))) for _, x in towers]
-    cached = [_features_without_graph(t, x, plan, passes, autocast) for (t, x), plan in zip(towers, plans)]
-    features = [f.detach().to(passes.feature_dtype).requires_grad_(g) for (f, _), g in zip(cached, trains)]
+    if batch.tower_outputs:  # Stage I on the tower cache: step 1 is done, and the frozen towers need no step 3
+        trains, plans, cached = [False, False], [], []
+        features = [batch.images.to(passes.feature_dtype), batch.texts.to(passes.feature_dtype)]
+    else:
+        # A frozen tower (Stage I, or not trained at all) needs no step 3.
+        trains = [not model.towers_frozen and any(p.requires_grad for p in t.parameters()) for t, _ in towers]
+        plans = [_chunks(x, chunk, passes.chunks(-(-_length(x) // chunk))) for _, x in towers]
+        cached = [_features_without_graph(t, x, plan, passes, autocast) for (t, x), plan in zip(towers, plans)]
+        features = [f.detach().to(passes.feature_dtype).requires_grad_(g) for (f, _), g in zip(cached, trains)]
     with autocast():
         outputs = passes.forward(model.from_features, *features, batch)
     out = objective(outputs, batch, gather=gather, epoch=epoch)
@@ -145,4 +151,27 @@ def cached_step(model: nn.Module, batch: Batch, objective, *, chunk: int, gather
     return out
 
 
-__all__ = ["DIRECT", "Passes", "cached_step"]
+def embed_rows(tower: nn.Module, inputs_of: Callable[[int, int], list[Inputs]], n: int, *, chunk: int,
+               passes: Passes = DIRECT, autocast: Callable[[], AbstractContextManager] = nullcontext,
+               device: torch.device | str = "cpu", dtype: Optional[torch.dtype] = None) -> list[Tensor]:
+    """The tower's outputs for rows [0, n) without a graph, `chunk` rows at a time: one [n, D]
+    table per view `inputs_of(start, stop)` returns (Stage I's tower cache). Inputs are prepared
+    per chunk (a split's pixels need not fit in memory) and cast to `dtype` as training casts them.
+    Every worker runs as many chunks as `passes` asks (ZeRO-3 gathers weights in every forward);
+    the extra ones repeat the first rows and are dropped."""
+    plan = [(start, min(start + chunk, n), True) for start in range(0, n, chunk)]
+    plan += [(0, min(chunk, n), False)] * (passes.chunks(len(plan)) - len(plan))
+    tables: list[list[Tensor]] = []
+    with torch.no_grad():
+        for start, stop, real in plan:
+            views = [move(x, torch.device(device), dtype) for x in inputs_of(start, stop)]
+            with autocast():
+                outputs = [passes.forward(tower, x) for x in views]
+            if real:
+                tables = tables or [[] for _ in outputs]
+                for table, out in zip(tables, outputs):
+                    table.append(out.detach())
+    return [torch.cat(parts) for parts in tables]
+
+
+__all__ = ["DIRECT", "Passes", "cached_step", "embed_rows"]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from itmatch.data.sources import PHRASE_SCHEMES
 
@@ -138,6 +138,16 @@ class ModelConfig(_Section):
     tower_frozen_epochs: int = Field(0, ge=0)
     """004's Stage I: the towers stay frozen for this many epochs (only branches and heads train),
     then train with the rest (Stage II). Resumable across the boundary."""
+    tower_cache_stage_one: bool = False
+    """Stage I on cached tower features: at the start of Stage I (or of a run resumed inside it) the
+    frozen towers embed the training split's images and captions once (eval mode, no gradients,
+    in the training precision, sharded over the workers and gathered), and Stage I's steps run the
+    branches and heads on those tables instead of the towers on every batch; freed at the Stage
+    I/II boundary. Batches, sampling, checkpoints and validation are unchanged. The cache holds the
+    un-augmented preprocessing (resize + centre crop; no position shift for textcnn / gru) and,
+    with model.augment, each image's horizontal flip too, drawn per image and step: random
+    resized crops are lost. Needs an encoder tower and a model whose towers are all that Stage I
+    freezes (not model.name=single); no effect while tower_frozen_epochs=0."""
     cnn_width: int = Field(32, ge=4)
     """image_tower=convnet: channels of its first stage (doubled at each of the three after it)."""
     single_inputs: Literal["standard", "config2"] = "standard"
@@ -151,6 +161,20 @@ class ModelConfig(_Section):
     tower_batchnorm: Literal["frozen", "train"] = "frozen"
     """The image CNN's BatchNorm: frozen (ImageNet statistics, eval mode; usual when fine-tuning on
     small per-worker batches) or train (batch statistics, running averages updated)."""
+
+    @model_validator(mode="after")
+    def _check_tower_cache(self) -> "ModelConfig":
+        if not self.tower_cache_stage_one:
+            return self
+        if self.name == "single":
+            raise ValueError("model.tower_cache_stage_one=true does not apply to model.name='single': its one CNN "
+                             "is the model, not a tower, and trains in Stage I (its towers are the pixels and a "
+                             "word lookup)")
+        if not self.end_to_end:
+            raise ValueError("model.tower_cache_stage_one=true needs an encoder tower (model.image_tower / "
+                             "model.text_tower): on cached features ('features') the towers are the identity, "
+                             "there is nothing to cache")
+        return self
 
     @property
     def end_to_end(self) -> bool:
@@ -345,7 +369,8 @@ class SearchConfig(_Section):
 
 
 class EvalConfig(_Section):
-    """What a finished run draws from its test split (itmatch/eval/pictures.py), seeded by train.seed."""
+    """What a finished run draws from its test split (itmatch/eval/pictures.py, seeded by train.seed)
+    and what it adds to the test metrics (001 Eq. 8's combination with a region-phrase model)."""
     pictures: bool = True
     """Write pictures/embedding_map.png (t-SNE map of image and caption embeddings) and
     pictures/queries.html (example queries, thumbnails inline) into the run folder and MLflow;
@@ -356,6 +381,26 @@ class EvalConfig(_Section):
     """Results shown per query."""
     picture_map_images: int = Field(200, ge=1)
     """Images on the map (a seeded sample), each with all its captions."""
+    region_phrase_model: Optional[str] = None
+    """001 Eq. 8 (§5.6): a region-phrase model (a checkpoint folder or an MLflow models:/ or runs:/
+    URI of one trained on entities: or shapes-phrases: data, e.g. configs/shapes_phrases.yaml) to
+    combine with this image-sentence model on the test split: the test metrics then also carry the
+    retrieval metrics ranked by D = (1 - eq8_alpha) d + eq8_alpha d_rp, prefixed eq8_ (eq8_rsum,
+    eq8_i2t_r1, ...; itmatch/eval/eq8.py). The image-sentence data must be the sentences of the
+    region-phrase data (karpathy:<root>/dataset_sentences.json). None: off."""
+    region_phrase_data: Optional[str] = None
+    """The region-phrase data (entities:ROOT or shapes-phrases:DIR) holding the phrases and region
+    proposals of the test split's images; None: the source the region-phrase model was trained on."""
+    eq8_alpha: float = Field(0.2, ge=0.0, le=1.0)
+    """Eq. 8's weight of the region-phrase distance (001 §5.6: 0.2; 0 gives the plain metrics)."""
+
+    @field_validator("region_phrase_data")
+    @classmethod
+    def _phrase_source(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and value.split(":", 1)[0] not in PHRASE_SCHEMES:
+            raise ValueError(f"not region-phrase data: give an {' or '.join(f'{s}:' for s in PHRASE_SCHEMES)} "
+                             "source (phrases with boxes and region proposals)")
+        return value
 
 
 class Config(_Section):
@@ -454,6 +499,17 @@ class Config(_Section):
         if metric not in PHRASE_METRICS[:3]:
             raise ValueError(f"{where}: train.metric={metric!r} is not one of its metrics; choose "
                              f"{', '.join(PHRASE_METRICS[:3])}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_eq8(self) -> "Config":
+        """001 Eq. 8 combines a region-phrase model with an image-sentence one: a phrase
+        localization run (region-phrase data) has no sentence ranking to combine it with."""
+        if self.eval.region_phrase_model and self.data.task == "phrases":
+            raise ValueError(f"eval.region_phrase_model={self.eval.region_phrase_model!r} combines a region-phrase "
+                             "model with an image-sentence model (001 Eq. 8), but data.source="
+                             f"{self.data.source!r} is phrase localization data: train the image-sentence model on "
+                             "the sentences (karpathy:<root>/dataset_sentences.json)")
         return self
 
     @model_validator(mode="before")

@@ -170,6 +170,20 @@ def mean_over_workers(values: dict[str, float], device: torch.device) -> dict[st
     return dict(zip(keys, t.tolist()))
 
 
+def gather_rows(t: Tensor) -> Tensor:
+    """Every rank's rows of `t`, concatenated in rank order, on every rank (no gradient): what
+    each worker computed of a table sharded by contiguous row ranges (Stage I's tower cache).
+    Low-precision floats travel as fp32 (gloo has no bf16 all_gather on every version; the round
+    trip is exact). Without a process group: `t` itself."""
+    if not is_distributed() or torch_dist.get_world_size() == 1:
+        return t
+    wide = t.dtype in (torch.bfloat16, torch.float16)
+    with torch.no_grad():
+        src = t.detach().float() if wide else t.detach()
+        out = _all_gather_rows(src, DistGather().sizes(t.shape[0], t.device), None)
+    return out.to(t.dtype) if wide else out
+
+
 def average_gradients(params: list[nn.Parameter]) -> None:
     """What DDP's reducer does, for steps that backpropagate more than once per update (gradient
     caching): average every gradient over workers, in flat buckets per dtype and device. A parameter
@@ -203,4 +217,5 @@ def any_worker(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
-__all__ = ["DistGather", "GlobalBatchNorm1d", "globalize_batchnorm", "gather_for", "is_distributed", "mean_over_workers", "any_worker"]
+__all__ = ["DistGather", "GlobalBatchNorm1d", "globalize_batchnorm", "gather_for", "gather_rows", "is_distributed",
+           "mean_over_workers", "any_worker"]

@@ -4,6 +4,11 @@ REF is a checkpoint folder or an MLflow URI (models:/NAME@ALIAS, models:/NAME/3,
 The data is featurised with the encoders the model was trained with (cached like training data);
 a model trained end to end reads raw images and captions (e.g. --data karpathy:JSON:IMAGES) and
 embeds them with its own fine-tuned towers.
+
+001 Eq. 8: `--region-phrase-model REF` (eval.region_phrase_model) adds the eq8_* metrics, ranked by
+D = (1 - α) d + α d_rp with a region-phrase model (α: --eq8-alpha, eval.eq8_alpha, default 0.2),
+on the phrases and proposals of --region-phrase-data (eval.region_phrase_data; default: the data
+that model was trained on). --data must be that data's sentences (karpathy:ROOT/dataset_sentences.json).
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Optional  # noqa: E402
 
-from itmatch.config import ConfigError  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
+
+from itmatch.config import ConfigError, EvalConfig  # noqa: E402
 from itmatch.data.sources import DataError  # noqa: E402
 from itmatch.data.raw import prepare_inputs  # noqa: E402
-from itmatch.eval.evaluate import evaluate_split  # noqa: E402
+from itmatch.eval.evaluate import embed_split, evaluate_embeddings  # noqa: E402
 from itmatch.eval.retrieval import format_metrics  # noqa: E402
 from itmatch.state import CheckpointError  # noqa: E402
 from trainers.logs import setup_logging  # noqa: E402
@@ -38,28 +45,71 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlruns.db"))
     p.add_argument("--cache-dir", help="feature cache (default: the model config's data.cache_dir)")
     p.add_argument("--pictures", metavar="DIR", help="also write embedding_map.png and queries.html here")
+    p.add_argument("--region-phrase-model", metavar="REF",
+                   help="001 Eq. 8: also rank by the combination with this region-phrase model (eq8_* metrics)")
+    p.add_argument("--region-phrase-data", metavar="SOURCE",
+                   help="its phrases and proposals (entities: or shapes-phrases:; default: its training data)")
+    p.add_argument("--eq8-alpha", type=float, default=EvalConfig.model_fields["eq8_alpha"].default,
+                   help="Eq. 8's weight of the region-phrase distance (default %(default)s, 001 §5.6)")
     return p.parse_args(argv)
+
+
+FLAGS = {"region_phrase_model": "--region-phrase-model", "region_phrase_data": "--region-phrase-data",
+         "eq8_alpha": "--eq8-alpha"}
+
+
+def eval_options(args: argparse.Namespace) -> EvalConfig:
+    """The Eq. 8 flags as the eval.* keys they set, checked like a config (one line naming both)."""
+    try:
+        return EvalConfig(**{key: getattr(args, key) for key in FLAGS})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = str(err["loc"][0])
+        raise ConfigError(f"{FLAGS[key]} (eval.{key}) = {err.get('input')!r}: {err['msg']}") from None
+
+
+def eq8_for(args: argparse.Namespace, cfg):
+    """The Eq. 8 setup when --region-phrase-model is given (None otherwise): the flags, the
+    evaluated model and data checked, the region-phrase model loaded and its split prepared."""
+    ev = eval_options(args)
+    if not ev.region_phrase_model:
+        return None
+    from itmatch.data.sources import PHRASE_SCHEMES, parse_source
+    from trainers.results import eq8_setup
+
+    data = args.data or cfg.data.source
+    if cfg.data.task != "retrieval" or parse_source(data).scheme in PHRASE_SCHEMES:
+        raise ConfigError(f"--region-phrase-model {ev.region_phrase_model}: 001 Eq. 8 combines it with an "
+                          f"image-sentence model on sentences, but --model {args.model} / --data {data} is a phrase "
+                          "localization model / data (give the sentences: karpathy:ROOT/dataset_sentences.json)")
+    return eq8_setup(ev, args.split, tracking_uri=args.tracking_uri, cache_dir=args.cache_dir or cfg.data.cache_dir)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     setup_logging()
     args = parse_args(argv)
+    from itmatch.eval.eq8 import align
     from trainers.results import ModelRefError, resolve_model
 
     try:
         model, cfg = resolve_model(args.model, args.tracking_uri)
         d = cfg.data
+        eq8 = eq8_for(args, cfg)  # bad Eq. 8 flags fail before the evaluated data is read
         store = prepare_inputs(args.data or d.source, cache_dir=args.cache_dir or d.cache_dir,
                                raw_images=cfg.model.raw_images, image_encoder=d.image_encoder,
                                text_encoder=d.text_encoder, splits=[args.split])
+        if tuple(store.dims) != tuple(model.dims):
+            raise DataError(f"the model takes features of width {model.dims}, {args.data} gives {store.dims}")
+        split = store.split(args.split)
+        if eq8 is not None:  # the same images and sentences, before anything is embedded
+            align(split, eq8.phrases, f"--data {args.data or d.source} against {eq8.where}")
     except (DataError, ConfigError, CheckpointError, ModelRefError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if tuple(store.dims) != tuple(model.dims):
-        print(f"error: the model takes features of width {model.dims}, {args.data} gives {store.dims}",
-              file=sys.stderr)
-        return 2
-    metrics = evaluate_split(model, store.split(args.split), chunk=cfg.train.eval_chunk, protocol=args.protocol)
+    img, txt = embed_split(model, split)  # once, for the metrics and Eq. 8
+    metrics = evaluate_embeddings(model, img, txt, split, chunk=cfg.train.eval_chunk, protocol=args.protocol)
+    if eq8 is not None:
+        metrics.update(eq8.evaluate(model, img, txt, split, chunk=cfg.train.eval_chunk))
     print(format_metrics(metrics))
     if args.pictures and cfg.data.task != "retrieval":
         print("pictures: not drawn (they show image-caption retrieval; this is a phrase model)", file=sys.stderr)

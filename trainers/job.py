@@ -39,7 +39,19 @@ def absolute_paths(cfg: Config) -> Config:
         tree["tracking"]["artifact_location"] = str(Path(cfg.tracking.artifact_location).resolve())
     if cfg.run.start_from:
         tree["run"]["start_from"] = str(Path(cfg.run.start_from).resolve())
+    model = cfg.eval.region_phrase_model  # a folder (not an MLflow URI) read at the test evaluation
+    if model and "://" not in model and not model.startswith(("models:", "runs:")):
+        tree["eval"]["region_phrase_model"] = str(Path(model).resolve())
+    if cfg.eval.region_phrase_data:
+        tree["eval"]["region_phrase_data"] = _absolute_source(cfg.eval.region_phrase_data)
     return validate(tree)
+
+
+def _absolute_source(source: str) -> str:
+    """scheme:path[?options] with the path made absolute."""
+    scheme, _, rest = source.partition(":")
+    path, sep, options = rest.partition("?")
+    return f"{scheme}:{Path(path).resolve()}{sep}{options}"
 
 
 def run_job(cfg: Config, store: FeatureStore, *, tags: Optional[dict[str, str]] = None,

@@ -12,21 +12,23 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
 from itmatch.config import Config, validate
-from itmatch.data.batch import Batch, make_batch
+from itmatch.accumulate import embed_rows
+from itmatch.data.batch import Batch, TowerCache, caption_items, make_batch
 from itmatch.data.batching import NeighborhoodBatchSampler
 from itmatch.data.raw import RawStore, open_store
 from itmatch.data.store import FeatureStore
 from itmatch.eval.evaluate import evaluate_split
 from itmatch.eval.retrieval import format_metrics
-from itmatch.dist import any_worker, gather_for, mean_over_workers
+from itmatch.dist import any_worker, gather_for, gather_rows, mean_over_workers
 from itmatch.losses import build_objective
 from itmatch.models import build_model, is_closed_form
+from itmatch.models.towers import cache_views
 from itmatch.optim import build_optimizer, build_scheduler
 from itmatch.state import TrainState, epoch_seed, load_checkpoint, save_checkpoint
 from trainers.dist import WorkerContext, worker_context
@@ -76,6 +78,7 @@ class Trainer:
         self.best_weights: Optional[dict] = None
         self.epoch_weights: Optional[dict] = None  # fp32 full weights of the epoch just trained
         self.eval_model: Optional[torch.nn.Module] = None  # fp32, unsharded copy for evaluation
+        self.tower_cache: Optional[TowerCache] = None  # Stage I's frozen tower outputs (model.tower_cache_stage_one)
         self.tracker = _tracker(tracking) if ctx.is_main and tracking else None
 
     # -- resume / checkpoint ------------------------------------------------------------------
@@ -114,13 +117,14 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         if self.closed_form:
             return self.fit_closed_form()
-        self.epoch = epoch
+        self.epoch, start = epoch, time.perf_counter()  # the epoch's time includes building a tower cache
         self.set_train_mode(epoch)
         self.sampler.set_epoch(epoch)
+        self.hold_tower_cache(epoch)  # before seeding: it draws nothing, and must not shift what follows
         torch.manual_seed(epoch_seed(self.cfg.train.seed, self.ctx.rank, epoch))
         totals: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}  # a skipped (non-finite) step has no loss terms
-        steps, start = 0, time.perf_counter()
+        steps = 0
         for batch in self.batches(epoch):
             out = self.train_step(batch.to(self.ctx.device))
             for key, value in out.items():
@@ -131,6 +135,8 @@ class Trainer:
             if self.ctx.is_main and steps % self.cfg.train.log_every == 0 and "loss" in out:  # .item() syncs only here
                 log.info("epoch %d step %d/%d loss %.4f lr %.2e", epoch + 1, steps, self.steps_per_epoch,
                          float(out["loss"].detach()), self.scheduler.get_last_lr()[0])
+        if not self.uses_tower_cache(epoch + 1):  # the Stage I/II boundary: free the tables before validation
+            self.tower_cache = None
         stats = {f"train_{k}": float(v) / counts[k] for k, v in totals.items()}
         if "skipped_steps" in totals:
             stats["train_skipped_steps"] = float(totals["skipped_steps"])
@@ -154,10 +160,58 @@ class Trainer:
             if stage_one or not tower.trainable:
                 tower.eval()
 
+    # -- Stage I on cached tower features ------------------------------------------------------
+    def uses_tower_cache(self, epoch: int) -> bool:
+        m = self.cfg.model
+        return m.tower_cache_stage_one and epoch < m.tower_frozen_epochs and not self.closed_form
+
+    def hold_tower_cache(self, epoch: int) -> None:
+        """Build the tower cache when this epoch is the first of Stage I that this process trains
+        (a resumed run rebuilds it); free it once Stage I is over."""
+        if not self.uses_tower_cache(epoch):
+            self.tower_cache = None
+        elif self.tower_cache is None:
+            self.tower_cache = self.build_tower_cache()
+
+    def build_tower_cache(self) -> TowerCache:
+        """The frozen towers' outputs (eval mode, set by `set_train_mode`) for every image and caption
+        of the training split: each worker embeds a contiguous share, and every worker gets the whole
+        tables, since its batches may hold any row."""
+        start, split = time.perf_counter(), self.train_split
+        model = self.strategy.unwrap(self.model)
+        prepare_image, prepare_text = self.prepare
+        images = self._tower_table(model.image_tower, len(split.image_ids),
+                                   lambda rows: cache_views(prepare_image, split.images_at(rows)))
+        texts = self._tower_table(model.text_tower, len(split),
+                                  lambda rows: cache_views(prepare_text, caption_items(split, prepare_text, rows)))
+        if self.ctx.is_main:
+            log.info("Stage I tower cache: %d images (%d view%s) and %d captions embedded in %.1fs", len(images[0]),
+                     len(images), "s" if len(images) > 1 else "", len(texts[0]), time.perf_counter() - start)
+        return TowerCache(images=images, texts=texts[0])
+
+    def _tower_table(self, tower: torch.nn.Module, n: int,
+                     views_of: Callable[[np.ndarray], list[Any]]) -> list[torch.Tensor]:
+        """One tower's [n, D] tables (one per view `views_of(rows)` gives) from this worker's share
+        of the rows, gathered over the workers. Every share is non-empty: the sampler refuses a
+        split with fewer images than workers."""
+        world, rank = self.ctx.world_size, self.ctx.rank
+        lo, hi = n * rank // world, n * (rank + 1) // world
+        local = embed_rows(tower, lambda a, b: views_of(np.arange(lo + a, lo + b)), hi - lo,
+                           chunk=getattr(tower, "eval_batch", self.cfg.train.eval_chunk),
+                           passes=self.strategy.passes(self.model), autocast=self.strategy.autocast,
+                           device=self.ctx.device, dtype=self.strategy.input_dtype(self.model))
+        return [gather_rows(t) for t in local]
+
     def batches(self, epoch: int) -> Iterator[Batch]:
         """This rank's batches for the rest of the epoch; each step's augmentation is drawn from
-        (seed, epoch, rank, step), so a resumed run replays it, whichever loader prepares it."""
+        (seed, epoch, rank, step), so a resumed run replays it, whichever loader prepares it.
+        Stage I on the tower cache cuts them from its tables here (no decoding: no Ray Data)."""
         d, seed, rank = self.cfg.data, self.cfg.train.seed, self.ctx.rank
+        if self.tower_cache is not None:
+            for captions in self.sampler:
+                rng = np.random.default_rng([seed, epoch, rank, self.sampler.state.offset - 1])
+                yield self.tower_cache.batch(self.train_split, captions, rng)
+            return
         if d.loader == "ray":
             from trainers.input_pipeline import ray_batches
 

@@ -10,9 +10,10 @@ where and how loudly it runs (run.max_failures, run.ray_address, run.ray_log_lev
 run.keep_checkpoints, run.resume, scaling.cpus_per_worker, scaling.check_resources), what is
 logged (train.log_every, tracking.*, search.*), how features are found or made (data.cache_dir,
 data.featurize, data.featurize_actors: the features are the same), evaluation chunking
-(train.eval_chunk), and train.epochs when it grows under a schedule that does not depend on the
-run's length (constant, step): a longer cosine schedule would change the learning rate of the
-epochs already planned.
+(train.eval_chunk), what the final test evaluation adds (eval.region_phrase_model,
+eval.region_phrase_data, eval.eq8_alpha: 001 Eq. 8, computed once after training), and
+train.epochs when it grows under a schedule that does not depend on the run's length (constant,
+step): a longer cosine schedule would change the learning rate of the epochs already planned.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ RESUMABLE_KEYS = frozenset({
     "run.start_from",  # read only by a run without checkpoints of its own
     "scaling.cpus_per_worker", "scaling.check_resources", "train.log_every", "train.eval_chunk",
     "data.cache_dir", "data.featurize", "data.featurize_actors",
+    "eval.region_phrase_model", "eval.region_phrase_data", "eval.eq8_alpha",  # only the final test metrics
 })
 RESUMABLE_SECTIONS = ("tracking.", "search.")
 TRACKING_TIMEOUT_S = 5.0
@@ -48,6 +50,7 @@ def check(cfg: Config, store: FeatureStore) -> None:
     check_batch(cfg, store)
     check_cca(cfg, store)
     check_tracking(cfg)
+    check_eq8(cfg, store)
     check_cluster(cfg)  # last: it attaches to or starts Ray
 
 
@@ -121,6 +124,21 @@ def check_cca(cfg: Config, store: FeatureStore) -> None:
         raise ConfigError(f"model.embed_dim={cfg.model.embed_dim} with model.name='cca': at most {widest} canonical "
                           f"dimensions (features of {store.manifest['source']} are {store.dims[0]}-d image, "
                           f"{store.dims[1]}-d text); lower model.embed_dim")
+
+
+def check_eq8(cfg: Config, store: FeatureStore) -> None:
+    """eval.region_phrase_model (001 Eq. 8 at the end of the run): the model loads and is a
+    region-phrase model, its data holds the test split (featurised now, cached for the end), and
+    that split's pictures and phrases are the test split's images and sentences: refused here, not
+    after training."""
+    if not cfg.eval.region_phrase_model:
+        return
+    from itmatch.eval.eq8 import align
+    from trainers.results import eq8_setup
+
+    setup = eq8_setup(cfg.eval, cfg.data.test_split, tracking_uri=cfg.tracking.tracking_uri,
+                      cache_dir=cfg.data.cache_dir)
+    align(store.split(cfg.data.test_split), setup.phrases, f"data.source = {cfg.data.source!r} against {setup.where}")
 
 
 # ---------------------------------------------------------------------------- tracking

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from torch import nn
 
-from itmatch.config import Config
-from itmatch.data.phrase_store import PhraseSplit
-from itmatch.data.store import FeatureSplit
+from itmatch.config import Config, ConfigError, EvalConfig
+from itmatch.data.phrase_store import PhraseSplit, prepare_phrases
+from itmatch.data.sources import DataError
+from itmatch.data.store import FeatureSplit, SplitRows
 from itmatch.eval.evaluate import embed_split, evaluate_embeddings
-from itmatch.state import load_checkpoint, load_model
+from itmatch.state import CheckpointError, load_checkpoint, load_model
+
+log = logging.getLogger("itmatch.results")
 
 
 def best_checkpoint_folder(result, dest: Path) -> Path:
@@ -33,11 +39,16 @@ def best_checkpoint_folder(result, dest: Path) -> Path:
     return dest
 
 
-def evaluate_folder(folder: Path, split: FeatureSplit, cfg: Config, plots_dir: Optional[Path] = None) -> dict[str, Any]:
-    """Test metrics of a checkpoint; with `plots_dir`, also its plots and the overlap indicator."""
+def evaluate_folder(folder: Path, split: FeatureSplit, cfg: Config, plots_dir: Optional[Path] = None,
+                    split_name: Optional[str] = None) -> dict[str, Any]:
+    """Test metrics of a checkpoint; with `plots_dir`, also its plots and the overlap indicator;
+    with eval.region_phrase_model, also 001 Eq. 8's eq8_* metrics on `split_name` (default
+    data.test_split: what `split` is)."""
     model, _ = load_model(folder)
-    img, txt = embed_split(model, split)  # once, for the metrics and the plots
+    img, txt = embed_split(model, split)  # once, for the metrics, Eq. 8 and the plots
     metrics: dict[str, Any] = evaluate_embeddings(model, img, txt, split, chunk=cfg.train.eval_chunk)
+    if cfg.eval.region_phrase_model and not isinstance(split, PhraseSplit):
+        metrics.update(_eq8_or_warn(model, img, txt, split, cfg, split_name or cfg.data.test_split))
     state = load_checkpoint(folder)[0]["train_state"]
     if plots_dir is not None and isinstance(split, PhraseSplit):  # retrieval's plots rank whole galleries
         from itmatch.eval.plots import training_curves
@@ -54,12 +65,71 @@ def evaluate_folder(folder: Path, split: FeatureSplit, cfg: Config, plots_dir: O
     return metrics
 
 
+def _eq8_or_warn(model: nn.Module, img: torch.Tensor, txt: torch.Tensor, split: SplitRows, cfg: Config,
+                 split_name: str) -> dict[str, float]:
+    """Eq. 8's metrics at the end of a run; the preflight checked its inputs before training, so a
+    failure here (files gone since) warns rather than losing the trained run's logging."""
+    try:
+        setup = eq8_setup(cfg.eval, split_name, tracking_uri=cfg.tracking.tracking_uri, cache_dir=cfg.data.cache_dir)
+        return setup.evaluate(model, img, txt, split, chunk=cfg.train.eval_chunk)
+    except (ConfigError, DataError) as exc:
+        log.warning("001 Eq. 8 metrics not computed: %s", exc)
+        return {}
+
+
+@dataclass
+class Eq8Setup:
+    """001 Eq. 8's region-phrase side for one split: the model, that split of the region-phrase data."""
+
+    model: nn.Module
+    phrases: PhraseSplit
+    alpha: float
+    where: str  # the key and value that named the region-phrase data and split, for errors
+
+    def evaluate(self, model: nn.Module, img: torch.Tensor, txt: torch.Tensor, split: SplitRows, *,
+                 chunk: int = 1024) -> dict[str, float]:
+        """The eq8_* metrics of `model`, whose embeddings of `split` are `img`, `txt`."""
+        from itmatch.eval.eq8 import evaluate_eq8
+
+        return evaluate_eq8(model, img, txt, split, self.model, self.phrases, alpha=self.alpha, chunk=chunk,
+                            where=self.where)
+
+
+def eq8_setup(ev: EvalConfig, split_name: str, *, tracking_uri: Optional[str], cache_dir: str | Path) -> Eq8Setup:
+    """Load eval.region_phrase_model and prepare (or find cached) split `split_name` of its data
+    (eval.region_phrase_data, else the source it was trained on) with its own encoders. A
+    ConfigError / DataError naming the key and value when the model is not a region-phrase model,
+    cannot be loaded, or its data lacks the split or does not fit it."""
+    ref = ev.region_phrase_model
+    key = f"eval.region_phrase_model = {ref!r}"
+    try:
+        model, pcfg = resolve_model(ref, tracking_uri, key="eval.region_phrase_model")
+    except (ModelRefError, FileNotFoundError, CheckpointError) as exc:
+        raise ConfigError(str(exc)) from None
+    if pcfg.data.task != "phrases":
+        raise ConfigError(f"{key} is not a region-phrase model: it was trained on data.source={pcfg.data.source!r} "
+                          "(image-caption data); give one trained on entities: or shapes-phrases: data "
+                          "(e.g. configs/shapes_phrases.yaml)")
+    source = ev.region_phrase_data or pcfg.data.source
+    data = f"eval.region_phrase_data = {source!r}" if ev.region_phrase_data else \
+        f"the data.source eval.region_phrase_model was trained on ({source!r}; eval.region_phrase_data unset)"
+    try:
+        store = prepare_phrases(source, cache_dir=cache_dir, image_encoder=pcfg.data.image_encoder,
+                                text_encoder=pcfg.data.text_encoder, splits=[split_name], progress=False)
+    except DataError as exc:
+        raise DataError(f"{data}: {exc}") from None
+    if tuple(store.dims) != tuple(getattr(model, "dims", store.dims)):
+        raise ConfigError(f"{key} takes features of width {tuple(model.dims)} but {data} gives {tuple(store.dims)}")
+    return Eq8Setup(model, store.split(split_name), ev.eq8_alpha, f"{data}, split {split_name!r}")
+
+
 class ModelRefError(LookupError):
     """A model reference that names nothing loadable: unknown registered model, alias, version or run."""
 
 
-def resolve_model(ref: str, tracking_uri: Optional[str] = None):
-    """A checkpoint folder (a Ray checkpoint's best/ is preferred), or an MLflow models:/ or runs:/ URI."""
+def resolve_model(ref: str, tracking_uri: Optional[str] = None, key: str = "--model"):
+    """A checkpoint folder (a Ray checkpoint's best/ is preferred), or an MLflow models:/ or runs:/ URI;
+    errors name `key` (the flag or config key that gave `ref`)."""
     if "://" in ref or ref.startswith(("models:", "runs:")):
         import mlflow
 
@@ -76,7 +146,7 @@ def resolve_model(ref: str, tracking_uri: Optional[str] = None):
             wrapper = mlflow.pyfunc.load_model(ref).unwrap_python_model()
         except (MlflowException, OSError) as exc:  # unknown name, version, alias or run; missing artifacts
             first = (str(exc).splitlines() or [type(exc).__name__])[0]
-            raise ModelRefError(f"--model {ref}: cannot load from {mlflow.get_tracking_uri()} ({first})") from exc
+            raise ModelRefError(f"{key} {ref}: cannot load from {mlflow.get_tracking_uri()} ({first})") from exc
         return wrapper.model, wrapper.cfg
     folder = Path(ref)
     if (folder / "best").is_dir():
@@ -84,6 +154,6 @@ def resolve_model(ref: str, tracking_uri: Optional[str] = None):
     from itmatch.models.ensemble import is_ensemble
 
     if not (folder / "state.pt").is_file() and not is_ensemble(folder):
-        raise FileNotFoundError(f"--model {ref}: not a checkpoint folder (state.pt + config.yaml), an ensemble "
+        raise FileNotFoundError(f"{key} {ref}: not a checkpoint folder (state.pt + config.yaml), an ensemble "
                                 "folder (ensemble.json) nor an MLflow URI such as models:/NAME@ALIAS")
     return load_model(folder)

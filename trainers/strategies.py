@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from itmatch.accumulate import Passes, cached_step
+from itmatch.accumulate import DIRECT, Passes, cached_step
 from itmatch.config import Config
 from itmatch.dist import DistGather, any_worker, average_gradients, globalize_batchnorm
 from itmatch.optim import param_groups
@@ -87,11 +87,16 @@ class DDPStrategy:
         loss.backward()
         return self.step(model, optimizer, scheduler)
 
+    def passes(self, model: nn.Module) -> Passes:
+        """How a pass outside the model's own forward runs (gradient caching's chunks, Stage I's
+        tower cache): here directly on the unwrapped modules."""
+        return DIRECT
+
     def cached_step(self, model: nn.Module, batch, objective, *, chunk: int, gather, epoch: int) -> dict:
         """Forward and backward with gradient caching on the towers (itmatch.accumulate); the
         update is `step`'s."""
         return cached_step(self.unwrap(model), batch, objective, chunk=chunk, gather=gather, epoch=epoch,
-                           autocast=self.autocast)
+                           autocast=self.autocast, passes=self.passes(model))
 
     def step(self, model: nn.Module, optimizer, scheduler) -> torch.Tensor:
         """The update from gradients already in the parameters (averaged over workers here when
@@ -186,12 +191,15 @@ class DeepSpeedStrategy(DDPStrategy):
         norm = model.get_global_grad_norm()
         return torch.tensor(float("nan") if norm is None else float(norm))
 
+    def passes(self, model: nn.Module) -> Passes:
+        """Through the engine (_EnginePasses), so ZeRO-3 gathers the weights of every pass."""
+        return _EnginePasses(model, self.cfg.scaling.zero_stage, self.input_dtype(model), self.ctx)
+
     def cached_step(self, model: nn.Module, batch, objective, *, chunk: int, gather, epoch: int) -> dict:
         """Gradient caching through the engine (_EnginePasses): every pass with a graph goes through
         it, the backward passes accumulate locally and the step's gradients are reduced once."""
-        passes = _EnginePasses(model, self.cfg.scaling.zero_stage, self.input_dtype(model), self.ctx)
         return cached_step(self.unwrap(model), batch.cast_inputs(self.input_dtype(model)), objective, chunk=chunk,
-                           gather=gather, epoch=epoch, autocast=self.autocast, passes=passes)
+                           gather=gather, epoch=epoch, autocast=self.autocast, passes=self.passes(model))
 
     def full_state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """Collective under ZeRO-3 (every rank must call it): gathers the partitioned weights."""

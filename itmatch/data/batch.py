@@ -5,7 +5,8 @@ A batch holds one worker's share of a global batch: its unique images and its ca
 with their tower inputs, group ids (positives share one) and instance classes (the image's row in
 the training split, 004's one class per training image). `Batch.images` / `Batch.texts` are what
 the towers consume: a [N, D] feature tensor for the identity tower over cached features, a
-[N, 3, H, W] pixel tensor for an image CNN, or a dict of token tensors for a text encoder.
+[N, 3, H, W] pixel tensor for an image CNN, or a dict of token tensors for a text encoder; a
+batch cut from Stage I's tower cache (`TowerCache`) holds the frozen towers' outputs instead.
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ class Batch:
     """(image rows, text rows, labels) of sampled pairs, for objectives that score pairs."""
     boxes: Optional[Boxes] = None
     """Region-phrase batches only: the rows' pictures and boxes (None for image-caption batches)."""
+    tower_outputs: bool = False
+    """`images` / `texts` are already the (frozen) towers' outputs, cut from Stage I's tower cache
+    (`TowerCache`): the model skips its towers and feeds them to the branches as they are."""
 
     @classmethod
     def of(cls, images: Inputs, texts: Inputs, *, image_gid: Optional[Tensor] = None,
@@ -88,7 +92,10 @@ class Batch:
         return replace(self, **moved, pairs=pairs, boxes=boxes)
 
     def cast_inputs(self, dtype: torch.dtype) -> "Batch":
-        """Floating tower inputs in `dtype` (DeepSpeed bf16 weights take bf16 inputs); ids untouched."""
+        """Floating tower inputs in `dtype` (DeepSpeed bf16 weights take bf16 inputs); ids untouched.
+        Cached tower outputs stay as the towers gave them (already in the training precision)."""
+        if self.tower_outputs:
+            return self
         device = self.image_gid.device
         return replace(self, images=move(self.images, device, dtype), texts=move(self.texts, device, dtype))
 
@@ -119,11 +126,40 @@ def make_batch(split, captions: np.ndarray, prepare_image: Prepare, prepare_text
     if hasattr(split, "make_batch"):
         return split.make_batch(captions, prepare_image, prepare_text, train=train, rng=rng, data=data)
     rows = np.unique(split.caption_image[captions])
-    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
     return Batch(images=prepare_image(split.images_at(rows), train=train, rng=rng),
                  texts=prepare_text(caption_items(split, prepare_text, captions), train=train, rng=rng),
-                 image_gid=as_tensor(split.image_ids[rows]), text_gid=as_tensor(split.caption_gid[captions]),
-                 image_cls=as_tensor(rows), text_cls=as_tensor(split.caption_image[captions]))
+                 **_ids(split, captions, rows))
+
+
+def _ids(split, captions: np.ndarray, rows: np.ndarray) -> dict[str, Tensor]:
+    """A batch's group ids and instance classes (`rows`: its unique image rows, sorted)."""
+    as_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
+    return dict(image_gid=as_tensor(split.image_ids[rows]), text_gid=as_tensor(split.caption_gid[captions]),
+                image_cls=as_tensor(rows), text_cls=as_tensor(split.caption_image[captions]))
+
+
+@dataclass
+class TowerCache:
+    """Stage I on cached tower features (model.tower_cache_stage_one): the frozen towers' outputs
+    for every image and caption of the training split, computed once (trainers/loop.py), from which
+    Stage I's batches are cut instead of running the towers on every step."""
+
+    images: list[Tensor]
+    """[Ni, D] per view: the un-augmented image, then (where training flips) its horizontal flip."""
+    texts: Tensor
+    """[Nc, D] the un-augmented captions."""
+
+    def batch(self, split, captions: np.ndarray, rng: np.random.Generator) -> Batch:
+        """The batch `make_batch` would give for these caption rows, as tower outputs; with two views
+        each image's is drawn from `rng` (seeded per step by the caller, so a resumed run replays it)."""
+        rows = np.unique(split.caption_image[captions])
+        index = torch.from_numpy(rows).to(self.texts.device)
+        images = self.images[0][index]
+        if len(self.images) > 1:  # a fair coin per image, as the pixel augmentation's flip
+            flip = torch.from_numpy(rng.random(len(rows)) < 0.5).to(images.device)
+            images = torch.where(flip[:, None], self.images[1][index], images)
+        texts = self.texts[torch.from_numpy(np.asarray(captions, dtype=np.int64)).to(self.texts.device)]
+        return Batch(images=images, texts=texts, **_ids(split, captions, rows), tower_outputs=True)
 
 
 def _features(items: Any, *, train: bool = False, rng: Optional[np.random.Generator] = None) -> Tensor:
@@ -135,4 +171,5 @@ def feature_batch(split, captions: np.ndarray, device: torch.device | str = "cpu
     return make_batch(split, captions, _features, _features).to(torch.device(device))
 
 
-__all__ = ["Batch", "Boxes", "Inputs", "Prepare", "caption_items", "make_batch", "feature_batch", "move"]
+__all__ = ["Batch", "Boxes", "Inputs", "Prepare", "TowerCache", "caption_items", "make_batch", "feature_batch",
+           "move"]

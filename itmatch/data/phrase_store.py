@@ -235,6 +235,7 @@ class PhraseSplit(FeatureSplit):
     proposal_rows: np.ndarray  # [I, P_max] region rows of each picture's proposals, -1 = padding
     phrase_picture: np.ndarray  # [N] row into picture_ids
     phrase_box: np.ndarray  # [N, 4] the phrase's ground-truth box
+    phrase_caption: np.ndarray  # [N] caption id (of the source) of the sentence the phrase is in: 001 Eq. 8
 
     @property
     def caption_shard(self) -> np.ndarray:
@@ -292,7 +293,8 @@ class PhraseStore(FeatureStore):
             proposal_rows=_padded_rows(region_picture, regions.column("proposal_index").to_numpy() >= 0,
                                        len(pictures)),
             phrase_picture=np.searchsorted(pictures, phrases.column("image_id").to_numpy()).astype(np.int64),
-            phrase_box=boxes_of(phrases.column("box")))
+            phrase_box=boxes_of(phrases.column("box")),
+            phrase_caption=phrases.column("caption_id").to_numpy().astype(np.int64))
 
 
 __all__ = ["KIND", "read_phrase_source", "region_rows", "pixel_box", "crop_features", "prepare_phrases",

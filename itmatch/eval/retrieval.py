@@ -194,6 +194,10 @@ def format_metrics(m: dict[str, float]) -> str:
         from itmatch.eval.phrases import format_phrase_metrics
 
         return format_phrase_metrics(m)
-    return (f"i2t {m['i2t_r1']:.1f}/{m['i2t_r5']:.1f}/{m['i2t_r10']:.1f} "
+    line = (f"i2t {m['i2t_r1']:.1f}/{m['i2t_r5']:.1f}/{m['i2t_r10']:.1f} "
             f"t2i {m['t2i_r1']:.1f}/{m['t2i_r5']:.1f}/{m['t2i_r10']:.1f} rsum {m['rsum']:.1f} "
             f"medr {m['i2t_medr']:g}/{m['t2i_medr']:g}")
+    if "eq8_rsum" in m:  # 001 Eq. 8's combination with a region-phrase model (itmatch/eval/eq8.py)
+        line += (f" | Eq. 8: i2t {m['eq8_i2t_r1']:.1f}/{m['eq8_i2t_r5']:.1f}/{m['eq8_i2t_r10']:.1f} "
+                 f"t2i {m['eq8_t2i_r1']:.1f}/{m['eq8_t2i_r5']:.1f}/{m['eq8_t2i_r10']:.1f} rsum {m['eq8_rsum']:.1f}")
+    return line

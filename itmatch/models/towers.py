@@ -106,6 +106,13 @@ class PixelPrep:
             out.append(np.ascontiguousarray(array))
         return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
 
+    def cache_views(self, images: Sequence[Any]) -> list[Tensor]:
+        """Stage I's tower cache (model.tower_cache_stage_one): the un-augmented pixels (resize +
+        centre crop) and, where training augments, their horizontal flip; a random resized crop
+        cannot be computed once for every epoch."""
+        pixels = self(images, train=False)
+        return [pixels, pixels.flip(-1)] if self.augment else [pixels]
+
 
 class ImageTower(nn.Module):
     """A CNN giving pooled features, with its own preprocessing (`prepare`, a PixelPrep)."""
@@ -228,6 +235,13 @@ class MiniLMTower(nn.Module):
 
 
 
+def cache_views(prepare: Any, items: Any) -> list[Any]:
+    """A tower's inputs for Stage I's tower cache, one per view the cache keeps: its un-augmented
+    preparation (no random crop, no position shift), and a flip where its `prepare` offers one."""
+    views = getattr(prepare, "cache_views", None)
+    return views(items) if views is not None else [prepare(items, train=False)]
+
+
 # --------------------------------------------------------------------------- registries
 
 # name -> builder; `features` takes the cached features' width, encoders the model config
@@ -278,5 +292,5 @@ def _set_trainable(tower: nn.Module, train: bool, last: Optional[int]) -> nn.Mod
 
 
 __all__ = ["IMAGE_TOWERS", "TEXT_TOWERS", "FeaturePrep", "FeatureTower", "ImageTower", "MiniLMTower", "PixelPrep",
-           "TokenPrep", "build_towers", "build_image_tower",
+           "TokenPrep", "build_towers", "build_image_tower", "cache_views",
            "check_tower_names", "random_resized_crop"]

@@ -69,6 +69,10 @@ class TwoTower(nn.Module):
         raise NotImplementedError
 
     def tower_features(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """The towers' outputs for the batch's inputs; a batch cut from Stage I's tower cache
+        (`batch.tower_outputs`) already holds them: the towers do not run."""
+        if batch.tower_outputs:
+            return batch.images, batch.texts
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.towers_frozen):
             return self.image_tower(batch.images), self.text_tower(batch.texts)
 

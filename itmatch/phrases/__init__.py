@@ -5,6 +5,8 @@
     entities   the Flickr30K Entities reader (Sentences/, Annotations/, split lists, proposals.parquet)
                -> `PhraseCorpus` of Arrow tables (images, captions, phrases, regions, proposals)
     synthetic  the shapes scenes written in that layout, with proposals, for offline runs
+    sentences  a layout's captions as Karpathy-format image-caption data with the reader's ids (001 Eq. 8's
+               image-sentence side on the same images and sentences)
     metrics    R@1/5/10 at IoU >= 0.5, the proposals' upper bound, the exact random R@1, and 001 Eq. 8
     sampling   Algorithm 1's per-batch masks: positive / negative regions per phrase, negative phrases
 

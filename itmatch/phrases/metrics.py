@@ -18,6 +18,7 @@ the inputs counts (001 / Plummer's evaluation keeps all visual phrases).
 
 from __future__ import annotations
 
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -121,29 +122,62 @@ def unit_distance(cos: Tensor) -> Tensor:
     return torch.sqrt(torch.clamp(2.0 - 2.0 * cos, min=0.0))
 
 
+PairDistance = Callable[[Tensor, Tensor], Tensor]
+"""(regions [i, R, D], phrases [m, D]) -> [i, m, R] region-phrase distances (lower is closer)."""
+
+
+def cosine_pair_distance(regions: Tensor, phrases: Tensor) -> Tensor:
+    """The embedding network's region-phrase distance: unit vectors' Euclidean distance."""
+    return unit_distance(torch.einsum("ird,md->imr", regions, phrases.to(regions.dtype)))
+
+
 def region_phrase_distance(region_emb: Tensor, phrase_emb: Tensor, phrase_sentence: Tensor, n_sentences: int, *,
                            region_valid: Tensor | None = None, budget: int = 2**24) -> Tensor:
     """001 Eq. 8's d_rp: [I, S], for image x and sentence y the mean over y's phrases of the
     distance from the phrase to its best-matching (nearest) region of x. Embeddings are unit
     vectors: region_emb [I, R, D] (padding marked False in region_valid [I, R]), phrase_emb
     [M, D], phrase_sentence [M] in [0, S). NaN where the sentence has no phrase or the image no
-    region. Computed in blocks of images of at most `budget` region-phrase cosines."""
-    n_images, R, _ = region_emb.shape
-    M = len(phrase_emb)
-    valid = region_valid if region_valid is not None else \
-        torch.ones(n_images, R, dtype=torch.bool, device=region_emb.device)
+    region. Computed in blocks of at most `budget` region-phrase-dimension products."""
+    n_images, R, D = region_emb.shape
+    rows = torch.arange(n_images * R, device=region_emb.device).view(n_images, R)
+    if region_valid is not None:
+        rows = rows.masked_fill(~region_valid.bool(), -1)
+    return sentence_region_distance(region_emb.reshape(-1, D), rows, phrase_emb, phrase_sentence, n_sentences,
+                                    budget=budget)
+
+
+def sentence_region_distance(region_emb: Tensor, image_regions: Tensor, phrase_emb: Tensor, phrase_sentence: Tensor,
+                             n_sentences: int, *, pair_distance: Optional[PairDistance] = None,
+                             budget: int = 2**24) -> Tensor:
+    """001 Eq. 8's d_rp [I, S] with regions given as rows: region_emb [N, D], image_regions [I, R]
+    rows into it per image (-1: padding), phrase_emb [M, D], phrase_sentence [M] in [0, S).
+    `pair_distance` scores regions against phrases (default: `cosine_pair_distance`; a learned
+    pair score turned into a distance for the similarity network). NaN where the sentence has no
+    phrase or the image no region (`combine_distances` then keeps d). Blocks of images and of
+    phrases hold at most `budget` region x phrase x dimension products (the similarity network's
+    head runs on exactly that element-wise product)."""
+    distance = pair_distance or cosine_pair_distance
+    n_images, R = image_regions.shape
+    M, D = phrase_emb.shape
     sent = phrase_sentence.long()
-    count = torch.zeros(n_sentences, dtype=region_emb.dtype, device=region_emb.device)
-    count.index_add_(0, sent, torch.ones(M, dtype=region_emb.dtype, device=region_emb.device))
-    rows = max(1, budget // max(1, M * R))
+    count = torch.zeros(n_sentences, dtype=torch.float64, device=region_emb.device)
+    count.index_add_(0, sent, torch.ones(M, dtype=torch.float64, device=region_emb.device))
+    if R == 0 or M == 0:
+        return torch.full((n_images, n_sentences), torch.nan, dtype=torch.float64, device=region_emb.device)
+    m_step = max(1, min(M, budget // (R * D)))
+    i_step = max(1, budget // (m_step * R * D))
     out = []
-    for lo in range(0, n_images, rows):
-        cos = torch.einsum("ird,md->imr", region_emb[lo:lo + rows], phrase_emb)
-        cos = cos.masked_fill(~valid[lo:lo + rows, None, :], -torch.inf).amax(dim=2)  # [i, M] best region
-        dist = unit_distance(cos).masked_fill(~valid[lo:lo + rows].any(dim=1, keepdim=True), torch.nan)
-        total = torch.zeros(len(dist), n_sentences, dtype=dist.dtype, device=dist.device)
-        out.append(total.index_add_(1, sent, dist) / count)
-    return torch.cat(out) if out else region_emb.new_zeros(0, n_sentences)
+    for lo in range(0, n_images, i_step):
+        rows = image_regions[lo:lo + i_step].long()
+        valid = rows >= 0
+        regions = region_emb[rows.clamp(min=0)]  # [i, R, D]
+        best = torch.cat([distance(regions, phrase_emb[m:m + m_step]).double()
+                          .masked_fill(~valid[:, None, :], torch.inf).amin(dim=2)
+                          for m in range(0, M, m_step)], dim=1)  # [i, M]: each phrase's nearest region
+        best = best.masked_fill(~valid.any(dim=1, keepdim=True), torch.nan)  # no region: nothing to match
+        total = torch.zeros(len(rows), n_sentences, dtype=torch.float64, device=best.device)
+        out.append(total.index_add_(1, sent, best) / count)  # 0 / 0 = NaN: a sentence without phrases
+    return torch.cat(out) if out else torch.zeros(0, n_sentences, dtype=torch.float64)
 
 
 def combine_distances(d: Tensor, d_rp: Tensor, alpha: float = EQ8_ALPHA) -> Tensor:
@@ -159,4 +193,5 @@ def combine_distances(d: Tensor, d_rp: Tensor, alpha: float = EQ8_ALPHA) -> Tens
 
 
 __all__ = ["KS", "EQ8_ALPHA", "localization_hits", "hit_ranks", "random_recall", "localization_recall",
-           "phrase_localization_metrics", "unit_distance", "region_phrase_distance", "combine_distances"]
+           "phrase_localization_metrics", "unit_distance", "PairDistance", "cosine_pair_distance",
+           "region_phrase_distance", "sentence_region_distance", "combine_distances"]

@@ -17,6 +17,9 @@ make_shapes`: `images/shapes_NNNNNN.png` and `dataset_shapes.json`, same seed, s
     proposals.parquet     per image, `jitter_per_region` boxes jittered around every ground-truth
                           region (each object, each plural's enclosing box) and `random_proposals`
                           random boxes, shuffled (their order says nothing)
+    dataset_sentences.json  those captions (markup removed) as image-caption data in the Karpathy
+                          format, ids shared with the Entities reader (`itmatch.phrases.sentences`):
+                          the image-sentence side of 001 Eq. 8 on the same scenes
 
 Image i has id i; chain ids are 10 * i + 1 + k for object k, 10 * i + 8 for the plural chain and
 10 * i + 9 for the scene. An object's box is the tight box of the pixels `_render` draws for it
@@ -38,6 +41,7 @@ from itmatch.data.store import atomic_write_text
 from itmatch.data.synthetic import POSITIONS, SHAPE_PLURALS, _noun_phrase, _render, make_shapes
 from itmatch.phrases.boxes import clip_boxes, enclosing_box, to_inclusive
 from itmatch.phrases.entities import ANNOTATIONS_DIR, PROPOSALS_FILE, SENTENCES_DIR, write_proposals
+from itmatch.phrases.sentences import SENTENCES_JSON, write_sentences_json
 
 FORMAT_VERSION = 1
 MARKER = "shapes_entities.json"
@@ -156,6 +160,8 @@ def write_shapes_entities(out_dir: str | Path, n_images: int = 200, *, seed: int
               "image_size": int(doc["params"]["image_size"]), "n_captions": int(n_captions),
               "jitter_per_region": int(jitter_per_region), "random_proposals": int(random_proposals)}
     if _done(out_dir, params):
+        if not (out_dir / SENTENCES_JSON).is_file():  # a folder written before the file existed
+            write_sentences_json(out_dir)
         return out_dir
     (out_dir / MARKER).unlink(missing_ok=True)
     for sub in (SENTENCES_DIR, ANNOTATIONS_DIR):
@@ -166,6 +172,7 @@ def write_shapes_entities(out_dir: str | Path, n_images: int = 200, *, seed: int
     for split in ("train", "val", "test"):
         atomic_write_text(out_dir / f"{split}.txt",
                           "".join(f"{e['imgid']}\n" for e in entries if e["split"] == split))
+    write_sentences_json(out_dir)
     atomic_write_text(out_dir / MARKER, json.dumps(params, indent=2))
     return out_dir
 

@@ -1,0 +1,166 @@
+"""What a job and a Tune trial cost beyond their training (issue 13), side by side in one run, on
+the Flickr8k-1k precomputed features (`configs/flickr8k_precomp.yaml`):
+
+1. bare PyTorch: the same model, Eq. 6 objective, optimizer, neighborhood sampler and validation
+   in a plain loop in this process (all cores), per-epoch wall time (train + validate);
+2. the job: `python -m trainers.train --config configs/flickr8k_precomp.yaml` (Ray Train, 2 DDP
+   workers, MLflow on a SQLite file) -- its steady epoch (the wall time between two consecutive
+   epoch records in metrics.jsonl: training, validation, report and checkpoint) and the time
+   from the command to its first training step (the first epoch record's time minus its training
+   time: an upper bound, it includes epoch 1's validation);
+3. the same job as the only trial of a search (`python -m tuning.search ... --num-samples 1
+   --scheduler fifo`): the trial's wall time against its own training (first step to last epoch).
+
+Goals (issue 13): steady epoch <= 1.1x the bare loop, command -> first step <= 12 s, a trial's
+overhead over its own training <= 20 %.
+
+    .venv/bin/python bench/job_overhead.py [--epochs 12] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESET = "configs/flickr8k_precomp.yaml"
+
+
+def tmp_paths(tmp: Path) -> list[str]:
+    return [f"run.storage_path={tmp / 'runs'}", f"data.cache_dir={tmp / 'cache'}",
+            f"tracking.tracking_uri=sqlite:///{tmp / 'mlruns.db'}", f"tracking.artifact_location={tmp / 'art'}"]
+
+
+def bare_loop(cfg, store) -> list[float]:
+    """Per-epoch wall times of a plain loop doing the job's steps: sample, batch, forward, loss,
+    backward, step; then validate."""
+    from itmatch.data.batch import make_batch
+    from itmatch.data.batching import NeighborhoodBatchSampler
+    from itmatch.eval.evaluate import evaluate_split
+    from itmatch.losses import build_objective
+    from itmatch.models import build_model
+    from itmatch.optim import build_optimizer, param_groups
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(cfg.train.seed)
+    heads = cfg.loss.heads
+    model = build_model(*store.dims, cfg.model, n_classes=len(store.split("train").image_ids) if heads else 0,
+                        heads=heads).train()
+    optimizer = build_optimizer(param_groups(model, cfg.optim), cfg.optim)
+    objective, split, val = build_objective(cfg.loss), store.split("train"), store.split("val")
+    sampler = NeighborhoodBatchSampler(split.caption_image, cfg.data.batch_size, seed=cfg.train.seed)
+    prep = (model.image_tower.prepare, model.text_tower.prepare)
+    times = []
+    for epoch in range(cfg.train.epochs):
+        start = time.perf_counter()
+        model.train()
+        sampler.set_epoch(epoch)
+        for step, captions in enumerate(sampler):
+            batch = make_batch(split, captions, *prep, train=True, rng=np.random.default_rng([0, epoch, 0, step]),
+                               data=cfg.data)
+            batch = objective.prepare(batch)
+            out = objective(model(batch), batch, epoch=epoch)
+            out["loss"].backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        model.eval()
+        evaluate_split(model, val, chunk=cfg.train.eval_chunk)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def epoch_records(folder: Path) -> list[dict]:
+    """The last record of each epoch in a run folder's metrics.jsonl."""
+    records = {}
+    for line in (folder / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        records[record["epoch"]] = record
+    return [records[k] for k in sorted(records)]
+
+
+def job_times(records: list[dict], started: float) -> dict[str, float]:
+    """Steady epoch (median gap between epoch records after the first), command -> first step,
+    and the training span (first step -> last epoch record), in seconds."""
+    stamps = [r["timestamp"] / 1000 for r in records]
+    first_step = stamps[0] - records[0]["metrics"]["epoch_time_s"]
+    return {"steady_epoch": float(np.median(np.diff(stamps))), "first_step": first_step - started,
+            "training": stamps[-1] - first_step, "train_only": float(np.median(
+                [r["metrics"]["epoch_time_s"] for r in records[1:]]))}
+
+
+def run_seconds(db: Path, run_id: str) -> float:
+    """An MLflow run's duration: the job from start_run to end_run (fit, test, log_model)."""
+    from mlflow.tracking import MlflowClient
+
+    info = MlflowClient(f"sqlite:///{db}").get_run(run_id).info
+    return (info.end_time - info.start_time) / 1000
+
+
+def run(args: list[str], timeout: int = 3600) -> float:
+    """Run a CLI from the repo root; returns the wall-clock time it started at."""
+    started = time.time()
+    done = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        raise SystemExit(done.stdout[-2000:] + done.stderr[-4000:])
+    return started
+
+
+def main() -> None:
+    from itmatch.config import load_config
+    from itmatch.data.store import prepare
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("overrides", nargs="*")
+    opts = parser.parse_args()
+    keys = [f"train.epochs={opts.epochs}", *opts.overrides]
+    with tempfile.TemporaryDirectory() as folder:
+        tmp = Path(folder)
+        os.chdir(ROOT)  # the preset's data path is relative to the repo root
+        cfg = load_config(PRESET, keys)
+        store = prepare(cfg.data.source, cache_dir=tmp / "cache", text_encoder=cfg.data.text_encoder,
+                        image_encoder=cfg.data.image_encoder, progress=False)
+        bare = bare_loop(cfg, store)
+        job_start = time.perf_counter()
+        started = run(["trainers.train", "--config", PRESET, "run.name=alone", *keys, *tmp_paths(tmp)])
+        job_wall = time.perf_counter() - job_start
+        job = job_times(epoch_records(tmp / "runs" / "alone"), started)
+        job_run = run_seconds(tmp / "mlruns.db", json.loads((tmp / "runs" / "alone" / "summary.json").read_text())["run_id"])
+        space = tmp / "space.yaml"
+        space.write_text("train.seed: {choice: [0]}\n")  # one trial, the same job
+        started = run(["tuning.search", "--config", PRESET, "--space", str(space), "--num-samples", "1",
+                       "--scheduler", "fifo", "--name", "one", "--max-concurrent", "1", "search.rerun_top=0",
+                       "search.ensemble=false", *keys, *tmp_paths(tmp)])  # the preset's section re-runs seeds
+        trial_row = json.loads((tmp / "runs" / "one" / "search.json").read_text())["trials"][0]
+        trial = job_times(epoch_records(tmp / "runs" / "one" / "trials" / trial_row["trial_id"]), started)
+        trial_run = run_seconds(tmp / "mlruns.db", trial_row["summary"]["run_id"])
+    steady_bare = float(np.median(bare[1:]))
+    overhead = trial_run / trial["training"] - 1
+    print(f"| {PRESET}, {' '.join(keys)} | seconds | ratio | goal |")
+    print("|---|---|---|---|")
+    print(f"| bare loop, steady epoch (train + validate) | {steady_bare:.2f} | 1.00 | |")
+    print(f"| job, steady epoch (record to record) | {job['steady_epoch']:.2f} | "
+          f"{job['steady_epoch'] / steady_bare:.2f} | <= 1.10 |")
+    print(f"| job, steady epoch's training alone (epoch_time_s) | {job['train_only']:.2f} | "
+          f"{job['train_only'] / steady_bare:.2f} | |")
+    print(f"| job, command -> first step | {job['first_step']:.1f} | | <= 12 s |")
+    print(f"| job, whole command | {job_wall:.1f} | | |")
+    print(f"| trial, steady epoch | {trial['steady_epoch']:.2f} | {trial['steady_epoch'] / steady_bare:.2f} | |")
+    print(f"| job, its MLflow run (fit, test, log_model) vs its training {job['training']:.1f} s | {job_run:.1f} | "
+          f"+{100 * (job_run / job['training'] - 1):.0f} % | |")
+    print(f"| trial, its MLflow run vs its own training {trial['training']:.1f} s | {trial_run:.1f} | "
+          f"+{100 * overhead:.0f} % | <= +20 % |")
+    print(f"| trial, Tune's time_total_s | {trial_row['wall_s']:.1f} | | |")
+
+
+if __name__ == "__main__":
+    main()
