@@ -122,6 +122,10 @@ def test_registered_model_embeds_raw_images_and_captions(runs):
     got = model.predict(pd.DataFrame({"image": [path.read_bytes(), str(path)]}))
     want = reference.embed_images(reference.image_tower.prepare([Image.open(io.BytesIO(path.read_bytes()))]))
     np.testing.assert_allclose(got, np.repeat(want.numpy(), 2, axis=0), rtol=1e-4, atol=1e-5)
+    # the run drew its pictures from the raw test images and logged them with the model
+    assert {p.name for p in (tmp / "runs" / "straight" / "pictures").iterdir()} >= {"embedding_map.png", "queries.html"}
+    logged = {a.path for a in mlflow.tracking.MlflowClient().list_artifacts(summary["run_id"], "pictures")}
+    assert {"pictures/embedding_map.png", "pictures/queries.html"} <= logged
     text = model.predict(pd.DataFrame({"text": ["A dog runs on the grass ."]}))
     want = reference.embed_texts(reference.text_tower.prepare(["A dog runs on the grass ."])).numpy()
     np.testing.assert_allclose(text, want, rtol=1e-4, atol=1e-5)
