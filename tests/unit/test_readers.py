@@ -191,6 +191,7 @@ def test_precomp_caption_features_for_some_splits_only(tmp_path, monkeypatch):
     fake = types.ModuleType("itmatch.data.encoders")
     fake.build_text_encoder = lambda name: FakeTextEncoder()
     fake.TEXT_ENCODERS, fake.IMAGE_ENCODERS, fake.image_encoder_choices = {"foo": FakeTextEncoder}, {}, list
+    fake.ARCH_PREFIXES = ()
     monkeypatch.setitem(sys.modules, "itmatch.data.encoders", fake)
     store = _prepare(f"precomp:{tmp_path / 'p'}", tmp_path / "cache")
     assert encoded == [data["dev"][1]]
