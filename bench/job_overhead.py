@@ -10,6 +10,8 @@ the Flickr8k-1k precomputed features (`configs/flickr8k_precomp.yaml`):
    time: an upper bound, it includes epoch 1's validation);
 3. the same job as the only trial of a search (`python -m tuning.search ... --num-samples 1
    --scheduler fifo`): the trial's wall time against its own training (first step to last epoch).
+Jobs run with 2 and with 1 DDP worker; trials with 2 workers (a Ray Train worker group) and with
+one (`search.trial_workers=1`: the trial trains in its own process, trainers/in_process.py).
 
 Goals (issue 13): steady epoch <= 1.1x the bare loop, command -> first step <= 12 s, a trial's
 overhead over its own training <= 20 %.
@@ -114,6 +116,28 @@ def run(args: list[str], timeout: int = 3600) -> float:
     return started
 
 
+def measure_job(tmp: Path, name: str, keys: list[str]) -> dict[str, float]:
+    """A `trainers.train` run: its epoch times, command -> first step, wall time and MLflow run."""
+    job_start = time.perf_counter()
+    started = run(["trainers.train", "--config", PRESET, f"run.name={name}", *keys, *tmp_paths(tmp)])
+    wall = time.perf_counter() - job_start
+    out = job_times(epoch_records(tmp / "runs" / name), started)
+    summary = json.loads((tmp / "runs" / name / "summary.json").read_text())
+    return {**out, "wall": wall, "mlflow_run": run_seconds(tmp / "mlruns.db", summary["run_id"])}
+
+
+def measure_trial(tmp: Path, name: str, keys: list[str]) -> dict[str, float]:
+    """The same job as the only trial of a FIFO search: its epoch times, MLflow run, Tune's time."""
+    space = tmp / "space.yaml"
+    space.write_text("train.seed: {choice: [0]}\n")  # one trial, the same job
+    started = run(["tuning.search", "--config", PRESET, "--space", str(space), "--num-samples", "1",
+                   "--scheduler", "fifo", "--name", name, "--max-concurrent", "1", "search.rerun_top=0",
+                   "search.ensemble=false", *keys, *tmp_paths(tmp)])  # the preset's section re-runs seeds
+    row = json.loads((tmp / "runs" / name / "search.json").read_text())["trials"][0]
+    out = job_times(epoch_records(tmp / "runs" / name / "trials" / row["trial_id"]), started)
+    return {**out, "mlflow_run": run_seconds(tmp / "mlruns.db", row["summary"]["run_id"]), "tune": row["wall_s"]}
+
+
 def main() -> None:
     from itmatch.config import load_config
     from itmatch.data.store import prepare
@@ -129,37 +153,29 @@ def main() -> None:
         cfg = load_config(PRESET, keys)
         store = prepare(cfg.data.source, cache_dir=tmp / "cache", text_encoder=cfg.data.text_encoder,
                         image_encoder=cfg.data.image_encoder, progress=False)
-        bare = bare_loop(cfg, store)
-        job_start = time.perf_counter()
-        started = run(["trainers.train", "--config", PRESET, "run.name=alone", *keys, *tmp_paths(tmp)])
-        job_wall = time.perf_counter() - job_start
-        job = job_times(epoch_records(tmp / "runs" / "alone"), started)
-        job_run = run_seconds(tmp / "mlruns.db", json.loads((tmp / "runs" / "alone" / "summary.json").read_text())["run_id"])
-        space = tmp / "space.yaml"
-        space.write_text("train.seed: {choice: [0]}\n")  # one trial, the same job
-        started = run(["tuning.search", "--config", PRESET, "--space", str(space), "--num-samples", "1",
-                       "--scheduler", "fifo", "--name", "one", "--max-concurrent", "1", "search.rerun_top=0",
-                       "search.ensemble=false", *keys, *tmp_paths(tmp)])  # the preset's section re-runs seeds
-        trial_row = json.loads((tmp / "runs" / "one" / "search.json").read_text())["trials"][0]
-        trial = job_times(epoch_records(tmp / "runs" / "one" / "trials" / trial_row["trial_id"]), started)
-        trial_run = run_seconds(tmp / "mlruns.db", trial_row["summary"]["run_id"])
-    steady_bare = float(np.median(bare[1:]))
-    overhead = trial_run / trial["training"] - 1
+        steady_bare = float(np.median(bare_loop(cfg, store)[1:]))
+        jobs = {n: measure_job(tmp, f"job{n}", [*keys, f"scaling.num_workers={n}"]) for n in (2, 1)}
+        trials = {n: measure_trial(tmp, f"trial{n}", [*keys, f"search.trial_workers={n}"]) for n in (2, 1)}
     print(f"| {PRESET}, {' '.join(keys)} | seconds | ratio | goal |")
     print("|---|---|---|---|")
     print(f"| bare loop, steady epoch (train + validate) | {steady_bare:.2f} | 1.00 | |")
-    print(f"| job, steady epoch (record to record) | {job['steady_epoch']:.2f} | "
-          f"{job['steady_epoch'] / steady_bare:.2f} | <= 1.10 |")
-    print(f"| job, steady epoch's training alone (epoch_time_s) | {job['train_only']:.2f} | "
-          f"{job['train_only'] / steady_bare:.2f} | |")
-    print(f"| job, command -> first step | {job['first_step']:.1f} | | <= 12 s |")
-    print(f"| job, whole command | {job_wall:.1f} | | |")
-    print(f"| trial, steady epoch | {trial['steady_epoch']:.2f} | {trial['steady_epoch'] / steady_bare:.2f} | |")
-    print(f"| job, its MLflow run (fit, test, log_model) vs its training {job['training']:.1f} s | {job_run:.1f} | "
-          f"+{100 * (job_run / job['training'] - 1):.0f} % | |")
-    print(f"| trial, its MLflow run vs its own training {trial['training']:.1f} s | {trial_run:.1f} | "
-          f"+{100 * overhead:.0f} % | <= +20 % |")
-    print(f"| trial, Tune's time_total_s | {trial_row['wall_s']:.1f} | | |")
+    for n, job in jobs.items():
+        what = f"job, {n} DDP worker{'s' if n > 1 else ''} (Ray Train)"
+        print(f"| {what}, steady epoch (record to record) | {job['steady_epoch']:.2f} | "
+              f"{job['steady_epoch'] / steady_bare:.2f} | <= 1.10 |")
+        print(f"| {what}, steady epoch's training alone (epoch_time_s) | {job['train_only']:.2f} | "
+              f"{job['train_only'] / steady_bare:.2f} | |")
+        print(f"| {what}, command -> first step | {job['first_step']:.1f} | | <= 12 s |")
+        print(f"| {what}, whole command | {job['wall']:.1f} | | |")
+        print(f"| {what}, its MLflow run (fit, test, log_model) vs its training {job['training']:.1f} s | "
+              f"{job['mlflow_run']:.1f} | +{100 * (job['mlflow_run'] / job['training'] - 1):.0f} % | |")
+    for n, trial in trials.items():
+        what = "trial, 2 workers (Ray Train)" if n > 1 else "trial, 1 worker in its own process"
+        print(f"| {what}, steady epoch | {trial['steady_epoch']:.2f} | {trial['steady_epoch'] / steady_bare:.2f} "
+              f"| <= 1.10 |")
+        print(f"| {what}, its MLflow run vs its own training {trial['training']:.1f} s | {trial['mlflow_run']:.1f} | "
+              f"+{100 * (trial['mlflow_run'] / trial['training'] - 1):.0f} % | <= +20 % |")
+        print(f"| {what}, Tune's time_total_s | {trial['tune']:.1f} | | |")
 
 
 if __name__ == "__main__":

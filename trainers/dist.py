@@ -38,4 +38,13 @@ def worker_context() -> WorkerContext:
     return WorkerContext(rank, world, local, device)
 
 
-__all__ = ["WorkerContext", "worker_context"]
+def local_context(use_gpu: bool) -> WorkerContext:
+    """The one worker of a job that trains in its own process (trainers/in_process.py): rank 0 of 1,
+    on the first GPU Ray gave this process (CUDA_VISIBLE_DEVICES) or the CPU."""
+    device = torch.device("cuda", 0) if use_gpu and torch.cuda.is_available() else torch.device("cpu")
+    if use_gpu and device.type != "cuda":
+        raise RuntimeError("scaling.use_gpu=true but this process sees no GPU")
+    return WorkerContext(0, 1, 0, device)
+
+
+__all__ = ["WorkerContext", "local_context", "worker_context"]

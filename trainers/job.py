@@ -1,8 +1,8 @@
 """One job, start to end: the single path behind `trainers.train` and every Tune trial.
 
 `run_job` saves the resolved config in the run folder, opens (or reopens) the MLflow run, fits the
-TorchTrainer, evaluates the best epoch on the test split, logs the model, registers and maybe
-promotes it, writes summary.json, and leaves the MLflow run FINISHED, FAILED (any error) or KILLED
+TorchTrainer (or, for a one-worker Tune trial, trains in its own process: trainers/in_process.py),
+evaluates the best epoch on the test split, logs the model, registers and maybe promotes it, writes summary.json, and leaves the MLflow run FINISHED, FAILED (any error) or KILLED
 (the process told to stop, e.g. a trial stopped by Tune). Ray must already be initialised.
 """
 
@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from itmatch.config import Config, save_config, validate
 from itmatch.data.store import FeatureStore
+
+if TYPE_CHECKING:
+    from trainers.in_process import Forward
 
 log = logging.getLogger("itmatch.job")
 CONFIG_FILE = "config.yaml"
@@ -55,10 +58,13 @@ def _absolute_source(source: str) -> str:
 
 
 def run_job(cfg: Config, store: FeatureStore, *, tags: Optional[dict[str, str]] = None,
-            callbacks: Optional[list] = None, run_name: Optional[str] = None) -> dict[str, Any]:
+            callbacks: Optional[list] = None, run_name: Optional[str] = None,
+            forward: Optional[Forward] = None) -> dict[str, Any]:
     """Train, finalize, log and register one run; returns its summary (also in summary.json).
     `tags`/`run_name`: for a new MLflow run (a trial's parent id and readable name);
-    `callbacks`: Ray Train user callbacks (a trial's report forwarding to Tune)."""
+    `callbacks`: Ray Train user callbacks (a trial's report forwarding to Tune);
+    `forward`: train one worker in this process instead (trainers/in_process.py), sending each
+    epoch's metrics and checkpoint folder there (a one-worker trial's `ray.tune.report`)."""
     folder = run_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     save_config(cfg, folder / CONFIG_FILE)
@@ -68,7 +74,12 @@ def run_job(cfg: Config, store: FeatureStore, *, tags: Optional[dict[str, str]] 
 
         tracking = {**start_run(cfg, str(folder), store, tags=tags, run_name=run_name), "folder": str(folder)}
     try:
-        result = fit(cfg, store, tracking, callbacks)
+        if forward is not None:
+            from trainers.in_process import fit_in_process
+
+            result = fit_in_process(cfg, store, tracking, folder, int(cpus_per_worker(cfg)), forward)
+        else:
+            result = fit(cfg, store, tracking, callbacks)
         summary = finalize(cfg, store, result, tracking)
     except Exception:
         _end(tracking, "FAILED")
@@ -87,7 +98,8 @@ def _end(tracking: Optional[dict], status: str) -> None:
         end_run(tracking, status)
 
 
-def _cpus_per_worker(cfg: Config) -> float:
+def cpus_per_worker(cfg: Config) -> float:
+    """scaling.cpus_per_worker, else the cluster's CPUs shared by the workers (at least one each)."""
     import ray
 
     if cfg.scaling.cpus_per_worker:
@@ -103,7 +115,7 @@ def fit(cfg: Config, store: FeatureStore, tracking: Optional[dict], callbacks: O
 
     from trainers.loop import train_loop_per_worker
 
-    cpus = _cpus_per_worker(cfg)
+    cpus = cpus_per_worker(cfg)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(), "store": str(store.root.resolve()),

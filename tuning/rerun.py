@@ -4,7 +4,8 @@ Each re-run is a normal job (`trainers.job.run_job`) on the trial's resolved con
 `train.seed`: its own folder `<search>/reruns/<trial id>-seed<k>` (config.yaml, checkpoints,
 summary.json) and an MLflow run nested under the search's run, tagged with the trial it repeats.
 Re-runs are Ray tasks on the search's cluster, at most `search.max_concurrent` at once; like trials
-they hold no CPU themselves and their Ray Train workers queue for their placement groups. A re-run
+they hold no CPU themselves and their Ray Train workers queue for their placement groups, except a
+one-worker re-run, which trains inside its task (trainers/in_process.py) and holds its worker's CPUs. A re-run
 whose summary.json exists (a killed search run again) is read back, never run twice.
 """
 
@@ -14,7 +15,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from itmatch.config import Config, load_config
 
@@ -49,10 +50,7 @@ def rerun_config(setup: dict, item: dict[str, Any]) -> Config:
 def run_all(items: list[dict], setup: dict, max_concurrent: int) -> list[dict[str, Any]]:
     """Run every planned re-run (finished ones are read back); returns one record per item with
     status `finished` or `failed`, its summary and wall time."""
-    import ray
-
     records, pending = {}, {}
-    remote = ray.remote(num_cpus=0)(_rerun_task)
     todo = []
     for item in items:
         done = _summary(rerun_config(setup, item))
@@ -64,10 +62,22 @@ def run_all(items: list[dict], setup: dict, max_concurrent: int) -> list[dict[st
     for item in todo:
         if len(pending) >= max_concurrent:
             _collect(pending, records)
-        pending[remote.remote(setup, item)] = item
+        pending[_remote(setup, rerun_config(setup, item)).remote(setup, item)] = item
     while pending:
         _collect(pending, records)
     return [records[item["run"]] for item in items]
+
+
+def _remote(setup: dict, cfg: Config):
+    """A re-run of one worker trains inside its Ray task, which holds that worker's CPUs (and GPU);
+    otherwise the task only drives its Ray Train workers and holds nothing they need."""
+    import ray
+
+    from trainers.in_process import can_run
+
+    if not can_run(cfg):
+        return ray.remote(num_cpus=0)(_rerun_task)
+    return ray.remote(num_cpus=setup["worker_cpus"], num_gpus=1 if cfg.scaling.use_gpu else 0)(_rerun_task)
 
 
 def _collect(pending: dict, records: dict) -> None:
@@ -99,6 +109,7 @@ def _summary(cfg: Config):
 def _rerun_task(setup: dict, item: dict[str, Any]) -> tuple[dict, float]:
     """One re-run in a Ray task: the same job path as `trainers.train` and every trial."""
     from itmatch.data.raw import open_store
+    from trainers.in_process import can_run
     from trainers.job import run_job
     from trainers.logs import setup_logging
     from tuning import report
@@ -108,9 +119,15 @@ def _rerun_task(setup: dict, item: dict[str, Any]) -> tuple[dict, float]:
     tags = {"mlflow.parentRunId": setup["parent_run_id"], "itmatch.search": setup["name"],
             RERUN_OF_TAG: item["trial_id"], RERUN_TAG: item["run"],
             "itmatch.seed": str(item["seed"])} if setup["parent_run_id"] else None
-    summary = run_job(rerun_config(setup, item), open_store(setup["store"]), tags=tags,
-                      run_name=report.run_name(setup["name"], item["run"], item["params"]))
+    cfg = rerun_config(setup, item)
+    summary = run_job(cfg, open_store(setup["store"]), tags=tags,
+                      run_name=report.run_name(setup["name"], item["run"], item["params"]),
+                      forward=_ignore if can_run(cfg) else None)
     return summary, time.perf_counter() - start
+
+
+def _ignore(metrics: dict, checkpoint: Optional[Path]) -> None:
+    """A re-run reports to nobody: its summary is its result."""
 
 
 def folder(search_dir: Path) -> Path:

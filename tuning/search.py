@@ -1,4 +1,5 @@
-"""Ray Tune over the dotted config keys; every trial is a distributed Ray Train job.
+"""Ray Tune over the dotted config keys; every trial is a Ray Train job, or, with one DDP worker
+(`search.trial_workers=1`), the same job trained inside its Tune process (trainers/in_process.py).
 
     python -m tuning.search --config configs/flickr8k_precomp.yaml --space configs/search/eq6.yaml \\
         --num-samples 16 --search optuna --scheduler asha --max-concurrent 2 [key=value ...]
@@ -41,7 +42,7 @@ from itmatch.config import Config, ConfigError, load_config  # noqa: E402
 from itmatch.data.sources import DataError  # noqa: E402
 from itmatch.data.raw import open_store  # noqa: E402
 from itmatch.data.store import FeatureStore  # noqa: E402
-from trainers import preflight  # noqa: E402
+from trainers import in_process, preflight  # noqa: E402
 from trainers.logs import setup_logging  # noqa: E402
 from tuning import registry, report, rerun, select  # noqa: E402
 from tuning.space import load_space  # noqa: E402
@@ -77,13 +78,43 @@ def run_trial(config: dict, setup: dict) -> None:
         cfg = _next_generation(cfg, setup, trial_id, exploited.path)
     if _report_finished(cfg):
         return
-    callbacks = [TuneReportCallback()]
-    if setup.get("checkpoints_to_tune"):
-        _forward_checkpoints()
     tags = {"mlflow.parentRunId": setup["parent_run_id"], "itmatch.search": setup["name"],
             report.TRIAL_TAG: trial_id} if setup["parent_run_id"] else None
-    run_job(cfg, open_store(setup["store"]), tags=tags, callbacks=callbacks,
-            run_name=report.run_name(setup["name"], cfg.run.name, params))
+    name = report.run_name(setup["name"], cfg.run.name, params)
+    if in_process.can_run(cfg):  # one worker: this trial process trains it (trainers/in_process.py)
+        run_job(cfg, open_store(setup["store"]), tags=tags, run_name=name,
+                forward=_tune_forward(setup.get("checkpoints_to_tune", False)))
+        return
+    if setup.get("checkpoints_to_tune"):
+        _forward_checkpoints()
+    run_job(cfg, open_store(setup["store"]), tags=tags, callbacks=[TuneReportCallback()], run_name=name)
+
+
+def _tune_forward(with_checkpoints: bool):
+    """An in-process trial's report: every epoch's metrics to Tune, with its checkpoint folder when
+    the scheduler clones trials by their checkpoints (PBT; Tune copies the folder)."""
+    from ray import tune
+
+    def forward(metrics: dict, folder: Optional[Path]) -> None:
+        keep = with_checkpoints and folder is not None
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(folder)) if keep else None)
+
+    return forward
+
+
+def trial_resources(setup: dict):
+    """What Tune reserves for a trial: the CPUs (and GPU) of its one worker when it trains in its own
+    process; else nothing, as the trial only drives its Ray Train workers (which must not wait for a
+    CPU their own trial holds; Tune refuses an empty request, hence one byte of memory)."""
+    from ray import tune
+
+    def resources(config: dict):
+        cfg = trial_config(setup, config["params"], "resources")
+        if not in_process.can_run(cfg):
+            return tune.PlacementGroupFactory([{"CPU": 0, "memory": 1}])
+        return tune.PlacementGroupFactory([{"CPU": setup["worker_cpus"], "GPU": 1 if cfg.scaling.use_gpu else 0}])
+
+    return resources
 
 
 def _next_generation(cfg: Config, setup: dict, trial_id: str, checkpoint: str) -> Config:
@@ -144,6 +175,7 @@ def share_cpus(cfg: Config, cpus: float) -> Config:
 def run_search(cfg: Config, space: dict[str, dict], store: FeatureStore, search_dir: Path) -> list[dict]:
     from ray import tune
 
+    from trainers.job import cpus_per_worker
     from trainers.train import exit_on_sigterm, init_ray
 
     init_ray(cfg)
@@ -161,10 +193,8 @@ def run_search(cfg: Config, space: dict[str, dict], store: FeatureStore, search_
     setup = {"base": cfg.flat(), "store": str(store.root.resolve()), "trials_dir": str(search_dir / "trials"),
              "reruns_dir": str(rerun.folder(search_dir)), "name": cfg.search.name,
              "parent_run_id": parent["run_id"] if parent else None,
-             "checkpoints_to_tune": registry.needs_checkpoints(cfg)}
-    # The trial only drives its Ray Train workers: it must not hold a CPU they need, and Tune refuses
-    # an empty request, so it asks for one byte of memory.
-    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": 0, "memory": 1})
+             "checkpoints_to_tune": registry.needs_checkpoints(cfg), "worker_cpus": cpus_per_worker(cfg)}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), trial_resources(setup))
     path = str(search_dir / "tune")
     if tune.Tuner.can_restore(path):
         log.info("resuming the search in %s", path)
@@ -173,11 +203,21 @@ def run_search(cfg: Config, space: dict[str, dict], store: FeatureStore, search_
         tuner = tune.Tuner(trainable, param_space={"params": registry.params_space(cfg, space)},
                            tune_config=_tune_config(cfg, space),
                            run_config=tune.RunConfig(name="tune", storage_path=str(search_dir), verbose=1,
-                                                     checkpoint_config=tune.CheckpointConfig(num_to_keep=4)))
+                                                     checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
+                                                     failure_config=_trial_failures(cfg)))
     rows = [report.trial_row(r, search_dir / "trials") for r in tuner.fit()]
     reruns = _rerun_top(cfg, rows, setup)
     _finish(cfg, store, rows, reruns, setup, parent, search_dir)
     return rows
+
+
+def _trial_failures(cfg: Config):
+    """run.max_failures for trials that train in their own process (Tune restarts them; they resume
+    from their run folder's newest checkpoint). A Ray Train trial's workers are restarted by Ray
+    Train itself with the same budget, so Tune does not retry it again."""
+    from ray import tune
+
+    return tune.FailureConfig(max_failures=cfg.run.max_failures if in_process.can_run(cfg) else 0)
 
 
 def _rerun_top(cfg: Config, rows: list[dict], setup: dict) -> list[dict]:
@@ -289,7 +329,8 @@ def resolve(args: argparse.Namespace) -> tuple[Config, dict[str, dict]]:
     flags = [f"search.{key}={json.dumps(getattr(args, flag))}" for flag, key in FLAGS.items()
              if getattr(args, flag) is not None]
     cfg = load_config(args.config, [*args.overrides, *flags])
-    cfg = load_config(None, {**cfg.flat(), "run.name": cfg.search.name})
+    cfg = load_config(None, {**cfg.flat(), "run.name": cfg.search.name,
+                             "scaling.num_workers": cfg.search.trial_workers or cfg.scaling.num_workers})
     warn_relative_paths(cfg)
     cfg = absolute_paths(cfg)
     registry.pick(registry.SEARCHERS, "search.algorithm", cfg.search.algorithm)

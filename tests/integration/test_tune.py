@@ -194,9 +194,39 @@ def test_search_runs_as_a_ray_job_with_optuna_and_queued_concurrent_trials(job_s
     assert all(r.info.status in ("FINISHED", "KILLED") for r in children)
 
 
+def test_one_worker_trials_train_in_their_own_process_as_the_job_would(tmp_path):
+    """search.trial_workers=1: each trial trains inside its Tune process (no Ray Train worker group);
+    ASHA still stops the weak trial (its MLflow run KILLED), and the finished trial's weights are
+    those of the same one-worker `trainers.train` job through Ray Train."""
+    import torch
+
+    space = tmp_path / "space.yaml"
+    space.write_text(f"optim.lr: {{grid: [{GOOD_LR}, {BAD_LR}]}}\n")  # one at a time: good, then bad
+    args = ["--config", "configs/debug.yaml", "--space", str(space), "--num-samples", "1", "--name", "so",
+            "search.trial_workers=1", "search.grace_period=1", "search.reduction_factor=2", *_paths(tmp_path)]
+    done = run_module("tuning.search", args, ROOT, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
+    assert "TorchTrainer" not in done.stdout + done.stderr and "controller" not in done.stdout + done.stderr
+    trials = {t["params"]["optim.lr"]: t for t in json.loads((tmp_path / "runs" / "so" / "search.json").read_text())["trials"]}
+    assert trials[GOOD_LR]["status"] == "finished" and trials[BAD_LR]["status"] == "stopped"
+    _, parent, children = _mlflow_runs(tmp_path / "ml.db", "so")
+    assert sorted(r.info.status for r in children) == ["FINISHED", "KILLED"] and parent.info.status == "FINISHED"
+    folder = tmp_path / "runs" / "so" / "trials" / trials[GOOD_LR]["trial_id"]
+    assert sorted(p.name for p in folder.glob("checkpoint_*")) == ["checkpoint_000001", "checkpoint_000002"]
+    job = run_module("trainers.train", ["--config", "configs/debug.yaml", "scaling.num_workers=1",
+                                        f"optim.lr={GOOD_LR}", "run.name=job", "tracking.enabled=false",
+                                        *_paths(tmp_path)], ROOT, timeout=300)
+    assert job.returncode == 0, job.stderr[-4000:]
+    trial = torch.load(folder / "best_model" / "state.pt", weights_only=False)["model"]
+    alone = torch.load(tmp_path / "runs" / "job" / "best_model" / "state.pt", weights_only=False)["model"]
+    for key, value in alone.items():
+        torch.testing.assert_close(trial[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
 def test_killed_optuna_search_restores_without_rerunning_finished_trials(tmp_path):
     """Kill the whole search (driver and its Ray) once a trial has finished; the same command
-    restores the experiment and the Optuna searcher, runs only what is left, and registers once."""
+    restores the experiment and the Optuna searcher, runs only what is left, and registers once.
+    Its trials have one worker each, so they train in their own processes (trainers/in_process.py)."""
     import os
     import signal
     import subprocess
@@ -206,7 +236,7 @@ def test_killed_optuna_search_restores_without_rerunning_finished_trials(tmp_pat
     space = tmp_path / "space.yaml"
     space.write_text("optim.lr: {loguniform: [1.0e-3, 5.0e-3]}\n")
     args = ["--config", "configs/debug.yaml", "--space", str(space), "--num-samples", "2", "--name", "sk",
-            "--search", "optuna", "--scheduler", "fifo", "search.seed=0", *_paths(tmp_path)]
+            "--search", "optuna", "--scheduler", "fifo", "search.seed=0", "search.trial_workers=1", *_paths(tmp_path)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"}
     env.pop("RAY_ADDRESS", None)
     log = (tmp_path / "first.log").open("w")

@@ -1,0 +1,101 @@
+"""A one-worker job trained in the calling process (trainers/in_process.py), as one-worker Tune
+trials and seed re-runs do: its checkpoints are written atomically and pruned, every epoch reaches
+`forward`, and a run killed after a checkpoint and started again ends with the weights of a run
+that was never interrupted (checked against a plain Trainer loop with no checkpoints at all)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from itmatch.config import load_config
+from itmatch.data.store import prepare
+from itmatch.state import checkpoint_candidates, load_checkpoint, pick_resume_checkpoint
+from trainers import in_process
+from trainers.dist import WorkerContext
+from trainers.loop import Trainer
+
+BASE = ["data.source=x", "data.batch_size=24", "train.epochs=3", "model.hidden_dim=32", "model.embed_dim=16",
+        "optim.lr=1e-3", "scaling.num_workers=1", "run.keep_checkpoints=2"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("shapes")
+    return prepare(f"synthetic:{tmp / 'shapes'}?n_images=40", cache_dir=tmp / "cache", image_encoder="pixels",
+                   text_encoder="hashing", splits=["train", "val", "test"], progress=False)
+
+
+def _fit(store, folder: Path, *overrides: str) -> tuple[in_process.LocalResult, list]:
+    reports: list = []
+    cfg = load_config(None, [*BASE, *overrides])
+    result = in_process.fit_in_process(cfg, store, None, folder, 1, lambda m, p: reports.append((m, p)))
+    return result, reports
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(folder)[0]["model"]
+
+
+def test_every_epoch_is_reported_with_its_checkpoint_and_only_the_newest_are_kept(store, tmp_path):
+    result, reports = _fit(store, tmp_path / "run")
+    assert [int(m["epoch"]) for m, _ in reports] == [1, 2, 3]
+    assert [p.name for _, p in reports] == ["checkpoint_000001", "checkpoint_000002", "checkpoint_000003"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["checkpoint_000002", "checkpoint_000003"]
+    assert Path(result.checkpoint.path) == tmp_path / "run" / "checkpoint_000003"
+    # what trainers.job.finalize and a resume read: an intact checkpoint holding the best weights
+    assert pick_resume_checkpoint(checkpoint_candidates(None, tmp_path / "run"))[0].name == "checkpoint_000003"
+    assert (Path(result.checkpoint.path) / "best").is_dir()
+
+
+def test_killed_after_a_checkpoint_then_started_again_equals_a_plain_uninterrupted_loop(store, tmp_path, monkeypatch):
+    cfg = load_config(None, BASE)
+    plain = Trainer(cfg, store, WorkerContext(0, 1, 0, torch.device("cpu")), None)
+    torch.set_num_threads(1)
+    plain.fit(lambda metrics, save: None)  # the reference: one loop, never saved, never restored
+    monkeypatch.setenv("ITMATCH_FAIL_AT_EPOCH", "2")
+    with pytest.raises(RuntimeError, match="injected failure after epoch 2"):
+        _fit(store, tmp_path / "run")
+    assert in_process.newest_checkpoint(tmp_path / "run").name == "checkpoint_000002"
+    result, reports = _fit(store, tmp_path / "run")  # the same call again: it resumes at epoch 3
+    assert [int(m["epoch"]) for m, _ in reports] == [3]
+    got = _weights(Path(result.checkpoint.path))
+    for key, value in plain.strategy.full_state_dict(plain.model).items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_a_half_written_checkpoint_never_takes_a_checkpoints_name(tmp_path):
+    def dies(folder: Path) -> None:
+        (folder / "state.pt").write_bytes(b"half")
+        raise OSError("disk full")
+
+    tmp_path.mkdir(exist_ok=True)
+    with pytest.raises(OSError, match="disk full"):
+        in_process.write_checkpoint(tmp_path, 4, dies)
+    assert in_process.newest_checkpoint(tmp_path) is None
+    # the next save of the same epoch replaces the leftover and lands under the name
+    path = in_process.write_checkpoint(tmp_path, 4, lambda folder: (folder / "state.pt").write_text("whole"))
+    assert path.name == "checkpoint_000004" and (path / "state.pt").read_text() == "whole"
+    again = in_process.write_checkpoint(tmp_path, 4, lambda folder: (folder / "state.pt").write_text("newer"))
+    assert again == path and (path / "state.pt").read_text() == "newer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_000004"]
+
+
+def test_prune_keeps_the_newest_by_number_and_leaves_other_folders(tmp_path):
+    for name in ("checkpoint_000009", "checkpoint_000010", "checkpoint_000002", "best_model", "checkpoint_x"):
+        (tmp_path / name).mkdir()
+    in_process.prune(tmp_path, 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best_model", "checkpoint_000009", "checkpoint_000010",
+                                                          "checkpoint_x"]
+
+
+@pytest.mark.parametrize("overrides, ok", [([], True), (["scaling.num_workers=2"], False),
+                                           (["scaling.strategy=deepspeed"], False)])
+def test_only_one_ddp_worker_trains_in_process(overrides, ok, store, tmp_path):
+    cfg = load_config(None, [*BASE, *overrides])
+    assert in_process.can_run(cfg) is ok
+    if not ok:
+        with pytest.raises(ValueError, match="num_workers=1 and scaling.strategy=ddp"):
+            in_process.fit_in_process(cfg, store, None, tmp_path, 1, lambda m, p: None)

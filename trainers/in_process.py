@@ -1,0 +1,115 @@
+"""One worker without a Ray Train worker group: a job that trains in the calling process.
+
+A one-worker Tune trial (or seed re-run) is already a Ray actor that Tune placed with the resources
+its worker needs. Starting a Ray Train controller, its helper actors and a worker process inside it
+costs 15-25 s per trial on a 2-core machine, and every epoch's report waits for the controller's
+poll (BENCHMARKS.md, "What a job and a trial cost"). Here the same `Trainer` runs in the caller's
+process instead; what Ray Train does for it is done the same way:
+- checkpoints land in the run folder (`run.storage_path/run.name/checkpoint_NNNNNN`), each written
+  to a temporary folder and renamed, the newest `run.keep_checkpoints` kept;
+- a restarted job resumes from the newest intact checkpoint there (trainers.loop._resume);
+- every epoch's metrics (and, for PBT, its checkpoint) go to `forward`, e.g. `ray.tune.report`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from itmatch.config import Config
+from itmatch.data.store import FeatureStore
+from itmatch.state import CHECKPOINT_PREFIX
+
+log = logging.getLogger("itmatch.train")
+# (metrics, checkpoint folder or None) -> None
+Forward = Callable[[dict[str, Any], Optional[Path]], None]
+
+
+def can_run(cfg: Config) -> bool:
+    """One DDP worker: nothing to all-reduce, no process group. (DeepSpeed's engine needs one.)"""
+    return cfg.scaling.num_workers == 1 and cfg.scaling.strategy == "ddp"
+
+
+@dataclass
+class LocalResult:
+    """What `trainers.job.finalize` reads of Ray Train's Result: the run folder, its last checkpoint."""
+
+    path: str
+    checkpoint: Any
+
+
+def fit_in_process(cfg: Config, store: FeatureStore, tracking: Optional[dict], folder: Path, threads: int,
+                   forward: Forward) -> LocalResult:
+    """Train `cfg` here (resuming from `folder`'s newest checkpoint); returns the run's result."""
+    import ray.train
+
+    from trainers.dist import local_context
+    from trainers.loop import Trainer, _resume
+
+    if not can_run(cfg):
+        raise ValueError(f"in-process training needs scaling.num_workers=1 and scaling.strategy=ddp, got "
+                         f"{cfg.scaling.num_workers} and {cfg.scaling.strategy}")
+    torch.set_num_threads(max(1, threads))
+    folder.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg, store, local_context(cfg.scaling.use_gpu), tracking)
+    _resume(trainer, None, folder)
+    trainer.fit(reporter(folder, cfg.run.keep_checkpoints, forward))
+    latest = newest_checkpoint(folder)
+    return LocalResult(str(folder), ray.train.Checkpoint.from_directory(str(latest)) if latest else None)
+
+
+def reporter(folder: Path, keep: int, forward: Forward) -> Callable[[dict, Optional[Callable]], None]:
+    """The `report(metrics, save)` that `Trainer.fit` calls after every epoch."""
+
+    def report(metrics: dict[str, Any], save: Optional[Callable[[Path], None]]) -> None:
+        path = None
+        if save is not None:
+            path = write_checkpoint(folder, int(metrics["epoch"]), save)
+            prune(folder, keep)
+        forward(metrics, path)
+
+    return report
+
+
+def write_checkpoint(folder: Path, epoch: int, save: Callable[[Path], None]) -> Path:
+    """`save` into a temporary folder, then renamed into place: a crash leaves no half checkpoint
+    under a checkpoint's name (a leftover `.tmp-*` folder is ignored and replaced)."""
+    path = folder / f"{CHECKPOINT_PREFIX}{epoch:06d}"
+    tmp = folder / f".tmp-{path.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save(tmp)
+    if path.exists():  # the same epoch again (a restored run reporting its last state): the newer wins
+        old = folder / f".old-{path.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(path)
+    return path
+
+
+def checkpoints(folder: Path) -> list[Path]:
+    """This module's checkpoints in `folder`, oldest first."""
+    return sorted(p for p in folder.glob(f"{CHECKPOINT_PREFIX}[0-9]*") if p.is_dir()
+                  and p.name[len(CHECKPOINT_PREFIX):].isdigit())
+
+
+def newest_checkpoint(folder: Path) -> Optional[Path]:
+    found = checkpoints(folder)
+    return found[-1] if found else None
+
+
+def prune(folder: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints (each carries the best weights so far, so none is lost)."""
+    for old in checkpoints(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = ["LocalResult", "can_run", "fit_in_process", "newest_checkpoint", "prune", "reporter", "write_checkpoint"]
