@@ -318,6 +318,11 @@ class RunConfig(_Section):
     resume: bool = True
     max_failures: int = Field(1, ge=-1)
     keep_checkpoints: int = Field(2, ge=1)
+    checkpoint_every: int = Field(1, ge=1)
+    """Checkpoint every N epochs and after the last (each checkpoint holds the best weights so far);
+    a run resumed after a failure replays the epochs since its checkpoint, exactly. Saving costs
+    ~0.17 s for the Flickr8k-1k heads (model and Adam moments, written and checksummed), a quarter
+    of their epoch on 2 cores."""
     ray_address: Optional[str] = None
     """None: attach to RAY_ADDRESS if set (ray job submit), else start Ray in-process."""
     start_from: Optional[str] = None
@@ -336,6 +341,10 @@ class TrackingConfig(_Section):
     experiment: str = "itmatch"
     registered_model: Optional[str] = "itmatch-embedding"
     alias: str = "champion"
+    log_model: bool = True
+    """Log the best weights as an MLflow pyfunc model when the run ends (always, when it registers).
+    A search's trials and seed re-runs run without it: the search logs only the model it registers,
+    into that model's own run."""
 
 
 class SearchConfig(_Section):

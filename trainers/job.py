@@ -156,11 +156,11 @@ def finalize(cfg: Config, store: FeatureStore, result, tracking: Optional[dict])
         tr.log_folder(tracking, plots, "plots")
         if pictures:
             tr.log_folder(tracking, run_dir(cfg) / "pictures", "pictures")
-        info = tr.log_model(tracking, best, store)
-        summary["model_uri"] = info.model_uri
         summary["run_id"] = tracking["run_id"]
+        if cfg.tracking.log_model or cfg.tracking.registered_model:
+            summary["model_uri"] = tr.log_model(tracking, best, store).model_uri
         if cfg.tracking.registered_model:
-            summary["registry"] = promote(tracking, cfg, store, info.model_uri, val_score)
+            summary["registry"] = promote(tracking, cfg, store, summary["model_uri"], val_score)
         tr.end_run(tracking)
     return summary
 

@@ -300,10 +300,14 @@ class Trainer:
                          metrics["epoch_time_s"])
                 if self.tracker:
                     self.tracker(metrics, epoch + 1)
-            saves = self.ctx.is_main or self.strategy.saves_on_every_rank
+            saves = (self.ctx.is_main or self.strategy.saves_on_every_rank) and self.checkpoint_due(epoch + 1)
             report(metrics, self.save if saves else None)
             _maybe_inject_failure(started_at, epoch + 1)
 
+
+    def checkpoint_due(self, epoch: int) -> bool:
+        """run.checkpoint_every: every N epochs, and the last (what the run ends with)."""
+        return epoch % self.cfg.run.checkpoint_every == 0 or epoch >= self.epochs
 
     def report_restored(self, report) -> None:
         """Nothing is left to train (PBT cloned a donor at its last epoch; a resumed run that had

@@ -7,8 +7,8 @@ where the data is read: itmatch/data/readers.py and store.py.
 
 Keys that may change when a run is resumed (everything else must equal the run's saved config):
 where and how loudly it runs (run.max_failures, run.ray_address, run.ray_log_level,
-run.keep_checkpoints, run.resume, scaling.cpus_per_worker, scaling.check_resources), what is
-logged (train.log_every, tracking.*, search.*), how features are found or made (data.cache_dir,
+run.keep_checkpoints, run.checkpoint_every, run.resume, scaling.cpus_per_worker,
+scaling.check_resources), what is logged (train.log_every, tracking.*, search.*), how features are found or made (data.cache_dir,
 data.featurize, data.featurize_actors: the features are the same), evaluation chunking
 (train.eval_chunk), what the final test evaluation adds (eval.region_phrase_model,
 eval.region_phrase_data, eval.eq8_alpha: 001 Eq. 8, computed once after training), and
@@ -34,6 +34,7 @@ from itmatch.state import CONFIG_FILE
 RESUMABLE_KEYS = frozenset({
     "run.name", "run.storage_path",  # they found this run folder (relative or absolute alike)
     "run.max_failures", "run.ray_address", "run.ray_log_level", "run.keep_checkpoints", "run.resume",
+    "run.checkpoint_every",
     "run.start_from",  # read only by a run without checkpoints of its own
     "scaling.cpus_per_worker", "scaling.check_resources", "train.log_every", "train.eval_chunk",
     "data.cache_dir", "data.featurize", "data.featurize_actors",

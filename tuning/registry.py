@@ -41,6 +41,10 @@ def _pbt(cfg: Config, space: dict[str, dict]):
     `search.perturbation_interval` epochs."""
     from ray.tune.schedulers import PopulationBasedTraining
 
+    if cfg.search.perturbation_interval % cfg.run.checkpoint_every:
+        raise ConfigError(f"search.scheduler=pbt clones trials by their checkpoints every search.perturbation_interval="
+                          f"{cfg.search.perturbation_interval} epochs, but run.checkpoint_every="
+                          f"{cfg.run.checkpoint_every} does not divide it")
     return PopulationBasedTraining(time_attr="epoch", perturbation_interval=cfg.search.perturbation_interval,
                                    hyperparam_mutations={"params": to_tune(space, grid=False)})
 

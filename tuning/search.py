@@ -60,7 +60,8 @@ def trial_config(setup: dict, params: dict[str, Any], trial_id: str) -> Config:
     registers its best trial once) and no pictures (`trainers.evaluate --pictures` draws the chosen
     model's)."""
     return load_config(None, {**setup["base"], **params, "run.name": trial_id, "eval.pictures": False,
-                              "run.storage_path": setup["trials_dir"], "tracking.registered_model": None})
+                              "run.storage_path": setup["trials_dir"], "tracking.registered_model": None,
+                              "tracking.log_model": False})
 
 
 def run_trial(config: dict, setup: dict) -> None:
@@ -250,17 +251,31 @@ def _finish(cfg: Config, store: FeatureStore, rows: list[dict], reruns: list[dic
     previous = _previous_registry(search_dir, best)
     if previous:  # a re-run of a finished search: its choice is registered already
         best["registry"] = previous
-    elif best and parent and cfg.tracking.registered_model:
+    elif best and parent:  # the choice is logged as a model (and registered) once
         from trainers.job import promote
 
         model = ensemble_model(cfg, choice, search_dir, parent) if cfg.search.ensemble else choice["model"]
-        best["registry"] = promote({**parent, "run_id": model["run_id"]}, cfg, store, model["model_uri"], model["val"])
+        model = _logged(model, parent, store)
+        if cfg.tracking.registered_model:
+            best["registry"] = promote({**parent, "run_id": model["run_id"]}, cfg, store, model["model_uri"],
+                                       model["val"])
     result = {"best": best, "trials": rows, "candidates": candidates, "reruns": reruns}
     (search_dir / "search.json").write_text(json.dumps(result, indent=2, default=str))
     report.plot_params(rows, metric, search_dir / "plots")
     if parent:
         report.log_parent(parent, rows, best, metric, search_dir, candidates)
     print(report.table(rows, metric, best, candidates if reruns else None))
+
+
+def _logged(model: dict, parent: dict, store: FeatureStore) -> dict:
+    """The chosen model with an MLflow model to register: trials and re-runs log none (logging costs
+    seconds per trial and only one is ever registered), so it is logged now, into its own run."""
+    if model.get("model_uri"):
+        return model
+    from trainers.tracking import log_model
+
+    model["model_uri"] = log_model({**parent, "run_id": model["run_id"]}, Path(model["checkpoint"]), store).model_uri
+    return model
 
 
 def ensemble_model(cfg: Config, choice: dict, search_dir: Path, parent: dict) -> dict[str, Any]:
@@ -348,7 +363,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg, space = resolve(args)
-        registry.searcher(cfg, space)  # a searcher that refuses the space fails here, before Ray starts
+        registry.searcher(cfg, space)  # a searcher or scheduler that refuses the config fails here, before Ray
+        registry.scheduler(cfg, space)
         store = prepare_store(cfg)
         preflight.check_batch(hardest_trial(cfg, space), store)
         preflight.check_tracking(cfg)

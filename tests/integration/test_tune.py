@@ -92,6 +92,12 @@ def test_every_mlflow_run_ends_in_its_trials_status_and_the_best_is_registered(s
     assert parent.data.tags["itmatch.best_trial"] == best
     champion = client.get_model_version_by_alias("itm-tune", "champion")
     assert len(client.search_model_versions("name='itm-tune'")) == 1  # only the choice
+    # trials and re-runs log no model; the search logs the one it registers, into that model's run
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp / 'ml.db'}")
+    logged = mlflow.search_logged_models(experiment_ids=[parent.info.experiment_id], output_format="list")
+    assert [m.source_run_id for m in logged] == [champion.run_id]
     # its model is its best-validation seed's
     rerun = json.loads((tmp / "runs" / "s1" / "reruns" / f"{best}-seed1" / "summary.json").read_text())
     assert float(champion.tags["val_score"]) == pytest.approx(max(scores[best], rerun["val_rsum"]))

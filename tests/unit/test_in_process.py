@@ -99,3 +99,34 @@ def test_only_one_ddp_worker_trains_in_process(overrides, ok, store, tmp_path):
     if not ok:
         with pytest.raises(ValueError, match="num_workers=1 and scaling.strategy=ddp"):
             in_process.fit_in_process(cfg, store, None, tmp_path, 1, lambda m, p: None)
+
+
+def test_checkpoint_every_n_epochs_and_the_last_and_a_resume_replays_the_gap_exactly(store, tmp_path, monkeypatch):
+    """run.checkpoint_every=2 over 5 epochs: checkpoints after epochs 2, 4 and 5 only; killed after
+    epoch 3 (not checkpointed), the run resumes from epoch 2, replays 3, and ends as a plain loop."""
+    every = ["train.epochs=5", "run.checkpoint_every=2", "run.keep_checkpoints=5"]
+    cfg = load_config(None, [*BASE, *every])
+    plain = Trainer(cfg, store, WorkerContext(0, 1, 0, torch.device("cpu")), None)
+    torch.set_num_threads(1)
+    plain.fit(lambda metrics, save: None)
+    _, reports = _fit(store, tmp_path / "all", *every)
+    assert [p.name if p else None for _, p in reports] == [None, "checkpoint_000002", None, "checkpoint_000004",
+                                                          "checkpoint_000005"]
+    monkeypatch.setenv("ITMATCH_FAIL_AT_EPOCH", "3")
+    with pytest.raises(RuntimeError, match="injected failure after epoch 3"):
+        _fit(store, tmp_path / "run", *every)
+    monkeypatch.delenv("ITMATCH_FAIL_AT_EPOCH")
+    result, reports = _fit(store, tmp_path / "run", *every)
+    assert [int(m["epoch"]) for m, _ in reports] == [3, 4, 5]
+    got = _weights(Path(result.checkpoint.path))
+    for key, value in plain.strategy.full_state_dict(plain.model).items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_pbt_needs_checkpoints_at_its_perturbations():
+    from itmatch.config import ConfigError
+    from tuning import registry
+
+    cfg = load_config(None, ["search.scheduler=pbt", "search.perturbation_interval=3", "run.checkpoint_every=2"])
+    with pytest.raises(ConfigError, match="run.checkpoint_every=2 does not divide it"):
+        registry.scheduler(cfg, {"optim.lr": {"uniform": [1e-4, 1e-3]}})
