@@ -13,7 +13,6 @@ process instead; what Ray Train does for it is done the same way:
 
 from __future__ import annotations
 
-import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,6 @@ from itmatch.config import Config
 from itmatch.data.store import FeatureStore
 from itmatch.state import CHECKPOINT_PREFIX
 
-log = logging.getLogger("itmatch.train")
 # (metrics, checkpoint folder or None) -> None
 Forward = Callable[[dict[str, Any], Optional[Path]], None]
 
@@ -33,6 +31,15 @@ Forward = Callable[[dict[str, Any], Optional[Path]], None]
 def can_run(cfg: Config) -> bool:
     """One DDP worker: nothing to all-reduce, no process group. (DeepSpeed's engine needs one.)"""
     return cfg.scaling.num_workers == 1 and cfg.scaling.strategy == "ddp"
+
+
+def held_resources(cfg: Config, cpus: float) -> Optional[dict[str, float]]:
+    """What the Ray actor or task running `cfg` must hold: its one worker's CPUs (and GPU) when it
+    trains in process; None when it only drives a Ray Train worker group (which must not wait for a
+    CPU its own driver holds)."""
+    if not can_run(cfg):
+        return None
+    return {"CPU": cpus, "GPU": 1 if cfg.scaling.use_gpu else 0}
 
 
 @dataclass
@@ -112,4 +119,5 @@ def prune(folder: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["LocalResult", "can_run", "fit_in_process", "newest_checkpoint", "prune", "reporter", "write_checkpoint"]
+__all__ = ["LocalResult", "can_run", "fit_in_process", "held_resources", "newest_checkpoint", "prune", "reporter",
+           "write_checkpoint"]

@@ -2,8 +2,9 @@
 
 `run_job` saves the resolved config in the run folder, opens (or reopens) the MLflow run, fits the
 TorchTrainer (or, for a one-worker Tune trial, trains in its own process: trainers/in_process.py),
-evaluates the best epoch on the test split, logs the model, registers and maybe promotes it, writes summary.json, and leaves the MLflow run FINISHED, FAILED (any error) or KILLED
-(the process told to stop, e.g. a trial stopped by Tune). Ray must already be initialised.
+evaluates the best epoch on the test split, logs the model, registers and maybe promotes it, writes
+summary.json, and leaves the MLflow run FINISHED, FAILED (any error) or KILLED (the process told to
+stop, e.g. a trial stopped by Tune). Ray must already be initialised.
 """
 
 from __future__ import annotations

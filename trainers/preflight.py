@@ -8,8 +8,9 @@ where the data is read: itmatch/data/readers.py and store.py.
 Keys that may change when a run is resumed (everything else must equal the run's saved config):
 where and how loudly it runs (run.max_failures, run.ray_address, run.ray_log_level,
 run.keep_checkpoints, run.checkpoint_every, run.resume, scaling.cpus_per_worker,
-scaling.check_resources), what is logged (train.log_every, tracking.*, search.*), how features are found or made (data.cache_dir,
-data.featurize, data.featurize_actors: the features are the same), evaluation chunking
+scaling.check_resources), what is logged (train.log_every, tracking.*, search.*), how features are
+found or made (data.cache_dir, data.featurize, data.featurize_actors: the features are the same),
+evaluation chunking
 (train.eval_chunk), what the final test evaluation adds (eval.region_phrase_model,
 eval.region_phrase_data, eval.eq8_alpha: 001 Eq. 8, computed once after training), and
 train.epochs when it grows under a schedule that does not depend on the run's length (constant,

@@ -5,8 +5,8 @@ Each re-run is a normal job (`trainers.job.run_job`) on the trial's resolved con
 summary.json) and an MLflow run nested under the search's run, tagged with the trial it repeats.
 Re-runs are Ray tasks on the search's cluster, at most `search.max_concurrent` at once; like trials
 they hold no CPU themselves and their Ray Train workers queue for their placement groups, except a
-one-worker re-run, which trains inside its task (trainers/in_process.py) and holds its worker's CPUs. A re-run
-whose summary.json exists (a killed search run again) is read back, never run twice.
+one-worker re-run, which trains inside its task (trainers/in_process.py) and holds its worker's
+CPUs. A re-run whose summary.json exists (a killed search run again) is read back, never run twice.
 """
 
 from __future__ import annotations
@@ -74,11 +74,10 @@ def _remote(setup: dict, cfg: Config):
     otherwise the task only drives its Ray Train workers and holds nothing they need."""
     import ray
 
-    from trainers.in_process import can_run
+    from trainers.in_process import held_resources
 
-    if not can_run(cfg):
-        return ray.remote(num_cpus=0)(_rerun_task)
-    return ray.remote(num_cpus=setup["worker_cpus"], num_gpus=1 if cfg.scaling.use_gpu else 0)(_rerun_task)
+    held = held_resources(cfg, setup["worker_cpus"]) or {"CPU": 0, "GPU": 0}
+    return ray.remote(num_cpus=held["CPU"], num_gpus=held["GPU"])(_rerun_task)
 
 
 def _collect(pending: dict, records: dict) -> None:

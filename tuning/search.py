@@ -110,10 +110,8 @@ def trial_resources(setup: dict):
     from ray import tune
 
     def resources(config: dict):
-        cfg = trial_config(setup, config["params"], "resources")
-        if not in_process.can_run(cfg):
-            return tune.PlacementGroupFactory([{"CPU": 0, "memory": 1}])
-        return tune.PlacementGroupFactory([{"CPU": setup["worker_cpus"], "GPU": 1 if cfg.scaling.use_gpu else 0}])
+        held = in_process.held_resources(trial_config(setup, config["params"], "resources"), setup["worker_cpus"])
+        return tune.PlacementGroupFactory([held or {"CPU": 0, "memory": 1}])
 
     return resources
 

@@ -1,5 +1,6 @@
 """Start one real process per rank of a worker script and wait for all of them under a hard
-timeout (a rank stuck in a collective would otherwise hang the suite)."""
+timeout (a rank stuck in a collective would otherwise hang the suite); and the debug-preset job
+config the strategy tests give those ranks."""
 
 from __future__ import annotations
 
@@ -10,6 +11,17 @@ from pathlib import Path
 from typing import Callable, Optional
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def job_cfg(world: int, *extra: str, **scaling) -> dict:
+    """configs/debug.yaml for `world` workers, 3 epochs of 40-caption batches with gradient clipping
+    and dropout, `scaling.<key>=<value>` for each keyword, then `extra` overrides; as a plain dict."""
+    from itmatch.config import load_config
+
+    overrides = [f"scaling.{k}={v}" for k, v in scaling.items()]
+    return load_config(ROOT / "configs" / "debug.yaml",
+                       ["train.epochs=3", "data.batch_size=40", "optim.grad_clip=2.0", "model.dropout=0.1",
+                        f"scaling.num_workers={world}", *overrides, *extra]).model_dump()
 
 
 def run_ranks(worker: Path, world: int, args_for: Callable[[int], list[str]], *, timeout: float,

@@ -10,22 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from itmatch.config import load_config
 from itmatch.data.store import prepare
-from ranks import run_ranks
+from ranks import job_cfg, run_ranks
 
-ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("strategy_worker.py")
 WORLD = 2
 pytestmark = pytest.mark.timeout(600)
 
 
 def _cfg(tmp: Path, *extra: str, **scaling) -> dict:
-    overrides = [f"scaling.{k}={v}" for k, v in scaling.items()]
-    cfg = load_config(ROOT / "configs" / "debug.yaml",
-                      ["train.epochs=3", "data.batch_size=40", "optim.grad_clip=2.0", "model.dropout=0.1",
-                       f"scaling.num_workers={WORLD}", *overrides, *extra])
-    return cfg.model_dump()
+    return job_cfg(WORLD, *extra, **scaling)
 
 
 INSTANCE = ("loss.instance_weight=1.0", "loss.instance_stage1_epochs=1", "loss.center_weight=0.5")

@@ -18,11 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from itmatch.config import load_config
 from itmatch.data.store import prepare
-from ranks import run_ranks
+from ranks import job_cfg, run_ranks
 
-ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("strategy_worker.py")
 WORLD = 2
 TOWER = ("model.text_tower=textcnn", "model.word_dim=16", "model.text_width=16", "model.text_blocks=0",
@@ -34,10 +32,7 @@ pytestmark = pytest.mark.timeout(600)
 
 
 def _cfg(*extra: str, **scaling) -> dict:
-    overrides = [f"scaling.{k}={v}" for k, v in scaling.items()]
-    return load_config(ROOT / "configs" / "debug.yaml",
-                       ["train.epochs=3", "data.batch_size=40", "optim.grad_clip=2.0", "model.dropout=0.1",
-                        f"scaling.num_workers={WORLD}", *TOWER, *overrides, *extra]).model_dump()
+    return job_cfg(WORLD, *TOWER, *extra, **scaling)
 
 
 ZERO3 = dict(strategy="deepspeed", zero_stage=3)

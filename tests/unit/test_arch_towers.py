@@ -118,6 +118,29 @@ def _freezes_all_but_the_last(tower, trainable: list[torch.nn.Module], frozen: l
     assert not any(p.requires_grad for m in frozen for p in m.parameters())
 
 
+def _loaded_resnet18(name: str, ref: torch.nn.Module, path, caplog):
+    """`name` (timm:resnet18, torchvision:resnet18) built without weights says so loudly; built from
+    `path` (ref's state dict) with image_train_last=2 it holds every tensor of `ref` and trains only
+    layer3 and layer4. Returns that tower."""
+    with caplog.at_level(logging.WARNING, logger="itmatch.models"):
+        rand = build_image_tower(ModelConfig(image_tower=name, image_size=64))
+    assert f"IMAGE TOWER {name} STARTS FROM RANDOM WEIGHTS" in caplog.text
+    tower = build_image_tower(ModelConfig(image_tower=name, image_size=64, image_weights=str(path), image_train_last=2))
+    net, want = tower.net, ref.state_dict()
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, want[key]), key
+    assert not torch.equal(rand.net.conv1.weight, net.conv1.weight)
+    _freezes_all_but_the_last(tower, [net.layer3, net.layer4], [net.conv1, net.bn1, net.layer1, net.layer2])
+    return tower
+
+
+def _tower_at_224_is_the_featurizer(name: str, path, feats: np.ndarray) -> None:
+    """The frozen tower at the featurizer's 224 px computes what the featurizer computed."""
+    frozen224 = build_image_tower(ModelConfig(image_tower=name, image_weights=str(path))).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(frozen224(frozen224.prepare(_images())).numpy(), feats, rtol=1e-4, atol=1e-4)
+
+
 def test_timm_tower_and_featurizer(tmp_path, empty_caches, caplog):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
@@ -125,21 +148,11 @@ def test_timm_tower_and_featurizer(tmp_path, empty_caches, caplog):
     path = tmp_path / "resnet18.pth"
     torch.save(ref.state_dict(), path)
     offline = os.environ.get("HF_HUB_OFFLINE")
-
-    with caplog.at_level(logging.WARNING, logger="itmatch.models"):
-        rand = build_image_tower(ModelConfig(image_tower="timm:resnet18", image_size=64))
-    assert "IMAGE TOWER timm:resnet18 STARTS FROM RANDOM WEIGHTS" in caplog.text
+    tower = _loaded_resnet18("timm:resnet18", ref, path, caplog)
     assert os.environ.get("HF_HUB_OFFLINE") == offline  # set for the cache lookup only
-
-    cfg = ModelConfig(image_tower="timm:resnet18", image_size=64, image_weights=str(path), image_train_last=2)
-    tower = build_image_tower(cfg)
-    net, want = tower.net, ref.state_dict()
-    for key, value in net.state_dict().items():
-        assert torch.equal(value, want[key]), key
-    assert not torch.equal(rand.net.conv1.weight, net.conv1.weight)
+    net = tower.net
     assert tower.out_dim == net.num_features == 512
     assert len(tower.stages) == 5  # group_matcher(coarse=True): stem, layer1..4
-    _freezes_all_but_the_last(tower, [net.layer3, net.layer4], [net.conv1, net.bn1, net.layer1, net.layer2])
 
     data = timm.data.resolve_data_config({}, model=net)
     pixels = tower.prepare(_images())
@@ -153,9 +166,7 @@ def test_timm_tower_and_featurizer(tmp_path, empty_caches, caplog):
     assert (enc.name, enc.dim, enc.size, enc.resize) == ("timm:resnet18", 512, 224, math.floor(224 / data["crop_pct"]))
     feats = enc.encode(_images())
     assert feats.shape == (2, 512) and feats.dtype == np.float32
-    frozen224 = build_image_tower(ModelConfig(image_tower="timm:resnet18", image_weights=str(path))).eval()
-    with torch.no_grad():  # the tower at 224 px computes what the featurizer computes
-        np.testing.assert_allclose(frozen224(frozen224.prepare(_images())).numpy(), feats, rtol=1e-4, atol=1e-4)
+    _tower_at_224_is_the_featurizer("timm:resnet18", path, feats)
 
     safetensors = pytest.importorskip("safetensors.torch")
     st = tmp_path / "resnet18.safetensors"
@@ -218,19 +229,8 @@ def test_torchvision_tower_and_featurizer(tmp_path, empty_caches, caplog):
     ref = torchvision.models.resnet18(weights=None)
     path = tmp_path / "resnet18_weights.pth"
     torch.save(ref.state_dict(), path)
-
-    with caplog.at_level(logging.WARNING, logger="itmatch.models"):
-        rand = build_image_tower(ModelConfig(image_tower="torchvision:resnet18", image_size=64))
-    assert "IMAGE TOWER torchvision:resnet18 STARTS FROM RANDOM WEIGHTS" in caplog.text
-
-    cfg = ModelConfig(image_tower="torchvision:resnet18", image_size=64, image_weights=str(path), image_train_last=2)
-    tower = build_image_tower(cfg)
-    net, want = tower.net, ref.state_dict()
-    for key, value in net.state_dict().items():
-        assert torch.equal(value, want[key]), key
-    assert not torch.equal(rand.net.conv1.weight, net.conv1.weight)
+    tower = _loaded_resnet18("torchvision:resnet18", ref, path, caplog)
     assert tower.out_dim == 512 and len(tower.stages) == 6  # conv1, bn1, layer1..4 (fc is gone)
-    _freezes_all_but_the_last(tower, [net.layer3, net.layer4], [net.conv1, net.bn1, net.layer1, net.layer2])
     pixels = tower.prepare(_images())
     assert pixels.shape == (2, 3, 64, 64)
     with torch.no_grad():
@@ -239,6 +239,4 @@ def test_torchvision_tower_and_featurizer(tmp_path, empty_caches, caplog):
     enc = build_image_encoder("torchvision:resnet18", weights_path=str(path))
     feats = enc.encode(_images())
     assert feats.shape == (2, 512) and (enc.size, enc.resize) == (224, 256)
-    frozen224 = build_image_tower(ModelConfig(image_tower="torchvision:resnet18", image_weights=str(path))).eval()
-    with torch.no_grad():
-        np.testing.assert_allclose(frozen224(frozen224.prepare(_images())).numpy(), feats, rtol=1e-4, atol=1e-4)
+    _tower_at_224_is_the_featurizer("torchvision:resnet18", path, feats)

@@ -4,7 +4,6 @@ model on raw inputs. A handful of real Flickr8k images, a few steps (CPU)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import torch
 from itmatch.config import load_config
 from itmatch.data.batch import make_batch
 from itmatch.data.encoders import build_efficientnet_lite0, build_text_encoder
-from itmatch.data.raw import RawStore, open_store, prepare_raw
+from itmatch.data.raw import RawStore, open_store
 from itmatch.models import build_model
 from itmatch.optim import TOWERS_GROUP, build_optimizer, build_scheduler, param_groups
 
@@ -25,13 +24,8 @@ pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data/
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> RawStore:
-    tmp = tmp_path_factory.mktemp("f8k")
-    images = json.loads((DATA / "dataset_flickr8k_1k.json").read_text())["images"]
-    keep = [im for split, n in (("train", 8), ("val", 3), ("test", 3)) for im in [i for i in images
-                                                                                 if i["split"] == split][:n]]
-    (tmp / "data.json").write_text(json.dumps({"dataset": "flickr8k", "images": keep}))
-    return prepare_raw(f"karpathy:{tmp / 'data.json'}:{DATA / 'images'}", cache_dir=tmp / "cache")
+def store(flickr8k_raw) -> RawStore:
+    return flickr8k_raw  # tests/unit/conftest.py
 
 
 def _cfg(*extra: str):

@@ -7,7 +7,6 @@ for cached steps. Two workers, DDP and DeepSpeed: tests/distributed/test_tower_c
 
 from __future__ import annotations
 
-import json
 import sys
 import types
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 
 from itmatch.config import ConfigError, load_config
 from itmatch.data.batch import TowerCache
-from itmatch.data.raw import RawStore, prepare_raw
+from itmatch.data.raw import RawStore
 from trainers.dist import WorkerContext
 from trainers.loop import Trainer
 
@@ -36,13 +35,8 @@ needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data/
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> RawStore:
-    tmp = tmp_path_factory.mktemp("f8k")
-    images = json.loads((DATA / "dataset_flickr8k_1k.json").read_text())["images"]
-    keep = [im for split, n in (("train", 8), ("val", 3), ("test", 3)) for im in [i for i in images
-                                                                                 if i["split"] == split][:n]]
-    (tmp / "data.json").write_text(json.dumps({"dataset": "flickr8k", "images": keep}))
-    return prepare_raw(f"karpathy:{tmp / 'data.json'}:{DATA / 'images'}", cache_dir=tmp / "cache")
+def store(flickr8k_raw) -> RawStore:
+    return flickr8k_raw  # tests/unit/conftest.py
 
 
 class Run:
