@@ -75,8 +75,10 @@ def _remote(setup: dict, cfg: Config):
     import ray
 
     from trainers.in_process import held_resources
+    from trainers.job import cpus_per_worker
 
-    held = held_resources(cfg, setup["worker_cpus"]) or {"CPU": 0, "GPU": 0}
+    # the re-run's own config decides (an ablation's setup, unlike a search's, names no worker CPUs)
+    held = held_resources(cfg, cpus_per_worker(cfg)) or {"CPU": 0, "GPU": 0}
     return ray.remote(num_cpus=held["CPU"], num_gpus=held["GPU"])(_rerun_task)
 
 

@@ -1,5 +1,6 @@
-"""`python -m tuning.ablation TABLE` through the real path: every (row, seed) a Ray Train job with its
-own folder and nested MLflow run, the table as Markdown + JSON in the folder and the parent run.
+"""`python -m tuning.ablation TABLE` through the real path: every (row, seed) a one-worker job trained
+inside its Ray task (as a one-worker search trial is) with its own folder and nested MLflow run, the
+table as Markdown + JSON in the folder and the parent run.
 Its second row is closed-form CCA (`model.name=cca`): one fit instead of epochs through the same
 job, checkpoint, test evaluation and evaluate CLI as the trained network."""
 
@@ -17,7 +18,7 @@ DEBUG_DATA = yaml.safe_load((ROOT / "configs" / "debug.yaml").read_text())["data
 
 def test_ablation_table_command(tmp_path):
     table = tmp_path / "table.yaml"
-    table.write_text("config: configs/debug.yaml\nseeds: [0, 1]\noverrides: {train.epochs: 1}\n"
+    table.write_text("config: configs/debug.yaml\nseeds: [0, 1]\noverrides: {train.epochs: 1, scaling.num_workers: 1}\n"
                      "rows:\n  full: {}\n  cca: {model.name: cca, model.embed_dim: 16}\n")
     args = [str(table), "--name", "abl", "--max-concurrent", "2", f"data.cache_dir={tmp_path / 'cache'}",
             f"run.storage_path={tmp_path / 'runs'}", f"tracking.tracking_uri=sqlite:///{tmp_path / 'ml.db'}",
