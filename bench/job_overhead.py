@@ -11,7 +11,8 @@ the Flickr8k-1k precomputed features (`configs/flickr8k_precomp.yaml`):
 3. the same job as the trials of a search, two in a row (`python -m tuning.search ... --num-samples
    2 --scheduler fifo --max-concurrent 1`): a trial's run (its MLflow run's start to its
    summary.json) against its own training (first step to last epoch).
-Jobs run with 2 and with 1 DDP worker; trials with 2 workers (a Ray Train worker group) and with
+Jobs run with 2 DDP workers, with 1 through Ray Train (`scaling.worker_group=always`), and with 1
+inside the job's Ray task (the default for one worker: trainers.job.run_job_in_task); trials with 2 workers (a Ray Train worker group) and with
 one (`search.trial_workers=1`: the trial trains in its own process, trainers/in_process.py).
 
 Goals (issue 13): steady epoch <= 1.1x the bare loop, command -> first step <= 12 s, a trial's
@@ -36,6 +37,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = "configs/flickr8k_precomp.yaml"
+JOBS = {"job, 2 DDP workers (Ray Train)": ["scaling.num_workers=2"],
+        "job, 1 worker (Ray Train, scaling.worker_group=always)": ["scaling.num_workers=1", "scaling.worker_group=always"],
+        "job, 1 worker in the job's Ray task (the default for one worker)": ["scaling.num_workers=1"]}
 
 
 def tmp_paths(tmp: Path) -> list[str]:
@@ -162,13 +166,12 @@ def main() -> None:
         store = prepare(cfg.data.source, cache_dir=tmp / "cache", text_encoder=cfg.data.text_encoder,
                         image_encoder=cfg.data.image_encoder, progress=False)
         steady_bare = float(np.median(bare_loop(cfg, store)[1:]))
-        jobs = {n: measure_job(tmp, f"job{n}", [*keys, f"scaling.num_workers={n}"]) for n in (2, 1)}
+        jobs = {what: measure_job(tmp, f"job{k}", [*keys, *extra]) for k, (what, extra) in enumerate(JOBS.items())}
         trials = {n: measure_trial(tmp, f"trial{n}", [*keys, f"search.trial_workers={n}"]) for n in (2, 1)}
     print(f"| {PRESET}, {' '.join(keys)} | seconds | ratio | goal |")
     print("|---|---|---|---|")
     print(f"| bare loop, steady epoch (train + validate) | {steady_bare:.2f} | 1.00 | |")
-    for n, job in jobs.items():
-        what = f"job, {n} DDP worker{'s' if n > 1 else ''} (Ray Train)"
+    for what, job in jobs.items():
         print(f"| {what}, steady epoch (record to record) | {job['steady_epoch']:.2f} | "
               f"{job['steady_epoch'] / steady_bare:.2f} | <= 1.10 |")
         print(f"| {what}, steady epoch's training alone (epoch_time_s) | {job['train_only']:.2f} | "

@@ -306,6 +306,11 @@ class ScalingConfig(_Section):
     """bf16: autocast under ddp; bf16 weights with fp32 master weights under deepspeed."""
     sync_batchnorm: bool = True
     """BatchNorm statistics over the global batch (what one worker on the whole batch computes)."""
+    worker_group: Literal["auto", "always"] = "auto"
+    """auto: one DDP worker (num_workers=1, strategy=ddp) trains inside one Ray task of the job (or
+    its Tune trial's process) that holds the worker's CPUs and GPU, with the same checkpoints, resume
+    and retries (run.max_failures) but no Ray Train controller, helper actors or worker group to start
+    (~10 s on 2 cores) and no controller poll per report; always: a Ray Train worker group even then."""
     check_resources: bool = True
     """Refuse before start when the cluster's current CPUs/GPUs cannot place the workers (Ray would
     wait for them forever); false on an autoscaling cluster that adds nodes on demand."""
@@ -325,6 +330,9 @@ class RunConfig(_Section):
     of their epoch on 2 cores."""
     ray_address: Optional[str] = None
     """None: attach to RAY_ADDRESS if set (ray job submit), else start Ray in-process."""
+    ray_dashboard: bool = False
+    """Start the dashboard (http://127.0.0.1:8265) with the in-process Ray (~3 s more to start on 2
+    cores); a cluster attached to (ray_address, RAY_ADDRESS, ray job submit) keeps its own."""
     start_from: Optional[str] = None
     """A checkpoint folder (state.pt + config.yaml) a new run continues from: its weights, optimizer
     moments, sampler, epoch, history and schedule position, with this config's optim.lr and

@@ -29,8 +29,10 @@ Forward = Callable[[dict[str, Any], Optional[Path]], None]
 
 
 def can_run(cfg: Config) -> bool:
-    """One DDP worker: nothing to all-reduce, no process group. (DeepSpeed's engine needs one.)"""
-    return cfg.scaling.num_workers == 1 and cfg.scaling.strategy == "ddp"
+    """One DDP worker: nothing to all-reduce, no process group (DeepSpeed's engine needs one), unless
+    scaling.worker_group=always asks for Ray Train's worker group anyway."""
+    s = cfg.scaling
+    return s.num_workers == 1 and s.strategy == "ddp" and s.worker_group == "auto"
 
 
 def held_resources(cfg: Config, cpus: float) -> Optional[dict[str, float]]:
@@ -59,8 +61,9 @@ def fit_in_process(cfg: Config, store: FeatureStore, tracking: Optional[dict], f
     from trainers.loop import Trainer, _resume
 
     if not can_run(cfg):
-        raise ValueError(f"in-process training needs scaling.num_workers=1 and scaling.strategy=ddp, got "
-                         f"{cfg.scaling.num_workers} and {cfg.scaling.strategy}")
+        raise ValueError(f"in-process training needs scaling.num_workers=1, scaling.strategy=ddp and "
+                         f"scaling.worker_group=auto, got {cfg.scaling.num_workers}, {cfg.scaling.strategy} "
+                         f"and {cfg.scaling.worker_group}")
     torch.set_num_threads(max(1, threads))
     folder.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, store, local_context(cfg.scaling.use_gpu), tracking)

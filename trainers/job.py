@@ -1,7 +1,8 @@
 """One job, start to end: the single path behind `trainers.train` and every Tune trial.
 
 `run_job` saves the resolved config in the run folder, opens (or reopens) the MLflow run, fits the
-TorchTrainer (or, for a one-worker Tune trial, trains in its own process: trainers/in_process.py),
+TorchTrainer (or, for one worker, trains in its own process: trainers/in_process.py; a standalone
+one-worker job runs `run_job` inside one Ray task, `run_job_in_task`),
 evaluates the best epoch on the test split, logs the model, registers and maybe promotes it, writes
 summary.json, and leaves the MLflow run FINISHED, FAILED (any error) or KILLED (the process told to
 stop, e.g. a trial stopped by Tune). Ray must already be initialised.
@@ -90,6 +91,44 @@ def run_job(cfg: Config, store: FeatureStore, *, tags: Optional[dict[str, str]] 
         raise
     (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def run_job_in_task(cfg: Config, store: FeatureStore) -> dict[str, Any]:
+    """`run_job` for one worker (trainers.in_process.can_run) inside one Ray task that holds the
+    worker's CPUs (and GPU), where Ray schedules it like a Ray Train worker. A failed attempt is
+    retried up to run.max_failures times and resumes from the run folder's newest intact checkpoint
+    in the same MLflow run (reopened by its folder). Told to stop (SIGTERM, Ctrl-C), the driver
+    cancels the task, which ends its MLflow run KILLED before the driver exits."""
+    import ray
+
+    from trainers.in_process import held_resources
+
+    held = held_resources(cfg, cpus_per_worker(cfg))
+    if held is None:
+        raise ValueError("run_job_in_task runs one DDP worker (trainers.in_process.can_run)")
+    task = ray.remote(num_cpus=held["CPU"], num_gpus=held["GPU"], max_retries=cfg.run.max_failures,
+                      retry_exceptions=True)(_one_worker_job)
+    ref = task.remote(cfg.model_dump(), str(store.root.resolve()))
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:  # the task's own error, as run_job would have raised it
+        raise exc.as_instanceof_cause() from None
+    except BaseException:
+        ray.cancel(ref)  # KeyboardInterrupt in the task: run_job ends the MLflow run KILLED
+        ray.wait([ref], timeout=30)
+        raise
+
+
+def _one_worker_job(tree: dict, store_root: str) -> dict[str, Any]:
+    from itmatch.data.raw import open_store
+    from trainers.logs import setup_logging
+
+    setup_logging()
+    return run_job(validate(tree), open_store(store_root), forward=_nobody)
+
+
+def _nobody(metrics: dict, checkpoint: Optional[Path]) -> None:
+    """A standalone job reports to nobody: its epochs are in metrics.jsonl and MLflow."""
 
 
 def _end(tracking: Optional[dict], status: str) -> None:

@@ -35,7 +35,8 @@ from itmatch.state import CONFIG_FILE
 RESUMABLE_KEYS = frozenset({
     "run.name", "run.storage_path",  # they found this run folder (relative or absolute alike)
     "run.max_failures", "run.ray_address", "run.ray_log_level", "run.keep_checkpoints", "run.resume",
-    "run.checkpoint_every",
+    "run.checkpoint_every", "run.ray_dashboard",
+    "scaling.worker_group",  # one worker either way; both resume from the run folder's checkpoints
     "run.start_from",  # read only by a run without checkpoints of its own
     "scaling.cpus_per_worker", "scaling.check_resources", "train.log_every", "train.eval_chunk",
     "data.cache_dir", "data.featurize", "data.featurize_actors",

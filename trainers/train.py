@@ -1,8 +1,10 @@
 """Train on Ray Train: `python -m trainers.train [--config PRESET.yaml] [key=value ...]`.
 
 The driver: resolve the config, featurise the data once (cached Parquet), open the MLflow run,
-fit a `TorchTrainer` (resuming the same run.name + run.storage_path from its latest checkpoint),
-then evaluate the best weights on the test split and log, register and maybe promote the model.
+fit a `TorchTrainer` (resuming the same run.name + run.storage_path from its latest checkpoint;
+one DDP worker trains inside one Ray task instead, without a Ray Train worker group: see
+scaling.worker_group and trainers.job.run_job_in_task), then evaluate the best weights on the test
+split and log, register and maybe promote the model.
 This is exactly what `ray job submit --working-dir . -- python -m trainers.train ...` runs.
 """
 
@@ -29,8 +31,8 @@ from itmatch.data.sources import DataError  # noqa: E402
 from itmatch.data.raw import prepare_inputs  # noqa: E402
 from itmatch.data.store import FeatureStore  # noqa: E402
 from itmatch.models.towers import check_tower_names  # noqa: E402
-from trainers import preflight  # noqa: E402
-from trainers.job import run_dir, run_job  # noqa: E402
+from trainers import in_process, preflight  # noqa: E402
+from trainers.job import run_dir, run_job, run_job_in_task  # noqa: E402
 from trainers.logs import setup_logging  # noqa: E402
 
 log = logging.getLogger("itmatch.train")
@@ -82,7 +84,7 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=address, runtime_env={"env_vars": env})
     else:  # a private in-process cluster on this machine; gloo over loopback
         env["GLOO_SOCKET_IFNAME"] = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
-        ray.init(address="local", runtime_env={"env_vars": env})
+        ray.init(address="local", runtime_env={"env_vars": env}, include_dashboard=cfg.run.ray_dashboard)
 
 
 def relative_paths_in_job(cfg: Config) -> list[str]:
@@ -140,7 +142,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     warn_relative_paths(cfg)
     init_ray(cfg)
     exit_on_sigterm()  # again: Ray's driver installs its own SIGTERM handler, which aborts
-    summary = run_job(cfg, store)
+    summary = run_job_in_task(cfg, store) if in_process.can_run(cfg) else run_job(cfg, store)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 

@@ -1,6 +1,7 @@
 """SIGTERM to the driver (`ray job stop`, `kill`, a batch scheduler) mid-epoch: the MLflow run ends
 KILLED (not RUNNING forever) and the in-process Ray cluster the driver started goes down with it
-(no dashboard or agents left behind)."""
+(no dashboard or agents left behind). Both for a Ray Train worker group (2 workers) and for one
+worker training inside the job's Ray task."""
 
 from __future__ import annotations
 
@@ -15,15 +16,16 @@ from ray_cli import ROOT
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
 
 
-def test_sigterm_ends_the_run_killed_and_takes_its_ray_down(tmp_path):
+@pytest.mark.parametrize("workers", [2, 1])
+def test_sigterm_ends_the_run_killed_and_takes_its_ray_down(tmp_path, workers):
     holds = tmp_path / "holds"
     args = ["--config", str(ROOT / "configs" / "debug.yaml"), f"data.source=synthetic:{tmp_path / 'shapes'}?n_images=120",
             f"data.cache_dir={tmp_path / 'cache'}", f"run.storage_path={tmp_path / 'runs'}", "run.name=term",
             f"tracking.tracking_uri=sqlite:///{tmp_path / 'ml.db'}", f"tracking.artifact_location={tmp_path / 'art'}",
-            "tracking.registered_model=", "train.epochs=3", "scaling.num_workers=2", "run.max_failures=0"]
+            "tracking.registered_model=", "train.epochs=3", f"scaling.num_workers={workers}", "run.max_failures=0"]
     driver = Driver(args, tmp_path, "term", env_extra=hold_env(holds, 2, 1), timeout=300)
     try:
-        held(holds, 2, 1, ranks=2, driver=driver)  # mid-epoch 2: the workers wait at a known step
+        held(holds, 2, 1, ranks=workers, driver=driver)  # mid-epoch 2: the workers wait at a known step
         started = [p.pid for p in psutil.Process(driver.proc.pid).children(recursive=True)]
         os.kill(driver.proc.pid, signal.SIGTERM)
         code = driver.wait()

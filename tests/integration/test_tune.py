@@ -220,7 +220,7 @@ def test_one_worker_trials_train_in_their_own_process_as_the_job_would(tmp_path)
     folder = tmp_path / "runs" / "so" / "trials" / trials[GOOD_LR]["trial_id"]
     assert sorted(p.name for p in folder.glob("checkpoint_*")) == ["checkpoint_000001", "checkpoint_000002"]
     job = run_module("trainers.train", ["--config", "configs/debug.yaml", "scaling.num_workers=1",
-                                        f"optim.lr={GOOD_LR}", "run.name=job", "tracking.enabled=false",
+                                        "scaling.worker_group=always", f"optim.lr={GOOD_LR}", "run.name=job", "tracking.enabled=false",
                                         *_paths(tmp_path)], ROOT, timeout=300)
     assert job.returncode == 0, job.stderr[-4000:]
     trial = torch.load(folder / "best_model" / "state.pt", weights_only=False)["model"]

@@ -92,14 +92,15 @@ def test_prune_keeps_the_newest_by_number_and_leaves_other_folders(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, ok", [([], True), (["scaling.num_workers=2"], False),
-                                           (["scaling.strategy=deepspeed"], False)])
+                                           (["scaling.strategy=deepspeed"], False),
+                                           (["scaling.worker_group=always"], False)])
 def test_only_one_ddp_worker_trains_in_process(overrides, ok, store, tmp_path):
     cfg = load_config(None, [*BASE, *overrides])
     assert in_process.can_run(cfg) is ok
     # what its Ray actor or task holds: the worker's CPUs when it trains there, else nothing
     assert in_process.held_resources(cfg, 1.5) == ({"CPU": 1.5, "GPU": 0} if ok else None)
     if not ok:
-        with pytest.raises(ValueError, match="num_workers=1 and scaling.strategy=ddp"):
+        with pytest.raises(ValueError, match="num_workers=1, scaling.strategy=ddp and scaling.worker_group=auto"):
             in_process.fit_in_process(cfg, store, None, tmp_path, 1, lambda m, p: None)
 
 
