@@ -92,6 +92,9 @@ class ModelConfig(_Section):
     hidden_dim: int = Field(2048, ge=1)
     embed_dim: int = Field(512, ge=1)
     dropout: float = Field(0.5, ge=0.0, lt=1.0)
+    input_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on each branch's input (the towers' features) while training: a regulariser for
+    heads on frozen features, which overfit a small training set within a few epochs."""
     cca_ridge: float = Field(0.3, gt=0.0)
     """Ridge added to both covariance diagonals (model.name=cca)."""
     image_tower: str = "features"

@@ -19,8 +19,10 @@ class SimilarityNet(TwoTower):
         super().__init__()
         d_img, d_txt = self._towers(image_dim, text_dim, cfg)
         linear = cfg.branch == "linear"
-        self.image = Branch(d_img, cfg.hidden_dim, cfg.embed_dim, dropout=cfg.dropout, linear=linear)
-        self.text = Branch(d_txt, cfg.hidden_dim, cfg.embed_dim, dropout=cfg.dropout, linear=linear)
+        self.image = Branch(d_img, cfg.hidden_dim, cfg.embed_dim, dropout=cfg.dropout, linear=linear,
+                            input_dropout=cfg.input_dropout)
+        self.text = Branch(d_txt, cfg.hidden_dim, cfg.embed_dim, dropout=cfg.dropout, linear=linear,
+                            input_dropout=cfg.input_dropout)
         self.head = nn.Sequential(nn.Linear(cfg.embed_dim, 512), nn.ReLU(inplace=True),
                                   nn.Linear(512, 256), nn.ReLU(inplace=True), nn.Linear(256, 1))
 

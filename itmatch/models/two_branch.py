@@ -1,6 +1,6 @@
 """The two-branch embedding network (001 §3.2).
 
-Branch: Linear(d_in→h) → ReLU → Dropout → Linear(h→d) → BatchNorm1d(d) → L2-normalise.
+Branch: [input Dropout] → Linear(d_in→h) → ReLU → Dropout → Linear(h→d) → BatchNorm1d(d) → L2-normalise.
 The linear variant is Linear(d_in→d) → L2. Similarity is the dot product of unit vectors.
 """
 
@@ -18,8 +18,11 @@ from itmatch.models.towers import build_towers
 
 
 class Branch(nn.Module):
-    def __init__(self, d_in: int, hidden: int, d_out: int, *, dropout: float = 0.5, linear: bool = False) -> None:
+    def __init__(self, d_in: int, hidden: int, d_out: int, *, dropout: float = 0.5, linear: bool = False,
+                 input_dropout: float = 0.0) -> None:
         super().__init__()
+        # outside `net`, so checkpoints keep their parameter names with or without it
+        self.input_dropout = nn.Dropout(input_dropout) if input_dropout > 0 else nn.Identity()
         if linear:
             self.net: nn.Module = nn.Linear(d_in, d_out)
         else:
@@ -31,11 +34,11 @@ class Branch(nn.Module):
             )
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(self.net(x), dim=-1)
+        return F.normalize(self.net(self.input_dropout(x)), dim=-1)
 
     def features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(f, normalize(f)): the feature before L2 normalisation, and the embedding."""
-        f = self.net(x)
+        f = self.net(self.input_dropout(x))
         return f, F.normalize(f, dim=-1)
 
 
@@ -104,8 +107,10 @@ class EmbeddingNet(TwoTower):
         super().__init__()
         d_img, d_txt = self._towers(image_dim, text_dim, cfg)
         linear = cfg.branch == "linear"
-        self.image = Branch(d_img, cfg.hidden_dim, cfg.embed_dim, dropout=cfg.dropout, linear=linear)
-        self.text = Branch(d_txt, cfg.hidden_dim, cfg.embed_dim, dropout=cfg.dropout, linear=linear)
+        self.image = Branch(d_img, cfg.hidden_dim, cfg.embed_dim, dropout=cfg.dropout, linear=linear,
+                            input_dropout=cfg.input_dropout)
+        self.text = Branch(d_txt, cfg.hidden_dim, cfg.embed_dim, dropout=cfg.dropout, linear=linear,
+                            input_dropout=cfg.input_dropout)
         with_heads = n_classes > 0
         self.classifier = nn.Linear(cfg.embed_dim, n_classes, bias=False) if with_heads and "instance" in heads else None
         self.centers = nn.Embedding(n_classes, cfg.embed_dim) if with_heads and "center" in heads else None

@@ -20,11 +20,33 @@ def test_branches_embed_on_the_unit_sphere(branch):
     img, txt = out["img"], out["txt"]
     assert img.shape == (5, 8) and txt.shape == (7, 8)
     torch.testing.assert_close(img.norm(dim=1), torch.ones(5))
-    layers = [type(m).__name__ for m in model.image.modules()]
+    layers = [type(m).__name__ for m in model.image.net.modules()]
     if branch == "linear":
         assert "BatchNorm1d" not in layers and "ReLU" not in layers
     else:  # 001 §3.2: FC -> ReLU -> Dropout -> FC -> BN -> L2
-        assert layers[2:] == ["Linear", "ReLU", "Dropout", "Linear", "BatchNorm1d"]
+        assert layers[1:] == ["Linear", "ReLU", "Dropout", "Linear", "BatchNorm1d"]
+    assert isinstance(model.image.input_dropout, torch.nn.Identity)  # model.input_dropout=0: none
+
+
+def test_input_dropout_masks_the_features_in_training_only():
+    """model.input_dropout: the branch sees dropout(x) while training (the same mask a plain
+    nn.Dropout draws from the same RNG state), x itself in eval; the parameters and their names
+    are those of the branch without it, so checkpoints load either way."""
+    keys = ["model.hidden_dim=16", "model.embed_dim=8", "model.dropout=0"]
+    plain = build_model(12, 20, load_config(overrides=keys).model)
+    masked = build_model(12, 20, load_config(overrides=[*keys, "model.input_dropout=0.5"]).model)
+    masked.load_state_dict(plain.state_dict())
+    assert masked.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(6, 12)
+    plain.eval(), masked.eval()
+    torch.testing.assert_close(masked.image(x), plain.image(x))
+    plain.train(), masked.train()
+    torch.manual_seed(3)
+    got = masked.image(x)
+    torch.manual_seed(3)
+    reference = plain.image(torch.nn.functional.dropout(x, 0.5, training=True))
+    torch.testing.assert_close(got, reference)
+    assert not torch.allclose(got, plain.image(x))  # the mask changed something
 
 
 def _lrs(overrides, steps_per_epoch=10, epochs=4):
