@@ -68,7 +68,10 @@ def prepare_store(cfg: Config) -> FeatureStore:
                           splits=sorted({d.train_split, d.val_split, d.test_split}), image_featurizer=featurizer)
 
 
-def init_ray(cfg: Config) -> None:
+def init_ray(cfg: Config, worker_groups: Optional[bool] = None) -> None:
+    """Attach to the cluster (run.ray_address, RAY_ADDRESS) or start a private one here.
+    `worker_groups`: whether Ray Train worker groups will run (default: unless `cfg` trains in
+    process); the private cluster's dashboard follows it unless run.ray_dashboard says."""
     import ray
 
     if ray.is_initialized():
@@ -84,7 +87,15 @@ def init_ray(cfg: Config) -> None:
         ray.init(address=address, runtime_env={"env_vars": env})
     else:  # a private in-process cluster on this machine; gloo over loopback
         env["GLOO_SOCKET_IFNAME"] = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
-        ray.init(address="local", runtime_env={"env_vars": env}, include_dashboard=cfg.run.ray_dashboard)
+        ray.init(address="local", runtime_env={"env_vars": env}, include_dashboard=wants_dashboard(cfg, worker_groups))
+
+
+def wants_dashboard(cfg: Config, worker_groups: Optional[bool] = None) -> bool:
+    """run.ray_dashboard, else whether Ray Train worker groups will run (`worker_groups`, default:
+    unless `cfg` trains in process)."""
+    if cfg.run.ray_dashboard is not None:
+        return cfg.run.ray_dashboard
+    return not in_process.can_run(cfg) if worker_groups is None else worker_groups
 
 
 def relative_paths_in_job(cfg: Config) -> list[str]:

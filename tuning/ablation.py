@@ -139,7 +139,10 @@ def run_table(base: Config, rows: dict[str, dict], seeds: list[int], name: str, 
     store = prepare_store(cfg)
     folder = Path(cfg.run.storage_path) / name
     folder.mkdir(parents=True, exist_ok=True)
-    init_ray(cfg)
+    from trainers.in_process import can_run
+
+    # Ray Train's worker groups (and so the dashboard's State API) if any row trains through one
+    init_ray(cfg, worker_groups=not all(can_run(load_config(None, {**cfg.flat(), **o})) for o in rows.values()))
     exit_on_sigterm()  # again: Ray's driver installs its own SIGTERM handler, which aborts
     parent = _parent_run(cfg, folder, store, name)
     setup = {"base": cfg.flat(), "store": str(store.root.resolve()), "reruns_dir": str(folder / "runs"),

@@ -177,7 +177,7 @@ def run_search(cfg: Config, space: dict[str, dict], store: FeatureStore, search_
     from trainers.job import cpus_per_worker
     from trainers.train import exit_on_sigterm, init_ray
 
-    init_ray(cfg)
+    init_ray(hardest_trial(cfg, space))  # Ray Train's worker groups if any trial can have one
     exit_on_sigterm()  # again: Ray's driver installs its own SIGTERM handler, which aborts
     import ray
 

@@ -133,3 +133,16 @@ def test_pbt_needs_checkpoints_at_its_perturbations():
     cfg = load_config(None, ["search.scheduler=pbt", "search.perturbation_interval=3", "run.checkpoint_every=2"])
     with pytest.raises(ConfigError, match="run.checkpoint_every=2 does not divide it"):
         registry.scheduler(cfg, {"optim.lr": {"uniform": [1e-4, 1e-3]}})
+
+
+@pytest.mark.parametrize("overrides, worker_groups, wanted", [
+    ([], None, False),  # one worker trains in process: no Ray Train, no dashboard needed
+    (["scaling.num_workers=2"], None, True),  # Ray Train's placement-group cleaner uses the State API
+    ([], True, True),  # the caller knows worker groups will run (an ablation row, a search's trial)
+    (["scaling.num_workers=2", "run.ray_dashboard=false"], None, False),  # the user decides
+    (["run.ray_dashboard=true"], False, True),
+])
+def test_the_private_clusters_dashboard_follows_its_worker_groups(overrides, worker_groups, wanted):
+    from trainers.train import wants_dashboard
+
+    assert wants_dashboard(load_config(None, ["scaling.num_workers=1", *overrides]), worker_groups) is wanted
