@@ -336,8 +336,8 @@ class RunConfig(_Section):
     ray_dashboard: Optional[bool] = None
     """Start the dashboard (http://127.0.0.1:8265) with the in-process Ray. None: only where a Ray
     Train worker group will run (its placement-group cleaner queries the State API, which the
-    dashboard serves); a job that trains in process starts ~3 s sooner without it. A cluster
-    attached to (ray_address, RAY_ADDRESS, ray job submit) keeps its own."""
+    dashboard serves; false is refused there); a job that trains in process starts ~3 s sooner
+    without it. A cluster attached to (ray_address, RAY_ADDRESS, ray job submit) keeps its own."""
     start_from: Optional[str] = None
     """A checkpoint folder (state.pt + config.yaml) a new run continues from: its weights, optimizer
     moments, sampler, epoch, history and schedule position, with this config's optim.lr and

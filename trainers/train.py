@@ -91,11 +91,17 @@ def init_ray(cfg: Config, worker_groups: Optional[bool] = None) -> None:
 
 
 def wants_dashboard(cfg: Config, worker_groups: Optional[bool] = None) -> bool:
-    """run.ray_dashboard, else whether Ray Train worker groups will run (`worker_groups`, default:
-    unless `cfg` trains in process)."""
-    if cfg.run.ray_dashboard is not None:
-        return cfg.run.ray_dashboard
-    return not in_process.can_run(cfg) if worker_groups is None else worker_groups
+    """Whether the private cluster starts its dashboard: where Ray Train worker groups will run
+    (`worker_groups`, default: unless `cfg` trains in process), else as run.ray_dashboard says.
+    Without the dashboard's State API, Ray Train's placement-group cleaner cannot tell that the
+    controller is alive; seen here, it removed a healthy run's placement group mid-epoch, killing
+    its workers, so run.ray_dashboard=false is refused where worker groups run."""
+    groups = not in_process.can_run(cfg) if worker_groups is None else worker_groups
+    if cfg.run.ray_dashboard is False and groups:
+        raise ConfigError("run.ray_dashboard=false: this job runs Ray Train worker groups, whose placement-group "
+                          "cleaner needs the dashboard's State API (without it a healthy run's workers were "
+                          "killed); leave it unset or true")
+    return groups if cfg.run.ray_dashboard is None else cfg.run.ray_dashboard
 
 
 def relative_paths_in_job(cfg: Config) -> list[str]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from itmatch.config import load_config
+from itmatch.config import ConfigError, load_config
 from itmatch.data.store import prepare
 from itmatch.state import checkpoint_candidates, load_checkpoint, pick_resume_checkpoint
 from trainers import in_process
@@ -139,10 +139,18 @@ def test_pbt_needs_checkpoints_at_its_perturbations():
     ([], None, False),  # one worker trains in process: no Ray Train, no dashboard needed
     (["scaling.num_workers=2"], None, True),  # Ray Train's placement-group cleaner uses the State API
     ([], True, True),  # the caller knows worker groups will run (an ablation row, a search's trial)
-    (["scaling.num_workers=2", "run.ray_dashboard=false"], None, False),  # the user decides
-    (["run.ray_dashboard=true"], False, True),
+    (["run.ray_dashboard=true"], False, True),  # the user asks for it
+    (["run.ray_dashboard=false"], None, False),
+    # Ray Train without the State API: its placement-group cleaner killed a healthy run's workers
+    (["scaling.num_workers=2", "run.ray_dashboard=false"], None, ConfigError),
+    (["run.ray_dashboard=false"], True, ConfigError),
 ])
 def test_the_private_clusters_dashboard_follows_its_worker_groups(overrides, worker_groups, wanted):
     from trainers.train import wants_dashboard
 
-    assert wants_dashboard(load_config(None, ["scaling.num_workers=1", *overrides]), worker_groups) is wanted
+    cfg = load_config(None, ["scaling.num_workers=1", *overrides])
+    if wanted is ConfigError:
+        with pytest.raises(ConfigError, match="run.ray_dashboard=false: this job runs Ray Train worker groups"):
+            wants_dashboard(cfg, worker_groups)
+    else:
+        assert wants_dashboard(cfg, worker_groups) is wanted
