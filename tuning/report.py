@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from trainers.job import SUMMARY_FILE
-from tuning.rerun import RERUN_TAG
+from tuning.rerun import RERUN_TAG, reason
 
 TRIAL_TAG = "itmatch.trial_id"
 # A trial's status -> the MLflow status its run must end with.
@@ -27,7 +27,7 @@ def trial_row(result, trials_dir: Path) -> dict[str, Any]:
     return {"trial_id": trial_id, "params": result.config["params"], "status": status,
             "epochs": metrics.get("epoch"), "best_val": metrics.get("best_metric"),
             "wall_s": metrics.get("time_total_s"),
-            "error": str(result.error)[:300] if result.error else None, "summary": summary}
+            "error": reason(result.error) if result.error else None, "summary": summary}
 
 
 def trial_folder(trials_dir: Path, trial_id: str) -> Path:

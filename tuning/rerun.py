@@ -92,8 +92,15 @@ def _collect(pending: dict, records: dict) -> None:
         summary, wall = ray.get(ref)
         records[item["run"]] = _record(item, summary, None, wall)
     except Exception as exc:  # its MLflow run is already FAILED (run_job); the search goes on
-        log.error("re-run %s failed: %s", item["run"], str(exc)[:300])
-        records[item["run"]] = _record(item, None, str(exc)[:300], None)
+        log.error("re-run %s failed: %s", item["run"], reason(exc))
+        records[item["run"]] = _record(item, None, reason(exc), None)
+
+
+def reason(exc: BaseException) -> str:
+    """What failed, in one line: a Ray task error's text starts with the task's traceback and its
+    last line, the error itself, was cut off; its `cause` is the task's own exception."""
+    cause = getattr(exc, "cause", None) or exc
+    return f"{type(cause).__name__}: {cause}"[:500]
 
 
 def _record(item: dict, summary, error, wall) -> dict[str, Any]:

@@ -61,3 +61,17 @@ def test_mean_std_and_difference_beyond_the_spread():
     text = markdown(list(table.values()))
     assert "310.0 ± 10.0" in text and "-59.0 |" in text and "+5.0 (within spread)" in text
     assert "0 (1 failed)" in text and "`model.branch=linear`" in text and "(the preset)" in text
+
+
+def test_a_failed_runs_record_names_the_error_itself_not_the_head_of_its_traceback():
+    """A Ray task error's text is the task's traceback with the error last: the first 300
+    characters of it named only the call that failed, never why."""
+    from ray.exceptions import RayTaskError
+
+    from tuning.rerun import reason
+
+    trace = "ray::_rerun_task() (pid=1)\n" + "  File \"x.py\", line 1, in f\n    g()\n" * 20 + "OSError: disk full"
+    wrapped = RayTaskError("_rerun_task", trace, OSError(28, "No space left on device"))
+    assert reason(wrapped) == "OSError: [Errno 28] No space left on device"
+    assert reason(ValueError("bad value")) == "ValueError: bad value"
+    assert len(reason(RuntimeError("x" * 2000))) == 500
