@@ -12,8 +12,9 @@ the Flickr8k-1k precomputed features (`configs/flickr8k_precomp.yaml`):
    2 --scheduler fifo --max-concurrent 1`): a trial's run (its MLflow run's start to its
    summary.json) against its own training (first step to last epoch).
 Jobs run with 2 DDP workers, with 1 through Ray Train (`scaling.worker_group=always`), and with 1
-inside the job's Ray task (the default for one worker: trainers.job.run_job_in_task); trials with 2 workers (a Ray Train worker group) and with
-one (`search.trial_workers=1`: the trial trains in its own process, trainers/in_process.py).
+inside the job's Ray task (the default for one worker: trainers.job.run_job_in_task); trials with 2
+workers (a Ray Train worker group) and with one (`search.trial_workers=1`: the trial trains in its
+own process, trainers/in_process.py).
 
 Goals (issue 13): steady epoch <= 1.1x the bare loop, command -> first step <= 12 s, a trial's
 overhead over its own training <= 20 %.

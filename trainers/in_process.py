@@ -28,6 +28,11 @@ from itmatch.state import CHECKPOINT_PREFIX
 Forward = Callable[[dict[str, Any], Optional[Path]], None]
 
 
+def no_reports(metrics: dict[str, Any], checkpoint: Optional[Path]) -> None:
+    """The `forward` of a job nobody follows epoch by epoch (a standalone job, a seed re-run): its
+    epochs are in metrics.jsonl and MLflow, its result is its summary."""
+
+
 def can_run(cfg: Config) -> bool:
     """One DDP worker: nothing to all-reduce, no process group (DeepSpeed's engine needs one), unless
     scaling.worker_group=always asks for Ray Train's worker group anyway."""
@@ -122,5 +127,5 @@ def prune(folder: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["LocalResult", "can_run", "fit_in_process", "held_resources", "newest_checkpoint", "prune", "reporter",
-           "write_checkpoint"]
+__all__ = ["LocalResult", "can_run", "fit_in_process", "held_resources", "newest_checkpoint", "no_reports", "prune",
+           "reporter", "write_checkpoint"]

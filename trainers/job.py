@@ -121,14 +121,11 @@ def run_job_in_task(cfg: Config, store: FeatureStore) -> dict[str, Any]:
 
 def _one_worker_job(tree: dict, store_root: str) -> dict[str, Any]:
     from itmatch.data.raw import open_store
+    from trainers.in_process import no_reports
     from trainers.logs import setup_logging
 
     setup_logging()
-    return run_job(validate(tree), open_store(store_root), forward=_nobody)
-
-
-def _nobody(metrics: dict, checkpoint: Optional[Path]) -> None:
-    """A standalone job reports to nobody: its epochs are in metrics.jsonl and MLflow."""
+    return run_job(validate(tree), open_store(store_root), forward=no_reports)
 
 
 def _end(tracking: Optional[dict], status: str) -> None:

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from itmatch.config import Config, load_config
 
@@ -118,7 +118,7 @@ def _summary(cfg: Config):
 def _rerun_task(setup: dict, item: dict[str, Any]) -> tuple[dict, float]:
     """One re-run in a Ray task: the same job path as `trainers.train` and every trial."""
     from itmatch.data.raw import open_store
-    from trainers.in_process import can_run
+    from trainers.in_process import can_run, no_reports
     from trainers.job import run_job
     from trainers.logs import setup_logging
     from tuning import report
@@ -131,12 +131,8 @@ def _rerun_task(setup: dict, item: dict[str, Any]) -> tuple[dict, float]:
     cfg = rerun_config(setup, item)
     summary = run_job(cfg, open_store(setup["store"]), tags=tags,
                       run_name=report.run_name(setup["name"], item["run"], item["params"]),
-                      forward=_ignore if can_run(cfg) else None)
+                      forward=no_reports if can_run(cfg) else None)
     return summary, time.perf_counter() - start
-
-
-def _ignore(metrics: dict, checkpoint: Optional[Path]) -> None:
-    """A re-run reports to nobody: its summary is its result."""
 
 
 def folder(search_dir: Path) -> Path:
