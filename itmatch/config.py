@@ -511,7 +511,8 @@ class Config(_Section):
     @model_validator(mode="after")
     def _check_task(self) -> "Config":
         """Phrase localization trains the embedding or similarity network (or fits CCA) on cached
-        region and phrase features, with Algorithm 1's batches, and is scored by phrase_r*."""
+        region and phrase features or end to end on the crops and phrases (encoder towers), with
+        Algorithm 1's batches, and is scored by phrase_r*."""
         metric, phrases = self.train.metric, self.data.task == "phrases"
         if not phrases:
             if metric in PHRASE_METRICS:
@@ -521,13 +522,14 @@ class Config(_Section):
         where = f"data.source={self.data.source!r} is phrase localization data"
         refused = [(self.model.name not in ("embedding", "similarity", "cca"), f"model.name={self.model.name!r}"),
                    (self.loss.name == "infonce", "loss.name='infonce'"),
-                   (self.model.end_to_end, "encoder towers (model.image_tower / model.text_tower)"),
-                   (self.data.loader != "local" or self.data.featurize != "local", "data.loader / data.featurize=ray"),
+                   (self.model.tower_cache_stage_one, "model.tower_cache_stage_one"),
+                   (self.data.featurize != "local", "data.featurize=ray"),
                    (bool(self.loss.heads), "loss.instance_weight / loss.center_weight")]
         bad = [what for refuse, what in refused if refuse]
         if bad:
             raise ValueError(f"{where}: {bad[0]} does not apply to it (it trains the embedding or similarity network "
-                             "with the ranking or logistic loss, or fits CCA, on cached region features)")
+                             "with the ranking or logistic loss on region crops through the towers or on their "
+                             "cached features, or fits CCA on the features)")
         if metric not in PHRASE_METRICS[:3]:
             raise ValueError(f"{where}: train.metric={metric!r} is not one of its metrics; choose "
                              f"{', '.join(PHRASE_METRICS[:3])}")

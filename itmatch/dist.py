@@ -115,10 +115,13 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and is_distributed() and torch_dist.get_world_size() > 1):
             return super().forward(x)
+        # [N, C] (the branches) or [N, C, L] (a text CNN over word positions): statistics per channel
+        # over the rows and positions of every rank
+        dims, shape = [0, *range(2, x.dim())], (1, -1, *([1] * (x.dim() - 2)))
         xf = x.float()  # statistics in fp32 also when the weights are bf16 (DeepSpeed bf16)
-        n = _AllReduceSum.apply(xf.new_tensor([float(x.shape[0])]))
-        mean = _AllReduceSum.apply(xf.sum(dim=0)) / n
-        var = _AllReduceSum.apply(((xf - mean) ** 2).sum(dim=0)) / n
+        n = _AllReduceSum.apply(xf.new_tensor([float(x.numel() // max(x.shape[1], 1))]))
+        mean = _AllReduceSum.apply(xf.sum(dim=dims)) / n
+        var = _AllReduceSum.apply(((xf - mean.view(shape)) ** 2).sum(dim=dims)) / n
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 self.num_batches_tracked += 1
@@ -126,9 +129,9 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
                 unbiased = var * n / (n - 1).clamp_min(1.0)
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
                 self.running_var.lerp_(unbiased.detach().to(self.running_var.dtype), m)
-        out = (xf - mean) / torch.sqrt(var + self.eps)
+        out = (xf - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
         if self.affine:
-            out = out * self.weight.float() + self.bias.float()
+            out = out * self.weight.float().view(shape) + self.bias.float().view(shape)
         return out.to(x.dtype)
 
 

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import Any, Iterator, Sequence
+from dataclasses import asdict
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 
-from itmatch.data.batch import Batch, Prepare, make_batch
+from itmatch.config import DataConfig
+from itmatch.data.batch import Batch, Boxes, Prepare, make_batch
 
 log = logging.getLogger("itmatch.data")
 _FIELDS = ("images", "texts", "image_gid", "text_gid", "image_cls", "text_cls")
@@ -34,31 +36,37 @@ class _PrepareSteps:
     """A Ray Data actor: opens the split once, then turns planned steps into serialized batches."""
 
     def __init__(self, store: str, split: str, prepare: tuple[Prepare, Prepare], seed: int, epoch: int,
-                 rank: int) -> None:
+                 rank: int, data: Optional[DataConfig] = None) -> None:
         from itmatch.data.raw import open_store
 
         torch.set_num_threads(1)  # parallelism comes from the actor pool
-        self.split, self.prepare = open_store(store).split(split), prepare
+        self.split, self.prepare, self.data = open_store(store).split(split), prepare, data
         self.seed, self.epoch, self.rank = seed, epoch, rank
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         payloads = []
         for step, captions in zip(rows["step"], rows["captions"]):
             rng = np.random.default_rng([self.seed, self.epoch, self.rank, int(step)])
-            batch = make_batch(self.split, np.asarray(captions, dtype=np.int64), *self.prepare, train=True, rng=rng)
+            batch = make_batch(self.split, np.asarray(captions, dtype=np.int64), *self.prepare, train=True, rng=rng,
+                               data=self.data)
+            fields: dict[str, Any] = {f: getattr(batch, f) for f in _FIELDS}
+            if batch.boxes is not None:  # region-phrase batches: where their regions and phrases lie
+                fields["boxes"] = asdict(batch.boxes)
             buffer = io.BytesIO()
-            torch.save({f: getattr(batch, f) for f in _FIELDS}, buffer)
+            torch.save(fields, buffer)
             payloads.append(buffer.getvalue())
         return {"step": np.asarray(rows["step"]), "payload": np.array(payloads, dtype=object)}
 
 
 def _decode(payload: bytes) -> Batch:
-    return Batch(**torch.load(io.BytesIO(payload), weights_only=True))
+    fields = torch.load(io.BytesIO(payload), weights_only=True)
+    boxes = fields.pop("boxes", None)
+    return Batch(**fields, boxes=None if boxes is None else Boxes(**boxes))
 
 
 def ray_batches(store: str, split: str, plan: Sequence[tuple[int, np.ndarray]], prepare: tuple[Prepare, Prepare], *,
                 seed: int, epoch: int, rank: int, actors: int = 1, prefetch: int = 2,
-                actor_cpus: float = 0.0) -> Iterator[Batch]:
+                actor_cpus: float = 0.0, data: Optional[DataConfig] = None) -> Iterator[Batch]:
     """This rank's batches for the planned steps, in step order, prepared by Ray Data actors."""
     import ray
 
@@ -67,7 +75,7 @@ def ray_batches(store: str, split: str, plan: Sequence[tuple[int, np.ndarray]], 
     items: list[dict[str, Any]] = [{"step": int(s), "captions": np.asarray(c, dtype=np.int64)} for s, c in plan]
     ds = ray.data.from_items(items).map_batches(
         _PrepareSteps, fn_constructor_kwargs={"store": store, "split": split, "prepare": prepare, "seed": seed,
-                                              "epoch": epoch, "rank": rank},
+                                              "epoch": epoch, "rank": rank, "data": data},
         batch_size=1, concurrency=actors, num_cpus=actor_cpus, batch_format="numpy")
     pending: dict[int, bytes] = {}
     steps = iter(int(s) for s, _ in plan)

@@ -218,7 +218,7 @@ class Trainer:
             plan = [(self.sampler.state.offset - 1, captions) for captions in self.sampler]
             yield from ray_batches(self.store_root, d.train_split, plan, self.prepare, seed=seed, epoch=epoch,
                                    rank=rank, actors=d.loader_actors, prefetch=d.prefetch_batches,
-                                   actor_cpus=d.loader_cpus)
+                                   actor_cpus=d.loader_cpus, data=d)
             return
         for captions in self.sampler:
             step = self.sampler.state.offset - 1  # the sampler has already advanced past this batch

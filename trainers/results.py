@@ -115,7 +115,8 @@ def eq8_setup(ev: EvalConfig, split_name: str, *, tracking_uri: Optional[str], c
         f"the data.source eval.region_phrase_model was trained on ({source!r}; eval.region_phrase_data unset)"
     try:
         store = prepare_phrases(source, cache_dir=cache_dir, image_encoder=pcfg.data.image_encoder,
-                                text_encoder=pcfg.data.text_encoder, splits=[split_name], progress=False)
+                                text_encoder=pcfg.data.text_encoder, splits=[split_name], progress=False,
+                                raw_images=pcfg.model.raw_images)
     except DataError as exc:
         raise DataError(f"{data}: {exc}") from None
     if tuple(store.dims) != tuple(getattr(model, "dims", store.dims)):

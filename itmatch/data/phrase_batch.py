@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from itmatch.data.batch import Batch, Boxes, Prepare
+from itmatch.data.batch import Batch, Boxes, Prepare, caption_items
 from itmatch.phrases.boxes import NEGATIVE_IOU, POSITIVE_IOU
 from itmatch.phrases.sampling import algorithm1_masks
 
@@ -80,7 +80,7 @@ def phrase_batch(split: "PhraseSplit", phrases: np.ndarray, prepare_image: Prepa
     boxes = Boxes(image_picture=t(split.region_picture[rows]), image_box=t(split.region_box[rows]),
                   text_picture=t(split.phrase_picture[phrases]), text_box=t(split.phrase_box[phrases]))
     return Batch(images=prepare_image(split.images_at(rows), train=train, rng=rng),
-                 texts=prepare_text(split.captions_at(phrases), train=train, rng=rng),
+                 texts=prepare_text(caption_items(split, prepare_text, phrases), train=train, rng=rng),
                  image_gid=t(gid), text_gid=t(split.caption_gid[phrases]), image_cls=t(rows),
                  text_cls=t(split.caption_image[phrases]), boxes=boxes)
 

@@ -11,6 +11,13 @@ files and the encoders like the image-caption features:
     {split}_phrases.parquet   phrase_id, caption_id, image_id, region_gid (its chain's region), text, box, feature
     manifest.json             kind "phrases", source, encoders, dims, per-split digests and counts
 
+For an image tower trained on the crops (`model.image_tower` an encoder, frozen or fine-tuned) the
+store is raw instead (`prepare_phrases(..., raw_images=True)`, manifest "raw": true, no encoder
+runs): the same two tables without their feature columns, and `{split}_pictures.parquet`
+(image_id, image: the picture's encoded bytes); its split (`RawPhraseSplit`) hands the image
+tower the crops of a batch's regions (each picture decoded once per batch) and the text tower the
+phrases' text.
+
 `PhraseStore.split(name)` is a `PhraseSplit`: a `FeatureSplit` whose "images" are regions and whose
 "captions" are phrases, so everything that takes a FeatureSplit (the sampler, embedding a split,
 the closed-form CCA fit, MLflow's dataset record) takes it too. A region's group id (`image_ids`) is
@@ -21,6 +28,7 @@ a phrase's positive "image" is its ground-truth region. What differs is batch co
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -37,7 +45,7 @@ from itmatch.data.phrase_batch import phrase_batch
 from itmatch.data.readers import Corpus, column_to_numpy, features_column
 from itmatch.data.sources import DataError, Source, parse_source
 from itmatch.data.store import (FeatureSplit, FeatureStore, _atomic_write_table, _cache_key, _check_finite, _digest,
-                                atomic_write_text, check_encoder_names)
+                                _drop_bad_images, atomic_write_text, check_encoder_names)
 from itmatch.phrases.entities import PhraseCorpus, boxes_column, boxes_of, read_entities
 
 SCHEMA_VERSION = 1
@@ -45,6 +53,8 @@ KIND = "phrases"
 _SHAPES_OPTIONS = {"n_images": int, "seed": int, "image_size": int, "n_captions": int, "jitter_per_region": int,
                    "random_proposals": int, "val_fraction": float, "test_fraction": float}
 _ENTITIES_OPTIONS = ("proposals", "images")
+RAW_ENCODERS = ("pixels (raw crops)", "words (raw)")
+"""What a raw store's manifest names as its encoders (and what keys its cache folder)."""
 
 
 # --------------------------------------------------------------------------- sources
@@ -161,37 +171,70 @@ def crop_features(paths: dict[int, str], image_ids: np.ndarray, boxes: np.ndarra
     return build_image_encoder(encoder_name).encode(_crops(paths, image_ids, boxes), progress=progress)
 
 
+def _write_tables(part: PhraseCorpus, split: str, root: Path, rows: tuple, region_feats: Optional[np.ndarray],
+                  phrase_feats: Optional[np.ndarray]) -> None:
+    """The split's region and phrase tables (with their feature columns where features are given)."""
+    image_id, gid, proposal_index, boxes = rows
+    feature = lambda x: {} if x is None else {"feature": features_column(x)}  # noqa: E731
+    _atomic_write_table(pa.table({"region_gid": gid, "image_id": image_id, "proposal_index": proposal_index,
+                                  "box": boxes_column(boxes), **feature(region_feats)}),
+                        root / f"{split}_regions.parquet")
+    phrases = part.phrases
+    _atomic_write_table(pa.table({
+        "phrase_id": phrases.column("phrase_id"), "caption_id": phrases.column("caption_id"),
+        "image_id": phrases.column("image_id"), "region_gid": phrases.column("region_id"),
+        "text": phrases.column("text"), "box": phrases.column("box"), **feature(phrase_feats),
+    }), root / f"{split}_phrases.parquet")
+
+
+def _counts(part: PhraseCorpus, rows: tuple) -> dict[str, int]:
+    return {"images": part.images.num_rows, "phrases": part.phrases.num_rows, "regions": len(rows[1]),
+            "proposals": int((rows[2] >= 0).sum())}
+
+
 def _ingest_split(corpus: PhraseCorpus, split: str, root: Path, image_encoder: str, text_encoder: str,
                   progress: bool) -> dict[str, Any]:
     from itmatch.data.encoders import build_text_encoder
 
     part = corpus.split(split)
-    image_id, gid, proposal_index, boxes = region_rows(part)
+    rows = image_id, gid, _, boxes = region_rows(part)
     paths = dict(zip(part.images.column("image_id").to_pylist(), part.images.column("path").to_pylist()))
     region_feats = crop_features(paths, image_id, boxes, image_encoder, progress)
-    phrases = part.phrases
-    phrase_feats = build_text_encoder(text_encoder).encode(phrases.column("text").to_pylist(), progress=progress)
+    phrase_feats = build_text_encoder(text_encoder).encode(part.phrases.column("text").to_pylist(), progress=progress)
     where = f"{corpus.name}: split {split!r}"
     _check_finite(region_feats, f"{where}: region features")
     _check_finite(phrase_feats, f"{where}: phrase features")
-    _atomic_write_table(pa.table({"region_gid": gid, "image_id": image_id, "proposal_index": proposal_index,
-                                  "box": boxes_column(boxes), "feature": features_column(region_feats)}),
-                        root / f"{split}_regions.parquet")
-    _atomic_write_table(pa.table({
-        "phrase_id": phrases.column("phrase_id"), "caption_id": phrases.column("caption_id"),
-        "image_id": phrases.column("image_id"), "region_gid": phrases.column("region_id"),
-        "text": phrases.column("text"), "box": phrases.column("box"), "feature": features_column(phrase_feats),
-    }), root / f"{split}_phrases.parquet")
-    return {"digest": _digest(image_id, gid, boxes, region_feats, phrase_feats), "images": part.images.num_rows,
-            "phrases": phrases.num_rows, "regions": len(gid), "proposals": int((proposal_index >= 0).sum()),
+    _write_tables(part, split, root, rows, region_feats, phrase_feats)
+    return {"digest": _digest(image_id, gid, boxes, region_feats, phrase_feats), **_counts(part, rows),
             "dims": [int(region_feats.shape[1]), int(phrase_feats.shape[1])]}
 
 
+def _write_raw_split(corpus: PhraseCorpus, split: str, root: Path) -> dict[str, Any]:
+    """The raw split: every picture checked to decode (a DataError naming the first that does
+    not), stored as its encoded bytes, beside the region and phrase tables without features."""
+    part = corpus.split(split)
+    pictures = part.images.select(["image_id", "path"]).sort_by("image_id")
+    _drop_bad_images(pictures, part.phrases, "fail", f"{corpus.name}: split {split!r}")
+    payload = pa.array([Path(p).read_bytes() for p in pictures.column("path").to_pylist()], type=pa.binary())
+    _atomic_write_table(pa.table({"image_id": pictures.column("image_id"), "image": payload}),
+                        root / f"{split}_pictures.parquet")
+    rows = image_id, gid, _, boxes = region_rows(part)
+    _write_tables(part, split, root, rows, None, None)
+    texts = np.frombuffer("\n".join(part.phrases.column("text").to_pylist()).encode("utf-8"), np.uint8)
+    return {"digest": _digest(image_id, gid, boxes, texts, pictures.column("image_id").to_numpy()),
+            **_counts(part, rows), "dims": [0, 0]}
+
+
 def prepare_phrases(source: str, *, cache_dir: str | Path, image_encoder: str, text_encoder: str,
-                    splits: Optional[list[str]] = None, progress: bool = True) -> "PhraseStore":
-    """Read a region-phrase source, featurise what is not yet cached, and return the store."""
+                    splits: Optional[list[str]] = None, progress: bool = True,
+                    raw_images: bool = False) -> "PhraseStore":
+    """Read a region-phrase source, featurise what is not yet cached (`raw_images`: store the
+    pictures and texts for encoder towers instead; no encoder runs), and return the store."""
     corpus = read_phrase_source(source)
-    check_encoder_names(caption_view(corpus), image_encoder, text_encoder)
+    if raw_images:
+        image_encoder, text_encoder = RAW_ENCODERS
+    else:
+        check_encoder_names(caption_view(corpus), image_encoder, text_encoder)
     wanted = splits or corpus.splits
     missing = [s for s in wanted if s not in corpus.splits]
     if missing:
@@ -203,13 +246,16 @@ def prepare_phrases(source: str, *, cache_dir: str | Path, image_encoder: str, t
         return PhraseStore(root, manifest)
     root.mkdir(parents=True, exist_ok=True)
     have = manifest["splits"] if manifest else []  # kept: a worker may be reading them
-    stats = {s: _ingest_split(corpus, s, root, image_encoder, text_encoder, progress) for s in wanted if s not in have}
+    write = (lambda s: _write_raw_split(corpus, s, root)) if raw_images else \
+        (lambda s: _ingest_split(corpus, s, root, image_encoder, text_encoder, progress))
+    stats = {s: write(s) for s in wanted if s not in have}
     dims = {tuple(v["dims"]) for v in stats.values()} | ({tuple(manifest["dims"])} if manifest else set())
     if len(dims) != 1:
         raise DataError(f"{source}: splits have different feature widths {sorted(dims)}")
     old = manifest or {"digests": {}, "counts": {}}
     manifest = {
-        "schema_version": SCHEMA_VERSION, "kind": KIND, "source": source, "image_encoder": image_encoder,
+        "schema_version": SCHEMA_VERSION, "kind": KIND, "raw": raw_images, "source": source,
+        "image_encoder": image_encoder,
         "text_encoder": text_encoder, "splits": have + list(stats), "dims": list(dims.pop()),
         "digests": {**old["digests"], **{s: v["digest"] for s, v in stats.items()}},
         "counts": {**old["counts"], **{s: {k: v[k] for k in ("images", "phrases", "regions", "proposals")}
@@ -275,6 +321,11 @@ class PhraseStore(FeatureStore):
         phrases = pq.read_table(self.root / f"{name}_phrases.parquet", columns=["region_gid", "image_id"])
         return phrases.column("region_gid").to_numpy(), phrases.column("image_id").to_numpy()
 
+    @property
+    def raw(self) -> bool:
+        """Pictures and texts for encoder towers rather than features (module docstring)."""
+        return bool(self.manifest.get("raw"))
+
     def split(self, name: str) -> PhraseSplit:  # type: ignore[override]
         regions, phrases = self._read(name)
         region_image = regions.column("image_id").to_numpy()
@@ -283,19 +334,51 @@ class PhraseStore(FeatureStore):
         truth = np.flatnonzero(gid >= 0)
         row_of = dict(zip(gid[truth].tolist(), truth.tolist()))
         chains = phrases.column("region_gid").to_numpy()
-        return PhraseSplit(
-            image_ids=gid, image_feats=column_to_numpy(regions.column("feature")),
-            caption_ids=phrases.column("phrase_id").to_numpy(),
+        common = dict(
+            image_ids=gid, caption_ids=phrases.column("phrase_id").to_numpy(),
             caption_image=np.fromiter((row_of[int(c)] for c in chains), np.int64, len(chains)),
-            caption_feats=column_to_numpy(phrases.column("feature")), texts=phrases.column("text").to_pylist(),
-            picture_ids=pictures, region_picture=region_picture.astype(np.int64),
-            region_box=boxes_of(regions.column("box")),
+            texts=phrases.column("text").to_pylist(), picture_ids=pictures,
+            region_picture=region_picture.astype(np.int64), region_box=boxes_of(regions.column("box")),
             proposal_rows=_padded_rows(region_picture, regions.column("proposal_index").to_numpy() >= 0,
                                        len(pictures)),
             phrase_picture=np.searchsorted(pictures, phrases.column("image_id").to_numpy()).astype(np.int64),
             phrase_box=boxes_of(phrases.column("box")),
             phrase_caption=phrases.column("caption_id").to_numpy().astype(np.int64))
+        if not self.raw:
+            return PhraseSplit(image_feats=column_to_numpy(regions.column("feature")),
+                               caption_feats=column_to_numpy(phrases.column("feature")), **common)
+        stored = pq.read_table(self.root / f"{name}_pictures.parquet", memory_map=True)
+        row = np.searchsorted(stored.column("image_id").to_numpy(), pictures)  # written sorted by image_id
+        return RawPhraseSplit(image_feats=np.zeros((len(gid), 0), np.float32),
+                              caption_feats=np.zeros((len(chains), 0), np.float32),
+                              picture_bytes=stored.column("image").take(pa.array(row)), **common)
 
 
-__all__ = ["KIND", "read_phrase_source", "region_rows", "pixel_box", "crop_features", "prepare_phrases",
-           "PhraseSplit", "PhraseStore"]
+@dataclass
+class RawPhraseSplit(PhraseSplit):
+    """A PhraseSplit of the raw store: the image tower's items are the regions' crops (RGB PIL
+    images, as `crop_features` encodes them for the feature store), the text tower's the phrases."""
+
+    picture_bytes: pa.ChunkedArray  # [I] encoded pictures, in picture_ids' order
+
+    def images_at(self, rows: np.ndarray) -> list[Any]:
+        """The crops of these region rows; each picture they lie in decoded once."""
+        from PIL import Image
+
+        pictures: dict[int, Any] = {}
+        out = []
+        for r in np.asarray(rows, np.int64):
+            p = int(self.region_picture[r])
+            if p not in pictures:
+                with Image.open(io.BytesIO(self.picture_bytes[p].as_py())) as opened:
+                    pictures[p] = opened.convert("RGB")
+            image = pictures[p]
+            out.append(image.crop(pixel_box(self.region_box[r], *image.size)))
+        return out
+
+    def captions_at(self, rows: np.ndarray) -> list[str]:
+        return [self.texts[int(r)] for r in np.asarray(rows)]
+
+
+__all__ = ["KIND", "RAW_ENCODERS", "read_phrase_source", "region_rows", "pixel_box", "crop_features",
+           "prepare_phrases", "PhraseSplit", "RawPhraseSplit", "PhraseStore"]

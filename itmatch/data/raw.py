@@ -121,13 +121,14 @@ def prepare_inputs(source: str, *, cache_dir: str | Path, raw_images: bool, imag
                    splits: list[str], image_featurizer=None) -> FeatureStore:
     """What a model needs from a source, cached: raw images and texts for an image encoder tower
     (`raw_images`), else features from the named frozen encoders (their captions' text included,
-    for a text encoder tower); region-phrase sources: region and phrase features (phrase_store.py)."""
+    for a text encoder tower); region-phrase sources likewise: the pictures (cropped per batch) and
+    phrases, or region and phrase features (phrase_store.py)."""
     if parse_source(source).scheme in PHRASE_SCHEMES:
-        if raw_images or image_featurizer is not None:
+        if image_featurizer is not None:
             raise DataError(f"data.source {source!r}: region-phrase data is featurised in this process from crops "
-                            "of its regions: it takes model.image_tower=features and data.featurize=local")
+                            "of its regions: it takes data.featurize=local")
         return prepare_phrases(source, cache_dir=cache_dir, image_encoder=image_encoder, text_encoder=text_encoder,
-                               splits=splits)
+                               splits=splits, raw_images=raw_images)
     if raw_images:
         return prepare_raw(source, cache_dir=cache_dir, splits=splits)
     from itmatch.data.store import prepare

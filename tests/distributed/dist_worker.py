@@ -110,6 +110,29 @@ def model_case(case: dict, rank: int, gather: DistGather) -> dict:
             "buffers": {n: b.cpu().clone() for n, b in net.named_buffers()}}
 
 
+def batchnorm_layer(channels: int) -> torch.nn.BatchNorm1d:
+    """A BatchNorm1d with distinct, deterministic affine parameters (the same on every rank)."""
+    bn = torch.nn.BatchNorm1d(channels)
+    with torch.no_grad():
+        bn.weight.copy_(torch.linspace(0.5, 1.5, channels))
+        bn.bias.copy_(torch.linspace(-0.5, 0.5, channels))
+    return bn
+
+
+def batchnorm_case(case: dict, rank: int, gather: DistGather) -> dict:
+    """Global BatchNorm alone on this rank's rows of [N, C] or [N, C, L] inputs (a text CNN's),
+    loss = sum(out * coef): its outputs, input gradient, summed parameter gradients, buffers."""
+    bn = globalize_batchnorm(torch.nn.Sequential(batchnorm_layer(case["x"].shape[1]))).to(DEVICE)
+    x = _mine(case["x"], case["bounds"], rank).clone().requires_grad_(True)
+    out = bn(x)
+    (out * _mine(case["coef"], case["bounds"], rank)).sum().backward()
+    for p in bn.parameters():  # each rank's loss is its rows' share: the global gradient is the sum
+        dist.all_reduce(p.grad)
+    return {"out": out.detach().cpu(), "x_grad": x.grad.cpu(),
+            "grads": {n: p.grad.cpu().clone() for n, p in bn.named_parameters()},
+            "buffers": {n: b.cpu().clone() for n, b in bn.named_buffers()}}
+
+
 def main() -> None:
     global DEVICE, BF16
     rank, world, store, cases_path, out_path = int(sys.argv[1]), int(sys.argv[2]), *sys.argv[3:6]
@@ -123,7 +146,8 @@ def main() -> None:
     gather = DistGather()
     results = {}
     for name, case in torch.load(cases_path, weights_only=False).items():
-        run = gradcache_case if "chunk" in case else model_case if "model" in case else embedding_case
+        run = (gradcache_case if "chunk" in case else model_case if "model" in case else
+               batchnorm_case if "coef" in case else embedding_case)
         results[name] = run(case, rank, gather)
     torch.save(results, out_path)
     dist.barrier()

@@ -20,7 +20,7 @@ from itmatch.data.batch import Batch, Boxes
 from itmatch.losses import LOCAL, build_objective, infonce_loss, ranking_loss
 from itmatch.models.two_branch import EmbeddingNet
 
-from dist_worker import model_objective, model_with_towers  # the same objective and model on both sides
+from dist_worker import batchnorm_layer, model_objective, model_with_towers  # the same objective and model on both sides
 from ranks import run_ranks
 WORKER = Path(__file__).with_name("dist_worker.py")
 LOSSES = {"ranking": ranking_loss, "infonce": infonce_loss}
@@ -110,6 +110,11 @@ def _cases(world: int) -> dict[str, dict]:
                                             "chunk": chunk, **_batch(world, 304 + chunk, dim=12, unit=False),
                                             "objective": dict(margin=0.3, top_k=3, lambda3=0.2, instance_weight=1.0,
                                                               center_weight=0.5)}
+    for shape in ((13, 6), (13, 6, 5)):  # a branch's [N, C]; a text CNN's [N, C, L]
+        g = torch.Generator().manual_seed(len(shape))
+        cases[f"batchnorm-{len(shape)}d"] = {"x": torch.randn(*shape, generator=g) * 3 + 1,
+                                             "coef": torch.randn(*shape, generator=g),
+                                             "bounds": _bounds(shape[0], world, g)}
     return cases
 
 
@@ -130,7 +135,7 @@ def _case_names() -> list[str]:
     return list(_cases(2))
 
 
-@pytest.mark.parametrize("name", [n for n in _case_names() if not n.startswith(("model", "gradcache"))])
+@pytest.mark.parametrize("name", [n for n in _case_names() if not n.startswith(("model", "gradcache", "batchnorm"))])
 def test_loss_and_embedding_grads_equal_single_process(distributed, name):
     world, cases, outs = distributed
     case = cases[name]
@@ -196,6 +201,26 @@ def test_grad_cache_over_workers_equals_one_pass_over_the_global_batch(distribut
     torch.testing.assert_close(torch.stack([o[name]["terms"]["loss"] for o in outs]).mean(), ref["loss"].detach(), **TOL)
 
 
+@pytest.mark.parametrize("name", ["batchnorm-2d", "batchnorm-3d"])
+def test_global_batchnorm_equals_one_process_on_rows_and_positions(distributed, name):
+    """GlobalBatchNorm1d on each rank's rows: outputs, input gradients, parameter gradients and
+    running statistics of torch's BatchNorm1d on the whole batch, also for [N, C, L] inputs (its
+    statistics per channel over rows and positions)."""
+    world, cases, outs = distributed
+    case = cases[name]
+    bn = batchnorm_layer(case["x"].shape[1])
+    x = case["x"].clone().requires_grad_(True)
+    out = bn(x)
+    (out * case["coef"]).sum().backward()
+    torch.testing.assert_close(torch.cat([o[name]["out"] for o in outs]), out.detach(), **TOL)
+    torch.testing.assert_close(torch.cat([o[name]["x_grad"] for o in outs]), x.grad, **TOL)
+    for o in outs:
+        for n, p in bn.named_parameters():
+            torch.testing.assert_close(o[name]["grads"][f"0.{n}"], p.grad, **TOL, msg=f"{name} {n}")
+        for n, b in bn.named_buffers():
+            torch.testing.assert_close(o[name]["buffers"][f"0.{n}"], b, **TOL, msg=f"{name} buffer {n}")
+
+
 def test_local_batchnorm_would_differ(distributed):
     """Guards the test above: with per-worker BatchNorm statistics the gradients do not match,
     so the global BatchNorm is what makes them equal."""
@@ -213,7 +238,7 @@ def test_local_batchnorm_would_differ(distributed):
 def _check_bf16_run(world: int, cases: dict, outs: list) -> None:
     """Embedding cases exact to fp32 tolerance; the DDP model's gradients under bf16 autocast close
     to one process under bf16 autocast (on the CPU: bf16 rounding differs by device and order)."""
-    for name in (n for n in cases if not n.startswith(("model", "gradcache"))):
+    for name in (n for n in cases if not n.startswith(("model", "gradcache", "batchnorm"))):
         case = cases[name]
         img, txt = case["img"].clone().requires_grad_(True), case["txt"].clone().requires_grad_(True)
         ref = LOSSES[case["loss"]](img, case["img_gid"], txt, case["txt_gid"], **case["kwargs"])

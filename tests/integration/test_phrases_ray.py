@@ -64,3 +64,25 @@ def test_mlflow_holds_the_phrase_metrics_and_the_registered_models(runs):
     holder = client.get_model_version_by_alias("itmatch-phrases", "champion")
     best = max(summaries, key=lambda n: (summaries[n]["val_phrase_r1"], n == "embedding"))
     assert holder.run_id == summaries[best]["run_id"]
+
+
+def test_towers_trained_on_crops_through_ray_data_and_reloaded_from_the_registry(tmp_path):
+    """The end-to-end preset as a user runs it, with Ray Data preparing the batches (crops of each
+    batch's regions decoded and augmented on its actors) for 2 DDP workers: the image tower learns
+    from the crops, the run registers, and the registered model (its own fine-tuned towers) scores
+    the test split again through `trainers.evaluate` exactly as the run did."""
+    args = ["--config", str(ROOT / "configs" / "shapes_phrases_e2e.yaml"), "data.source=shapes-phrases:data?n_images=60",
+            "data.batch_size=40", "train.epochs=3", "data.loader=ray", "run.name=e2e"]
+    proc = run_module("trainers.train", args, tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    summary = json.loads((tmp_path / "runs" / "e2e" / "summary.json").read_text())
+    test = summary["test"]
+    assert test["phrase_r1"] > test["phrase_random_r1"] + 15, test
+    out = tmp_path / "eval.json"
+    evaluated = run_module("trainers.evaluate", ["--model", "models:/itmatch-phrases@champion", "--tracking-uri",
+                                                 "sqlite:///mlruns.db", "--split", "test", "--json", str(out)],
+                           tmp_path, timeout=120)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    again = json.loads(out.read_text())
+    for key in METRICS:
+        assert again[key] == pytest.approx(test[key], abs=1e-6), key
