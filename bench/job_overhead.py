@@ -11,8 +11,10 @@ the Flickr8k-1k precomputed features (`configs/flickr8k_precomp.yaml`):
 3. the same job as the trials of a search, two in a row (`python -m tuning.search ... --num-samples
    2 --scheduler fifo --max-concurrent 1`): a trial's run (its MLflow run's start to its
    summary.json) against its own training (first step to last epoch).
-Jobs run with 2 DDP workers, with 1 through Ray Train (`scaling.worker_group=always`), and with 1
-inside the job's Ray task (the default for one worker: trainers.job.run_job_in_task); trials with 2
+Jobs run with 2 DDP workers, with 1 through Ray Train (`scaling.worker_group=always`), with 1 inside
+a Ray task of the job (`scaling.worker_group=task`: trainers.job.run_job_in_task, the default where
+the driver attaches to a cluster), and with 1 in the driver process without starting Ray (the
+default for one worker on this machine: trainers.job.run_job_here); trials with 2
 workers (a Ray Train worker group) and with one (`search.trial_workers=1`: the trial trains in its
 own process, trainers/in_process.py).
 
@@ -40,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PRESET = "configs/flickr8k_precomp.yaml"
 JOBS = {"job, 2 DDP workers (Ray Train)": ["scaling.num_workers=2"],
         "job, 1 worker (Ray Train, scaling.worker_group=always)": ["scaling.num_workers=1", "scaling.worker_group=always"],
-        "job, 1 worker in the job's Ray task (the default for one worker)": ["scaling.num_workers=1"]}
+        "job, 1 worker in a Ray task (scaling.worker_group=task)": ["scaling.num_workers=1", "scaling.worker_group=task"],
+        "job, 1 worker in the driver, no Ray (the default for one worker)": ["scaling.num_workers=1"]}
 
 
 def tmp_paths(tmp: Path) -> list[str]:

@@ -309,11 +309,14 @@ class ScalingConfig(_Section):
     """bf16: autocast under ddp; bf16 weights with fp32 master weights under deepspeed."""
     sync_batchnorm: bool = True
     """BatchNorm statistics over the global batch (what one worker on the whole batch computes)."""
-    worker_group: Literal["auto", "always"] = "auto"
-    """auto: one DDP worker (num_workers=1, strategy=ddp) trains inside one Ray task of the job (or
-    its Tune trial's process) that holds the worker's CPUs and GPU, with the same checkpoints, resume
-    and retries (run.max_failures) but no Ray Train controller, helper actors or worker group to start
-    (~10 s on 2 cores) and no controller poll per report; always: a Ray Train worker group even then."""
+    worker_group: Literal["auto", "task", "always"] = "auto"
+    """Where one DDP worker (num_workers=1, strategy=ddp) trains. auto: in the driver process itself
+    when Ray would only be a private cluster started for it (no run.ray_address / RAY_ADDRESS, data
+    loader and featurizer local: Ray is not started at all), else in one Ray task of the job that
+    holds the worker's CPUs and GPU (a Tune trial: in its trial's process); task: in a Ray task
+    always. Both keep the checkpoints, resume and retries (run.max_failures) of Ray Train but start no
+    controller, helper actors or worker group (~10 s on 2 cores) and wait for no controller poll per
+    report. always: a Ray Train worker group even then."""
     check_resources: bool = True
     """Refuse before start when the cluster's current CPUs/GPUs cannot place the workers (Ray would
     wait for them forever); false on an autoscaling cluster that adds nodes on demand."""
@@ -405,13 +408,15 @@ class EvalConfig(_Section):
     pictures: bool = True
     """Write pictures/embedding_map.png (t-SNE map of image and caption embeddings) and
     pictures/queries.html (example queries, thumbnails inline) into the run folder and MLflow;
-    a failure to draw them only warns."""
+    phrase localization: the map of ground-truth regions and phrases, and example phrases with the
+    ground truth and the top proposals drawn on their picture (itmatch/eval/phrase_pictures.py).
+    A failure to draw them only warns."""
     picture_queries: int = Field(12, ge=1)
-    """Caption queries, and as many image queries, on queries.html."""
+    """Caption queries, and as many image queries, on queries.html (phrase localization: phrases)."""
     picture_top_k: int = Field(5, ge=1)
-    """Results shown per query."""
+    """Results shown per query (phrase localization: proposals drawn per phrase)."""
     picture_map_images: int = Field(200, ge=1)
-    """Images on the map (a seeded sample), each with all its captions."""
+    """Images (regions) on the map (a seeded sample), each with all its captions (phrases)."""
     region_phrase_model: Optional[str] = None
     """001 Eq. 8 (§5.6): a region-phrase model (a checkpoint folder or an MLflow models:/ or runs:/
     URI of one trained on entities: or shapes-phrases: data, e.g. configs/shapes_phrases.yaml) to

@@ -111,14 +111,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if eq8 is not None:
         metrics.update(eq8.evaluate(model, img, txt, split, chunk=cfg.train.eval_chunk))
     print(format_metrics(metrics))
-    if args.pictures and cfg.data.task != "retrieval":
-        print("pictures: not drawn (they show image-caption retrieval; this is a phrase model)", file=sys.stderr)
-    elif args.pictures:
-        from itmatch.eval.pictures import model_pictures
+    if args.pictures:
+        from trainers.job import pictures_of
 
-        written = model_pictures(model, store, args.split, Path(args.pictures), n_queries=cfg.eval.picture_queries,
-                                 k=cfg.eval.picture_top_k, max_images=cfg.eval.picture_map_images,
-                                 seed=cfg.train.seed, title=f"{args.model}: example queries on {args.split}")
+        written = pictures_of(model, cfg, store, args.split, Path(args.pictures),
+                              f"{args.model}: example queries on {args.split}", embeddings=(img, txt))
         print(f"pictures: {', '.join(str(p) for p in written.values()) or 'none (see warnings)'}", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2))

@@ -13,10 +13,12 @@ process instead; what Ray Train does for it is done the same way:
 
 from __future__ import annotations
 
+import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -37,7 +39,20 @@ def can_run(cfg: Config) -> bool:
     """One DDP worker: nothing to all-reduce, no process group (DeepSpeed's engine needs one), unless
     scaling.worker_group=always asks for Ray Train's worker group anyway."""
     s = cfg.scaling
-    return s.num_workers == 1 and s.strategy == "ddp" and s.worker_group == "auto"
+    return s.num_workers == 1 and s.strategy == "ddp" and s.worker_group != "always"
+
+
+def in_driver(cfg: Config) -> bool:
+    """Whether a standalone one-worker job trains in the driver process itself, without starting
+    Ray: scaling.worker_group=auto, no cluster to attach to (run.ray_address, RAY_ADDRESS: `ray job
+    submit` sets it), and nothing else that needs Ray (data.loader, data.featurize local). Ray would
+    only be a private cluster started to run one task on this machine (~8 s of the command's start
+    on 2 cores); what it adds there, surviving a native crash of the training process, a re-run of
+    the same command gives too (it resumes from the newest checkpoint)."""
+    d = cfg.data
+    attached = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
+    return (can_run(cfg) and cfg.scaling.worker_group == "auto" and not attached and d.loader == "local"
+            and d.featurize == "local")
 
 
 def held_resources(cfg: Config, cpus: float) -> Optional[dict[str, float]]:
@@ -50,24 +65,34 @@ def held_resources(cfg: Config, cpus: float) -> Optional[dict[str, float]]:
 
 
 @dataclass
+class LocalCheckpoint:
+    """What `trainers.results.best_checkpoint_folder` reads of a Ray Train Checkpoint (a local folder
+    here, so a job that trains in the driver needs no `ray.train`)."""
+
+    path: str
+
+    @contextmanager
+    def as_directory(self) -> Iterator[str]:
+        yield self.path
+
+
+@dataclass
 class LocalResult:
     """What `trainers.job.finalize` reads of Ray Train's Result: the run folder, its last checkpoint."""
 
     path: str
-    checkpoint: Any
+    checkpoint: Optional[LocalCheckpoint]
 
 
 def fit_in_process(cfg: Config, store: FeatureStore, tracking: Optional[dict], folder: Path, threads: int,
                    forward: Forward) -> LocalResult:
     """Train `cfg` here (resuming from `folder`'s newest checkpoint); returns the run's result."""
-    import ray.train
-
     from trainers.dist import local_context
     from trainers.loop import Trainer, _resume
 
     if not can_run(cfg):
         raise ValueError(f"in-process training needs scaling.num_workers=1, scaling.strategy=ddp and "
-                         f"scaling.worker_group=auto, got {cfg.scaling.num_workers}, {cfg.scaling.strategy} "
+                         f"scaling.worker_group=auto or task, got {cfg.scaling.num_workers}, {cfg.scaling.strategy} "
                          f"and {cfg.scaling.worker_group}")
     torch.set_num_threads(max(1, threads))
     folder.mkdir(parents=True, exist_ok=True)
@@ -75,7 +100,7 @@ def fit_in_process(cfg: Config, store: FeatureStore, tracking: Optional[dict], f
     _resume(trainer, None, folder)
     trainer.fit(reporter(folder, cfg.run.keep_checkpoints, forward))
     latest = newest_checkpoint(folder)
-    return LocalResult(str(folder), ray.train.Checkpoint.from_directory(str(latest)) if latest else None)
+    return LocalResult(str(folder), LocalCheckpoint(str(latest)) if latest else None)
 
 
 def reporter(folder: Path, keep: int, forward: Forward) -> Callable[[dict, Optional[Callable]], None]:
@@ -127,5 +152,5 @@ def prune(folder: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["LocalResult", "can_run", "fit_in_process", "held_resources", "newest_checkpoint", "no_reports", "prune",
+__all__ = ["LocalCheckpoint", "LocalResult", "can_run", "in_driver", "fit_in_process", "held_resources", "newest_checkpoint", "no_reports", "prune",
            "reporter", "write_checkpoint"]

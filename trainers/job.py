@@ -2,16 +2,20 @@
 
 `run_job` saves the resolved config in the run folder, opens (or reopens) the MLflow run, fits the
 TorchTrainer (or, for one worker, trains in its own process: trainers/in_process.py; a standalone
-one-worker job runs `run_job` inside one Ray task, `run_job_in_task`),
+one-worker job runs `run_job` in the driver itself, `run_job_here`, or inside one Ray task where it
+is attached to a cluster, `run_job_in_task`),
 evaluates the best epoch on the test split, logs the model, registers and maybe promotes it, writes
 summary.json, and leaves the MLflow run FINISHED, FAILED (any error) or KILLED (the process told to
-stop, e.g. a trial stopped by Tune). Ray must already be initialised.
+stop, e.g. a trial stopped by Tune). Ray must already be initialised, except for `run_job_here`
+(one worker in the driver, no Ray: trainers.in_process.in_driver).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -119,6 +123,26 @@ def run_job_in_task(cfg: Config, store: FeatureStore) -> dict[str, Any]:
         raise
 
 
+def run_job_here(cfg: Config, store: FeatureStore) -> dict[str, Any]:
+    """`run_job` for one worker in this process (trainers.in_process.in_driver: no Ray at all), with
+    the task's fault handling: a failed attempt is retried up to run.max_failures times (-1: without
+    end) and resumes from the run folder's newest intact checkpoint in the same MLflow run; out of
+    retries the error propagates and the run ends FAILED. SIGTERM / Ctrl-C end it KILLED (run_job)."""
+    from trainers.in_process import no_reports
+
+    failures = 0
+    while True:
+        try:
+            return run_job(cfg, store, forward=no_reports)
+        except Exception as exc:
+            limit = cfg.run.max_failures
+            if limit != -1 and failures >= limit:
+                raise
+            failures += 1
+            log.warning("attempt %d failed (%s: %s); retrying from the newest checkpoint (run.max_failures=%d)",
+                        failures, type(exc).__name__, exc, limit)
+
+
 def _one_worker_job(tree: dict, store_root: str) -> dict[str, Any]:
     from itmatch.data.raw import open_store
     from trainers.in_process import no_reports
@@ -135,13 +159,19 @@ def _end(tracking: Optional[dict], status: str) -> None:
         end_run(tracking, status)
 
 
-def cpus_per_worker(cfg: Config) -> float:
-    """scaling.cpus_per_worker, else the cluster's CPUs shared by the workers (at least one each)."""
-    import ray
+def local_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, e.g. a batch scheduler's cpuset)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
+
+def cpus_per_worker(cfg: Config) -> float:
+    """scaling.cpus_per_worker, else the cluster's CPUs shared by the workers (at least one each);
+    without Ray (a job training in its driver) this machine's CPUs, as a private Ray would count them."""
     if cfg.scaling.cpus_per_worker:
         return cfg.scaling.cpus_per_worker
-    return max(1.0, float(int(ray.cluster_resources().get("CPU", 1)) // cfg.scaling.num_workers))
+    ray = sys.modules.get("ray")
+    total = ray.cluster_resources().get("CPU", 1) if ray is not None and ray.is_initialized() else local_cpus()
+    return max(1.0, float(int(total or 1) // cfg.scaling.num_workers))
 
 
 def fit(cfg: Config, store: FeatureStore, tracking: Optional[dict], callbacks: Optional[list] = None):
@@ -224,6 +254,20 @@ def _score_on_val(model, store: FeatureStore, cfg: Config) -> Optional[float]:
     return evaluate_split(model, store.split(cfg.data.val_split), chunk=cfg.train.eval_chunk)[cfg.train.metric]
 
 
+def pictures_of(model, cfg: Config, store: FeatureStore, split: str, folder: Path, title: str,
+                embeddings=None) -> dict[str, Path]:
+    """The pictures of a model on a store's split (image-caption retrieval or phrase localization)."""
+    kw = dict(embeddings=embeddings, n_queries=cfg.eval.picture_queries, k=cfg.eval.picture_top_k,
+              max_images=cfg.eval.picture_map_images, seed=cfg.train.seed, title=title)
+    if cfg.data.task == "phrases":
+        from itmatch.eval.phrase_pictures import model_phrase_pictures
+
+        return model_phrase_pictures(model, store, split, folder, **kw)
+    from itmatch.eval.pictures import model_pictures
+
+    return model_pictures(model, store, split, folder, **kw)
+
+
 def _fmt(metrics: dict[str, float]) -> str:
     from itmatch.eval.retrieval import format_metrics
 
@@ -232,17 +276,15 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 def _pictures(cfg: Config, store: FeatureStore, best: Path) -> dict[str, Path]:
     """eval.pictures: the test split's embedding map and example queries in run_dir/pictures (the
-    model embeds the split once more); a failure to draw warns, never fails the run."""
-    if not cfg.eval.pictures or cfg.data.task != "retrieval":  # the pictures show image-caption retrieval
+    model embeds the split once more; phrase localization: example phrases with their top boxes
+    drawn on the picture); a failure to draw warns, never fails the run."""
+    if not cfg.eval.pictures:
         return {}
     try:
-        from itmatch.eval.pictures import model_pictures
         from itmatch.state import load_model
 
-        return model_pictures(load_model(best)[0], store, cfg.data.test_split, run_dir(cfg) / "pictures",
-                              n_queries=cfg.eval.picture_queries, k=cfg.eval.picture_top_k,
-                              max_images=cfg.eval.picture_map_images, seed=cfg.train.seed,
-                              title=f"{cfg.run.name}: example queries on {cfg.data.test_split}")
+        return pictures_of(load_model(best)[0], cfg, store, cfg.data.test_split, run_dir(cfg) / "pictures",
+                           f"{cfg.run.name}: example queries on {cfg.data.test_split}")
     except Exception as exc:  # noqa: BLE001 - a picture is never worth a failed run
         log.warning("pictures not drawn: %s: %s", type(exc).__name__, exc)
         return {}

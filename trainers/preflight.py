@@ -31,6 +31,7 @@ from itmatch.data.batching import NeighborhoodBatchSampler
 from itmatch.data.sources import DataError
 from itmatch.data.store import FeatureStore
 from itmatch.state import CONFIG_FILE
+from trainers import in_process
 
 RESUMABLE_KEYS = frozenset({
     "run.name", "run.storage_path",  # they found this run folder (relative or absolute alike)
@@ -179,12 +180,19 @@ def check_cluster(cfg: Config) -> None:
     An autoscaling cluster that adds nodes on demand sets scaling.check_resources=false."""
     if not cfg.scaling.check_resources:
         return
-    import ray
+    if in_process.in_driver(cfg):  # trains here, without Ray: this machine is the cluster
+        import torch
 
-    from trainers.train import init_ray
+        from trainers.job import local_cpus
 
-    init_ray(cfg)
-    total = ray.cluster_resources()
+        total = {"CPU": float(local_cpus()), "GPU": float(torch.cuda.device_count())}
+    else:
+        import ray
+
+        from trainers.train import init_ray
+
+        init_ray(cfg)
+        total = ray.cluster_resources()
     s = cfg.scaling
     # Unset, each worker gets max(1, CPUs // workers): it fits exactly when there is a CPU per worker.
     cpus, have = s.cpus_per_worker or 1.0, float(total.get("CPU", 0))

@@ -2,9 +2,10 @@
 
 The driver: resolve the config, featurise the data once (cached Parquet), open the MLflow run,
 fit a `TorchTrainer` (resuming the same run.name + run.storage_path from its latest checkpoint;
-one DDP worker trains inside one Ray task instead, without a Ray Train worker group: see
-scaling.worker_group and trainers.job.run_job_in_task), then evaluate the best weights on the test
-split and log, register and maybe promote the model.
+one DDP worker trains in this process, without starting Ray, or inside one Ray task where the driver
+attaches to a cluster, without a Ray Train worker group: see scaling.worker_group and
+trainers.job.run_job_here / run_job_in_task), then evaluate the best weights on the test split and
+log, register and maybe promote the model.
 This is exactly what `ray job submit --working-dir . -- python -m trainers.train ...` runs.
 """
 
@@ -32,7 +33,7 @@ from itmatch.data.raw import prepare_inputs  # noqa: E402
 from itmatch.data.store import FeatureStore  # noqa: E402
 from itmatch.models.towers import check_tower_names  # noqa: E402
 from trainers import in_process, preflight  # noqa: E402
-from trainers.job import run_dir, run_job, run_job_in_task  # noqa: E402
+from trainers.job import run_dir, run_job, run_job_here, run_job_in_task  # noqa: E402
 from trainers.logs import setup_logging  # noqa: E402
 
 log = logging.getLogger("itmatch.train")
@@ -157,9 +158,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     warn_relative_paths(cfg)
-    init_ray(cfg)
-    exit_on_sigterm()  # again: Ray's driver installs its own SIGTERM handler, which aborts
-    summary = run_job_in_task(cfg, store) if in_process.can_run(cfg) else run_job(cfg, store)
+    if in_process.in_driver(cfg):  # one worker on this machine: no Ray to start
+        summary = run_job_here(cfg, store)
+    else:
+        init_ray(cfg)
+        exit_on_sigterm()  # again: Ray's driver installs its own SIGTERM handler, which aborts
+        summary = run_job_in_task(cfg, store) if in_process.can_run(cfg) else run_job(cfg, store)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 

@@ -104,8 +104,10 @@ def map_points(img: Any, txt: Any, txt_img: Any, *, max_images: int = 200, seed:
 
 
 def embedding_map(img: Any, txt: Any, txt_img: Any, path: Path, *, max_images: int = 200, seed: int = 0,
-                  method: str = "auto", links: bool = True) -> EmbeddingMap:
-    """Draw `map_points` to a PNG at `path`; returns the points drawn."""
+                  method: str = "auto", links: bool = True,
+                  labels: tuple[str, str] = ("image", "caption")) -> EmbeddingMap:
+    """Draw `map_points` to a PNG at `path`; returns the points drawn. `labels`: what the two sides
+    are called in the legend and title (singular; e.g. region / phrase)."""
     from matplotlib.collections import LineCollection
 
     from itmatch.eval.plots import _pyplot, _save
@@ -116,12 +118,12 @@ def embedding_map(img: Any, txt: Any, txt_img: Any, path: Path, *, max_images: i
     if links:
         segments = np.stack([points.caption_xy, points.image_xy[points.caption_image]], axis=1)
         ax.add_collection(LineCollection(segments, colors="0.55", linewidths=0.4, alpha=0.35, zorder=1,
-                                         label="caption – its image"))
+                                         label=f"{labels[1]} – its {labels[0]}"))
     ax.scatter(*points.caption_xy.T, s=9, marker="x", linewidths=0.7, c="tab:red", zorder=2,
-               label=f"captions ({len(points.caption_rows):,})")
+               label=f"{labels[1]}s ({len(points.caption_rows):,})")
     ax.scatter(*points.image_xy.T, s=16, marker="o", c="tab:blue", edgecolors="white", linewidths=0.3, zorder=3,
-               label=f"images ({len(points.image_rows):,})")
-    ax.set(xticks=[], yticks=[], title=f"{points.method} map of image and caption embeddings (seed {seed})")
+               label=f"{labels[0]}s ({len(points.image_rows):,})")
+    ax.set(xticks=[], yticks=[], title=f"{points.method} map of {labels[0]} and {labels[1]} embeddings (seed {seed})")
     ax.legend(loc="best", fontsize=8, markerscale=1.5)
     _save(fig, Path(path))
     return points
@@ -350,12 +352,18 @@ def write_pictures(img: Any, txt: Any, split: Any, folder: Path, *, image_loader
     """The map and the page of a split (`split`: image_ids, caption_image, texts) into `folder`;
     returns the files written. A picture that cannot be drawn is a warning (its stale file removed),
     never an error: a run must not fail for one."""
+    return draw_files(folder, {
+        MAP_FILE: lambda p: embedding_map(img, txt, split.caption_image, p, max_images=max_images, seed=seed),
+        PAGE_FILE: lambda p: query_page(img, txt, split.caption_image, split.texts, p, image_loader=image_loader,
+                                        image_ids=split.image_ids, n_queries=n_queries, k=k, seed=seed,
+                                        score_fn=score_fn, title=title)})
+
+
+def draw_files(folder: Path, jobs: dict[str, Callable[[Path], Any]]) -> dict[str, Path]:
+    """Run each `draw(path)` for folder/name; returns the files written. A picture that cannot be
+    drawn is a warning (its stale file removed), never an error: a run must not fail for one."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    jobs = {MAP_FILE: lambda p: embedding_map(img, txt, split.caption_image, p, max_images=max_images, seed=seed),
-            PAGE_FILE: lambda p: query_page(img, txt, split.caption_image, split.texts, p, image_loader=image_loader,
-                                            image_ids=split.image_ids, n_queries=n_queries, k=k, seed=seed,
-                                            score_fn=score_fn, title=title)}
     written = {}
     for name, draw in jobs.items():
         path = folder / name
@@ -369,6 +377,16 @@ def write_pictures(img: Any, txt: Any, split: Any, folder: Path, *, image_loader
     return written
 
 
+def guarded_loader(make: Callable[[], Optional[Callable[[int], Any]]], store: Any) -> Optional[Callable[[int], Any]]:
+    """`make()`, or None where reading the pictures fails (a warning): the page still shows its text."""
+    try:
+        return make()
+    except Exception as exc:  # noqa: BLE001 - the page still shows captions, phrases, ids and boxes
+        log.warning("queries page without pictures: cannot read the pictures of %s: %s: %s",
+                    store.manifest.get("source"), type(exc).__name__, exc)
+        return None
+
+
 def model_pictures(model: torch.nn.Module, store: Any, split_name: str, folder: Path, *,
                    embeddings: Optional[tuple[torch.Tensor, torch.Tensor]] = None, n_queries: int = 12, k: int = 5,
                    max_images: int = 200, seed: int = 0, device: str = "cpu",
@@ -379,15 +397,10 @@ def model_pictures(model: torch.nn.Module, store: Any, split_name: str, folder: 
 
     split = store.split(split_name)
     img, txt = embeddings if embeddings is not None else embed_split(model, split, device=device)
-    try:
-        loader = split_image_loader(split, store)
-    except Exception as exc:  # noqa: BLE001 - the page still shows captions and ids
-        log.warning("queries page without pictures: cannot read the images of %s: %s: %s",
-                    store.manifest.get("source"), type(exc).__name__, exc)
-        loader = None
+    loader = guarded_loader(lambda: split_image_loader(split, store), store)
     return write_pictures(img, txt, split, folder, image_loader=loader, score_fn=_pair_scorer(model),
                           n_queries=n_queries, k=k, max_images=max_images, seed=seed, title=title)
 
 
-__all__ = ["EmbeddingMap", "Query", "embedding_map", "map_points", "model_pictures", "project_2d", "query_examples",
+__all__ = ["EmbeddingMap", "Query", "draw_files", "embedding_map", "guarded_loader", "map_points", "model_pictures", "project_2d", "query_examples",
            "query_page", "split_image_loader", "thumbnail_uri", "write_pictures"]

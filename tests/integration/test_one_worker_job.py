@@ -1,8 +1,9 @@
-"""A standalone one-worker job (`scaling.worker_group=auto`, the default) trains inside one Ray task
-of the job instead of a Ray Train worker group: the same weights as the Ray Train job, and the same
-fault handling -- a failed attempt is retried (run.max_failures) and resumes from its newest
-checkpoint in the same MLflow run; out of retries, the command fails with the error and the run
-ends FAILED."""
+"""A standalone one-worker job trains without a Ray Train worker group: by default (`scaling.
+worker_group=auto`) in the driver process itself, Ray not even started; with `scaling.worker_group=
+task` (the default where the driver attaches to a cluster) inside one Ray task of the job. Either
+way: the same weights as the Ray Train job, and the same fault handling -- a failed attempt is
+retried (run.max_failures) and resumes from its newest checkpoint in the same MLflow run; out of
+retries, the command fails with the error and the run ends FAILED."""
 
 from __future__ import annotations
 
@@ -39,22 +40,25 @@ def _weights(tmp: Path, name: str) -> dict:
 def test_failed_attempt_is_retried_resumes_and_matches_the_ray_train_job(tmp_path):
     ray_train = run_module("trainers.train", _args(tmp_path, "rt", "scaling.worker_group=always"), ROOT, timeout=300)
     assert ray_train.returncode == 0, ray_train.stdout[-2000:] + ray_train.stderr[-4000:]
-    done = run_module("trainers.train", _args(tmp_path, "task", "run.max_failures=1"), ROOT,
-                      {"ITMATCH_FAIL_AT_EPOCH": "2"}, timeout=300)
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, out[-5000:]
-    assert "injected failure after epoch 2" in out and "resumed at epoch 2" in out
-    assert "TorchTrainer" not in out and "controller" not in out  # no Ray Train worker group
-    for key, value in _weights(tmp_path, "rt").items():
-        torch.testing.assert_close(_weights(tmp_path, "task")[key], value, rtol=1e-5, atol=1e-6, msg=key)
-    client, run = _mlflow_run(tmp_path, "task")  # one run across both attempts
-    assert run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_rsum")] == [1, 2, 3]
+    for name, group in (("task", "task"), ("driver", "auto")):
+        done = run_module("trainers.train", _args(tmp_path, name, "run.max_failures=1", f"scaling.worker_group={group}"),
+                          ROOT, {"ITMATCH_FAIL_AT_EPOCH": "2"}, timeout=300)
+        out = done.stdout + done.stderr
+        assert done.returncode == 0, out[-5000:]
+        assert "injected failure after epoch 2" in out and "resumed at epoch 2" in out
+        assert "TorchTrainer" not in out and "controller" not in out  # no Ray Train worker group
+        assert ("Started a local Ray instance" in out) is (group == "task"), out[-3000:]  # the driver: no Ray
+        for key, value in _weights(tmp_path, "rt").items():
+            torch.testing.assert_close(_weights(tmp_path, name)[key], value, rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
+        client, run = _mlflow_run(tmp_path, name)  # one run across both attempts
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_rsum")] == [1, 2, 3]
 
 
-def test_out_of_retries_the_command_fails_and_the_run_ends_failed(tmp_path):
-    done = run_module("trainers.train", _args(tmp_path, "fails", "run.max_failures=0"), ROOT,
-                      {"ITMATCH_FAIL_AT_EPOCH": "2"}, timeout=300)
+@pytest.mark.parametrize("group", ["auto", "task"])
+def test_out_of_retries_the_command_fails_and_the_run_ends_failed(tmp_path, group):
+    done = run_module("trainers.train", _args(tmp_path, "fails", "run.max_failures=0", f"scaling.worker_group={group}"),
+                      ROOT, {"ITMATCH_FAIL_AT_EPOCH": "2"}, timeout=300)
     assert done.returncode != 0 and "injected failure after epoch 2" in done.stdout + done.stderr
     _, run = _mlflow_run(tmp_path, "fails")
     assert run.info.status == "FAILED"

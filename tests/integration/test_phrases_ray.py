@@ -57,6 +57,11 @@ def test_mlflow_holds_the_phrase_metrics_and_the_registered_models(runs):
             assert run.data.metrics[f"test_{key}"] == pytest.approx(summary["test"][key])
         assert "val_phrase_r1" in run.data.metrics and "train_loss" in run.data.metrics
         assert summary["registry"]["name"] == "itmatch-phrases"
+        # the pictures: example phrases with their boxes drawn, and the region-phrase map
+        logged = {a.path for a in client.list_artifacts(summary["run_id"], "pictures")}
+        assert logged == {"pictures/embedding_map.png", "pictures/queries.html"}
+        page = (tmp / "runs" / name / "pictures" / "queries.html").read_text()
+        assert page.count('<section class="query phrase"') == 12 and page.count("data:image/jpeg;base64,") == 12
     versions = client.search_model_versions("name='itmatch-phrases'")
     assert sorted(int(v.version) for v in versions) == [1, 2]
     # the second run was measured against the first on the same validation split
@@ -80,9 +85,10 @@ def test_towers_trained_on_crops_through_ray_data_and_reloaded_from_the_registry
     assert test["phrase_r1"] > test["phrase_random_r1"] + 15, test
     out = tmp_path / "eval.json"
     evaluated = run_module("trainers.evaluate", ["--model", "models:/itmatch-phrases@champion", "--tracking-uri",
-                                                 "sqlite:///mlruns.db", "--split", "test", "--json", str(out)],
-                           tmp_path, timeout=120)
+                                                 "sqlite:///mlruns.db", "--split", "test", "--json", str(out),
+                                                 "--pictures", "pics"], tmp_path, timeout=120)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "pics").iterdir()) == ["embedding_map.png", "queries.html"]
     again = json.loads(out.read_text())
     for key in METRICS:
         assert again[key] == pytest.approx(test[key], abs=1e-6), key

@@ -32,3 +32,31 @@ def test_query_page_shows_its_images_captions_and_ground_truth_in_chromium(tmp_p
     assert pb.problems(facts, page) == []
     assert len(facts["images"]) == page.img_tags >= 6 * 4 + 6
     pb.screenshot_is_drawn(tmp_path / "queries.png")
+
+
+@pytest.mark.timeout(120)
+def test_phrase_page_shows_each_picture_with_its_boxes_in_chromium(tmp_path):
+    """Phrase localization's page (itmatch/eval/phrase_pictures.py) on synthetic scenes: every
+    phrase's picture, drawn with its boxes at 320 pixels on the long side, loads and is laid out."""
+    import torch
+
+    from itmatch.config import load_config
+    from itmatch.data.raw import prepare_inputs
+    from itmatch.eval.evaluate import embed_split
+    from itmatch.eval.phrase_pictures import model_phrase_pictures
+    from itmatch.models import build_model
+
+    source = f"shapes-phrases:{tmp_path / 'shapes'}?n_images=40&seed=2"
+    store = prepare_inputs(source, cache_dir=tmp_path / "cache", raw_images=False, image_encoder="pixels",
+                           text_encoder="hashing", splits=["test"])
+    torch.manual_seed(0)
+    model = build_model(*store.dims, load_config(None, [f"data.source={source}"]).model)
+    written = model_phrase_pictures(model, store, "test", tmp_path / "pictures", n_queries=5, k=3,
+                                    embeddings=embed_split(model, store.split("test")))
+    facts, _ = pb.open_page(written["queries.html"], tmp_path / "phrases.png", tmp_path / "profile",
+                            log=tmp_path / "chromium.log")
+    html = written["queries.html"].read_text()
+    assert html.count('<section class="query phrase"') == 5 and len(facts["images"]) == 5
+    for im in facts["images"]:
+        assert im["complete"] and max(im["naturalWidth"], im["naturalHeight"]) == 320 and im["width"] > 0, im
+    pb.screenshot_is_drawn(tmp_path / "phrases.png")

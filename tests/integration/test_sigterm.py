@@ -1,7 +1,7 @@
 """SIGTERM to the driver (`ray job stop`, `kill`, a batch scheduler) mid-epoch: the MLflow run ends
 KILLED (not RUNNING forever) and the in-process Ray cluster the driver started goes down with it
-(no dashboard or agents left behind). Both for a Ray Train worker group (2 workers) and for one
-worker training inside the job's Ray task."""
+(no dashboard or agents left behind). For a Ray Train worker group (2 workers), for one worker
+training inside the job's Ray task, and for one worker training in the driver (no Ray at all)."""
 
 from __future__ import annotations
 
@@ -16,13 +16,14 @@ from ray_cli import ROOT
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
 
 
-@pytest.mark.parametrize("workers", [2, 1])
-def test_sigterm_ends_the_run_killed_and_takes_its_ray_down(tmp_path, workers):
+@pytest.mark.parametrize("workers, group", [(2, "auto"), (1, "task"), (1, "auto")])
+def test_sigterm_ends_the_run_killed_and_takes_its_ray_down(tmp_path, workers, group):
     holds = tmp_path / "holds"
     args = ["--config", str(ROOT / "configs" / "debug.yaml"), f"data.source=synthetic:{tmp_path / 'shapes'}?n_images=120",
             f"data.cache_dir={tmp_path / 'cache'}", f"run.storage_path={tmp_path / 'runs'}", "run.name=term",
             f"tracking.tracking_uri=sqlite:///{tmp_path / 'ml.db'}", f"tracking.artifact_location={tmp_path / 'art'}",
-            "tracking.registered_model=", "train.epochs=3", f"scaling.num_workers={workers}", "run.max_failures=0"]
+            "tracking.registered_model=", "train.epochs=3", f"scaling.num_workers={workers}", "run.max_failures=0",
+            f"scaling.worker_group={group}"]
     driver = Driver(args, tmp_path, "term", env_extra=hold_env(holds, 2, 1), timeout=300)
     try:
         held(holds, 2, 1, ranks=workers, driver=driver)  # mid-epoch 2: the workers wait at a known step
@@ -35,7 +36,8 @@ def test_sigterm_ends_the_run_killed_and_takes_its_ray_down(tmp_path, workers):
         if driver.alive():
             driver.kill()
     assert code != 0, driver.tail()  # (Ray's worker-side exit handling reports 1, not 143)
-    assert started  # it had started its own Ray (raylet, GCS, dashboard, workers)
+    # it had started its own Ray (raylet, GCS, dashboard, workers), except one worker in the driver
+    assert bool(started) is not (workers == 1 and group == "auto")
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'ml.db'}")

@@ -5,6 +5,7 @@ that was never interrupted (checked against a plain Trainer loop with no checkpo
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,7 +92,8 @@ def test_prune_keeps_the_newest_by_number_and_leaves_other_folders(tmp_path):
                                                           "checkpoint_x"]
 
 
-@pytest.mark.parametrize("overrides, ok", [([], True), (["scaling.num_workers=2"], False),
+@pytest.mark.parametrize("overrides, ok", [([], True), (["scaling.worker_group=task"], True),
+                                           (["scaling.num_workers=2"], False),
                                            (["scaling.strategy=deepspeed"], False),
                                            (["scaling.worker_group=always"], False)])
 def test_only_one_ddp_worker_trains_in_process(overrides, ok, store, tmp_path):
@@ -100,7 +102,7 @@ def test_only_one_ddp_worker_trains_in_process(overrides, ok, store, tmp_path):
     # what its Ray actor or task holds: the worker's CPUs when it trains there, else nothing
     assert in_process.held_resources(cfg, 1.5) == ({"CPU": 1.5, "GPU": 0} if ok else None)
     if not ok:
-        with pytest.raises(ValueError, match="num_workers=1, scaling.strategy=ddp and scaling.worker_group=auto"):
+        with pytest.raises(ValueError, match="num_workers=1, scaling.strategy=ddp and scaling.worker_group=auto or task"):
             in_process.fit_in_process(cfg, store, None, tmp_path, 1, lambda m, p: None)
 
 
@@ -154,3 +156,54 @@ def test_the_private_clusters_dashboard_follows_its_worker_groups(overrides, wor
             wants_dashboard(cfg, worker_groups)
     else:
         assert wants_dashboard(cfg, worker_groups) is wanted
+
+
+@pytest.mark.parametrize("overrides, env, here", [
+    ([], {}, True),  # one worker, nothing else needs Ray: the driver trains it, Ray is not started
+    (["scaling.worker_group=task"], {}, False),  # asked for a Ray task
+    (["scaling.worker_group=always"], {}, False),
+    (["scaling.num_workers=2"], {}, False),
+    (["run.ray_address=auto"], {}, False),  # attached to a cluster: Ray places the task there
+    ([], {"RAY_ADDRESS": "http://127.0.0.1:8265"}, False),  # under `ray job submit`
+    (["data.loader=ray"], {}, False),  # Ray Data prepares the batches
+    (["data.featurize=ray"], {}, False),
+])
+def test_a_one_worker_job_trains_in_its_driver_only_where_ray_would_serve_nothing_else(overrides, env, here,
+                                                                                       monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert in_process.in_driver(load_config(None, [*BASE, *overrides])) is here
+
+
+@pytest.mark.parametrize("max_failures, fails, attempts", [(1, 1, 2), (0, 1, 1), (2, 5, 3), (-1, 3, 4)])
+def test_a_job_in_its_driver_retries_failed_attempts_up_to_max_failures(max_failures, fails, attempts, monkeypatch):
+    """run_job_here's retry loop: a failed attempt runs again (run_job resumes it from the newest
+    checkpoint), until run.max_failures failures (-1: without end); then the error propagates."""
+    from trainers import job
+
+    calls = []
+
+    def attempt(cfg, store, forward):
+        calls.append(forward)
+        if len(calls) <= fails:
+            raise RuntimeError(f"attempt {len(calls)} failed")
+        return {"attempts": len(calls)}
+
+    monkeypatch.setattr(job, "run_job", attempt)
+    cfg = load_config(None, [*BASE, f"run.max_failures={max_failures}"])
+    if attempts > fails:
+        assert job.run_job_here(cfg, None) == {"attempts": attempts}
+    else:
+        with pytest.raises(RuntimeError, match=f"attempt {attempts} failed"):
+            job.run_job_here(cfg, None)
+    assert len(calls) == attempts and all(f is in_process.no_reports for f in calls)
+
+
+def test_without_ray_a_worker_gets_this_machines_cpus(monkeypatch):
+    from trainers import job
+
+    monkeypatch.delitem(sys.modules, "ray", raising=False)  # Ray never imported, so not started
+    monkeypatch.setattr(job, "local_cpus", lambda: 6)
+    assert job.cpus_per_worker(load_config(None, BASE)) == 6.0
+    assert job.cpus_per_worker(load_config(None, [*BASE, "scaling.cpus_per_worker=1.5"])) == 1.5
