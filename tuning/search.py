@@ -255,7 +255,8 @@ def _finish(cfg: Config, store: FeatureStore, rows: list[dict], reruns: list[dic
     elif best and parent:  # the choice is logged as a model (and registered) once
         from trainers.job import promote
 
-        model = ensemble_model(cfg, choice, search_dir, parent) if cfg.search.ensemble else choice["model"]
+        model = ensemble_model(cfg, choice, candidates, search_dir, parent) if cfg.search.ensemble else \
+            choice["model"]
         model = _logged(model, parent, store)
         if cfg.tracking.registered_model:
             best["registry"] = promote({**parent, "run_id": model["run_id"]}, cfg, store, model["model_uri"],
@@ -279,12 +280,14 @@ def _logged(model: dict, parent: dict, store: FeatureStore) -> dict:
     return model
 
 
-def ensemble_model(cfg: Config, choice: dict, search_dir: Path, parent: dict) -> dict[str, Any]:
-    """The chosen configuration's seed runs as one ensemble model (trainers.ensemble), evaluated and
-    logged as a child of the search's run; recorded in the choice as its model. One seed: that seed."""
+def ensemble_model(cfg: Config, choice: dict, candidates: list[dict], search_dir: Path,
+                   parent: dict) -> dict[str, Any]:
+    """The seed runs of the best `search.ensemble_top` configurations (the chosen one alone by
+    default) as one ensemble model (trainers.ensemble), evaluated and logged as a child of the
+    search's run; recorded in the choice as its model. One run: that run."""
     from trainers.ensemble import build, evaluate_and_log
 
-    runs = [s for s in choice["seeds"] if s.get("checkpoint")]
+    runs = select.ensemble_members(candidates, cfg.search.ensemble_top)
     if len(runs) < 2:
         return choice["model"]
     members = [s["checkpoint"] for s in runs]
@@ -294,10 +297,12 @@ def ensemble_model(cfg: Config, choice: dict, search_dir: Path, parent: dict) ->
                              [f"run.storage_path={search_dir}", *where, "tracking.registered_model="])
     summary = evaluate_and_log(ens_cfg, folders, members, tags={"mlflow.parentRunId": parent["run_id"]})
     metric = cfg.train.metric
-    choice["model"] = {"seed": [s["seed"] for s in runs], "val": summary[f"val_{metric}"],
-                       "test": summary["test"].get(metric), "run_id": summary.get("run_id"),
-                       "model_uri": summary.get("model_uri"), "checkpoint": summary["best_checkpoint"]}
-    log.info("ensemble of seeds %s: val %s %.2f (best seed alone %.2f)", choice["model"]["seed"], metric,
+    one = len({s["trial_id"] for s in runs}) == 1  # the chosen configuration's seeds: named by seed
+    choice["model"] = {"seed": [s["seed"] if one else f"{s['trial_id']}:{s['seed']}" for s in runs],
+                       "val": summary[f"val_{metric}"], "test": summary["test"].get(metric),
+                       "run_id": summary.get("run_id"), "model_uri": summary.get("model_uri"),
+                       "checkpoint": summary["best_checkpoint"]}
+    log.info("ensemble of %d runs %s: val %s %.2f (best run alone %.2f)", len(runs), choice["model"]["seed"], metric,
              choice["model"]["val"], max(s["val"] for s in runs))
     return choice["model"]
 

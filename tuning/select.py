@@ -54,5 +54,16 @@ def select(rows: list[dict], reruns: list[dict], metric: str, top: int,
     Best mean wins; ties: the smaller spread (a single score counts as none), then the first trial id."""
     pool = top_trials(rows, metric, top or len(rows))
     cands = [candidate(r, scores(r, reruns, metric, seed_of[r["trial_id"]])) for r in pool]
-    ordered = sorted(cands, key=lambda c: (-c["val_mean"], c["val_std"] or 0.0, c["trial_id"]))
+    ordered = ranked(cands)
     return (ordered[0] if ordered else None), cands
+
+
+def ranked(cands: list[dict]) -> list[dict]:
+    """Candidates best first: mean validation score, then the smaller spread, then the trial id."""
+    return sorted(cands, key=lambda c: (-c["val_mean"], c["val_std"] or 0.0, c["trial_id"]))
+
+
+def ensemble_members(cands: list[dict], top: int) -> list[dict]:
+    """The seed runs (with a checkpoint) of the `top` best candidates, best configuration first:
+    what `search.ensemble` averages (`search.ensemble_top`)."""
+    return [{**s, "trial_id": c["trial_id"]} for c in ranked(cands)[:top] for s in c["seeds"] if s.get("checkpoint")]

@@ -142,8 +142,9 @@ def test_a_search_registers_its_choices_seeds_as_one_ensemble(members):
     parent = {**info, "run_id": MlflowClient(uri).create_run(info["experiment_id"], run_name="s9").info.run_id}
     seeds = [{"seed": k, "val": 1.0 + k, "test": 0.0, "run_id": None, "model_uri": None,
               "checkpoint": str(r / "best_model")} for k, r in enumerate(runs)]
-    choice = {"seeds": seeds, "model": seeds[1]}
-    model = ensemble_model(cfg, choice, tmp / "search", parent)
+    choice = {"trial_id": "t1", "seeds": seeds, "model": seeds[1], "val_mean": 1.5, "val_std": 0.7}
+    other = {"trial_id": "t2", "seeds": seeds[:1], "model": seeds[0], "val_mean": 1.0, "val_std": None}
+    model = ensemble_model(cfg, choice, [other, choice], tmp / "search", parent)
     assert model["seed"] == [0, 1] and choice["model"] is model
     ens, _ = load_model(model["checkpoint"])
     assert isinstance(ens, Ensemble)
@@ -151,5 +152,9 @@ def test_a_search_registers_its_choices_seeds_as_one_ensemble(members):
     run = MlflowClient(uri).get_run(model["run_id"])
     assert run.data.tags["mlflow.parentRunId"] == parent["run_id"] and run.info.status == "FINISHED"
     assert model["model_uri"].startswith("models:/")
-    single = {"seeds": seeds[:1], "model": seeds[0]}  # one seed: nothing to ensemble
-    assert ensemble_model(cfg, single, tmp / "search", parent) is seeds[0]
+    single = {"trial_id": "t1", "seeds": seeds[:1], "model": seeds[0], "val_mean": 1.0, "val_std": None}
+    assert ensemble_model(cfg, single, [single], tmp / "search", parent) is seeds[0]  # one seed: nothing to ensemble
+    # search.ensemble_top=2: the two best configurations' runs, named by trial and seed
+    two = load_config(None, {**cfg.flat(), "search.rerun_top": 2, "search.ensemble_top": 2})
+    model = ensemble_model(two, single, [other, single], tmp / "search", parent)
+    assert model["seed"] == ["t1:0", "t2:0"]

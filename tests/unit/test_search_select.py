@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tuning import rerun
-from tuning.select import select, spread, top_trials
+from tuning.select import ensemble_members, select, spread, top_trials
 
 METRIC = "rsum"
 
@@ -112,3 +112,18 @@ def test_finished_reruns_are_read_back_not_run_again(tmp_path):
     assert [(r["run"], r["status"], r["summary"]["val_rsum"]) for r in records] == [
         ("a-seed1", "finished", 380.0), ("a-seed2", "finished", 381.0)]
     assert not ray.is_initialized()  # no Ray task was needed
+
+
+def test_ensemble_members_are_the_seed_runs_of_the_best_configurations_best_first():
+    """search.ensemble_top: the runs of the top configurations by mean validation score (ties: the
+    smaller spread, then the trial id), runs without a checkpoint left out."""
+    rows = [_trial("a", 400.0), _trial("b", 396.0), _trial("c", 392.0), _trial("d", 391.0)]
+    reruns = [_rerun("a", 1, 380.0), _rerun("b", 1, 394.0), _rerun("c", 1, 398.0), _rerun("d", 1, None)]
+    # means: a 390, b 395, c 395 (c's spread 4.24 > b's 1.41), d 391 (one run: its rerun failed)
+    _, cands = select(rows, reruns, METRIC, 4, SEEDS)
+    got = [(m["trial_id"], m["seed"]) for m in ensemble_members(cands, 3)]
+    assert got == [("b", 0), ("b", 1), ("c", 0), ("c", 1), ("d", 0)]
+    assert [(m["trial_id"], m["seed"]) for m in ensemble_members(cands, 1)] == [("b", 0), ("b", 1)]
+    cands[0]["seeds"][1]["checkpoint"] = None  # a run whose folder is gone: not a member
+    assert ("a", 1) not in [(m["trial_id"], m["seed"]) for m in ensemble_members(cands, 4)]
+    assert len(ensemble_members(cands, 4)) == 6
