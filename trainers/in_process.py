@@ -1,4 +1,5 @@
-"""One worker without a Ray Train worker group: a job that trains in the calling process.
+"""One worker without a Ray Train worker group: a job that trains in the calling process (a
+standalone job's driver, its Ray task, a Tune trial's process).
 
 A one-worker Tune trial (or seed re-run) is already a Ray actor that Tune placed with the resources
 its worker needs. Starting a Ray Train controller, its helper actors and a worker process inside it
@@ -152,5 +153,5 @@ def prune(folder: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["LocalCheckpoint", "LocalResult", "can_run", "in_driver", "fit_in_process", "held_resources", "newest_checkpoint", "no_reports", "prune",
-           "reporter", "write_checkpoint"]
+__all__ = ["LocalCheckpoint", "LocalResult", "can_run", "in_driver", "fit_in_process", "held_resources",
+           "newest_checkpoint", "no_reports", "prune", "reporter", "write_checkpoint"]

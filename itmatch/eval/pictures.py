@@ -402,5 +402,5 @@ def model_pictures(model: torch.nn.Module, store: Any, split_name: str, folder: 
                           n_queries=n_queries, k=k, max_images=max_images, seed=seed, title=title)
 
 
-__all__ = ["EmbeddingMap", "Query", "draw_files", "embedding_map", "guarded_loader", "map_points", "model_pictures", "project_2d", "query_examples",
-           "query_page", "split_image_loader", "thumbnail_uri", "write_pictures"]
+__all__ = ["EmbeddingMap", "Query", "draw_files", "embedding_map", "guarded_loader", "map_points", "model_pictures",
+           "project_2d", "query_examples", "query_page", "split_image_loader", "thumbnail_uri", "write_pictures"]
