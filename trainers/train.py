@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 
-# OpenMP's wait policy: see `omp_wait_policy`. This process keeps libgomp's default: where it trains
+# libgomp's spin-waiting makes CPU workers that share cores 7-9x slower: every Ray process gets
+# OMP_WAIT_POLICY=PASSIVE from `init_ray`'s runtime environment. Not this process: where it trains
 # one worker itself on all the cores (trainers.job.run_job_here), spinning threads are faster
 # (Flickr8k-1k features, 2 cores: 0.62 s a training epoch against 0.80 s with PASSIVE).
 # Ray Train's controller takes one worker report per poll (default every 2 s): no epoch could be
@@ -79,8 +80,7 @@ def init_ray(cfg: Config, worker_groups: Optional[bool] = None) -> None:
     if ray.is_initialized():
         return
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    env.update({"OMP_WAIT_POLICY": policy} if (policy := omp_wait_policy(cfg)) else {})
+    env = {"OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     if cfg.scaling.strategy == "deepspeed":  # read when deepspeed is first imported in a worker
         env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
     for name in ("ITMATCH_FAIL_AT_EPOCH", "ITMATCH_HOLD_AT", "ITMATCH_HOLD_DIR", "ITMATCH_HOLD_TIMEOUT_S"):
@@ -91,17 +91,6 @@ def init_ray(cfg: Config, worker_groups: Optional[bool] = None) -> None:
     else:  # a private in-process cluster on this machine; gloo over loopback
         env["GLOO_SOCKET_IFNAME"] = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
         ray.init(address="local", runtime_env={"env_vars": env}, include_dashboard=wants_dashboard(cfg, worker_groups))
-
-
-def omp_wait_policy(cfg: Config) -> Optional[str]:
-    """OMP_WAIT_POLICY for Ray's processes: PASSIVE where threads may outnumber the cores, i.e.
-    Ray Data actors that reserve no CPU (data.loader=ray, data.loader_cpus=0) prepare batches on the
-    training workers' cores: there spin-waiting OpenMP threads made workers 7-9x slower. Otherwise
-    None (libgomp's default, spin then sleep): each worker runs as many threads as the CPUs Ray
-    gave it, and spinning is ~20 % faster an epoch on 2 cores. An environment's own setting wins."""
-    if os.environ.get("OMP_WAIT_POLICY"):
-        return os.environ["OMP_WAIT_POLICY"]
-    return "PASSIVE" if cfg.data.loader == "ray" and not cfg.data.loader_cpus else None
 
 
 def wants_dashboard(cfg: Config, worker_groups: Optional[bool] = None) -> bool:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (see trainers/train.py)
 # Ray Train's controller takes one worker report per poll (default every 2 s), so no epoch is shorter
 # than the poll: a trial (16-24 short epochs) would spend most of its time waiting. The local cluster
 # this driver starts passes its environment to every Ray process, the controllers included.

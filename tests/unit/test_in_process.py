@@ -207,19 +207,3 @@ def test_without_ray_a_worker_gets_this_machines_cpus(monkeypatch):
     monkeypatch.setattr(job, "local_cpus", lambda: 6)
     assert job.cpus_per_worker(load_config(None, BASE)) == 6.0
     assert job.cpus_per_worker(load_config(None, [*BASE, "scaling.cpus_per_worker=1.5"])) == 1.5
-
-
-@pytest.mark.parametrize("overrides, env, wanted", [
-    ([], None, None),  # every worker runs as many threads as CPUs it holds: libgomp's default
-    (["scaling.num_workers=2"], None, None),
-    (["data.loader=ray"], None, "PASSIVE"),  # Ray Data actors on the workers' cores: threads > cores
-    (["data.loader=ray", "data.loader_cpus=1"], None, None),  # the actors hold CPUs of their own
-    ([], "ACTIVE", "ACTIVE"),  # the user's environment decides
-])
-def test_ray_processes_wait_passively_only_where_threads_may_outnumber_cores(overrides, env, wanted, monkeypatch):
-    from trainers.train import omp_wait_policy
-
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    if env:
-        monkeypatch.setenv("OMP_WAIT_POLICY", env)
-    assert omp_wait_policy(load_config(None, [*BASE, *overrides])) == wanted
