@@ -28,7 +28,6 @@ a phrase's positive "image" is its ground-truth region. What differs is batch co
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from dataclasses import dataclass
@@ -45,7 +44,8 @@ from itmatch.data.phrase_batch import phrase_batch
 from itmatch.data.readers import Corpus, column_to_numpy, features_column
 from itmatch.data.sources import DataError, Source, parse_source
 from itmatch.data.store import (FeatureSplit, FeatureStore, _atomic_write_table, _cache_key, _check_finite, _digest,
-                                _drop_bad_images, atomic_write_text, check_encoder_names)
+                                _drop_bad_images, atomic_write_text, check_encoder_names, decode_images,
+                                image_bytes)
 from itmatch.phrases.entities import PhraseCorpus, boxes_column, boxes_of, read_entities
 
 SCHEMA_VERSION = 1
@@ -215,8 +215,7 @@ def _write_raw_split(corpus: PhraseCorpus, split: str, root: Path) -> dict[str, 
     part = corpus.split(split)
     pictures = part.images.select(["image_id", "path"]).sort_by("image_id")
     _drop_bad_images(pictures, part.phrases, "fail", f"{corpus.name}: split {split!r}")
-    payload = pa.array([Path(p).read_bytes() for p in pictures.column("path").to_pylist()], type=pa.binary())
-    _atomic_write_table(pa.table({"image_id": pictures.column("image_id"), "image": payload}),
+    _atomic_write_table(pa.table({"image_id": pictures.column("image_id"), "image": image_bytes(pictures)}),
                         root / f"{split}_pictures.parquet")
     rows = image_id, gid, _, boxes = region_rows(part)
     _write_tables(part, split, root, rows, None, None)
@@ -363,16 +362,12 @@ class RawPhraseSplit(PhraseSplit):
 
     def images_at(self, rows: np.ndarray) -> list[Any]:
         """The crops of these region rows; each picture they lie in decoded once."""
-        from PIL import Image
-
-        pictures: dict[int, Any] = {}
+        rows = np.asarray(rows, np.int64)
+        wanted = np.unique(self.region_picture[rows]).tolist()
+        pictures = dict(zip(wanted, decode_images((self.picture_bytes[p].as_py() for p in wanted), "image")))
         out = []
-        for r in np.asarray(rows, np.int64):
-            p = int(self.region_picture[r])
-            if p not in pictures:
-                with Image.open(io.BytesIO(self.picture_bytes[p].as_py())) as opened:
-                    pictures[p] = opened.convert("RGB")
-            image = pictures[p]
+        for r in rows:
+            image = pictures[int(self.region_picture[r])]
             out.append(image.crop(pixel_box(self.region_box[r], *image.size)))
         return out
 

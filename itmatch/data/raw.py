@@ -26,7 +26,7 @@ from itmatch.data.phrase_store import PhraseStore, prepare_phrases
 from itmatch.data.readers import Corpus, read_source
 from itmatch.data.sources import PHRASE_SCHEMES, DataError, parse_source
 from itmatch.data.store import (BAD_IMAGE_POLICIES, FeatureStore, SplitRows, _atomic_write_table, _cache_key,
-                                _drop_bad_images, atomic_write_text, split_tables)
+                                _drop_bad_images, atomic_write_text, image_bytes, split_tables)
 
 SCHEMA_VERSION = 1
 KIND = "raw"
@@ -64,15 +64,9 @@ class RawStore(FeatureStore):
                         texts=caps.column("text").to_pylist())
 
 
-def _image_bytes(images: pa.Table) -> pa.Array:
-    if "image" in images.column_names:
-        return images.column("image")
-    return pa.array([Path(p).read_bytes() for p in images.column("path").to_pylist()], type=pa.binary())
-
-
 def _write_split(corpus: Corpus, split: str, root: Path, bad_images: str) -> dict:
     images, caps, skipped = _drop_bad_images(*split_tables(corpus, split), bad_images, f"{corpus.name}: split {split!r}")
-    payload = _image_bytes(images)
+    payload = image_bytes(images)
     _atomic_write_table(pa.table({"image_id": images.column("image_id"), "image": payload}),
                         root / f"{split}_images.parquet")
     _atomic_write_table(pa.table({"caption_id": caps.column("caption_id"), "image_id": caps.column("image_id"),

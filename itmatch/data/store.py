@@ -197,6 +197,13 @@ def _drop_bad_images(images: pa.Table, caps: pa.Table, policy: str, where: str) 
     return images, caps, len(bad)
 
 
+def image_bytes(images: pa.Table) -> pa.Array:
+    """The encoded bytes of an image table's images: its `image` column, else its files read."""
+    if "image" in images.column_names:
+        return images.column("image")
+    return pa.array([Path(p).read_bytes() for p in images.column("path").to_pylist()], type=pa.binary())
+
+
 def decode_images(values: Iterable, column: str) -> Iterator:
     """RGB PIL images from encoded bytes or paths; a bad one is a DataError naming it."""
     from PIL import Image  # lazy: only pixel sources need it

@@ -19,7 +19,6 @@ seed, same page, same map.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 from dataclasses import dataclass, replace
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from itmatch.eval.pictures import (_CSS, MAP_FILE, PAGE_FILE, EmbeddingMap, _Page, draw_files, embedding_map,
-                                    guarded_loader)
+                                    guarded_loader, open_rgb)
 from itmatch.phrases.boxes import HIT_IOU, box_iou
 from itmatch.phrases.metrics import _numpy
 
@@ -91,17 +90,6 @@ def phrase_queries(scores: Any, split: Any, *, n_queries: int = 12, k: int = 3, 
 # ---------------------------------------------------------------------------- drawing boxes
 
 
-def _open(picture: Any) -> PILImage:
-    from PIL import Image
-
-    if picture is None:
-        raise ValueError("no picture")
-    if isinstance(picture, Image.Image):
-        return picture.convert("RGB")
-    with Image.open(io.BytesIO(picture) if isinstance(picture, (bytes, bytearray)) else picture) as opened:
-        return opened.convert("RGB")
-
-
 def _pixels(box: Sequence[float], scale: float, width: int, height: int) -> list[int]:
     """A 0-based exclusive box scaled, as the inclusive pixel corners PIL's rectangle draws."""
     x1 = min(max(math.floor(box[0] * scale), 0), width - 1)
@@ -126,7 +114,9 @@ def draw_boxes(picture: Any, truth: Sequence[float], boxes: Sequence[Sequence[fl
     box in TRUTH_COLOUR on top (a proposal equal to it still shows its tag). Boxes in source pixels."""
     from PIL import Image, ImageDraw
 
-    image = _open(picture)
+    if picture is None:
+        raise ValueError("no picture")
+    image = open_rgb(picture)
     scale = size / max(image.size)
     image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                          Image.Resampling.LANCZOS)

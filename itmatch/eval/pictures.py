@@ -188,17 +188,21 @@ def query_examples(img: Any, txt: Any, txt_img: Any, *, n_queries: int = 12, k: 
             _ranked("i2t", images, i2t, own, k))
 
 
-def thumbnail_uri(value: Any, size: int = 160) -> Optional[str]:
-    """A JPEG data URI of an image (PIL image, encoded bytes or a file path) fitted in size x size."""
+def open_rgb(value: Any) -> Any:
+    """An RGB PIL image from a PIL image, encoded bytes or a file path (a copy: safe to draw on)."""
     from PIL import Image
 
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    with Image.open(io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value) as opened:
+        return opened.convert("RGB")
+
+
+def thumbnail_uri(value: Any, size: int = 160) -> Optional[str]:
+    """A JPEG data URI of an image (PIL image, encoded bytes or a file path) fitted in size x size."""
     if value is None:
         return None
-    if isinstance(value, Image.Image):
-        image = value.convert("RGB")
-    else:
-        with Image.open(io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value) as opened:
-            image = opened.convert("RGB")
+    image = open_rgb(value)
     image.thumbnail((size, size))
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=85)
@@ -402,5 +406,5 @@ def model_pictures(model: torch.nn.Module, store: Any, split_name: str, folder: 
                           n_queries=n_queries, k=k, max_images=max_images, seed=seed, title=title)
 
 
-__all__ = ["EmbeddingMap", "Query", "draw_files", "embedding_map", "guarded_loader", "map_points", "model_pictures",
+__all__ = ["EmbeddingMap", "Query", "draw_files", "embedding_map", "guarded_loader", "map_points", "model_pictures", "open_rgb",
            "project_2d", "query_examples", "query_page", "split_image_loader", "thumbnail_uri", "write_pictures"]
