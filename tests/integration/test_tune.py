@@ -30,9 +30,10 @@ def _paths(tmp: Path) -> list[str]:
 
 def _readme_args(tmp: Path, space: Path) -> list[str]:
     # The README's command with the debug preset: relative --config, default --scheduler (asha).
-    # Rungs every epoch before the last (grace 1) and keep the better half (factor 2): 4 trials.
+    # Rungs every epoch before the last (grace 1) and keep the better half (factor 2): 2 trials, the
+    # good one first (one at a time), so the bad one reaches rung 1 below the cut and is stopped.
     # Robust selection: the best trial re-run with one more seed (flag and key forms both work).
-    return ["--config", "configs/debug.yaml", "--space", str(space), "--num-samples", "2", "--name", "s1",
+    return ["--config", "configs/debug.yaml", "--space", str(space), "--num-samples", "1", "--name", "s1",
             "--rerun-top", "1", "search.rerun_seeds=1",
             "search.grace_period=1", "search.reduction_factor=2", *_paths(tmp)]
 
@@ -41,7 +42,7 @@ def _readme_args(tmp: Path, space: Path) -> list[str]:
 def search(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tune")
     space = tmp / "space.yaml"
-    space.write_text(f"optim.lr: {{grid: [{GOOD_LR}, {BAD_LR}]}}\n")  # x2 samples: good, bad, good, bad
+    space.write_text(f"optim.lr: {{grid: [{GOOD_LR}, {BAD_LR}]}}\n")  # good, then bad
     done = run_module("tuning.search", _readme_args(tmp, space), ROOT, timeout=700)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return tmp, done
@@ -60,10 +61,10 @@ def _mlflow_runs(db: Path, parent_name: str):
 def test_asha_stops_the_weak_trials_and_the_rest_finish(search):
     tmp, done = search
     trials = json.loads((tmp / "runs" / "s1" / "search.json").read_text())["trials"]
-    assert len(trials) == 4
+    assert len(trials) == 2
     stopped = [t for t in trials if t["status"] == "stopped"]
     finished = [t for t in trials if t["status"] == "finished"]
-    assert stopped and len(stopped) + len(finished) == 4, [(t["params"], t["status"]) for t in trials]
+    assert len(stopped) == len(finished) == 1, [(t["params"], t["status"]) for t in trials]
     assert all(t["params"]["optim.lr"] == BAD_LR and t["epochs"] == 1 and not t["summary"] for t in stopped)
     assert all(t["params"]["optim.lr"] == GOOD_LR for t in finished)  # the first trial is never stopped
     assert all(t["epochs"] == 2 and t["summary"]["test"]["rsum"] >= 0 for t in finished)
@@ -146,7 +147,7 @@ def test_rerun_restores_the_finished_search_without_rerunning_or_registering(sea
     assert "resuming the search" in again.stdout + again.stderr  # Tuner.restore, no new trials
     assert {p: p.stat().st_mtime_ns for p in summaries} == before  # no finished trial ran again
     result = json.loads((tmp / "runs" / "s1" / "search.json").read_text())
-    assert len(result["trials"]) == 4
+    assert len(result["trials"]) == 2
     client = MlflowClient(f"sqlite:///{tmp / 'ml.db'}")
     assert len(client.search_model_versions("name='itm-tune'")) == 1
 
@@ -203,7 +204,8 @@ def test_search_runs_as_a_ray_job_with_optuna_and_queued_concurrent_trials(job_s
 def test_one_worker_trials_train_in_their_own_process_as_the_job_would(tmp_path):
     """search.trial_workers=1: each trial trains inside its Tune process (no Ray Train worker group);
     ASHA still stops the weak trial (its MLflow run KILLED), and the finished trial's weights are
-    those of the same one-worker `trainers.train` job through Ray Train."""
+    those of the same one-worker `trainers.train` job (trained in its driver, which
+    test_one_worker_job holds equal to the job through Ray Train)."""
     import torch
 
     space = tmp_path / "space.yaml"
@@ -220,7 +222,7 @@ def test_one_worker_trials_train_in_their_own_process_as_the_job_would(tmp_path)
     folder = tmp_path / "runs" / "so" / "trials" / trials[GOOD_LR]["trial_id"]
     assert sorted(p.name for p in folder.glob("checkpoint_*")) == ["checkpoint_000001", "checkpoint_000002"]
     job = run_module("trainers.train", ["--config", "configs/debug.yaml", "scaling.num_workers=1",
-                                        "scaling.worker_group=always", f"optim.lr={GOOD_LR}", "run.name=job", "tracking.enabled=false",
+                                        f"optim.lr={GOOD_LR}", "run.name=job", "tracking.enabled=false",
                                         *_paths(tmp_path)], ROOT, timeout=300)
     assert job.returncode == 0, job.stderr[-4000:]
     trial = torch.load(folder / "best_model" / "state.pt", weights_only=False)["model"]
@@ -278,11 +280,14 @@ def test_killed_optuna_search_restores_without_rerunning_finished_trials(tmp_pat
 def test_pbt_exploits_the_better_trials_checkpoint_with_its_own_params(tmp_path):
     """--scheduler pbt: the trial with a learning rate that cannot learn is cloned from the good one's
     checkpoint (a new generation of its run folder, `run.start_from`) and goes on from that epoch
-    with a mutated learning rate, not from scratch and not with the donor's."""
+    with a mutated learning rate, not from scratch and not with the donor's. The trials train in
+    their own processes (search.trial_workers=1), two at once: every exploit restarts a trial, which
+    would otherwise start a Ray Train worker group each time."""
     space = tmp_path / "space.yaml"
     space.write_text(f"optim.lr: {{grid: [{GOOD_LR}, {BAD_LR}]}}\n")
     args = ["--config", "configs/debug.yaml", "--space", str(space), "--num-samples", "1", "--name", "sp",
             "--scheduler", "pbt", "--max-concurrent", "2", "search.perturbation_interval=1", "train.epochs=4",
+            "search.trial_workers=1",
             "search.seed=0", *_paths(tmp_path), "tracking.registered_model="]
     done = run_module("tuning.search", args, ROOT, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
