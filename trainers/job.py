@@ -119,8 +119,20 @@ def run_job_in_task(cfg: Config, store: FeatureStore) -> dict[str, Any]:
         raise exc.as_instanceof_cause() from None
     except BaseException:
         ray.cancel(ref)  # KeyboardInterrupt in the task: run_job ends the MLflow run KILLED
-        ray.wait([ref], timeout=30)
+        done, _ = ray.wait([ref], timeout=30)
+        if not done and cfg.tracking.enabled:  # the task could not end it in time: the driver does
+            _end_if_running(cfg)
         raise
+
+
+def _end_if_running(cfg: Config) -> None:
+    try:
+        from trainers.tracking import end_if_running
+
+        if end_if_running(cfg, str(run_dir(cfg)), "KILLED"):
+            log.warning("the training task did not stop in 30 s; its MLflow run was ended KILLED by the driver")
+    except Exception as exc:  # noqa: BLE001 - the driver is exiting on a signal: say it, do not mask it
+        log.warning("could not end the MLflow run: %s: %s", type(exc).__name__, exc)
 
 
 def run_job_here(cfg: Config, store: FeatureStore) -> dict[str, Any]:
@@ -202,12 +214,14 @@ def fit(cfg: Config, store: FeatureStore, tracking: Optional[dict], callbacks: O
 
 def finalize(cfg: Config, store: FeatureStore, result, tracking: Optional[dict]) -> dict[str, Any]:
     """Evaluate the best weights on the test split; log, register and maybe promote them."""
-    from trainers.results import best_checkpoint_folder, evaluate_folder
+    from trainers.results import best_checkpoint_folder, evaluate_folder, load_and_embed
 
     best = best_checkpoint_folder(result, run_dir(cfg) / "best_model")
     plots = run_dir(cfg) / "plots"
-    test = evaluate_folder(best, store.split(cfg.data.test_split), cfg, plots_dir=plots)
-    pictures = _pictures(cfg, store, best)
+    split = store.split(cfg.data.test_split)
+    loaded = load_and_embed(best, split)
+    test = evaluate_folder(best, split, cfg, plots_dir=plots, loaded=loaded)
+    pictures = _pictures(cfg, store, *loaded)
     val_score = test.pop("_val_score")
     summary: dict[str, Any] = {"best_checkpoint": str(best), "best_epoch": test.pop("_best_epoch"),
                                f"val_{cfg.train.metric}": val_score, "test": test}
@@ -248,10 +262,18 @@ def _score_on_val(model, store: FeatureStore, cfg: Config) -> Optional[float]:
     from itmatch.eval.evaluate import evaluate_split
 
     if tuple(getattr(model, "dims", ())) != tuple(store.dims):
-        log.warning("champion takes features of width %s, this data has %s: it cannot be compared, keeping it",
-                    getattr(model, "dims", None), store.dims)
+        log.warning("the champion takes %s, this run's data is %s: it cannot be scored on this validation split, "
+                    "so it keeps the alias", _inputs(getattr(model, "dims", None)), _inputs(store.dims))
         return float("inf")
     return evaluate_split(model, store.split(cfg.data.val_split), chunk=cfg.train.eval_chunk)[cfg.train.metric]
+
+
+def _inputs(dims) -> str:
+    """What a model takes or a store holds, in words: raw pictures and text (a raw store's (0, 0))
+    or precomputed features of given widths."""
+    if dims is None or not tuple(dims):
+        return "inputs of unknown widths"
+    return "raw pictures and text" if not any(dims) else f"precomputed features of widths {tuple(dims)}"
 
 
 def pictures_of(model, cfg: Config, store: FeatureStore, split: str, folder: Path, title: str,
@@ -274,17 +296,15 @@ def _fmt(metrics: dict[str, float]) -> str:
     return format_metrics(metrics)
 
 
-def _pictures(cfg: Config, store: FeatureStore, best: Path) -> dict[str, Path]:
-    """eval.pictures: the test split's embedding map and example queries in run_dir/pictures (the
-    model embeds the split once more; phrase localization: example phrases with their top boxes
-    drawn on the picture); a failure to draw warns, never fails the run."""
+def _pictures(cfg: Config, store: FeatureStore, model, embeddings) -> dict[str, Path]:
+    """eval.pictures: the test split's embedding map and example queries in run_dir/pictures, from
+    the best model and its test embeddings (phrase localization: example phrases with their top
+    boxes drawn on the picture); a failure to draw warns, never fails the run."""
     if not cfg.eval.pictures:
         return {}
     try:
-        from itmatch.state import load_model
-
-        return pictures_of(load_model(best)[0], cfg, store, cfg.data.test_split, run_dir(cfg) / "pictures",
-                           f"{cfg.run.name}: example queries on {cfg.data.test_split}")
+        return pictures_of(model, cfg, store, cfg.data.test_split, run_dir(cfg) / "pictures",
+                           f"{cfg.run.name}: example queries on {cfg.data.test_split}", embeddings=embeddings)
     except Exception as exc:  # noqa: BLE001 - a picture is never worth a failed run
         log.warning("pictures not drawn: %s: %s", type(exc).__name__, exc)
         return {}

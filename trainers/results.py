@@ -40,12 +40,13 @@ def best_checkpoint_folder(result, dest: Path) -> Path:
 
 
 def evaluate_folder(folder: Path, split: FeatureSplit, cfg: Config, plots_dir: Optional[Path] = None,
-                    split_name: Optional[str] = None) -> dict[str, Any]:
+                    split_name: Optional[str] = None,
+                    loaded: Optional[tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]] = None) -> dict[str, Any]:
     """Test metrics of a checkpoint; with `plots_dir`, also its plots and the overlap indicator;
     with eval.region_phrase_model, also 001 Eq. 8's eq8_* metrics on `split_name` (default
-    data.test_split: what `split` is)."""
-    model, _ = load_model(folder)
-    img, txt = embed_split(model, split)  # once, for the metrics, Eq. 8 and the plots
+    data.test_split: what `split` is). `loaded`: the checkpoint's model and its embeddings of
+    `split` where the caller has them (`load_and_embed`), so they are not computed twice."""
+    model, (img, txt) = loaded if loaded is not None else load_and_embed(folder, split)
     metrics: dict[str, Any] = evaluate_embeddings(model, img, txt, split, chunk=cfg.train.eval_chunk)
     if cfg.eval.region_phrase_model and not isinstance(split, PhraseSplit):
         metrics.update(_eq8_or_warn(model, img, txt, split, cfg, split_name or cfg.data.test_split))
@@ -63,6 +64,14 @@ def evaluate_folder(folder: Path, split: FeatureSplit, cfg: Config, plots_dir: O
     metrics["_val_score"] = state.best_metric
     metrics["_best_epoch"] = state.best_epoch
     return metrics
+
+
+def load_and_embed(folder: Path, split: FeatureSplit) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """A checkpoint's model and its (image, caption) embeddings of `split` -- computed once for the
+    metrics, Eq. 8, the plots and the pictures (with towers, embedding a test split is most of
+    what a run's end costs)."""
+    model, _ = load_model(folder)
+    return model, embed_split(model, split)
 
 
 def _eq8_or_warn(model: nn.Module, img: torch.Tensor, txt: torch.Tensor, split: SplitRows, cfg: Config,

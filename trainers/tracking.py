@@ -228,3 +228,17 @@ def load_champion(tracking: dict[str, Any], cfg: Config):
 
 def end_run(tracking: dict[str, Any], status: str = "FINISHED") -> None:
     MlflowClient(tracking["tracking_uri"]).set_terminated(tracking["run_id"], status=status)
+
+
+def end_if_running(cfg: Config, run_key: str, status: str) -> Optional[str]:
+    """End the run of `run_key` (its run folder) with `status` if it is still RUNNING: for a driver
+    whose training process was told to stop but could not end its own run in time (a cancelled Ray
+    task on a busy machine); returns the run id it ended."""
+    info = setup(cfg.tracking)
+    client = MlflowClient(info["tracking_uri"])
+    found = client.search_runs([info["experiment_id"]], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+                               max_results=1, order_by=["attributes.start_time DESC"])
+    if not found or found[0].info.status != "RUNNING":
+        return None
+    client.set_terminated(found[0].info.run_id, status=status)
+    return found[0].info.run_id

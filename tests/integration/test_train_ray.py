@@ -1,4 +1,5 @@
-"""The real path: CLI -> Ray Train (2 gloo workers) -> checkpoint -> crash -> resume -> MLflow registry.
+"""The real path: CLI -> Ray Train (2 gloo workers, DDP and DeepSpeed) -> checkpoint -> crash ->
+damaged checkpoint -> resume -> MLflow registry.
 
 Each command runs as a subprocess under a hard timeout (a failed Ray worker start can retry forever).
 """
@@ -38,31 +39,25 @@ def _latest_state(run: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """straight; crashy: crashes after epoch 2, then its newest checkpoint is truncated (a write cut
-    short by the crash), and the same command must fall back to epoch 1's and replay epoch 2 exactly."""
+    """straight: DDP. crashy: the same job under DeepSpeed ZeRO-2, crashed after epoch 2, then its
+    newest checkpoint truncated (a write cut short by the crash); the same command must fall back
+    to epoch 1's checkpoint (its weights and its optimizer shards) and replay epoch 2. One run
+    covers the backend switch, the crash and the damaged checkpoint: each run costs ~45 s here, and
+    exact DDP resumes are held by test_multinode and tests/distributed."""
     tmp = tmp_path_factory.mktemp("itm")
     straight = _run(_common(tmp, "straight"), tmp)
     assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr[-5000:]
-    crashed = _run(_common(tmp, "crashy"), tmp, {"ITMATCH_FAIL_AT_EPOCH": "2"})
+    args = [*_common(tmp, "crashy"), "scaling.strategy=deepspeed", "scaling.zero_stage=2"]
+    crashed = _run(args, tmp, {"ITMATCH_FAIL_AT_EPOCH": "2"})
     checkpoints = sorted(p for p in (tmp / "runs" / "crashy").glob("checkpoint_*") if p.is_dir())
     assert len(checkpoints) == 2, checkpoints
     state = checkpoints[-1] / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
-    resumed = _run(_common(tmp, "crashy"), tmp)
+    resumed = _run(args, tmp)
     return tmp, straight, crashed, resumed, checkpoints
 
 
-@pytest.fixture(scope="module")
-def deepspeed_runs(runs):
-    """The same job under DeepSpeed ZeRO-2 (no registry): crash after epoch 2, same command again."""
-    tmp = runs[0]
-    args = [*_common(tmp, "ds"), "scaling.strategy=deepspeed", "scaling.zero_stage=2", "tracking.registered_model="]
-    crashed = _run(args, tmp, {"ITMATCH_FAIL_AT_EPOCH": "2"})
-    resumed = _run(args, tmp)
-    return tmp, crashed, resumed
-
-
-def test_crash_then_truncated_checkpoint_then_same_command_resumes_exactly(runs):
+def test_deepspeed_crash_then_truncated_checkpoint_then_same_command_resumes_to_ddps_weights(runs):
     tmp, straight, crashed, resumed, checkpoints = runs
     assert crashed.returncode != 0 and "injected failure after epoch 2" in crashed.stdout + crashed.stderr
     output = resumed.stdout + resumed.stderr
@@ -70,29 +65,19 @@ def test_crash_then_truncated_checkpoint_then_same_command_resumes_exactly(runs)
     # the damaged file is named, and the run goes on from the intact checkpoint before it
     assert f"checkpoint {checkpoints[-1]} is unusable" in output and f"resuming from {checkpoints[0]}" in output
     assert str(checkpoints[-1] / "state.pt") in output and "resumed at epoch 1" in output
+    latest = sorted(p for p in (tmp / "runs" / "crashy").glob("checkpoint_*") if p.is_dir())[-1]
+    shards = {p.name for p in (latest / "deepspeed" / "state").iterdir()}
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= shards
     a, b = _latest_state(tmp / "runs" / "straight"), _latest_state(tmp / "runs" / "crashy")
+    assert b["deepspeed"]["zero_stage"] == 2
     assert a["train_state"]["epoch"] == b["train_state"]["epoch"] == 3
     assert a["train_state"]["step"] == b["train_state"]["step"]
-    for key, value in a["model"].items():
-        torch.testing.assert_close(b["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for key, value in a["model"].items():  # backend switch, crash, damaged file and resume change nothing
+        torch.testing.assert_close(b["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
     # The best score survives the crash: it is the max over all three epochs' validation scores.
     history = b["train_state"]["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert b["train_state"]["best_metric"] == pytest.approx(max(h["val_rsum"] for h in history))
-
-
-def test_deepspeed_through_ray_resumes_and_matches_ddp(deepspeed_runs):
-    tmp, crashed, resumed = deepspeed_runs
-    assert crashed.returncode != 0 and "injected failure after epoch 2" in crashed.stdout + crashed.stderr
-    assert resumed.returncode == 0, resumed.stderr[-5000:]
-    assert "resumed at epoch 2" in resumed.stdout + resumed.stderr
-    checkpoints = sorted(p for p in (tmp / "runs" / "ds").glob("checkpoint_*") if p.is_dir())
-    shards = {p.name for p in (checkpoints[-1] / "deepspeed" / "state").iterdir()}
-    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= shards
-    ddp, ds = _latest_state(tmp / "runs" / "straight"), _latest_state(tmp / "runs" / "ds")
-    assert ds["train_state"]["epoch"] == 3 and ds["deepspeed"]["zero_stage"] == 2
-    for key, value in ddp["model"].items():  # backend switch, crash and resume change nothing
-        torch.testing.assert_close(ds["model"][key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
 def test_mlflow_run_registry_and_pyfunc(runs):

@@ -69,6 +69,30 @@ def test_augmentation_replays_from_its_seed_and_evaluation_is_deterministic(stor
     assert torch.equal(a.texts["input_ids"], make_batch(split, captions, *prep).texts["input_ids"])  # words: no augmentation
 
 
+def test_ray_data_steps_equal_the_local_batches(store):
+    """What a Ray Data actor (data.loader=ray) prepares for a planned step -- the augmented images,
+    MiniLM's token ids, the group ids -- serialised and decoded, is the in-process loader's batch
+    for the same (seed, epoch, rank, step): a run resumed under either loader replays the same steps."""
+    from trainers.input_pipeline import _decode, _PrepareSteps
+
+    model = build_model(0, 0, _cfg().model)
+    prepare = (model.image_tower.prepare, model.text_tower.prepare)
+    steps = _PrepareSteps(str(store.root), "train", prepare, seed=3, epoch=2, rank=1)
+    plan = [np.array([0, 1, 2, 7]), np.array([10, 11, 30])]
+    out = steps({"step": np.array([0, 4]), "captions": np.array(plan, dtype=object)})
+    assert list(out["step"]) == [0, 4]
+    split = store.split("train")
+    for step, captions, payload in zip((0, 4), plan, out["payload"]):
+        got = _decode(payload)
+        want = make_batch(split, captions, *prepare, train=True, rng=np.random.default_rng([3, 2, 1, step]))
+        for field in ("images", "image_gid", "text_gid", "image_cls", "text_cls"):
+            torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=0, atol=0, msg=field)
+        assert got.texts.keys() == want.texts.keys()
+        for key in want.texts:
+            assert torch.equal(got.texts[key], want.texts[key]), key
+        assert got.boxes is None and got.images.dtype == torch.uint8
+
+
 def test_towers_get_their_lr_factor_and_stage_one_freezes_them():
     cfg = _cfg("optim.lr=1e-3", "optim.tower_lr_factor=0.1", "model.tower_frozen_epochs=1", "optim.scheduler=constant")
     model = build_model(0, 0, cfg.model)

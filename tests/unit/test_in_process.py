@@ -207,3 +207,25 @@ def test_without_ray_a_worker_gets_this_machines_cpus(monkeypatch):
     monkeypatch.setattr(job, "local_cpus", lambda: 6)
     assert job.cpus_per_worker(load_config(None, BASE)) == 6.0
     assert job.cpus_per_worker(load_config(None, [*BASE, "scaling.cpus_per_worker=1.5"])) == 1.5
+
+
+def test_a_driver_ends_a_run_its_stopped_task_left_running_and_nothing_else(tmp_path):
+    """trainers.job.run_job_in_task, told to stop, cancels its task; where the task cannot end its
+    MLflow run in time, the driver finds the run by its folder and ends it KILLED -- only that run,
+    and only while it is RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    from trainers.tracking import RUN_KEY_TAG, end_if_running, setup
+
+    cfg = load_config(None, [f"tracking.tracking_uri=sqlite:///{tmp_path / 'ml.db'}",
+                             f"tracking.artifact_location={tmp_path / 'art'}"])
+    info = setup(cfg.tracking)
+    client = MlflowClient(info["tracking_uri"])
+    ours = client.create_run(info["experiment_id"], tags={RUN_KEY_TAG: "/runs/a"}).info.run_id
+    other = client.create_run(info["experiment_id"], tags={RUN_KEY_TAG: "/runs/b"}).info.run_id
+    assert end_if_running(cfg, "/runs/a", "KILLED") == ours
+    assert client.get_run(ours).info.status == "KILLED" and client.get_run(other).info.status == "RUNNING"
+    assert end_if_running(cfg, "/runs/a", "KILLED") is None  # already ended: left as it is
+    client.set_terminated(other, status="FINISHED")
+    assert end_if_running(cfg, "/runs/b", "KILLED") is None and client.get_run(other).info.status == "FINISHED"
+    assert end_if_running(cfg, "/runs/none", "KILLED") is None
