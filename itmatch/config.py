@@ -423,6 +423,12 @@ class EvalConfig(_Section):
     phrase localization: the map of ground-truth regions and phrases, and example phrases with the
     ground truth and the top proposals drawn on their picture (itmatch/eval/phrase_pictures.py).
     A failure to draw them only warns."""
+    plots: bool = True
+    """Write plots/similarity.png, recall.png and training.png (itmatch/eval/plots.py) into the run
+    folder and MLflow. The test metric `overlap` (004 Eq. 10) is computed either way. A search's
+    trials and seed re-runs draw none (their curves are MLflow's own charts; matplotlib and three
+    figures cost ~1-2 s a trial, 10-15 % of a short one): the search draws the chosen run's plots
+    when it logs its model."""
     picture_queries: int = Field(12, ge=1)
     """Caption queries, and as many image queries, on queries.html (phrase localization: phrases)."""
     picture_top_k: int = Field(5, ge=1)

@@ -217,7 +217,7 @@ def finalize(cfg: Config, store: FeatureStore, result, tracking: Optional[dict])
     from trainers.results import best_checkpoint_folder, evaluate_folder, load_and_embed
 
     best = best_checkpoint_folder(result, run_dir(cfg) / "best_model")
-    plots = run_dir(cfg) / "plots"
+    plots = run_dir(cfg) / "plots" if cfg.eval.plots else None
     split = store.split(cfg.data.test_split)
     loaded = load_and_embed(best, split)
     test = evaluate_folder(best, split, cfg, plots_dir=plots, loaded=loaded)
@@ -234,7 +234,8 @@ def finalize(cfg: Config, store: FeatureStore, result, tracking: Optional[dict])
 
         flush_pending(tracking)  # epochs the workers could not send while MLflow was away
         tr.epoch_logger(tracking)(client_metrics, summary["best_epoch"])
-        tr.log_folder(tracking, plots, "plots")
+        if plots is not None:
+            tr.log_folder(tracking, plots, "plots")
         if pictures:
             tr.log_folder(tracking, run_dir(cfg) / "pictures", "pictures")
         summary["run_id"] = tracking["run_id"]

@@ -42,7 +42,7 @@ def best_checkpoint_folder(result, dest: Path) -> Path:
 def evaluate_folder(folder: Path, split: FeatureSplit, cfg: Config, plots_dir: Optional[Path] = None,
                     split_name: Optional[str] = None,
                     loaded: Optional[tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]] = None) -> dict[str, Any]:
-    """Test metrics of a checkpoint; with `plots_dir`, also its plots and the overlap indicator;
+    """Test metrics of a checkpoint with the overlap indicator; with `plots_dir`, also its plots;
     with eval.region_phrase_model, also 001 Eq. 8's eq8_* metrics on `split_name` (default
     data.test_split: what `split` is). `loaded`: the checkpoint's model and its embeddings of
     `split` where the caller has them (`load_and_embed`), so they are not computed twice."""
@@ -61,6 +61,10 @@ def evaluate_folder(folder: Path, split: FeatureSplit, cfg: Config, plots_dir: O
 
         metrics.update(write_plots(img, txt, torch.from_numpy(split.caption_image), state.history, plots_dir,
                                    cfg.train.metric))
+    elif not isinstance(split, PhraseSplit):
+        from itmatch.eval.retrieval import overlap_indicator
+
+        metrics["overlap"] = overlap_indicator(img, txt, torch.from_numpy(split.caption_image))  # what the plot shows
     metrics["_val_score"] = state.best_metric
     metrics["_best_epoch"] = state.best_epoch
     return metrics

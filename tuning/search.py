@@ -57,11 +57,11 @@ FLAGS = {"space": "space", "name": "name", "num_samples": "num_samples", "max_co
 def trial_config(setup: dict, params: dict[str, Any], trial_id: str) -> Config:
     """The trial's config: the driver's resolved tree (absolute paths; no preset is re-read, as the
     trial runs in its own folder), its sampled params, its own run, no registration (the search
-    registers its best trial once) and no pictures (`trainers.evaluate --pictures` draws the chosen
-    model's)."""
+    registers its best trial once), no pictures (`trainers.evaluate --pictures` draws the chosen
+    model's) and no plots (the search draws the chosen run's when it logs its model)."""
     return load_config(None, {**setup["base"], **params, "run.name": trial_id, "eval.pictures": False,
-                              "run.storage_path": setup["trials_dir"], "tracking.registered_model": None,
-                              "tracking.log_model": False})
+                              "eval.plots": False, "run.storage_path": setup["trials_dir"],
+                              "tracking.registered_model": None, "tracking.log_model": False})
 
 
 def run_trial(config: dict, setup: dict) -> None:
@@ -257,7 +257,7 @@ def _finish(cfg: Config, store: FeatureStore, rows: list[dict], reruns: list[dic
 
         model = ensemble_model(cfg, choice, candidates, search_dir, parent) if cfg.search.ensemble else \
             choice["model"]
-        model = _logged(model, parent, store)
+        model = _logged(model, parent, store, cfg)
         if cfg.tracking.registered_model:
             best["registry"] = promote({**parent, "run_id": model["run_id"]}, cfg, store, model["model_uri"],
                                        model["val"])
@@ -269,15 +269,33 @@ def _finish(cfg: Config, store: FeatureStore, rows: list[dict], reruns: list[dic
     print(report.table(rows, metric, best, candidates if reruns else None))
 
 
-def _logged(model: dict, parent: dict, store: FeatureStore) -> dict:
+def _logged(model: dict, parent: dict, store: FeatureStore, cfg: Config) -> dict:
     """The chosen model with an MLflow model to register: trials and re-runs log none (logging costs
-    seconds per trial and only one is ever registered), so it is logged now, into its own run."""
+    seconds per trial and only one is ever registered), so it is logged now, into its own run, with
+    the plots the trials skip (eval.plots)."""
     if model.get("model_uri"):
         return model
     from trainers.tracking import log_model
 
-    model["model_uri"] = log_model({**parent, "run_id": model["run_id"]}, Path(model["checkpoint"]), store).model_uri
+    tracking = {**parent, "run_id": model["run_id"]}
+    if cfg.eval.plots:
+        _plots(tracking, Path(model["checkpoint"]), store, cfg)
+    model["model_uri"] = log_model(tracking, Path(model["checkpoint"]), store).model_uri
     return model
+
+
+def _plots(tracking: dict, best: Path, store: FeatureStore, cfg: Config) -> None:
+    """The chosen run's plots (its test split, its history) beside its checkpoint and in its MLflow
+    run, as its own job would have drawn them; a failure warns (the model is still registered)."""
+    from trainers.results import evaluate_folder
+    from trainers.tracking import log_folder
+
+    folder = best.parent / "plots"
+    try:
+        evaluate_folder(best, store.split(cfg.data.test_split), cfg, plots_dir=folder)
+        log_folder(tracking, folder, "plots")
+    except Exception as exc:  # noqa: BLE001 - plots are never worth the registration
+        log.warning("plots of the chosen run not drawn: %s: %s", type(exc).__name__, exc)
 
 
 def ensemble_model(cfg: Config, choice: dict, candidates: list[dict], search_dir: Path,

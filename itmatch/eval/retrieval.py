@@ -174,10 +174,18 @@ def pair_cosines(img: Tensor, txt: Tensor, txt_img: Tensor, *, max_pairs: int = 
     return pos, _sampled_cosines(img, txt, i[neg_mask], j[neg_mask])
 
 
-def _sampled_cosines(img: Tensor, txt: Tensor, i: Tensor, j: Tensor, *, block_scores: int = 1 << 24) -> Tensor:
-    """(img[i] * txt[j]).sum(1), read off image-block x all-caption score matrices: one matmul per
-    block of images instead of gathering n pairs of d-wide rows (n x d memory traffic: seconds for a
-    1,000-image test split at d = 1024; the matmul is ~100x cheaper). Blocks hold <= block_scores."""
+def _sampled_cosines(img: Tensor, txt: Tensor, i: Tensor, j: Tensor, *, block_scores: int = 1 << 24,
+                     dense_ratio: int = 256) -> Tensor:
+    """(img[i] * txt[j]).sum(1), read off image-block x all-caption score matrices, one matmul per
+    block (blocks hold <= block_scores): gathering two d-wide rows per pair reads n x d x 8 bytes
+    (16 GB for 2M pairs at d = 1024), which the matmul beats even where it computes every score of
+    a 5,000 x 25,000 split to use 2M of them (bench/run_end.py: 5.8 s against 32 s for chunked
+    gathers). Only where the pairs are very few among all (> dense_ratio x n in all, about where
+    the two cost the same here) are they gathered, in chunks."""
+    if len(img) * len(txt) > dense_ratio * max(1, len(i)):
+        step = max(1, block_scores // max(1, img.shape[1]))
+        return torch.cat([(img[i[k:k + step]] * txt[j[k:k + step]]).sum(dim=1) for k in range(0, len(i), step)]) \
+            if len(i) else img.new_zeros(0)
     out = torch.empty(len(i), dtype=torch.result_type(img, txt))
     rows = max(1, block_scores // max(1, len(txt)))
     for start in range(0, len(img), rows):

@@ -104,6 +104,11 @@ def test_every_mlflow_run_ends_in_its_trials_status_and_the_best_is_registered(s
     assert float(champion.tags["val_score"]) == pytest.approx(max(scores[best], rerun["val_rsum"]))
     assert champion.run_id == (rerun["run_id"] if rerun["val_rsum"] > scores[best] else
                                by_trial[best].info.run_id)
+    # trials and re-runs draw no plots (eval.plots); the search drew the chosen run's as it logged its model
+    assert {a.path for a in client.list_artifacts(champion.run_id, "plots")} == \
+        {"plots/similarity.png", "plots/recall.png", "plots/training.png"}
+    assert not any(client.list_artifacts(r.info.run_id, "plots") for r in children if r.info.run_id != champion.run_id)
+    assert all("test_overlap" in r.data.metrics for r in children if r.info.status == "FINISHED")
     # the table and the plot of val score against each searched param, in the folder and the parent run
     assert (tmp / "runs" / "s1" / "plots" / "val_rsum_vs_optim.lr.png").stat().st_size > 0
     logged = {a.path for a in client.list_artifacts(parent.info.run_id)}

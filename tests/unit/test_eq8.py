@@ -264,3 +264,22 @@ def test_trials_and_ray_jobs_get_absolute_eq8_paths(tmp_path, monkeypatch):
     assert cfg.eval.region_phrase_data == f"shapes-phrases:{tmp_path / 'data' / 'sp'}?n_images=40"
     uri = absolute_paths(load_config(None, ["eval.region_phrase_model=models:/phrases@champion"]))
     assert uri.eval.region_phrase_model == "models:/phrases@champion"
+
+
+def test_the_overlap_metric_is_the_same_with_and_without_the_plots(tmp, sentence_source, sentence_store):
+    """eval.plots=false (a search's trials) draws nothing and still reports `overlap`, the very
+    value the similarity plot shows; with a plots folder the plots are written (no training curve
+    for an untrained checkpoint: it has no history)."""
+    import torch
+
+    from itmatch.eval.retrieval import overlap_indicator
+    from itmatch.state import load_model
+    from trainers.results import evaluate_folder
+
+    folder, cfg = _folder(tmp, "overlap", "embedding", sentence_source, tuple(sentence_store.dims))
+    split = sentence_store.split("test")
+    bare = evaluate_folder(folder, split, cfg)
+    drawn = evaluate_folder(folder, split, cfg, plots_dir=tmp / "plots-overlap")
+    img, txt = embed_split(load_model(folder)[0], split)
+    assert bare["overlap"] == drawn["overlap"] == overlap_indicator(img, txt, torch.from_numpy(split.caption_image))
+    assert sorted(p.name for p in (tmp / "plots-overlap").iterdir()) == ["recall.png", "similarity.png"]

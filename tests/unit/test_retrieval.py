@@ -182,17 +182,19 @@ def test_overlap_indicator_orders_separation():
     assert same > 0.7  # random captions: positive and negative cosines share one distribution
 
 
-@pytest.mark.parametrize("block_scores", [1, 70, 1 << 24])
-def test_sampled_negative_cosines_are_those_pairs_dot_products(block_scores):
-    """The block-matmul read-off equals a per-pair loop, in the sample's order, with blocks of one
-    image, of a few images (70 scores: 2 images of 35 captions) and of everything."""
+@pytest.mark.parametrize("block_scores, dense_ratio", [(1, 16), (70, 16), (1 << 24, 16), (16, 1), (1 << 24, 1)])
+def test_sampled_negative_cosines_are_those_pairs_dot_products(block_scores, dense_ratio):
+    """Both ways (the block-matmul read-off for a dense sample, chunked gathers for a sparse one:
+    dense_ratio=1 makes 50 pairs of 245 sparse) equal a per-pair loop, in the sample's order, with
+    blocks of one image, of a few images (70 scores: 2 images of 35 captions) and of everything, or
+    gathers of one and of every pair at a time."""
     from itmatch.eval.retrieval import _sampled_cosines, pair_cosines
 
     img, txt, txt_img = _data(7, 5, seed=8)
     img, txt = img.float(), txt.float()
     g = torch.Generator().manual_seed(3)
     i, j = torch.randint(7, (50,), generator=g), torch.randint(35, (50,), generator=g)
-    got = _sampled_cosines(img, txt, i, j, block_scores=block_scores)
+    got = _sampled_cosines(img, txt, i, j, block_scores=block_scores, dense_ratio=dense_ratio)
     want = torch.tensor([float(torch.dot(img[a], txt[b])) for a, b in zip(i.tolist(), j.tolist())])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     pos, neg = pair_cosines(img, txt, txt_img, max_pairs=100, seed=1)
