@@ -3,13 +3,14 @@
 1. the overlap indicator's negative pairs (itmatch.eval.retrieval.pair_cosines, drawn for
    similarity.png and the `overlap` metric): up to 2M sampled (image, caption) pairs, their cosines
    read off one image-block x all-caption matmul per block (this tree), against gathering both rows
-   of every pair and summing their product (the code before commit 836778b, copied below as
-   `gathered`); synthetic unit embeddings at test-split sizes (Flickr30K/COCO 1K, COCO 5K);
+   of every pair and summing their product (the function at commit 67e577e, `--before`, read with
+   `git show`); synthetic unit embeddings at test-split sizes (Flickr30K/COCO 1K, COCO 5K);
 2. embedding the test split with encoder towers (EfficientNet-lite0 + MiniLM, model.image_size=224,
    untrained heads) on the Flickr8k-1k test split: a run's end used to do it twice (once for the
    metrics and plots, once more for the pictures); it now does it once (trainers.results.load_and_embed).
 
     .venv/bin/python bench/run_end.py [--dims 128 1024] [--repeats 3] [--budget-gb 6] [--skip-towers]
+        [--before 67e577e]
 
 The old way holds 3 x pairs x d floats at once (24 GB for 2M pairs at d = 1024: a 1,000-image test
 split with 1024-d embeddings did not fit a 16 GB machine); it is run only where that fits --budget-gb.
@@ -37,17 +38,13 @@ from itmatch.eval.retrieval import pair_cosines  # noqa: E402
 DATA = ROOT.parent / "shared" / "data" / "flickr8k-1k"
 
 
-def gathered(img: torch.Tensor, txt: torch.Tensor, txt_img: torch.Tensor, *, max_pairs: int = 2_000_000,
-             seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """pair_cosines as it was: gather the two rows of every sampled pair, multiply, sum."""
-    txt_img = txt_img.long()
-    pos = (img[txt_img] * txt).sum(dim=1)
-    g = torch.Generator().manual_seed(seed)
-    n = min(max_pairs, len(img) * len(txt))
-    i = torch.randint(len(img), (n,), generator=g)
-    j = torch.randint(len(txt), (n,), generator=g)
-    neg_mask = txt_img[j] != i
-    return pos, (img[i[neg_mask]] * txt[j[neg_mask]]).sum(dim=1)
+def gathered_at(rev: str) -> Callable:
+    """pair_cosines as it was at `rev` (bench/retrieval_speed._module_at: read with `git show`):
+    gather the two rows of every sampled pair, multiply, sum."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from retrieval_speed import _module_at
+
+    return _module_at(rev).pair_cosines
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:
@@ -69,10 +66,10 @@ def peak_bytes(fn: Callable[[], object]) -> int:
     return mem.peak
 
 
-def overlap_rows(dims: list[int], repeats: int, budget_gb: float) -> list[str]:
+def overlap_rows(dims: list[int], repeats: int, budget_gb: float, before: str) -> list[str]:
     """Both ways where the old one fits in budget_gb (it holds 3 x pairs x d floats: the gathered
     rows and their product); above that only this tree's, with the old one's need computed."""
-    rows = []
+    rows, gathered = [], gathered_at(before)
     for dim in dims:
         for n_img in (1000, 5000):
             g = torch.Generator().manual_seed(0)
@@ -129,11 +126,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget-gb", type=float, default=6.0, help="run the old way only below this")
     parser.add_argument("--skip-towers", action="store_true")
+    parser.add_argument("--before", default="67e577e", help="the git revision whose pair_cosines gathered rows")
     opts = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| what | before, s (peak) | now, s | ratio | now, peak | max abs difference |")
     print("|---|---|---|---|---|---|")
-    for row in overlap_rows(opts.dims, opts.repeats, opts.budget_gb):
+    for row in overlap_rows(opts.dims, opts.repeats, opts.budget_gb, opts.before):
         print(row, flush=True)
     if not opts.skip_towers and DATA.is_dir():
         for row in tower_rows(min(opts.repeats, 2)):
