@@ -12,14 +12,13 @@
     .venv/bin/python bench/run_end.py [--dims 128 1024] [--repeats 3] [--budget-gb 6] [--skip-towers]
         [--before 67e577e]
 
-The old way holds 3 x pairs x d floats at once (24 GB for 2M pairs at d = 1024: a 1,000-image test
+The old way holds 3 x pairs x d floats at once (23 GB for 2M pairs at d = 1024: a 1,000-image test
 split with 1024-d embeddings did not fit a 16 GB machine); it is run only where that fits --budget-gb.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -100,11 +99,8 @@ def tower_rows(repeats: int) -> list[str]:
     from itmatch.eval.evaluate import embed_split
     from itmatch.models import build_model
 
-    torch.set_num_threads(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as folder:
-        data = json.loads((DATA / "dataset_flickr8k_1k.json").read_text())
-        (Path(folder) / "data.json").write_text(json.dumps(data))
-        store = prepare_raw(f"karpathy:{Path(folder) / 'data.json'}:{DATA / 'images'}", cache_dir=Path(folder) / "c",
+        store = prepare_raw(f"karpathy:{DATA / 'dataset_flickr8k_1k.json'}:{DATA / 'images'}", cache_dir=folder,
                             splits=["test"])
         cfg = load_config(None, ["model.image_tower=efficientnet_lite0", "model.text_tower=minilm",
                                  "model.image_size=224"])

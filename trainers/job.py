@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("itmatch.job")
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
+STOP_WAIT_S = 30  # how long a stopped driver waits for its cancelled training task to end its MLflow run
 
 
 def run_dir(cfg: Config) -> Path:
@@ -119,7 +120,7 @@ def run_job_in_task(cfg: Config, store: FeatureStore) -> dict[str, Any]:
         raise exc.as_instanceof_cause() from None
     except BaseException:
         ray.cancel(ref)  # KeyboardInterrupt in the task: run_job ends the MLflow run KILLED
-        done, _ = ray.wait([ref], timeout=30)
+        done, _ = ray.wait([ref], timeout=STOP_WAIT_S)
         if not done and cfg.tracking.enabled:  # the task could not end it in time: the driver does
             _end_if_running(cfg)
         raise
@@ -130,7 +131,8 @@ def _end_if_running(cfg: Config) -> None:
         from trainers.tracking import end_if_running
 
         if end_if_running(cfg, str(run_dir(cfg)), "KILLED"):
-            log.warning("the training task did not stop in 30 s; its MLflow run was ended KILLED by the driver")
+            log.warning("the training task did not stop in %d s; its MLflow run was ended KILLED by the driver",
+                        STOP_WAIT_S)
     except Exception as exc:  # noqa: BLE001 - the driver is exiting on a signal: say it, do not mask it
         log.warning("could not end the MLflow run: %s: %s", type(exc).__name__, exc)
 

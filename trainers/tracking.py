@@ -53,10 +53,9 @@ def start_run(cfg: Config, run_key: str, store: FeatureStore, tags: Optional[dic
     the UI (default run.name)."""
     info = setup(cfg.tracking)
     client = MlflowClient(info["tracking_uri"])
-    found = client.search_runs([info["experiment_id"]], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
-                               max_results=1, order_by=["attributes.start_time DESC"])
+    found = _run_of(client, info, run_key)
     if found:
-        run_id = found[0].info.run_id
+        run_id = found.info.run_id
         client.update_run(run_id, status="RUNNING")
         log.info("MLflow: resuming run %s", run_id)
     else:
@@ -65,6 +64,13 @@ def start_run(cfg: Config, run_key: str, store: FeatureStore, tags: Optional[dic
         _log_inputs(client, run_id, cfg, store)
         log.info("MLflow: run %s in experiment %s (%s)", run_id, cfg.tracking.experiment, info["tracking_uri"])
     return {**info, "run_id": run_id}
+
+
+def _run_of(client: MlflowClient, info: dict[str, Any], run_key: str):
+    """The newest MLflow run of `run_key` (a run folder) in the experiment, or None."""
+    found = client.search_runs([info["experiment_id"]], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
+                               max_results=1, order_by=["attributes.start_time DESC"])
+    return found[0] if found else None
 
 
 def _log_inputs(client: MlflowClient, run_id: str, cfg: Config, store: FeatureStore) -> None:
@@ -236,9 +242,8 @@ def end_if_running(cfg: Config, run_key: str, status: str) -> Optional[str]:
     task on a busy machine); returns the run id it ended."""
     info = setup(cfg.tracking)
     client = MlflowClient(info["tracking_uri"])
-    found = client.search_runs([info["experiment_id"]], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
-                               max_results=1, order_by=["attributes.start_time DESC"])
-    if not found or found[0].info.status != "RUNNING":
+    found = _run_of(client, info, run_key)
+    if found is None or found.info.status != "RUNNING":
         return None
-    client.set_terminated(found[0].info.run_id, status=status)
-    return found[0].info.run_id
+    client.set_terminated(found.info.run_id, status=status)
+    return found.info.run_id
