@@ -4,9 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
-# Test files two at a time: a Ray test leaves about half of a 2-core machine idle (measured 53 %
-# busy) while its cluster starts and polls. A file's tests stay together (--dist loadscope), so a
-# module's fixture runs once. TEST_WORKERS=0 runs them one after another.
+# Two pytest workers: the integration tests one after another on one, the other test files on the
+# other (tests/conftest.py says why). TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
 
 .PHONY: train test eval clean

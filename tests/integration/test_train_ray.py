@@ -50,7 +50,7 @@ def runs(tmp_path_factory):
     args = [*_common(tmp, "crashy"), "scaling.strategy=deepspeed", "scaling.zero_stage=2"]
     crashed = _run(args, tmp, {"ITMATCH_FAIL_AT_EPOCH": "2"})
     checkpoints = sorted(p for p in (tmp / "runs" / "crashy").glob("checkpoint_*") if p.is_dir())
-    assert len(checkpoints) == 2, checkpoints
+    assert len(checkpoints) == 2, (checkpoints, crashed.stdout[-3000:] + crashed.stderr[-5000:])
     state = checkpoints[-1] / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     resumed = _run(args, tmp)

@@ -315,4 +315,6 @@ def test_pbt_exploits_the_better_trials_checkpoint_with_its_own_params(tmp_path)
         # went on from the donor's epoch (until the end, or until PBT paused or cloned it again)
         assert epochs == [] or (epochs[0] > 1 and epochs == list(range(epochs[0], epochs[0] + len(epochs))))
     result = json.loads((tmp_path / "runs" / "sp" / "search.json").read_text())
-    assert len(result["trials"]) == 2 and all(t["summary"] and t["epochs"] == 4 for t in result["trials"])
+    assert len(result["trials"]) == 2 and all(t["summary"] and t["epochs"] == 4 for t in result["trials"]), \
+        ([{k: t[k] for k in ("trial_id", "status", "epochs", "best_val", "error")} for t in result["trials"]],
+         exploits, done.stderr[-4000:])
