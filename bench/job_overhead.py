@@ -25,7 +25,7 @@ The bare loop's epoch moves by +-0.1 s from run to run on a shared 2-core VM, as
 goal's margin, so it runs three times -- first, between the jobs and the trials, last -- and the
 ratios are against the median of the three (the table shows their range).
 
-    .venv/bin/python bench/job_overhead.py [--epochs 12] [key=value ...]
+    .venv/bin/python bench/job_overhead.py [--epochs 12] [--one-worker-trials] [key=value ...]
 """
 
 from __future__ import annotations
@@ -170,6 +170,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--one-worker-trials", action="store_true",
+                        help="only the bare loop and the one-worker trials (a few minutes, not ~12)")
     parser.add_argument("overrides", nargs="*")
     opts = parser.parse_args()
     keys = [f"train.epochs={opts.epochs}", *opts.overrides]
@@ -180,10 +182,11 @@ def main() -> None:
         store = prepare(cfg.data.source, cache_dir=tmp / "cache", text_encoder=cfg.data.text_encoder,
                         image_encoder=cfg.data.image_encoder, progress=False)
         bares = [float(np.median(bare_loop(cfg, store)[1:]))]
-        jobs = {what: measure_job(tmp, f"job{k}", [*keys, *extra]) for k, (what, extra) in enumerate(JOBS.items())}
+        jobs = {} if opts.one_worker_trials else \
+            {what: measure_job(tmp, f"job{k}", [*keys, *extra]) for k, (what, extra) in enumerate(JOBS.items())}
         bares.append(float(np.median(bare_loop(cfg, store)[1:])))
         trials = {n: measure_trial(tmp, f"trial{n}", [*keys, f"search.trial_workers={n}"], trials=4 - n)
-                  for n in (2, 1)}
+                  for n in ((1,) if opts.one_worker_trials else (2, 1))}
         bares.append(float(np.median(bare_loop(cfg, store)[1:])))
     steady_bare = float(np.median(bares))
     print(f"| {PRESET}, {' '.join(keys)} | seconds | ratio | goal |")

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import os
 
-# libgomp's spin-waiting makes CPU workers that share cores 7-9x slower: Ray's processes get
-# OMP_WAIT_POLICY=PASSIVE from `init_ray`'s runtime environment unless each trains alone on the CPUs
-# it holds (`omp_wait_policy`). Not this process: where it trains
+# libgomp's spin-waiting makes CPU workers that share cores 7-9x slower: every Ray process gets
+# OMP_WAIT_POLICY=PASSIVE from `init_ray`'s runtime environment. Not this process: where it trains
 # one worker itself on all the cores (trainers.job.run_job_here), spinning threads are faster
 # (Flickr8k-1k features, 2 cores: 0.62 s a training epoch against 0.80 s with PASSIVE).
 # Ray Train's controller takes one worker report per poll (default every 2 s): no epoch could be
@@ -81,7 +80,7 @@ def init_ray(cfg: Config, worker_groups: Optional[bool] = None) -> None:
     if ray.is_initialized():
         return
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-    env = {"OMP_WAIT_POLICY": omp_wait_policy(cfg, worker_groups), "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env = {"OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     if cfg.scaling.strategy == "deepspeed":  # read when deepspeed is first imported in a worker
         env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
     for name in ("ITMATCH_FAIL_AT_EPOCH", "ITMATCH_HOLD_AT", "ITMATCH_HOLD_DIR", "ITMATCH_HOLD_TIMEOUT_S"):
@@ -92,19 +91,6 @@ def init_ray(cfg: Config, worker_groups: Optional[bool] = None) -> None:
     else:  # a private in-process cluster on this machine; gloo over loopback
         env["GLOO_SOCKET_IFNAME"] = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
         ray.init(address="local", runtime_env={"env_vars": env}, include_dashboard=wants_dashboard(cfg, worker_groups))
-
-
-def omp_wait_policy(cfg: Config, worker_groups: Optional[bool] = None) -> str:
-    """OMP_WAIT_POLICY for the job's Ray processes (read once, when a process loads torch).
-    PASSIVE, threads that sleep between parallel regions, wherever processes may share cores: Ray
-    Train worker groups (with their controller and helper actors), Ray Data loaders and featurizers;
-    libgomp's spin-waiting made CPU workers that share cores 7-9x slower. ACTIVE where the only
-    computing processes are one-worker trainers in their own process (a Ray task, a Tune trial, a
-    seed re-run), each running as many threads as the CPUs it holds: there, spinning threads
-    trained a 12-epoch one-worker trial in 11.5 s against 14.5 s sleeping (BENCHMARKS.md)."""
-    groups = not in_process.can_run(cfg) if worker_groups is None else worker_groups
-    shared = groups or cfg.data.loader != "local" or cfg.data.featurize != "local"
-    return "PASSIVE" if shared else "ACTIVE"
 
 
 def wants_dashboard(cfg: Config, worker_groups: Optional[bool] = None) -> bool:

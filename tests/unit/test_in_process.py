@@ -158,28 +158,6 @@ def test_the_private_clusters_dashboard_follows_its_worker_groups(overrides, wor
         assert wants_dashboard(cfg, worker_groups) is wanted
 
 
-@pytest.mark.parametrize("overrides, worker_groups, policy", [
-    ([], None, "ACTIVE"),  # one worker in its own process, on the CPUs it holds: threads spin
-    (["scaling.worker_group=task"], None, "ACTIVE"),
-    (["scaling.num_workers=2"], None, "PASSIVE"),  # a worker group and its actors share the cores
-    (["scaling.worker_group=always"], None, "PASSIVE"),
-    ([], True, "PASSIVE"),  # a search whose hardest trial has a worker group
-    (["data.loader=ray"], None, "PASSIVE"),  # Ray Data actors share the trainer's cores
-    (["data.featurize=ray"], None, "PASSIVE"),
-])
-def test_threads_spin_only_where_no_process_shares_the_trainers_cores(overrides, worker_groups, policy, monkeypatch):
-    import ray
-
-    from trainers.train import init_ray
-
-    seen = {}
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    init_ray(load_config(None, ["scaling.num_workers=1", *overrides]), worker_groups)
-    assert seen["runtime_env"]["env_vars"]["OMP_WAIT_POLICY"] == policy
-
-
 @pytest.mark.parametrize("overrides, env, here", [
     ([], {}, True),  # one worker, nothing else needs Ray: the driver trains it, Ray is not started
     (["scaling.worker_group=task"], {}, False),  # asked for a Ray task
