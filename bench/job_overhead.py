@@ -25,7 +25,7 @@ The bare loop's epoch moves by +-0.1 s from run to run on a shared 2-core VM, as
 goal's margin, so it runs three times -- first, between the jobs and the trials, last -- and the
 ratios are against the median of the three (the table shows their range).
 
-    .venv/bin/python bench/job_overhead.py [--epochs 12] [--one-worker-trials] [key=value ...]
+    .venv/bin/python bench/job_overhead.py [--epochs 12] [--one-worker-trials] [--thread-wait sleep,auto] [key=value ...]
 """
 
 from __future__ import annotations
@@ -171,6 +171,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--one-worker-trials", action="store_true",
                         help="only the bare loop and the one-worker trials (a few minutes, not ~12)")
+    parser.add_argument("--thread-wait", default="auto",
+                        help="scaling.thread_wait for the one-worker trials; comma-separated settings "
+                             "(e.g. sleep,auto,sleep,auto) are measured one after the other")
     parser.add_argument("overrides", nargs="*")
     opts = parser.parse_args()
     keys = [f"train.epochs={opts.epochs}", *opts.overrides]
@@ -184,8 +187,10 @@ def main() -> None:
         jobs = {} if opts.one_worker_trials else \
             {what: measure_job(tmp, f"job{k}", [*keys, *extra]) for k, (what, extra) in enumerate(JOBS.items())}
         bares.append(float(np.median(bare_loop(cfg, store)[1:])))
-        trials = {n: measure_trial(tmp, f"trial{n}", [*keys, f"search.trial_workers={n}"], trials=4 - n)
-                  for n in ((1,) if opts.one_worker_trials else (2, 1))}
+        sets = ([] if opts.one_worker_trials else [(2, "auto")]) + [(1, w) for w in opts.thread_wait.split(",")]
+        trials = {(n, k, wait): measure_trial(tmp, f"trial{n}-{k}", [*keys, f"search.trial_workers={n}",
+                                                                      f"scaling.thread_wait={wait}"], trials=4 - n)
+                  for k, (n, wait) in enumerate(sets)}
         bares.append(float(np.median(bare_loop(cfg, store)[1:])))
     steady_bare = float(np.median(bares))
     print(f"| {PRESET}, {' '.join(keys)} | seconds | ratio | goal |")
@@ -201,9 +206,10 @@ def main() -> None:
         print(f"| {what}, whole command | {job['wall']:.1f} | | |")
         print(f"| {what}, its run (fit, test, log_model) vs its training {job['training']:.1f} s | "
               f"{job['mlflow_run']:.1f} | +{100 * (job['mlflow_run'] / job['training'] - 1):.0f} % | |")
-    for n, runs in trials.items():
+    for (n, _, wait), runs in trials.items():
         for k, trial in enumerate(runs):
-            what = ("trial, 2 workers (Ray Train)" if n > 1 else "trial, 1 worker in its own process") + \
+            what = ("trial, 2 workers (Ray Train)" if n > 1 else
+                    f"trial, 1 worker in its own process (thread_wait={wait})") + \
                 (", the first" if k == 0 else ", the next (its actor reused where in-process)")
             print(f"| {what}, steady epoch | {trial['steady_epoch']:.2f} | "
                   f"{trial['steady_epoch'] / steady_bare:.2f} | <= 1.10 |")

@@ -158,6 +158,36 @@ def test_the_private_clusters_dashboard_follows_its_worker_groups(overrides, wor
         assert wants_dashboard(cfg, worker_groups) is wanted
 
 
+SPIN = {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "300000"}
+SLEEP = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+@pytest.mark.parametrize("overrides, worker_groups, wait", [
+    ([], None, SPIN),  # one worker in its own process, on the CPUs it holds: threads spin briefly
+    (["scaling.worker_group=task"], None, SPIN),
+    (["scaling.num_workers=2"], None, SLEEP),  # a worker group and its actors share the cores
+    (["scaling.worker_group=always"], None, SLEEP),
+    (["scaling.strategy=deepspeed"], None, SLEEP),
+    ([], True, SLEEP),  # a search whose hardest trial has a worker group
+    (["data.loader=ray"], None, SLEEP),  # Ray Data actors share the trainer's cores
+    (["data.featurize=ray"], None, SLEEP),
+    (["scaling.num_workers=2", "scaling.thread_wait=spin"], None, SPIN),  # the user's choice wins
+    (["scaling.thread_wait=sleep"], None, SLEEP),
+])
+def test_threads_spin_only_where_no_process_shares_the_trainers_cores(overrides, worker_groups, wait, monkeypatch):
+    import ray
+
+    from trainers.train import init_ray
+
+    seen = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    init_ray(load_config(None, ["scaling.num_workers=1", *overrides]), worker_groups)
+    env = seen["runtime_env"]["env_vars"]
+    assert {k: env[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in env} == wait
+
+
 @pytest.mark.parametrize("overrides, env, here", [
     ([], {}, True),  # one worker, nothing else needs Ray: the driver trains it, Ray is not started
     (["scaling.worker_group=task"], {}, False),  # asked for a Ray task
