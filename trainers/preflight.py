@@ -38,6 +38,7 @@ RESUMABLE_KEYS = frozenset({
     "run.max_failures", "run.ray_address", "run.ray_log_level", "run.keep_checkpoints", "run.resume",
     "run.checkpoint_every", "run.ray_dashboard",
     "scaling.worker_group",  # one worker either way; both resume from the run folder's checkpoints
+    "scaling.thread_wait",  # how idle CPU threads wait: speed only
     "run.start_from",  # read only by a run without checkpoints of its own
     "scaling.cpus_per_worker", "scaling.check_resources", "train.log_every", "train.eval_chunk",
     "data.cache_dir", "data.featurize", "data.featurize_actors",
