@@ -25,7 +25,7 @@ The bare loop's epoch moves by +-0.1 s from run to run on a shared 2-core VM, as
 goal's margin, so it runs three times -- first, between the jobs and the trials, last -- and the
 ratios are against the median of the three (the table shows their range).
 
-    .venv/bin/python bench/job_overhead.py [--epochs 12] [--one-worker-trials] [--thread-wait sleep,auto] [key=value ...]
+    .venv/bin/python bench/job_overhead.py [--epochs 12] [--one-worker-trials] [--thread-wait sleep,spin] [key=value ...]
 """
 
 from __future__ import annotations
@@ -171,9 +171,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--one-worker-trials", action="store_true",
                         help="only the bare loop and the one-worker trials (a few minutes, not ~12)")
-    parser.add_argument("--thread-wait", default="auto",
+    parser.add_argument("--thread-wait", default="sleep",
                         help="scaling.thread_wait for the one-worker trials; comma-separated settings "
-                             "(e.g. sleep,auto,sleep,auto) are measured one after the other")
+                             "(e.g. sleep,spin,sleep,spin) are measured one after the other")
     parser.add_argument("overrides", nargs="*")
     opts = parser.parse_args()
     keys = [f"train.epochs={opts.epochs}", *opts.overrides]
@@ -187,7 +187,7 @@ def main() -> None:
         jobs = {} if opts.one_worker_trials else \
             {what: measure_job(tmp, f"job{k}", [*keys, *extra]) for k, (what, extra) in enumerate(JOBS.items())}
         bares.append(float(np.median(bare_loop(cfg, store)[1:])))
-        sets = ([] if opts.one_worker_trials else [(2, "auto")]) + [(1, w) for w in opts.thread_wait.split(",")]
+        sets = ([] if opts.one_worker_trials else [(2, "sleep")]) + [(1, w) for w in opts.thread_wait.split(",")]
         trials = {(n, k, wait): measure_trial(tmp, f"trial{n}-{k}", [*keys, f"search.trial_workers={n}",
                                                                       f"scaling.thread_wait={wait}"], trials=4 - n)
                   for k, (n, wait) in enumerate(sets)}

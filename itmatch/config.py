@@ -317,15 +317,14 @@ class ScalingConfig(_Section):
     always. Both keep the checkpoints, resume and retries (run.max_failures) of Ray Train but start no
     controller, helper actors or worker group (~10 s on 2 cores) and wait for no controller poll per
     report. always: a Ray Train worker group even then."""
-    thread_wait: Literal["auto", "sleep", "spin"] = "auto"
+    thread_wait: Literal["sleep", "spin"] = "sleep"
     """How the CPU threads of the job's Ray processes wait between parallel regions (libgomp, read
-    when a process loads torch). sleep: at once (OMP_WAIT_POLICY=PASSIVE); spin: ~3 ms first, then
-    sleep (GOMP_SPINCOUNT=300000, libgomp's own default; still none in a process with more threads
-    than CPUs). auto: spin where the only computing Ray processes are one-worker trainers, each on
-    the CPUs it holds (in-process trials, seed re-runs, a job's Ray task: 12-epoch Flickr8k-1k trials
-    ~15 % faster), sleep wherever Ray Train worker groups, Ray Data loaders or featurizer actors may
-    share cores (spinning made CPU workers that share cores 7-9x slower). The driver process keeps
-    its own setting."""
+    when a process loads torch). sleep: at once (OMP_WAIT_POLICY=PASSIVE; spinning threads made CPU
+    workers that share cores 7-9x slower). spin: ~3 ms first, then sleep (GOMP_SPINCOUNT=300000,
+    libgomp's own default; still none in a process with more threads than CPUs): 12-epoch
+    Flickr8k-1k one-worker trials trained 10-20 % faster on an otherwise idle machine, but a loop
+    beside another multi-threaded process on the same cores ran ~2x slower (BENCHMARKS.md). For
+    nodes where the job's trainers have their CPUs to themselves. The driver keeps its own setting."""
     check_resources: bool = True
     """Refuse before start when the cluster's current CPUs/GPUs cannot place the workers (Ray would
     wait for them forever); false on an autoscaling cluster that adds nodes on demand."""

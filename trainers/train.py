@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 
 # libgomp's spin-waiting makes CPU workers that share cores 7-9x slower: Ray's processes get
-# OMP_WAIT_POLICY=PASSIVE from `init_ray`'s runtime environment unless each trains alone on the CPUs
-# it holds (`thread_wait_env`, scaling.thread_wait). Not this process: where it trains
+# OMP_WAIT_POLICY=PASSIVE from `init_ray`'s runtime environment (`thread_wait_env`; scaling.thread_wait
+# =spin lets them spin briefly). Not this process: where it trains
 # one worker itself on all the cores (trainers.job.run_job_here), spinning threads are faster
 # (Flickr8k-1k features, 2 cores: 0.62 s a training epoch against 0.80 s with PASSIVE).
 # Ray Train's controller takes one worker report per poll (default every 2 s): no epoch could be
@@ -81,7 +81,7 @@ def init_ray(cfg: Config, worker_groups: Optional[bool] = None) -> None:
     if ray.is_initialized():
         return
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
-    env = {**thread_wait_env(cfg, worker_groups),
+    env = {**thread_wait_env(cfg),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     if cfg.scaling.strategy == "deepspeed":  # read when deepspeed is first imported in a worker
         env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
@@ -95,19 +95,16 @@ def init_ray(cfg: Config, worker_groups: Optional[bool] = None) -> None:
         ray.init(address="local", runtime_env={"env_vars": env}, include_dashboard=wants_dashboard(cfg, worker_groups))
 
 
-def thread_wait_env(cfg: Config, worker_groups: Optional[bool] = None) -> dict[str, str]:
-    """libgomp's wait settings for the job's Ray processes (scaling.thread_wait; `worker_groups` as
-    for `wants_dashboard`). OMP_WAIT_POLICY=PASSIVE always, so that a process with more threads than
-    CPUs never spins; `spin` adds GOMP_SPINCOUNT=300000 (which wins over the policy's spin count of
-    0): ~3 ms of spinning before a thread sleeps, libgomp's default. Not ACTIVE, whose ~5 minutes of
-    spinning kept idle pooled Ray workers burning the cores the next seed re-run needed (the ablation
-    took 273 s against 133 s; BENCHMARKS.md)."""
-    mode = cfg.scaling.thread_wait
-    if mode == "auto":
-        groups = not in_process.can_run(cfg) if worker_groups is None else worker_groups
-        shared = groups or cfg.data.loader != "local" or cfg.data.featurize != "local"
-        mode = "sleep" if shared else "spin"
-    return {"OMP_WAIT_POLICY": "PASSIVE", **({"GOMP_SPINCOUNT": "300000"} if mode == "spin" else {})}
+def thread_wait_env(cfg: Config) -> dict[str, str]:
+    """libgomp's wait settings for the job's Ray processes (scaling.thread_wait). OMP_WAIT_POLICY=
+    PASSIVE always, so that a process with more threads than CPUs never spins; `spin` adds
+    GOMP_SPINCOUNT=300000 (which wins over the policy's spin count of 0): ~3 ms of spinning before a
+    thread sleeps, libgomp's default. Not the default, nor chosen by the job's own layout: the other
+    processes on a node are out of its sight (the ablation command's test, its trainers spinning,
+    took 251 s against 133 s beside the unit tests), and not ACTIVE, whose ~5 minutes of spinning
+    kept idle pooled Ray workers burning the cores (BENCHMARKS.md)."""
+    spin = {"GOMP_SPINCOUNT": "300000"} if cfg.scaling.thread_wait == "spin" else {}
+    return {"OMP_WAIT_POLICY": "PASSIVE", **spin}
 
 
 def wants_dashboard(cfg: Config, worker_groups: Optional[bool] = None) -> bool:

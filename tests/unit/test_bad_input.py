@@ -291,5 +291,5 @@ def test_epochs_may_grow_on_resume_only_when_the_schedule_allows(tmp_path, sched
     saved = load_config(overrides=[f"optim.scheduler={scheduler}", "train.epochs=20"])
     new = load_config(overrides=[f"optim.scheduler={scheduler}", f"train.epochs={epochs}",
                                  "tracking.enabled=false", "run.ray_log_level=INFO", "scaling.cpus_per_worker=1",
-                                 "scaling.thread_wait=sleep"])
+                                 "scaling.thread_wait=spin"])
     assert changed_keys(saved, new) == ([("train.epochs", 20, epochs)] if refused else [])
