@@ -70,7 +70,8 @@ def main() -> None:
              *(["--ensemble"] if args.ensemble else []), *args.overrides]
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(args.workdir or folder).resolve()
-        cca, cca_wall = train_run("bench-cca", ["model.name=cca", "model.embed_dim=128", "model.cca_ridge=0.3"], tmp)
+        cca, cca_wall = train_run("bench-cca", ["model.name=cca", "model.embed_dim=128", "model.cca_ridge=0.3",
+                                                *args.overrides], tmp)  # the same data as the search
         result, search_wall, stdout = run_search(tmp, extra)
         best = result["best"]
         choice = best["selection"]
@@ -81,11 +82,12 @@ def main() -> None:
         alone, alone_wall = train_run("bench-alone", alone_overrides, tmp)
         trial_s = run_seconds(tmp / "mlruns.db", best["summary"]["run_id"], trial_dir / "summary.json")
         alone_s = run_seconds(tmp / "mlruns.db", alone["run_id"], tmp / "runs" / "bench-alone" / "summary.json")
-    report(result, stdout, search_wall, cca["test"]["rsum"], cca_wall, choice, alone, alone_wall, trial_s, alone_s)
+    report(result, stdout, search_wall, cca, cca_wall, choice, alone, alone_wall, trial_s, alone_s)
 
 
-def report(result: dict, stdout: str, search_wall: float, cca: float, cca_wall: float, choice: dict,
+def report(result: dict, stdout: str, search_wall: float, cca_summary: dict, cca_wall: float, choice: dict,
            alone: dict, alone_wall: float, trial_s: float, alone_s: float) -> None:
+    cca, cca_val = cca_summary["test"]["rsum"], cca_summary["val_rsum"]
     table = stdout[stdout.index("| trial |"):].strip() if "| trial |" in stdout else "(no table)"
     trials = result["trials"]
     counts = {s: sum(t["status"] == s for t in trials) for s in ("finished", "stopped", "failed")}
@@ -95,10 +97,10 @@ def report(result: dict, stdout: str, search_wall: float, cca: float, cca_wall: 
           f"seed re-runs: {len(result['reruns'])} ({rerun_s:.0f} s of the wall time)\n")
     print(table)
     print("\n| model (test split) | test rsum | / CCA | val rsum |\n|---|---|---|---|")
-    print(f"| CCA (model.name=cca, this session, {cca_wall:.0f} s) | {cca:.1f} | 1.000 | - |")
+    print(f"| CCA (model.name=cca, this session, {cca_wall:.0f} s) | {cca:.1f} | 1.000 | {cca_val:.1f} |")
     what = f"ensemble of seeds {model['seed']}" if isinstance(model["seed"], list) else f"seed {model['seed']}"
     print(f"| chosen: trial {choice['trial_id']}, registered {what} | {model['test']:.1f} | "
-          f"{model['test'] / cca:.3f} | {model['val']:.1f} |")
+          f"{model['test'] / cca:.3f} | {model['val']:.1f} ({model['val'] / cca_val:.3f}x CCA's) |")
     if choice["n"] > 1:
         tests = [s["test"] for s in choice["seeds"]]
         spread = (max(tests) - min(tests)) / 2

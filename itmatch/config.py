@@ -96,7 +96,13 @@ class ModelConfig(_Section):
     """Dropout on each branch's input (the towers' features) while training: a regulariser for
     heads on frozen features, which overfit a small training set within a few epochs."""
     cca_ridge: float = Field(0.3, gt=0.0)
-    """Ridge added to both covariance diagonals (model.name=cca)."""
+    """Ridge added to both covariance diagonals (model.name=cca, and model.residual=cca)."""
+    residual: Literal["none", "cca"] = "none"
+    """model.name=embedding on cached features: `cca` adds to each branch's output (before L2
+    normalisation) the branch input's CCA projection, fitted in closed form on the training split's
+    pairs before the first step (model.cca_ridge; min(embed_dim, input widths) canonical dimensions,
+    zero-padded to embed_dim) and kept fixed; the branch's last BatchNorm scale starts at zero, so
+    training starts from CCA's embedding and learns a correction to it."""
     image_tower: str = "features"
     """What embeds the images before the image branch: `features` (the cached features of
     data.image_encoder: heads on frozen features) or an encoder trained end to end from pixels:
@@ -169,6 +175,14 @@ class ModelConfig(_Section):
     tower_batchnorm: Literal["frozen", "train"] = "frozen"
     """The image CNN's BatchNorm: frozen (ImageNet statistics, eval mode; usual when fine-tuning on
     small per-worker batches) or train (batch statistics, running averages updated)."""
+
+    @model_validator(mode="after")
+    def _check_residual(self) -> "ModelConfig":
+        if self.residual == "cca" and (self.name != "embedding" or self.end_to_end):
+            raise ValueError(f"model.residual='cca' needs model.name='embedding' on cached features "
+                             f"(image_tower/text_tower 'features'): got name={self.name!r}, "
+                             f"image_tower={self.image_tower!r}, text_tower={self.text_tower!r}")
+        return self
 
     @model_validator(mode="after")
     def _check_tower_cache(self) -> "ModelConfig":
@@ -413,6 +427,15 @@ class SearchConfig(_Section):
     mean validation score; at most rerun_top), not only the chosen one's: members that differ in
     their hyper-parameters, not only in their seed. On the Flickr8k-1k features (BENCHMARKS.md) the
     seeds of the top 3 configurations (15 runs) scored 425.4 test rsum, the chosen one's 5 seeds 421.6."""
+    rerun_per: Optional[str] = None
+    """A searched key (e.g. model.branch): rerun_top and ensemble_top count per value of it, so the
+    re-runs and the ensemble hold the best configurations of each model family, not the best
+    family's neighbours alone. None: over all trials."""
+    ensemble_cca: float = Field(0.0, ge=0.0, lt=1.0)
+    """search.ensemble: the weight of closed-form CCA (fitted on the training split: model.cca_ridge,
+    search.ensemble_cca_dim canonical dimensions) as one more member; the trained runs share the
+    rest equally. 0: no CCA member."""
+    ensemble_cca_dim: int = Field(128, ge=1)
 
     @model_validator(mode="after")
     def _check_ensemble_top(self) -> "SearchConfig":

@@ -7,7 +7,8 @@ towers). The ensemble (itmatch.models.ensemble: the mean of the members' cosines
 `run.storage_path/NAME/best_model`, evaluated on the validation and test splits of the first
 member's data (key=value overrides apply to that config, e.g. data.cache_dir=...), logged to MLflow
 as its own run and registered like any job's model: it takes the alias only if it beats the
-holder on the same validation split. No Ray: it trains nothing.
+holder on the same validation split. No Ray: it trains nothing. `--cca-weight W` adds closed-form
+CCA, fitted on the training split, as one more member at weight W (the runs share 1 - W).
 """
 
 from __future__ import annotations
@@ -29,9 +30,11 @@ from itmatch.state import CheckpointError  # noqa: E402
 from trainers.logs import setup_logging  # noqa: E402
 
 log = logging.getLogger("itmatch.ensemble")
-# Keys that decide how inputs are prepared: members must agree on them to share one preparation.
+# Keys that decide how inputs are prepared: members must agree on them to share one preparation
+# (and on model.name, except that CCA reads the same inputs as the networks on towers).
 SAME_INPUTS = ("data.image_encoder", "data.text_encoder", "model.image_tower", "model.text_tower", "model.image_size",
                "model.text_max_length", "model.name")
+TOWER_MODELS = ("embedding", "cca", "similarity", "twoway")
 
 
 def member_checkpoint(ref: str) -> Path:
@@ -55,6 +58,8 @@ def check_members(configs: list[Config], refs: list[str]) -> None:
     for cfg, ref in zip(configs[1:], refs[1:]):
         flat = cfg.flat()
         for key in SAME_INPUTS:
+            if key == "model.name" and {flat[key], first[key]} <= set(TOWER_MODELS):
+                continue
             if flat[key] != first[key]:
                 raise ConfigError(f"member {ref}: {key}={flat[key]!r}, but {refs[0]} has {first[key]!r}; an "
                                   "ensemble's members must take the same inputs")
@@ -73,9 +78,25 @@ def build(refs: list[str], name: str, overrides: list[str]) -> tuple[Config, lis
     return cfg, folders
 
 
-def evaluate_and_log(cfg: Config, folders: list[Path], refs: list[str],
-                     tags: Optional[dict[str, str]] = None) -> dict[str, Any]:
-    """Save, evaluate (val, test), log and maybe register the ensemble; `tags` for its MLflow run."""
+def cca_member(cfg: Config, store: Any, folder: Path, dim: int) -> Path:
+    """Closed-form CCA (`dim` canonical dimensions, model.cca_ridge) fitted on `store`'s training
+    split, saved as a checkpoint folder: a member beside trained runs on the same features."""
+    from itmatch.models.cca import CCAModel, training_pairs
+    from itmatch.state import TrainState, save_checkpoint
+
+    flat = {**cfg.flat(), "model.name": "cca", "model.embed_dim": dim, "model.residual": "none"}
+    model = CCAModel(*store.dims, dim).fit(*training_pairs(store.split(cfg.data.train_split)),
+                                           ridge=cfg.model.cca_ridge)
+    save_checkpoint(folder, model={k: v.float() for k, v in model.state_dict().items()},
+                    cfg=load_config(None, flat), train_state=TrainState(), dims=tuple(store.dims))
+    return folder
+
+
+def evaluate_and_log(cfg: Config, folders: list[Path], refs: list[str], tags: Optional[dict[str, str]] = None,
+                     cca_weight: float = 0.0, cca_dim: int = 128) -> dict[str, Any]:
+    """Save, evaluate (val, test), log and maybe register the ensemble; `tags` for its MLflow run.
+    `cca_weight` > 0 adds CCA fitted on the training split (`cca_member`) at that weight, the
+    trained members sharing the rest equally."""
     from itmatch.eval.evaluate import evaluate_split
     from itmatch.models.ensemble import save_ensemble
     from itmatch.state import load_model
@@ -83,14 +104,19 @@ def evaluate_and_log(cfg: Config, folders: list[Path], refs: list[str],
     from trainers.train import prepare_store
 
     store = prepare_store(cfg)
-    best = save_ensemble(run_dir(cfg) / "best_model", folders, sources=refs)
+    weights = None
+    if cca_weight > 0:
+        folders = [*folders, cca_member(cfg, store, run_dir(cfg) / "cca_member", cca_dim)]
+        refs = [*refs, f"cca (dim {cca_dim}, ridge {cfg.model.cca_ridge}, fitted on {cfg.data.train_split})"]
+        weights = [(1 - cca_weight) / (len(folders) - 1)] * (len(folders) - 1) + [cca_weight]
+    best = save_ensemble(run_dir(cfg) / "best_model", folders, sources=refs, weights=weights)
     model, _ = load_model(best)
     if tuple(store.dims) != tuple(model.dims):
         raise DataError(f"the members take features of width {model.dims}, {cfg.data.source} gives {store.dims}")
     metric, chunk = cfg.train.metric, cfg.train.eval_chunk
     val = evaluate_split(model, store.split(cfg.data.val_split), chunk=chunk)
     test = evaluate_split(model, store.split(cfg.data.test_split), chunk=chunk)
-    summary: dict[str, Any] = {"best_checkpoint": str(best), "members": [str(f) for f in folders],
+    summary: dict[str, Any] = {"best_checkpoint": str(best), "members": [str(f) for f in folders], "weights": weights,
                                f"val_{metric}": val[metric], "test": test}
     if cfg.tracking.enabled:
         from trainers import tracking as tr
@@ -117,12 +143,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("members", nargs="+", help="run folders or checkpoint folders, then key=value overrides")
     p.add_argument("--name", required=True, help="the ensemble's run name (its folder under run.storage_path)")
+    p.add_argument("--cca-weight", type=float, default=0.0,
+                   help="add CCA fitted on the first member's training split at this weight (0 <= w < 1)")
+    p.add_argument("--cca-dim", type=int, default=128, help="CCA's canonical dimensions (with --cca-weight)")
     args = p.parse_intermixed_args(argv)
     refs = [m for m in args.members if "=" not in m]
     overrides = [m for m in args.members if "=" in m]
     try:
+        if not 0 <= args.cca_weight < 1 or args.cca_dim < 1:
+            raise ConfigError(f"--cca-weight must be in [0, 1) and --cca-dim >= 1, got {args.cca_weight} and {args.cca_dim}")
         cfg, folders = build(refs, args.name, overrides)
-        summary = evaluate_and_log(cfg, folders, refs)
+        summary = evaluate_and_log(cfg, folders, refs, cca_weight=args.cca_weight, cca_dim=args.cca_dim)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

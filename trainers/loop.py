@@ -54,6 +54,8 @@ class Trainer:
         self.n_classes = len(self.train_split.image_ids) if self.heads else 0
         model = build_model(*store.dims, cfg.model, n_classes=self.n_classes, heads=self.heads)
         self.closed_form = is_closed_form(model)
+        if cfg.model.residual == "cca":  # before the strategy wraps it; every rank fits the same map
+            model.fit_residual(*self.train_pairs(), ridge=cfg.model.cca_ridge)
         if hasattr(model.text_tower, "fit_vocabulary"):  # word-level towers: the training split's words only
             model.text_tower.fit_vocabulary(self.train_split.texts)
         self.epochs = 1 if self.closed_form else cfg.train.epochs  # a fitted model needs one pass
@@ -225,12 +227,16 @@ class Trainer:
             rng = np.random.default_rng([seed, epoch, rank, step])
             yield make_batch(self.train_split, captions, *self.prepare, train=True, rng=rng, data=self.cfg.data)
 
+    def train_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every (image, caption) pair of the training split as feature rows."""
+        from itmatch.models.cca import training_pairs
+
+        return training_pairs(self.train_split)
+
     def fit_closed_form(self) -> dict[str, float]:
         """Fit on every (image, caption) pair of the training split at once."""
-        start, s = time.perf_counter(), self.train_split
-        images = torch.from_numpy(s.image_feats[s.caption_image])  # fancy indexing copies
-        texts = torch.tensor(s.caption_feats)  # a copy: the store's arrays are read-only
-        self.strategy.unwrap(self.model).fit(images, texts, ridge=self.cfg.model.cca_ridge)
+        start = time.perf_counter()
+        self.strategy.unwrap(self.model).fit(*self.train_pairs(), ridge=self.cfg.model.cca_ridge)
         return {"epoch_time_s": time.perf_counter() - start}
 
     def train_step(self, batch: Batch) -> dict[str, torch.Tensor]:

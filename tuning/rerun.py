@@ -34,10 +34,11 @@ def trial_seed(setup: dict, params: dict[str, Any]) -> int:
 
 
 def plan(top: list[dict], setup: dict, extra: int) -> list[dict[str, Any]]:
-    """Every (trial, seed) to re-run: seeds trial seed + 1 .. + extra, in trial order."""
+    """Every (trial, seed) to re-run: seeds trial seed + 1 .. + extra, in trial order; a trial the
+    scheduler stopped (no summary; search.rerun_per) also its own seed, trained to the end."""
     return [{"trial_id": r["trial_id"], "params": r["params"], "seed": trial_seed(setup, r["params"]) + k,
              "run": name(r["trial_id"], trial_seed(setup, r["params"]) + k)}
-            for r in top for k in range(1, extra + 1)]
+            for r in top for k in range(0 if not r["summary"] else 1, extra + 1)]
 
 
 def rerun_config(setup: dict, item: dict[str, Any]) -> Config:

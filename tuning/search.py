@@ -13,9 +13,12 @@ featurises the data once; each trial runs `trainers.job.run_job` on the resolved
 sampled params (its own run folder, config.yaml, checkpoints and summary), reports every epoch to
 Tune and logs an MLflow run nested under the search's run. Re-running the same command restores the
 Tune experiment (Tuner.restore, searcher state included). With `search.rerun_top` N > 0 the N
-best finished trials are then re-run with `search.rerun_seeds` more seeds (tuning/rerun.py) and the
-configuration with the best mean validation score wins (tuning/select.py); otherwise the best
-finished trial does. Only that choice (its best-validation seed's model) is registered, and it takes
+best finished trials (with `search.rerun_per` KEY: of each value of KEY, a stopped trial standing in
+for a value the scheduler stopped entirely) are then re-run with `search.rerun_seeds` more seeds
+(tuning/rerun.py) and the configuration with the best mean validation score wins
+(tuning/select.py); otherwise the best finished trial does. Only that choice (its best-validation
+seed's model, or with `search.ensemble` the ensemble of the re-run configurations' seeds, CCA at
+`search.ensemble_cca` beside them) is registered, and it takes
 the alias only if it beats the holder (re-scored on the same validation split); the trial table
 (mean ± std over seeds) and plots go to the search folder and the parent run.
 """
@@ -221,7 +224,8 @@ def _trial_failures(cfg: Config):
 
 def _rerun_top(cfg: Config, rows: list[dict], setup: dict) -> list[dict]:
     """The seed re-runs of the best `search.rerun_top` finished trials (none by default)."""
-    top = select.top_trials(rows, cfg.train.metric, cfg.search.rerun_top) if cfg.search.rerun_top else []
+    top = select.top_trials(rows, cfg.train.metric, cfg.search.rerun_top, cfg.search.rerun_per) \
+        if cfg.search.rerun_top else []
     items = rerun.plan(top, setup, cfg.search.rerun_seeds)
     if items:
         log.info("re-running the top %d trial(s) with %d more seed(s) each", len(top), cfg.search.rerun_seeds)
@@ -245,7 +249,7 @@ def _finish(cfg: Config, store: FeatureStore, rows: list[dict], reruns: list[dic
     table and plots."""
     metric = cfg.train.metric
     seeds = {r["trial_id"]: rerun.trial_seed(setup, r["params"]) for r in rows}
-    choice, candidates = select.select(rows, reruns, metric, cfg.search.rerun_top, seeds)
+    choice, candidates = select.select(rows, reruns, metric, cfg.search.rerun_top, seeds, cfg.search.rerun_per)
     best = _best_row(rows, choice)
     if parent:
         report.close_child_runs(parent, rows, reruns)
@@ -305,7 +309,7 @@ def ensemble_model(cfg: Config, choice: dict, candidates: list[dict], search_dir
     search's run; recorded in the choice as its model. One run: that run."""
     from trainers.ensemble import build, evaluate_and_log
 
-    runs = select.ensemble_members(candidates, cfg.search.ensemble_top)
+    runs = select.ensemble_members(candidates, cfg.search.ensemble_top, cfg.search.rerun_per)
     if len(runs) < 2:
         return choice["model"]
     members = [s["checkpoint"] for s in runs]
@@ -313,10 +317,12 @@ def ensemble_model(cfg: Config, choice: dict, candidates: list[dict], search_dir
     where = [f"tracking.{k}={v}" for k, v in cfg.tracking.model_dump().items() if k != "registered_model"]
     ens_cfg, folders = build(members, f"{cfg.search.name}-ensemble",
                              [f"run.storage_path={search_dir}", *where, "tracking.registered_model="])
-    summary = evaluate_and_log(ens_cfg, folders, members, tags={"mlflow.parentRunId": parent["run_id"]})
+    summary = evaluate_and_log(ens_cfg, folders, members, tags={"mlflow.parentRunId": parent["run_id"]},
+                               cca_weight=cfg.search.ensemble_cca, cca_dim=cfg.search.ensemble_cca_dim)
     metric = cfg.train.metric
     one = len({s["trial_id"] for s in runs}) == 1  # the chosen configuration's seeds: named by seed
-    choice["model"] = {"seed": [s["seed"] if one else f"{s['trial_id']}:{s['seed']}" for s in runs],
+    choice["model"] = {"seed": [s["seed"] if one else f"{s['trial_id']}:{s['seed']}" for s in runs]
+                       + (["cca"] if cfg.search.ensemble_cca else []), "weights": summary["weights"],
                        "val": summary[f"val_{metric}"], "test": summary["test"].get(metric),
                        "run_id": summary.get("run_id"), "model_uri": summary.get("model_uri"),
                        "checkpoint": summary["best_checkpoint"]}

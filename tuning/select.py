@@ -14,18 +14,42 @@ import statistics
 from typing import Any, Optional
 
 
-def top_trials(rows: list[dict], metric: str, top: int) -> list[dict]:
+def top_trials(rows: list[dict], metric: str, top: int, per: Optional[str] = None) -> list[dict]:
     """The `top` finished trials by validation score; ties go to the first trial id (a restored
-    search lists its rows in another order and must pick the same ones)."""
-    done = sorted((r for r in rows if r["summary"]), key=lambda r: r["trial_id"])
-    return sorted(done, key=lambda r: -r["summary"][f"val_{metric}"])[:top]
+    search lists its rows in another order and must pick the same ones). With `per`, a searched
+    key: the `top` of each of its values, and for a value whose trials the scheduler all stopped
+    early (ASHA compares across values), its best stopped trials by their best validation score so
+    far: re-runs (`tuning.rerun.plan`) then train it to the end with its own seed as well."""
+    by_id = sorted(rows, key=lambda r: r["trial_id"])
+    done = sorted((r for r in by_id if r["summary"]), key=lambda r: -r["summary"][f"val_{metric}"])
+    kept = _top_per(done, top, per, lambda r: r["params"])
+    if per is None:
+        return kept
+    seen = {repr(r["params"].get(per)) for r in kept}
+    stopped = sorted((r for r in by_id if r["status"] == "stopped" and r.get("best_val") is not None),
+                     key=lambda r: -r["best_val"])
+    return kept + [r for r in _top_per(stopped, top, per, lambda r: r["params"]) if repr(r["params"].get(per)) not in seen]
+
+
+def _top_per(ordered: list[dict], top: int, per: Optional[str], params) -> list[dict]:
+    """The first `top` of `ordered`, or with `per` the first `top` of each value of params(x)[per]."""
+    if per is None:
+        return ordered[:top]
+    taken: dict[str, int] = {}
+    kept = []
+    for item in ordered:
+        value = repr(params(item).get(per))
+        if taken.get(value, 0) < top:
+            taken[value] = taken.get(value, 0) + 1
+            kept.append(item)
+    return kept
 
 
 def scores(row: dict, reruns: list[dict], metric: str, seed: int) -> list[dict[str, Any]]:
-    """One score per finished run of the trial's configuration: the trial first, then its re-runs
-    by seed. `seed`: the trial's own train.seed."""
-    runs = [(seed, row["summary"])] + sorted((r["seed"], r["summary"]) for r in reruns
-                                             if r["trial_id"] == row["trial_id"] and r["summary"])
+    """One score per finished run of the trial's configuration: the trial first (unless the
+    scheduler stopped it), then its re-runs by seed. `seed`: the trial's own train.seed."""
+    own = [(seed, row["summary"])] if row["summary"] else []
+    runs = own + sorted((r["seed"], r["summary"]) for r in reruns if r["trial_id"] == row["trial_id"] and r["summary"])
     return [{"seed": s, "val": summary[f"val_{metric}"], "test": summary["test"].get(metric),
              "run_id": summary.get("run_id"), "model_uri": summary.get("model_uri"),
              "checkpoint": summary.get("best_checkpoint")} for s, summary in runs]
@@ -48,12 +72,14 @@ def candidate(row: dict, runs: list[dict]) -> dict[str, Any]:
 
 
 def select(rows: list[dict], reruns: list[dict], metric: str, top: int,
-           seed_of: dict[str, int]) -> tuple[Optional[dict], list[dict]]:
+           seed_of: dict[str, int], per: Optional[str] = None) -> tuple[Optional[dict], list[dict]]:
     """(the chosen candidate or None, every candidate). With `top` > 0 only the `top` trials by
-    validation score compete (the ones re-run); otherwise every finished trial, on its one score.
-    Best mean wins; ties: the smaller spread (a single score counts as none), then the first trial id."""
-    pool = top_trials(rows, metric, top or len(rows))
-    cands = [candidate(r, scores(r, reruns, metric, seed_of[r["trial_id"]])) for r in pool]
+    validation score (of each value of `per`) compete, the ones re-run; otherwise every finished
+    trial, on its one score. Best mean wins; ties: the smaller spread (a single score counts as
+    none), then the first trial id."""
+    pool = top_trials(rows, metric, top, per) if top else top_trials(rows, metric, len(rows))
+    runs = [(r, scores(r, reruns, metric, seed_of[r["trial_id"]])) for r in pool]
+    cands = [candidate(r, s) for r, s in runs if s]  # a stopped trial whose re-runs all failed: none
     ordered = ranked(cands)
     return (ordered[0] if ordered else None), cands
 
@@ -63,7 +89,8 @@ def ranked(cands: list[dict]) -> list[dict]:
     return sorted(cands, key=lambda c: (-c["val_mean"], c["val_std"] or 0.0, c["trial_id"]))
 
 
-def ensemble_members(cands: list[dict], top: int) -> list[dict]:
-    """The seed runs (with a checkpoint) of the `top` best candidates, best configuration first:
-    what `search.ensemble` averages (`search.ensemble_top`)."""
-    return [{**s, "trial_id": c["trial_id"]} for c in ranked(cands)[:top] for s in c["seeds"] if s.get("checkpoint")]
+def ensemble_members(cands: list[dict], top: int, per: Optional[str] = None) -> list[dict]:
+    """The seed runs (with a checkpoint) of the `top` best candidates (of each value of `per`), best
+    configuration first: what `search.ensemble` averages (`search.ensemble_top`, `search.rerun_per`)."""
+    chosen = _top_per(ranked(cands), top, per, lambda c: c["params"])
+    return [{**s, "trial_id": c["trial_id"]} for c in chosen for s in c["seeds"] if s.get("checkpoint")]

@@ -29,6 +29,10 @@ def load_space(path: str | Path, base: Config) -> dict[str, dict]:
     for key, spec in raw.items():
         kind, values = _entry(path, key, spec)
         space[key] = {kind: [_typed(path, flat, key, value) for value in values]}
+    per = base.search.rerun_per
+    if per is not None and next(iter(space.get(per, {"": 0}))) not in ("choice", "grid"):
+        raise ConfigError(f"{path}: search.rerun_per={per!r} must be a key of this space with choice or grid "
+                          f"values (its trials are grouped by value); keys: {', '.join(space)}")
     return space
 
 

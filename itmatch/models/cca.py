@@ -52,6 +52,12 @@ class CCAModel(TwoTower):
         return self
 
 
+def training_pairs(split) -> tuple[Tensor, Tensor]:
+    """Every (image, caption) pair of a feature split as rows: what CCA is fitted on."""
+    images = torch.from_numpy(split.image_feats[split.caption_image])  # fancy indexing copies
+    return images, torch.tensor(split.caption_feats)  # a copy: the store's arrays are read-only
+
+
 def _inv_sqrt(c: Tensor) -> Tensor:
     w, v = torch.linalg.eigh(c)
     return (v * w.rsqrt()) @ v.T
@@ -75,4 +81,4 @@ def fit_cca(x: Tensor, y: Tensor, dim: int, ridge: float) -> tuple[tuple[Tensor,
     return (mx, ax @ u[:, :dim]), (my, ay @ vh.T[:, :dim]), s[:dim]
 
 
-__all__ = ["CCAModel", "Projection", "fit_cca"]
+__all__ = ["CCAModel", "Projection", "fit_cca", "training_pairs"]

@@ -7,8 +7,11 @@ which the evaluator, the registered MLflow model and serving use unchanged. Meas
 Flickr8k-1k features: three seeds of the frozen-feature preset average 400.3 test rsum alone and
 reach 419.4 together (BENCHMARKS.md).
 
+Members may carry weights (summing to 1; equal by default): the ensemble's cosine is then the
+weighted mean of the members' cosines, e.g. closed-form CCA as a minor member beside trained runs.
+
 On disk an ensemble is a folder holding each member's checkpoint folder (`member_<i>/`) and
-`ensemble.json` (the member list, written last, so a folder with it is complete).
+`ensemble.json` (the member list and weights, written last, so a folder with it is complete).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +33,11 @@ class Ensemble(nn.Module):
     """Members that take the same inputs (one configuration, other seeds): their towers prepare
     inputs identically, so the first member's preparation serves all of them."""
 
-    def __init__(self, members: Sequence[nn.Module]) -> None:
+    def __init__(self, members: Sequence[nn.Module], weights: Optional[Sequence[float]] = None) -> None:
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
+        self.weights = member_weights(len(members), weights)
         refused = [type(m).__name__ for m in members if hasattr(m, "score_matrix")]
         if refused:  # a learned pair score is not a cosine: averaging embeddings would not average it
             raise ValueError(f"members with a learned pair score ({refused[0]}) cannot be ensembled by embedding")
@@ -49,7 +53,8 @@ class Ensemble(nn.Module):
         return self.members[0].text_tower
 
     def _joined(self, parts: list[Tensor]) -> Tensor:
-        return torch.cat([F.normalize(p.float(), dim=-1) for p in parts], dim=-1) / math.sqrt(len(parts))
+        # sqrt(w_i) on each unit part: the joined vectors are unit, their dot product sum_i w_i cos_i
+        return torch.cat([math.sqrt(w) * F.normalize(p.float(), dim=-1) for p, w in zip(parts, self.weights)], dim=-1)
 
     @torch.no_grad()
     def embed_images(self, x) -> Tensor:
@@ -60,12 +65,25 @@ class Ensemble(nn.Module):
         return self._joined([m.embed_texts(x) for m in self.members])
 
 
+def member_weights(n: int, weights: Optional[Sequence[float]] = None) -> list[float]:
+    """Equal weights by default; given ones must be n finite, non-negative numbers with a positive
+    sum, and are scaled to sum to 1."""
+    if weights is None:
+        return [1.0 / n] * n
+    values = [float(w) for w in weights]
+    if len(values) != n or not all(math.isfinite(w) and w >= 0 for w in values) or sum(values) <= 0:
+        raise ValueError(f"ensemble weights must be {n} non-negative numbers with a positive sum, got {list(weights)}")
+    return [w / sum(values) for w in values]
+
+
 def is_ensemble(folder: str | Path) -> bool:
     return (Path(folder) / ENSEMBLE_FILE).is_file()
 
 
-def save_ensemble(folder: str | Path, members: Sequence[str | Path], sources: Sequence[str] = ()) -> Path:
-    """Copy each member checkpoint folder into `folder` and write the member list last."""
+def save_ensemble(folder: str | Path, members: Sequence[str | Path], sources: Sequence[str] = (),
+                  weights: Optional[Sequence[float]] = None) -> Path:
+    """Copy each member checkpoint folder into `folder` and write the member list (and weights) last."""
+    weights = member_weights(len(members), weights)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     names = []
@@ -75,7 +93,7 @@ def save_ensemble(folder: str | Path, members: Sequence[str | Path], sources: Se
             shutil.rmtree(target)
         shutil.copytree(member, target)
         names.append(target.name)
-    record = {"members": names, "sources": [str(s) for s in (sources or members)]}
+    record = {"members": names, "sources": [str(s) for s in (sources or members)], "weights": weights}
     tmp = folder / (ENSEMBLE_FILE + ".tmp")
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(folder / ENSEMBLE_FILE)
@@ -87,4 +105,10 @@ def member_folders(folder: str | Path) -> list[Path]:
     return [folder / name for name in json.loads((folder / ENSEMBLE_FILE).read_text())["members"]]
 
 
-__all__ = ["ENSEMBLE_FILE", "Ensemble", "is_ensemble", "member_folders", "save_ensemble"]
+def saved_weights(folder: str | Path) -> Optional[list[float]]:
+    """The members' weights in an ensemble folder (None: equal, as folders written before weights)."""
+    return json.loads((Path(folder) / ENSEMBLE_FILE).read_text()).get("weights")
+
+
+__all__ = ["ENSEMBLE_FILE", "Ensemble", "is_ensemble", "member_folders", "member_weights", "save_ensemble",
+           "saved_weights"]

@@ -2,6 +2,7 @@
 
 Branch: [input Dropout] → Linear(d_in→h) → ReLU → Dropout → Linear(h→d) → BatchNorm1d(d) → L2-normalise.
 The linear variant is Linear(d_in→d) → L2. Similarity is the dot product of unit vectors.
+With model.residual=cca the branch adds its input's fitted CCA projection before the L2 norm.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from itmatch.models.towers import build_towers
 
 class Branch(nn.Module):
     def __init__(self, d_in: int, hidden: int, d_out: int, *, dropout: float = 0.5, linear: bool = False,
-                 input_dropout: float = 0.0) -> None:
+                 input_dropout: float = 0.0, residual: bool = False) -> None:
         super().__init__()
         # outside `net`, so checkpoints keep their parameter names with or without it
         self.input_dropout = nn.Dropout(input_dropout) if input_dropout > 0 else nn.Identity()
@@ -32,13 +33,24 @@ class Branch(nn.Module):
                 # rounding, and Adam would turn that rounding noise into full-size random steps.
                 nn.Linear(hidden, d_out, bias=False), nn.BatchNorm1d(d_out),
             )
+        self.residual = residual
+        if residual:  # a fixed linear map, fitted by `EmbeddingNet.fit_residual` before training
+            self.register_buffer("cca_mean", torch.zeros(d_in))
+            self.register_buffer("cca_weight", torch.zeros(d_in, d_out))
+            # the learned part starts at zero, so the first step starts from CCA's embedding
+            last = self.net if linear else self.net[-1]
+            nn.init.zeros_(last.weight)
+            if last.bias is not None:
+                nn.init.zeros_(last.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(self.net(self.input_dropout(x)), dim=-1)
+        return self.features(x)[1]
 
     def features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(f, normalize(f)): the feature before L2 normalisation, and the embedding."""
         f = self.net(self.input_dropout(x))
+        if self.residual:  # on the clean input: input dropout regularises the learned part only
+            f = f + (x.to(self.cca_weight.dtype) - self.cca_mean) @ self.cca_weight
         return f, F.normalize(f, dim=-1)
 
 
@@ -106,17 +118,29 @@ class EmbeddingNet(TwoTower):
                  heads: tuple[str, ...] = ("instance",)) -> None:
         super().__init__()
         d_img, d_txt = self._towers(image_dim, text_dim, cfg)
-        linear = cfg.branch == "linear"
+        linear, residual = cfg.branch == "linear", cfg.residual == "cca"
         self.image = Branch(d_img, cfg.hidden_dim, cfg.embed_dim, dropout=cfg.dropout, linear=linear,
-                            input_dropout=cfg.input_dropout)
+                            input_dropout=cfg.input_dropout, residual=residual)
         self.text = Branch(d_txt, cfg.hidden_dim, cfg.embed_dim, dropout=cfg.dropout, linear=linear,
-                            input_dropout=cfg.input_dropout)
+                            input_dropout=cfg.input_dropout, residual=residual)
         with_heads = n_classes > 0
         self.classifier = nn.Linear(cfg.embed_dim, n_classes, bias=False) if with_heads and "instance" in heads else None
         self.centers = nn.Embedding(n_classes, cfg.embed_dim) if with_heads and "center" in heads else None
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         return self.from_features(*self.tower_features(batch), batch)
+
+    @torch.no_grad()
+    def fit_residual(self, images: Tensor, texts: Tensor, *, ridge: float) -> "EmbeddingNet":
+        """model.residual=cca: fit both branches' CCA projections on paired rows (images[i]
+        describes texts[i]): min(embed_dim, input widths) canonical dimensions, the rest zero."""
+        from itmatch.models.cca import fit_cca
+
+        dim = min(self.image.cca_weight.shape[1], images.shape[1], texts.shape[1])
+        for branch, (mean, weight) in zip((self.image, self.text), fit_cca(images, texts, dim, ridge)[:2]):
+            branch.cca_mean.copy_(mean)
+            branch.cca_weight.zero_()[:, :dim].copy_(weight)
+        return self
 
     def from_features(self, x_img: Tensor, x_txt: Tensor, batch: Batch) -> dict[str, Tensor]:
         """The named outputs from the towers' features (what gradient caching re-enters at)."""

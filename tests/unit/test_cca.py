@@ -74,3 +74,52 @@ def test_reproduces_the_data_readme_reference():
         m = retrieval_metrics(model.image(torch.from_numpy(test_ims)), model.text(torch.from_numpy(test_caps)),
                               torch.arange(len(test_ims)).repeat_interleave(5))
     assert m["rsum"] == pytest.approx(382.8, abs=3.0)
+
+
+# -- model.residual=cca: the two-branch network learning a correction on top of CCA -------------------
+
+def _residual_net(embed_dim: int, branch: str = "nonlinear"):
+    x, y = _paired(n=300)
+    cfg = ModelConfig(residual="cca", embed_dim=embed_dim, hidden_dim=16, dropout=0.0, branch=branch)
+    torch.manual_seed(0)
+    return x, y, build_model(12, 9, cfg).fit_residual(x.float(), y.float(), ridge=1e-3)
+
+
+@pytest.mark.parametrize("branch", ["nonlinear", "linear"])
+def test_residual_network_starts_as_cca(branch):
+    x, y, net = _residual_net(embed_dim=3, branch=branch)
+    ref = CCAModel(12, 9, 3).fit(x, y, ridge=1e-3)
+    net.train()  # batch statistics: the zero BatchNorm scale and shift still give exactly zero
+    torch.testing.assert_close(net.image(x.float()), ref.image(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(net.text(y.float()), ref.text(y), rtol=1e-4, atol=1e-5)
+
+
+def test_residual_pads_past_the_canonical_dimensions():
+    """embed_dim 16 > 9 text features: 9 canonical dimensions, the other 7 zero until trained."""
+    x, y, net = _residual_net(embed_dim=16)
+    ref = CCAModel(12, 9, 9).fit(x, y, ridge=1e-3)
+    img = net.eval().embed_images(x.float())
+    assert img.shape == (300, 16) and torch.count_nonzero(img[:, 9:]) == 0
+    torch.testing.assert_close(img[:, :9], ref.image(x), rtol=1e-4, atol=1e-5)
+
+
+def test_residual_learns_its_correction_and_keeps_cca_fixed():
+    x, y, net = _residual_net(embed_dim=3)
+    fixed = {k: v.clone() for k, v in net.state_dict().items() if "cca_" in k}
+    before = net.eval().embed_images(x.float())
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    net.train()
+    for _ in range(3):  # pull each image towards a random target: the learned part must move
+        opt.zero_grad()
+        (net.image(x.float()) * torch.randn(300, 3, generator=torch.Generator().manual_seed(1))).sum().neg().backward()
+        opt.step()
+    assert not torch.allclose(net.eval().embed_images(x.float()), before, atol=1e-3)
+    assert set(fixed) == {"image.cca_mean", "image.cca_weight", "text.cca_mean", "text.cca_weight"}
+    for k, v in fixed.items():  # buffers: saved in checkpoints, never trained
+        torch.testing.assert_close(net.state_dict()[k], v, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("overrides", [{"name": "cca"}, {"name": "twoway"}, {"image_tower": "efficientnet_lite0"}])
+def test_residual_needs_the_embedding_network_on_features(overrides):
+    with pytest.raises(ValueError, match="model.residual='cca' needs"):
+        ModelConfig(residual="cca", **overrides)

@@ -127,3 +127,45 @@ def test_ensemble_members_are_the_seed_runs_of_the_best_configurations_best_firs
     cands[0]["seeds"][1]["checkpoint"] = None  # a run whose folder is gone: not a member
     assert ("a", 1) not in [(m["trial_id"], m["seed"]) for m in ensemble_members(cands, 4)]
     assert len(ensemble_members(cands, 4)) == 6
+
+
+def test_rerun_per_takes_the_best_of_each_model_family():
+    """search.rerun_per=model.branch: the re-runs, the competition and the ensemble hold the best
+    `top` configurations of each branch, even where one family fills the overall top."""
+    rows = [_trial("a", 400.0), _trial("b", 399.0), _trial("c", 390.0), _trial("d", 385.0), _trial("e", None)]
+    for row, branch in zip(rows, ["linear", "linear", "nonlinear", "nonlinear", "nonlinear"]):
+        row["params"] = {"model.branch": branch, "optim.lr": 1e-3}
+    assert [r["trial_id"] for r in top_trials(rows, METRIC, 1)] == ["a"]
+    assert [r["trial_id"] for r in top_trials(rows, METRIC, 1, "model.branch")] == ["a", "c"]
+    assert [r["trial_id"] for r in top_trials(rows, METRIC, 2, "model.branch")] == ["a", "b", "c", "d"]
+    reruns = [_rerun("a", 1, 380.0), _rerun("c", 1, 394.0)]  # means: a 390, c 392
+    choice, cands = select(rows, reruns, METRIC, 1, {**SEEDS, "e": 0}, "model.branch")
+    assert choice["trial_id"] == "c" and [c["trial_id"] for c in cands] == ["a", "c"]
+    got = [(m["trial_id"], m["seed"]) for m in ensemble_members(cands, 1, "model.branch")]
+    assert got == [("c", 0), ("c", 1), ("a", 0), ("a", 1)]  # best configuration first
+    assert [(m["trial_id"], m["seed"]) for m in ensemble_members(cands, 1)] == [("c", 0), ("c", 1)]
+
+
+def test_a_family_asha_stopped_entirely_is_still_rerun_from_its_best_stopped_trial():
+    """ASHA compares trials across branch types: where it stopped every nonlinear trial, the best of
+    them by its best validation score so far is re-run to the end with its own seed and the extra
+    seeds, competes on those runs alone, and joins the ensemble."""
+    rows = [_trial("a", 400.0), _trial("b", 399.0), _trial("c", None), _trial("d", None), _trial("e", None)]
+    for row, branch, best in zip(rows, ["linear", "linear", "nonlinear", "nonlinear", "linear"],
+                                 [400.0, 399.0, 380.0, 385.0, 390.0]):
+        row.update(params={"model.branch": branch}, best_val=best)
+    top = top_trials(rows, METRIC, 1, "model.branch")
+    assert [r["trial_id"] for r in top] == ["a", "d"]  # d: the better stopped nonlinear trial
+    assert top_trials(rows, METRIC, 1) == [rows[0]]  # without rerun_per, finished trials only
+    items = rerun.plan(top, {"base": {"train.seed": 0}}, 2)
+    assert [(i["trial_id"], i["seed"]) for i in items] == [("a", 1), ("a", 2), ("d", 0), ("d", 1), ("d", 2)]
+    reruns = [_rerun("a", 1, 390.0), _rerun("a", 2, 392.0),
+              _rerun("d", 0, 396.0), _rerun("d", 1, 394.0), _rerun("d", 2, 398.0)]
+    choice, cands = select(rows, reruns, METRIC, 1, {t: 0 for t in "abcde"}, "model.branch")
+    assert choice["trial_id"] == "d" and choice["n"] == 3 and choice["val_mean"] == pytest.approx(396.0)
+    assert [s["seed"] for s in choice["seeds"]] == [0, 1, 2]  # its own seed comes from a re-run
+    got = [(m["trial_id"], m["seed"]) for m in ensemble_members(cands, 1, "model.branch")]
+    assert got == [("d", 0), ("d", 1), ("d", 2), ("a", 0), ("a", 1), ("a", 2)]
+    failed = [{**r, "summary": None, "status": "failed"} if r["trial_id"] == "d" else r for r in reruns]
+    choice, cands = select(rows, failed, METRIC, 1, {t: 0 for t in "abcde"}, "model.branch")
+    assert [c["trial_id"] for c in cands] == ["a"]  # no run of d finished: not a candidate

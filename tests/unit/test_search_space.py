@@ -91,3 +91,26 @@ def test_space_values_take_the_configs_types(tmp_path):
     space = load_space(path, load_config(None, []))
     assert space == {"optim.lr": {"loguniform": [1e-5, 1e-3]}, "loss.top_k": {"choice": [None, 5]}}
     assert all(isinstance(v, float) for v in space["optim.lr"]["loguniform"])
+
+
+@pytest.mark.parametrize("per, ok", [("model.branch", True), ("optim.lr", False), ("loss.margin", False)])
+def test_rerun_per_must_be_a_choice_key_of_the_space(tmp_path, per, ok):
+    """Trials are grouped by the value of search.rerun_per: a continuous key would put every trial
+    in its own group, and a key outside the space in one."""
+    path = _space(tmp_path, "model.branch: {choice: [linear, nonlinear]}\noptim.lr: {loguniform: [1.0e-4, 1.0e-2]}\n")
+    cfg = load_config(None, [f"search.rerun_per={per}"])
+    if ok:
+        assert load_space(path, cfg)["model.branch"] == {"choice": ["linear", "nonlinear"]}
+        return
+    with pytest.raises(ConfigError) as info:
+        load_space(path, cfg)
+    assert str(path) in str(info.value) and f"search.rerun_per={per!r}" in str(info.value)
+
+
+def test_the_real_data_space_fits_its_preset():
+    """configs/search/flickr8k.yaml under configs/flickr8k_precomp.yaml (the README's search):
+    search.rerun_per names a choice key of that space."""
+    cfg = load_config(ROOT / "configs" / "flickr8k_precomp.yaml", [])
+    space = load_space(ROOT / "configs" / "search" / "flickr8k.yaml", cfg)
+    assert cfg.search.rerun_per in space and set(space[cfg.search.rerun_per]["choice"]) == {"linear", "nonlinear"}
+    assert cfg.search.ensemble and 0 < cfg.search.ensemble_cca < 1

@@ -97,3 +97,31 @@ def test_a_run_started_at_its_last_epoch_still_reports_its_checkpoint(store, tmp
     saved = torch.load(tmp_path / "report0" / "state.pt", weights_only=False)["model"]
     for key, value in done.strategy.full_state_dict(done.model).items():
         torch.testing.assert_close(saved[key], value, msg=key)
+
+
+def test_residual_cca_is_fitted_on_the_training_pairs_before_the_first_step(small_precomp, tmp_path):
+    """model.residual=cca: the Trainer fits the branches' CCA on its training split's pairs (the
+    same fit as model.name=cca there); the checkpoint keeps it, and a loaded model embeds the same."""
+    from itmatch.models.cca import CCAModel
+    from itmatch.state import load_model
+
+    store = prepare(small_precomp, cache_dir=tmp_path / "cache", image_encoder="pixels",
+                    text_encoder="hashing", splits=["train", "val"], progress=False)
+    cfg = load_config(None, [*BASE, "model.residual=cca", "train.epochs=1"])
+    trainer = Trainer(cfg, store, WorkerContext(0, 1, 0, torch.device("cpu")), None)
+    images, texts = trainer.train_pairs()
+    ref = CCAModel(24, 12, 12).fit(images, texts, ridge=cfg.model.cca_ridge)  # min(embed_dim 16, widths)
+    net = trainer.strategy.unwrap(trainer.model)
+    torch.testing.assert_close(net.image.cca_weight[:, :12], ref.image.weight)
+    torch.testing.assert_close(net.text.cca_mean, ref.text.mean)
+    captions = torch.tensor(trainer.val_split.caption_feats)
+    with torch.no_grad():  # before training: CCA's embedding of the validation captions
+        torch.testing.assert_close(net.eval().embed_texts(captions)[:, :12], ref.text(captions), rtol=1e-4, atol=1e-5)
+
+    def report(metrics, save):
+        if save is not None:
+            save(tmp_path / "ckpt")
+
+    trainer.fit(report)
+    loaded, _ = load_model(tmp_path / "ckpt")
+    torch.testing.assert_close(loaded.text.cca_weight, net.text.cca_weight)
