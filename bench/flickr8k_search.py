@@ -2,7 +2,9 @@
 
     .venv/bin/python bench/flickr8k_search.py [--rerun-top 2 --rerun-seeds 2 [--ensemble]] [key=value ...]
 
-1. CCA (`model.name=cca`) through `trainers.train` on the same data (the baseline to beat on test);
+1. CCA (`model.name=cca`) through `trainers.train` on the same data (the baseline to beat on test),
+   and the same CCA with the hubness correction the search's ensemble gets (`trainers.ensemble
+   --hubness auto`: chosen on validation), for a like-for-like comparison;
 2. `python -m tuning.search --config configs/flickr8k_precomp.yaml --space configs/search/flickr8k.yaml
    --num-samples 16 --search optuna --scheduler asha` (+ re-run flags), wall time of the command;
 3. the chosen trial's configuration (its own seed and worker count) alone through `trainers.train`:
@@ -49,6 +51,17 @@ def run_search(tmp: Path, extra: list[str]) -> tuple[dict, float, str]:
     return json.loads((tmp / "runs" / "bench" / "search.json").read_text()), elapsed, done.stdout
 
 
+def corrected(tmp: Path, run: str, overrides: list[str]) -> dict:
+    """`trainers.ensemble RUN --hubness auto`: a run with the search's hubness correction, chosen
+    on validation the same way (here: CCA, so the comparison is like for like as well)."""
+    args = [sys.executable, "-m", "trainers.ensemble", str(tmp / "runs" / run), "--name", f"{run}-hubness",
+            "--hubness", "auto", *overrides, *tmp_paths(tmp), "tracking.registered_model="]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise SystemExit(done.stdout[-3000:] + done.stderr[-4000:])
+    return json.loads((tmp / "runs" / f"{run}-hubness" / "summary.json").read_text())
+
+
 def run_seconds(db: Path, run_id: str, summary: Path) -> float:
     """A job's span: from its MLflow run's start to its summary.json (fit + test, + log_model where the
     job logs one; the search logs its chosen trial's model later, into the same run)."""
@@ -72,6 +85,7 @@ def main() -> None:
         tmp = Path(args.workdir or folder).resolve()
         cca, cca_wall = train_run("bench-cca", ["model.name=cca", "model.embed_dim=128", "model.cca_ridge=0.3",
                                                 *args.overrides], tmp)  # the same data as the search
+        cca_hub = corrected(tmp, "bench-cca", args.overrides)
         result, search_wall, stdout = run_search(tmp, extra)
         best = result["best"]
         choice = best["selection"]
@@ -82,11 +96,11 @@ def main() -> None:
         alone, alone_wall = train_run("bench-alone", alone_overrides, tmp)
         trial_s = run_seconds(tmp / "mlruns.db", best["summary"]["run_id"], trial_dir / "summary.json")
         alone_s = run_seconds(tmp / "mlruns.db", alone["run_id"], tmp / "runs" / "bench-alone" / "summary.json")
-    report(result, stdout, search_wall, cca, cca_wall, choice, alone, alone_wall, trial_s, alone_s)
+    report(result, stdout, search_wall, cca, cca_wall, choice, alone, alone_wall, trial_s, alone_s, cca_hub)
 
 
 def report(result: dict, stdout: str, search_wall: float, cca_summary: dict, cca_wall: float, choice: dict,
-           alone: dict, alone_wall: float, trial_s: float, alone_s: float) -> None:
+           alone: dict, alone_wall: float, trial_s: float, alone_s: float, cca_hub: dict) -> None:
     cca, cca_val = cca_summary["test"]["rsum"], cca_summary["val_rsum"]
     table = stdout[stdout.index("| trial |"):].strip() if "| trial |" in stdout else "(no table)"
     trials = result["trials"]
@@ -98,9 +112,18 @@ def report(result: dict, stdout: str, search_wall: float, cca_summary: dict, cca
     print(table)
     print("\n| model (test split) | test rsum | / CCA | val rsum |\n|---|---|---|---|")
     print(f"| CCA (model.name=cca, this session, {cca_wall:.0f} s) | {cca:.1f} | 1.000 | {cca_val:.1f} |")
+    hub = cca_hub["hubness"]
+    print(f"| CCA with the hubness correction chosen on val (k={hub['k']}, w={hub['weight']}) | "
+          f"{cca_hub['test']['rsum']:.1f} | {cca_hub['test']['rsum'] / cca:.3f} | {cca_hub['val_rsum']:.1f} |")
     what = f"ensemble of seeds {model['seed']}" if isinstance(model["seed"], list) else f"seed {model['seed']}"
+    hub = model.get("hubness") or {}
+    what += f", hubness k={hub['k']} w={hub['weight']}" if hub.get("weight") else ", no hubness correction"
     print(f"| chosen: trial {choice['trial_id']}, registered {what} | {model['test']:.1f} | "
           f"{model['test'] / cca:.3f} | {model['val']:.1f} ({model['val'] / cca_val:.3f}x CCA's) |")
+    if hub.get("weight"):
+        plain = hub["test_rsum_plain"]
+        print(f"| the same ensemble without the correction | {plain:.1f} | {plain / cca:.3f} | "
+              f"{hub['val_rsum_plain']:.1f} |")
     if choice["n"] > 1:
         tests = [s["test"] for s in choice["seeds"]]
         spread = (max(tests) - min(tests)) / 2

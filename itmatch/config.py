@@ -436,6 +436,20 @@ class SearchConfig(_Section):
     search.ensemble_cca_dim canonical dimensions) as one more member; the trained runs share the
     rest equally. 0: no CCA member."""
     ensemble_cca_dim: int = Field(128, ge=1)
+    ensemble_hubness: str = "off"
+    """search.ensemble: auto fits a hubness correction on the ensemble (CSLS against the training
+    split's embeddings, itmatch.models.hubness) and keeps it if it raises the validation score;
+    K,W applies that one (K reference neighbours, weight W); off: none."""
+
+    @field_validator("ensemble_hubness", mode="before")
+    @classmethod
+    def _check_hubness(cls, value: Any) -> str:
+        from itmatch.models.hubness import parse_setting
+
+        if isinstance(value, bool):  # YAML reads a bare off / on as a boolean
+            value = "auto" if value else "off"
+        parse_setting(str(value))
+        return str(value)
 
     @model_validator(mode="after")
     def _check_ensemble_top(self) -> "SearchConfig":

@@ -180,14 +180,15 @@ def load_model(folder: str | Path) -> tuple[torch.nn.Module, Config]:
     """The model of a checkpoint (or of an ensemble folder: its members'), in eval mode, on CPU;
     an ensemble's config is its first member's."""
     from itmatch.models import build_model, heads_in
-    from itmatch.models.ensemble import Ensemble, is_ensemble, member_folders, saved_weights
+    from itmatch.models.ensemble import Ensemble, is_ensemble, member_folders, saved_hubness, saved_weights
 
     if is_ensemble(folder):
         loaded = [load_model(member) for member in member_folders(folder)]
         try:
-            return Ensemble([model for model, _ in loaded], saved_weights(folder)).eval(), loaded[0][1]
-        except ValueError as exc:
+            model = Ensemble([model for model, _ in loaded], saved_weights(folder), saved_hubness(folder))
+        except (ValueError, OSError, KeyError, RuntimeError) as exc:
             raise CheckpointError(f"{Path(folder) / 'ensemble.json'}: {exc}") from exc
+        return model.eval(), loaded[0][1]
     payload, cfg = load_checkpoint(folder)
     n_classes, heads = heads_in(payload["model"])  # training heads (instance classifier, centers), if any
     model = build_model(*payload["dims"], cfg.model, n_classes=n_classes, heads=heads)

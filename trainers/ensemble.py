@@ -9,6 +9,10 @@ member's data (key=value overrides apply to that config, e.g. data.cache_dir=...
 as its own run and registered like any job's model: it takes the alias only if it beats the
 holder on the same validation split. No Ray: it trains nothing. `--cca-weight W` adds closed-form
 CCA, fitted on the training split, as one more member at weight W (the runs share 1 - W).
+`--hubness auto` fits a hubness correction (itmatch.models.hubness: CSLS against the training
+split's embeddings) and keeps the neighbourhood size and weight that score best on the validation
+split, or none where none beats the plain ensemble (`--hubness K,W` fixes them); with a
+correction or CCA one member is enough.
 """
 
 from __future__ import annotations
@@ -35,6 +39,9 @@ log = logging.getLogger("itmatch.ensemble")
 SAME_INPUTS = ("data.image_encoder", "data.text_encoder", "model.image_tower", "model.text_tower", "model.image_size",
                "model.text_max_length", "model.name")
 TOWER_MODELS = ("embedding", "cca", "similarity", "twoway")
+# Rows of each modality in a hubness bank: a seeded subset of a larger training split (the bank is
+# saved with the model, rows x the joined width in float32).
+BANK_ROWS = 5000
 
 
 def member_checkpoint(ref: str) -> Path:
@@ -65,11 +72,11 @@ def check_members(configs: list[Config], refs: list[str]) -> None:
                                   "ensemble's members must take the same inputs")
 
 
-def build(refs: list[str], name: str, overrides: list[str]) -> tuple[Config, list[Path]]:
+def build(refs: list[str], name: str, overrides: list[str], min_members: int = 2) -> tuple[Config, list[Path]]:
     from itmatch.state import load_checkpoint
 
-    if len(refs) < 2:
-        raise ConfigError("an ensemble needs at least two members")
+    if len(refs) < min_members:
+        raise ConfigError(f"an ensemble needs at least {min_members} member(s), got {len(refs)}")
     folders = [member_checkpoint(r) for r in refs]
     configs = [load_checkpoint(f)[1] for f in folders]
     check_members(configs, refs)
@@ -92,13 +99,58 @@ def cca_member(cfg: Config, store: Any, folder: Path, dim: int) -> Path:
     return folder
 
 
+def hubness_setting(text: str) -> Optional[tuple[int, float]]:
+    """itmatch.models.hubness.parse_setting, refused as a ConfigError."""
+    from itmatch.models.hubness import parse_setting
+
+    try:
+        return parse_setting(text)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def fit_hubness(model: Any, store: Any, cfg: Config, setting: str = "auto") -> tuple[Any, dict[str, Any]]:
+    """The hubness correction of `model`, its bank the training split's embeddings (at most
+    BANK_ROWS a modality): with "auto" the (k, w) that scores best on the validation split by
+    train.metric, None where no setting beats the plain embeddings; with "K,W" that one. Returns
+    it and a record of what was tried."""
+    import torch
+
+    from itmatch.eval.evaluate import embed_split
+    from itmatch.eval.retrieval import retrieval_metrics
+    from itmatch.models.hubness import DEFAULT_GRID, HubnessCorrection, choose, sample_rows
+
+    fixed = hubness_setting(setting)
+    bank = embed_split(model, store.split(cfg.data.train_split))
+    ref_img, ref_txt = (sample_rows(x, BANK_ROWS, cfg.train.seed) for x in bank)
+    val = store.split(cfg.data.val_split)
+    img, txt = embed_split(model, val)
+    txt_img = torch.from_numpy(val.caption_image)
+    metric, chunk = cfg.train.metric, cfg.train.eval_chunk
+    grid = DEFAULT_GRID if fixed == (0, 0.0) else [fixed]
+    picked = choose(img, txt, ref_img, ref_txt, lambda i, t: retrieval_metrics(i, t, txt_img, chunk=chunk)[metric],
+                    grid=grid)
+    if fixed != (0, 0.0):  # asked for: kept whatever validation says
+        picked.k, picked.weight, picked.score = fixed[0], fixed[1], picked.tried[0][2]
+    record = {"setting": setting, "k": picked.k, "weight": picked.weight, f"val_{metric}": picked.score,
+              f"val_{metric}_plain": picked.plain,
+              "tried": [{"k": k, "weight": w, f"val_{metric}": v} for k, w, v in picked.tried],
+              "bank": f"{cfg.data.train_split}: {len(ref_img)} images, {len(ref_txt)} captions"}
+    log.info("hubness correction: k=%d weight=%.2f (val %s %.2f, plain %.2f)", picked.k, picked.weight, metric,
+             picked.score, picked.plain)
+    if picked.weight <= 0:
+        return None, record
+    return HubnessCorrection(ref_img, ref_txt, picked.k, picked.weight), record
+
+
 def evaluate_and_log(cfg: Config, folders: list[Path], refs: list[str], tags: Optional[dict[str, str]] = None,
-                     cca_weight: float = 0.0, cca_dim: int = 128) -> dict[str, Any]:
+                     cca_weight: float = 0.0, cca_dim: int = 128, hubness: str = "off") -> dict[str, Any]:
     """Save, evaluate (val, test), log and maybe register the ensemble; `tags` for its MLflow run.
     `cca_weight` > 0 adds CCA fitted on the training split (`cca_member`) at that weight, the
-    trained members sharing the rest equally."""
+    trained members sharing the rest equally; `hubness` ("auto" or "K,W") attaches the correction
+    that `fit_hubness` picks on the validation split, or the one asked for."""
     from itmatch.eval.evaluate import evaluate_split
-    from itmatch.models.ensemble import save_ensemble
+    from itmatch.models.ensemble import save_ensemble, save_hubness
     from itmatch.state import load_model
     from trainers.job import SUMMARY_FILE, promote, run_dir
     from trainers.train import prepare_store
@@ -113,11 +165,19 @@ def evaluate_and_log(cfg: Config, folders: list[Path], refs: list[str], tags: Op
     model, _ = load_model(best)
     if tuple(store.dims) != tuple(model.dims):
         raise DataError(f"the members take features of width {model.dims}, {cfg.data.source} gives {store.dims}")
+    hub_record = None
+    if hubness_setting(hubness) is not None:
+        correction, hub_record = fit_hubness(model, store, cfg, hubness)
+        if correction is not None:  # what the correction changed on test, for the record (not chosen on it)
+            hub_record[f"test_{cfg.train.metric}_plain"] = evaluate_split(
+                model, store.split(cfg.data.test_split), chunk=cfg.train.eval_chunk)[cfg.train.metric]
+            save_hubness(best, correction, hub_record["bank"])
+            model, _ = load_model(best)
     metric, chunk = cfg.train.metric, cfg.train.eval_chunk
     val = evaluate_split(model, store.split(cfg.data.val_split), chunk=chunk)
     test = evaluate_split(model, store.split(cfg.data.test_split), chunk=chunk)
     summary: dict[str, Any] = {"best_checkpoint": str(best), "members": [str(f) for f in folders], "weights": weights,
-                               f"val_{metric}": val[metric], "test": test}
+                               f"val_{metric}": val[metric], "test": test, "hubness": hub_record}
     if cfg.tracking.enabled:
         from trainers import tracking as tr
 
@@ -146,14 +206,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--cca-weight", type=float, default=0.0,
                    help="add CCA fitted on the first member's training split at this weight (0 <= w < 1)")
     p.add_argument("--cca-dim", type=int, default=128, help="CCA's canonical dimensions (with --cca-weight)")
+    p.add_argument("--hubness", default="off",
+                   help="off | auto: a hubness correction (CSLS against the training split) if it helps on "
+                        "validation | K,W: that one (K reference neighbours, weight W)")
     args = p.parse_intermixed_args(argv)
     refs = [m for m in args.members if "=" not in m]
     overrides = [m for m in args.members if "=" in m]
     try:
         if not 0 <= args.cca_weight < 1 or args.cca_dim < 1:
             raise ConfigError(f"--cca-weight must be in [0, 1) and --cca-dim >= 1, got {args.cca_weight} and {args.cca_dim}")
-        cfg, folders = build(refs, args.name, overrides)
-        summary = evaluate_and_log(cfg, folders, refs, cca_weight=args.cca_weight, cca_dim=args.cca_dim)
+        alone_ok = args.cca_weight > 0 or hubness_setting(args.hubness) is not None  # one run + CCA or a correction
+        cfg, folders = build(refs, args.name, overrides, min_members=1 if alone_ok else 2)
+        summary = evaluate_and_log(cfg, folders, refs, cca_weight=args.cca_weight, cca_dim=args.cca_dim,
+                                   hubness=args.hubness)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -318,13 +318,15 @@ def ensemble_model(cfg: Config, choice: dict, candidates: list[dict], search_dir
     ens_cfg, folders = build(members, f"{cfg.search.name}-ensemble",
                              [f"run.storage_path={search_dir}", *where, "tracking.registered_model="])
     summary = evaluate_and_log(ens_cfg, folders, members, tags={"mlflow.parentRunId": parent["run_id"]},
-                               cca_weight=cfg.search.ensemble_cca, cca_dim=cfg.search.ensemble_cca_dim)
+                               cca_weight=cfg.search.ensemble_cca, cca_dim=cfg.search.ensemble_cca_dim,
+                               hubness=cfg.search.ensemble_hubness)
     metric = cfg.train.metric
     one = len({s["trial_id"] for s in runs}) == 1  # the chosen configuration's seeds: named by seed
     choice["model"] = {"seed": [s["seed"] if one else f"{s['trial_id']}:{s['seed']}" for s in runs]
                        + (["cca"] if cfg.search.ensemble_cca else []), "weights": summary["weights"],
                        "val": summary[f"val_{metric}"], "test": summary["test"].get(metric),
-                       "run_id": summary.get("run_id"), "model_uri": summary.get("model_uri"),
+                       "hubness": summary["hubness"], "run_id": summary.get("run_id"),
+                       "model_uri": summary.get("model_uri"),
                        "checkpoint": summary["best_checkpoint"]}
     log.info("ensemble of %d runs %s: val %s %.2f (best run alone %.2f)", len(runs), choice["model"]["seed"], metric,
              choice["model"]["val"], max(s["val"] for s in runs))

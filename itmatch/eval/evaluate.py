@@ -82,6 +82,7 @@ def evaluate_embeddings(model: nn.Module, img: torch.Tensor, txt: torch.Tensor, 
     metrics = retrieval_metrics(img, txt, txt_img, chunk=chunk, score_fn=score_fn)
     if protocol == "coco":
         metrics.update(coco_protocols(img, txt, txt_img, chunk=chunk, score_fn=score_fn))
-    if sentences:
-        metrics.update(sentence_retrieval(txt, torch.from_numpy(split.caption_gid), chunk=chunk))
+    if sentences:  # captions against captions by cosine: the unit part of a hubness-corrected embedding
+        core = getattr(model, "core_dim", None) or txt.shape[1]
+        metrics.update(sentence_retrieval(txt[:, :core], torch.from_numpy(split.caption_gid), chunk=chunk))
     return metrics

@@ -10,6 +10,9 @@ reach 419.4 together (BENCHMARKS.md).
 Members may carry weights (summing to 1; equal by default): the ensemble's cosine is then the
 weighted mean of the members' cosines, e.g. closed-form CCA as a minor member beside trained runs.
 
+An ensemble may carry a hubness correction (itmatch.models.hubness: CSLS against a bank of
+training embeddings), applied to the joined embeddings; its bank is `hubness.pt` in the folder.
+
 On disk an ensemble is a folder holding each member's checkpoint folder (`member_<i>/`) and
 `ensemble.json` (the member list and weights, written last, so a folder with it is complete).
 """
@@ -26,14 +29,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from itmatch.models.hubness import HubnessCorrection
+
 ENSEMBLE_FILE = "ensemble.json"
+HUBNESS_FILE = "hubness.pt"
 
 
 class Ensemble(nn.Module):
     """Members that take the same inputs (one configuration, other seeds): their towers prepare
     inputs identically, so the first member's preparation serves all of them."""
 
-    def __init__(self, members: Sequence[nn.Module], weights: Optional[Sequence[float]] = None) -> None:
+    def __init__(self, members: Sequence[nn.Module], weights: Optional[Sequence[float]] = None,
+                 hubness: Optional[HubnessCorrection] = None) -> None:
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
@@ -43,6 +50,12 @@ class Ensemble(nn.Module):
             raise ValueError(f"members with a learned pair score ({refused[0]}) cannot be ensembled by embedding")
         self.members = nn.ModuleList(members)
         self.dims = tuple(getattr(members[0], "dims", ()))
+        self.hubness = hubness
+
+    @property
+    def core_dim(self) -> Optional[int]:
+        """Width of the unit embedding before the hubness columns (None: no correction)."""
+        return None if self.hubness is None else self.hubness.core_dim
 
     @property
     def image_tower(self) -> nn.Module:
@@ -58,11 +71,13 @@ class Ensemble(nn.Module):
 
     @torch.no_grad()
     def embed_images(self, x) -> Tensor:
-        return self._joined([m.embed_images(x) for m in self.members])
+        e = self._joined([m.embed_images(x) for m in self.members])
+        return e if self.hubness is None else self.hubness.images(e)
 
     @torch.no_grad()
     def embed_texts(self, x) -> Tensor:
-        return self._joined([m.embed_texts(x) for m in self.members])
+        t = self._joined([m.embed_texts(x) for m in self.members])
+        return t if self.hubness is None else self.hubness.texts(t)
 
 
 def member_weights(n: int, weights: Optional[Sequence[float]] = None) -> list[float]:
@@ -93,11 +108,40 @@ def save_ensemble(folder: str | Path, members: Sequence[str | Path], sources: Se
             shutil.rmtree(target)
         shutil.copytree(member, target)
         names.append(target.name)
+    (folder / HUBNESS_FILE).unlink(missing_ok=True)  # a bank of an earlier ensemble in this folder
     record = {"members": names, "sources": [str(s) for s in (sources or members)], "weights": weights}
     tmp = folder / (ENSEMBLE_FILE + ".tmp")
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(folder / ENSEMBLE_FILE)
     return folder
+
+
+def save_hubness(folder: str | Path, correction: HubnessCorrection, reference: str) -> None:
+    """Attach a hubness correction to a saved ensemble: its bank first, then the record in
+    ensemble.json (replaced atomically: a crash between leaves the ensemble without it)."""
+    folder = Path(folder)
+    tmp = folder / (HUBNESS_FILE + ".tmp")
+    # float16 on disk: half the size, and a penalty is a mean of cosines (|error| < 1e-3)
+    torch.save({"ref_images": correction.ref_images.half().cpu(), "ref_texts": correction.ref_texts.half().cpu()}, tmp)
+    tmp.replace(folder / HUBNESS_FILE)
+    record = json.loads((folder / ENSEMBLE_FILE).read_text())
+    record["hubness"] = {"k": correction.k, "weight": correction.weight, "file": HUBNESS_FILE, "reference": reference}
+    tmp = folder / (ENSEMBLE_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(folder / ENSEMBLE_FILE)
+
+
+def saved_hubness(folder: str | Path) -> Optional[HubnessCorrection]:
+    """The hubness correction recorded in an ensemble folder, if any (ValueError/OSError when its
+    record or bank is unusable)."""
+    folder = Path(folder)
+    record = json.loads((folder / ENSEMBLE_FILE).read_text()).get("hubness")
+    if record is None:
+        return None
+    if not isinstance(record, dict) or not {"k", "weight", "file"} <= set(record):
+        raise ValueError(f"field 'hubness' must hold k, weight and file, got {record!r}")
+    bank = torch.load(folder / str(record["file"]), map_location="cpu", weights_only=True)
+    return HubnessCorrection(bank["ref_images"], bank["ref_texts"], record["k"], record["weight"])
 
 
 def member_folders(folder: str | Path) -> list[Path]:
@@ -110,5 +154,5 @@ def saved_weights(folder: str | Path) -> Optional[list[float]]:
     return json.loads((Path(folder) / ENSEMBLE_FILE).read_text()).get("weights")
 
 
-__all__ = ["ENSEMBLE_FILE", "Ensemble", "is_ensemble", "member_folders", "member_weights", "save_ensemble",
-           "saved_weights"]
+__all__ = ["ENSEMBLE_FILE", "HUBNESS_FILE", "Ensemble", "is_ensemble", "member_folders", "member_weights",
+           "save_ensemble", "save_hubness", "saved_hubness", "saved_weights"]

@@ -107,6 +107,40 @@ def test_cli_evaluates_logs_and_registers_the_ensemble(members):
     assert emb.shape == (3, 32) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
 
 
+def test_one_run_with_a_hubness_correction_is_registered_and_served_corrected(members):
+    """`trainers.ensemble RUN --hubness 5,0.5`: one run is enough; the registered model serves the
+    augmented embeddings, whose dot product is CSLS against the training split (itmatch.models.hubness
+    checked pair by pair in tests/unit/test_hubness.py), the same scores as the folder's model."""
+    from itmatch.models.hubness import penalty
+
+    tmp, source, store, runs = members
+    uri = f"sqlite:///{tmp / 'hub.db'}"
+    args = [sys.executable, "-m", "trainers.ensemble", str(runs[0]), "--name", "hub", "--hubness", "5,0.5",
+            "tracking.enabled=true", f"tracking.tracking_uri={uri}", f"tracking.artifact_location={tmp / 'hart'}",
+            "tracking.registered_model=itm-hub"]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp / "runs" / "hub" / "summary.json").read_text())
+    assert (summary["hubness"]["k"], summary["hubness"]["weight"]) == (5, 0.5)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    served = mlflow.pyfunc.load_model("models:/itm-hub@champion")
+    test = store.split("test")
+    caps = served.predict(pd.DataFrame({"text_feature": list(test.caption_feats[:4])}))
+    ims = served.predict(pd.DataFrame({"image_feature": list(test.image_feats[:3])}))
+    plain = load_model(runs[0] / "best_model")[0]
+    train_img, train_txt = (F.normalize(x, dim=1) for x in embed_split(plain, store.split("train")))
+    i = F.normalize(plain.embed_images(torch.tensor(test.image_feats[:3])), dim=1)
+    t = F.normalize(plain.embed_texts(torch.tensor(test.caption_feats[:4])), dim=1)
+    csls = i @ t.T - 0.5 * (penalty(i, train_txt, 5)[:, None] + penalty(t, train_img, 5)[None, :])
+    assert caps.shape == (4, 18) and ims.shape == (3, 18)
+    np.testing.assert_allclose(ims @ caps.T, csls.numpy(), rtol=1e-3, atol=2e-3)  # bank stored in float16
+    bad = subprocess.run([sys.executable, "-m", "trainers.ensemble", str(runs[0]), "--name", "x", "--hubness", "10:0.5",
+                          f"run.storage_path={tmp / 'bad'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "'10:0.5'" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
 def test_members_with_other_inputs_or_a_pair_score_are_refused(members, tmp_path):
     tmp, source, store, runs = members
     cfg = load_config(None, [f"data.source={source}", *TINY, "data.text_encoder=minilm"])
@@ -158,3 +192,8 @@ def test_a_search_registers_its_choices_seeds_as_one_ensemble(members):
     two = load_config(None, {**cfg.flat(), "search.rerun_top": 2, "search.ensemble_top": 2})
     model = ensemble_model(two, single, [other, single], tmp / "search", parent)
     assert model["seed"] == ["t1:0", "t2:0"]
+    # search.ensemble_hubness: the search's ensemble carries the correction it asks for
+    hub = load_config(None, {**cfg.flat(), "search.ensemble_hubness": "5,0.5"})
+    model = ensemble_model(hub, choice, [other, choice], tmp / "search", parent)
+    assert (model["hubness"]["k"], model["hubness"]["weight"]) == (5, 0.5)
+    assert load_model(model["checkpoint"])[0].hubness.k == 5
