@@ -121,8 +121,9 @@ def fit_hubness(model: Any, store: Any, cfg: Config, setting: str = "auto") -> t
     from itmatch.models.hubness import DEFAULT_GRID, HubnessCorrection, choose, sample_rows
 
     fixed = hubness_setting(setting)
-    bank = embed_split(model, store.split(cfg.data.train_split))
-    ref_img, ref_txt = (sample_rows(x, BANK_ROWS, cfg.train.seed) for x in bank)
+    train = store.split(cfg.data.train_split)
+    ref_img, ref_txt = embed_split(model, train, image_rows=sample_rows(len(train.image_ids), BANK_ROWS, cfg.train.seed),
+                                   caption_rows=sample_rows(len(train), BANK_ROWS, cfg.train.seed))
     val = store.split(cfg.data.val_split)
     img, txt = embed_split(model, val)
     txt_img = torch.from_numpy(val.caption_image)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -15,13 +17,13 @@ from itmatch.eval.retrieval import coco_protocols, retrieval_metrics, sentence_r
 
 
 @torch.no_grad()
-def _embed(embed, tower: nn.Module, items_at, n: int, device: torch.device, flip: bool = False) -> torch.Tensor:
-    """Embeddings of rows 0..n through a tower's own preparation, `tower.eval_batch` rows at a time;
-    `flip`: the mean of each image's and its mirror image's embedding (004's test-time flip)."""
+def _embed(embed, tower: nn.Module, items_at, rows: np.ndarray, device: torch.device, flip: bool = False) -> torch.Tensor:
+    """Embeddings of these rows through a tower's own preparation, `tower.eval_batch` rows at a
+    time; `flip`: the mean of each image's and its mirror image's embedding (004's test-time flip)."""
     step = getattr(tower, "eval_batch", 4096)
     out = []
-    for start in range(0, n, step):
-        x = move(tower.prepare(items_at(np.arange(start, min(start + step, n)))), device)
+    for start in range(0, len(rows), step):
+        x = move(tower.prepare(items_at(rows[start:start + step])), device)
         e = embed(x)
         if flip:
             e = F.normalize(e + embed(x.flip(-1)), dim=-1)
@@ -29,17 +31,20 @@ def _embed(embed, tower: nn.Module, items_at, n: int, device: torch.device, flip
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def embed_split(model: nn.Module, split, *, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def embed_split(model: nn.Module, split, *, device: torch.device | str = "cpu", image_rows: Optional[np.ndarray] = None,
+                caption_rows: Optional[np.ndarray] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Image and caption embeddings of a split (FeatureSplit or RawSplit), with the model in eval
-    mode (restored after)."""
+    mode (restored after); `image_rows` / `caption_rows`: only those rows (default: all)."""
     was_training = model.training
     model.eval()
     try:
         device = torch.device(device)
         flip = bool(getattr(model.image_tower, "tta_flip", False))
         captions = lambda rows: caption_items(split, model.text_tower.prepare, rows)  # noqa: E731
-        return (_embed(model.embed_images, model.image_tower, split.images_at, len(split.image_ids), device, flip),
-                _embed(model.embed_texts, model.text_tower, captions, len(split), device))
+        image_rows = np.arange(len(split.image_ids)) if image_rows is None else np.asarray(image_rows)
+        caption_rows = np.arange(len(split)) if caption_rows is None else np.asarray(caption_rows)
+        return (_embed(model.embed_images, model.image_tower, split.images_at, image_rows, device, flip),
+                _embed(model.embed_texts, model.text_tower, captions, caption_rows, device))
     finally:
         model.train(was_training)
 

@@ -118,13 +118,12 @@ def parse_setting(text: str) -> Optional[tuple[int, float]]:
     return fixed
 
 
-def sample_rows(x: Tensor, limit: int, seed: int = 0) -> Tensor:
-    """At most `limit` rows of `x` (a seeded random subset, in their order): a bounded bank for
-    large training splits."""
-    if len(x) <= limit:
-        return x
-    keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
-    return x[keep]
+def sample_rows(n: int, limit: int, seed: int = 0) -> Tensor:
+    """Indices of at most `limit` of n rows (a seeded random subset, in order): a bounded bank for
+    large training splits, chosen before anything is embedded."""
+    if n <= limit:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
 
 
 __all__ = ["DEFAULT_GRID", "Choice", "HubnessCorrection", "choose", "parse_setting", "penalty", "sample_rows"]

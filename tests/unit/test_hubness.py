@@ -78,8 +78,8 @@ def test_bad_banks_are_refused():
     corr = HubnessCorrection(_unit(3, 4, 0), _unit(3, 4, 0), 2, 0.5)
     with pytest.raises(ValueError, match="bank is 4 wide, the model's embeddings 6"):
         corr.texts(_unit(2, 6, 0))
-    rows = sample_rows(torch.arange(10)[:, None], 4, seed=1)
-    assert len(rows) == 4 and rows[:, 0].tolist() == sorted(set(rows[:, 0].tolist()))
+    rows = sample_rows(10, 4, seed=1)
+    assert len(rows) == 4 and rows.tolist() == sorted(set(rows.tolist())) and sample_rows(3, 4).tolist() == [0, 1, 2]
 
 
 def test_the_correction_survives_save_and_load(tmp_path):
@@ -107,7 +107,7 @@ def test_the_correction_survives_save_and_load(tmp_path):
     assert load_model(saved)[0].hubness is None
 
 
-def test_the_ensemble_trainer_fits_the_correction_on_validation(small_precomp, tmp_path):
+def test_the_ensemble_trainer_fits_the_correction_on_validation(small_precomp, tmp_path, monkeypatch):
     from trainers.ensemble import evaluate_and_log
 
     base = [f"data.source={small_precomp}", f"data.cache_dir={tmp_path / 'cache'}",
@@ -138,6 +138,15 @@ def test_the_ensemble_trainer_fits_the_correction_on_validation(small_precomp, t
     (img, txt), (pi, pt) = embed_split(model, test), embed_split(plain_model, test)
     bank = [embed_split(plain_model, store.split("train"))[i] for i in (0, 1)]
     torch.testing.assert_close(img @ txt.T, _csls_loop(pi, pt, *bank, 3, 0.5), rtol=1e-3, atol=2e-3)
+
+    # a training split larger than the bank: a seeded subset of rows, embedded alone, not the whole split
+    monkeypatch.setattr("trainers.ensemble.BANK_ROWS", 7)
+    small = evaluate_and_log(load_config(None, [*base, "run.name=small"]), [run], [str(run)], hubness="3,0.5")
+    sub = load_model(small["best_checkpoint"])[0].hubness
+    rows_i, rows_t = sample_rows(len(bank[0]), 7, cfg.train.seed), sample_rows(len(bank[1]), 7, cfg.train.seed)
+    assert len(bank[1]) > 7 and sub.ref_images.shape[0] == sub.ref_texts.shape[0] == 7
+    torch.testing.assert_close(sub.ref_images, F.normalize(bank[0][rows_i], dim=1), rtol=0, atol=1e-3)
+    torch.testing.assert_close(sub.ref_texts, F.normalize(bank[1][rows_t], dim=1), rtol=0, atol=1e-3)
 
 
 @pytest.mark.parametrize("text", ["always", "0,0.5", "3,0", "3,-1", "3", "a,b", "3,inf", "3:0.5"])
