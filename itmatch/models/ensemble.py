@@ -140,8 +140,12 @@ def saved_hubness(folder: str | Path) -> Optional[HubnessCorrection]:
         return None
     if not isinstance(record, dict) or not {"k", "weight", "file"} <= set(record):
         raise ValueError(f"field 'hubness' must hold k, weight and file, got {record!r}")
-    bank = torch.load(folder / str(record["file"]), map_location="cpu", weights_only=True)
-    return HubnessCorrection(bank["ref_images"], bank["ref_texts"], record["k"], record["weight"])
+    path = folder / str(record["file"])
+    try:
+        bank = torch.load(path, map_location="cpu", weights_only=True)
+        return HubnessCorrection(bank["ref_images"], bank["ref_texts"], int(record["k"]), float(record["weight"]))
+    except Exception as exc:  # noqa: BLE001 - any unreadable bank is one clear error naming the file
+        raise ValueError(f"hubness bank {path}: {type(exc).__name__}: {exc}") from exc
 
 
 def member_folders(folder: str | Path) -> list[Path]:

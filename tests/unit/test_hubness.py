@@ -100,6 +100,16 @@ def test_the_correction_survives_save_and_load(tmp_path):
     with pytest.raises(CheckpointError, match="ensemble.json.*hubness"):
         load_model(saved)
     (saved / "ensemble.json").write_text(json.dumps(record))
+    good = (saved / "hubness.pt").read_bytes()
+    for bad in (b"not a tensor file", None):  # garbage, then a bank of the wrong keys
+        if bad is None:
+            torch.save({"images": torch.zeros(2, 7)}, saved / "hubness.pt")
+        else:
+            (saved / "hubness.pt").write_bytes(bad)
+        with pytest.raises(CheckpointError, match="ensemble.json: hubness bank .*hubness.pt"):
+            load_model(saved)
+    (saved / "hubness.pt").write_bytes(good)
+    assert load_model(saved)[0].hubness.k == 5
     (saved / "hubness.pt").unlink()
     with pytest.raises(CheckpointError, match="ensemble.json.*hubness.pt"):
         load_model(saved)
