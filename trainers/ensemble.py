@@ -144,6 +144,12 @@ def fit_hubness(model: Any, store: Any, cfg: Config, setting: str = "auto") -> t
     return HubnessCorrection(ref_img, ref_txt, picked.k, picked.weight), record
 
 
+def _hubness_tag(record: dict[str, Any], metric: str) -> str:
+    """One line for the MLflow UI: the correction kept (or none) and what it did on validation."""
+    what = f"k={record['k']} w={record['weight']}" if record["weight"] else "none kept"
+    return f"{what} (val {metric} {record[f'val_{metric}_plain']:.2f} plain, {record[f'val_{metric}']:.2f} kept)"
+
+
 def evaluate_and_log(cfg: Config, folders: list[Path], refs: list[str], tags: Optional[dict[str, str]] = None,
                      cca_weight: float = 0.0, cca_dim: int = 128, hubness: str = "off") -> dict[str, Any]:
     """Save, evaluate (val, test), log and maybe register the ensemble; `tags` for its MLflow run.
@@ -182,10 +188,13 @@ def evaluate_and_log(cfg: Config, folders: list[Path], refs: list[str], tags: Op
     if cfg.tracking.enabled:
         from trainers import tracking as tr
 
-        info = tr.start_run(cfg, str(run_dir(cfg)), store, tags={"itmatch.ensemble": str(len(folders)), **(tags or {})})
+        hub_tags = {} if hub_record is None else {"itmatch.hubness": _hubness_tag(hub_record, metric)}
+        info = tr.start_run(cfg, str(run_dir(cfg)), store,
+                            tags={"itmatch.ensemble": str(len(folders)), **hub_tags, **(tags or {})})
         try:
+            plain = {f"hubness_{k}": v for k, v in (hub_record or {}).items() if k.endswith("_plain")}
             tr.epoch_logger(info)({**{f"val_{k}": v for k, v in val.items()},
-                                   **{f"test_{k}": v for k, v in test.items()}}, 1)
+                                   **{f"test_{k}": v for k, v in test.items()}, **plain}, 1)
             model_info = tr.log_model(info, best, store)
             summary.update(model_uri=model_info.model_uri, run_id=info["run_id"])
             if cfg.tracking.registered_model:

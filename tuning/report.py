@@ -141,6 +141,10 @@ def log_parent(parent: dict, rows: list[dict], best: Optional[dict], metric: str
         client.set_tag(run_id, "itmatch.best_trial", best["trial_id"])
         client.set_tag(run_id, "itmatch.best_seeds", mean_std(choice))
         client.set_tag(run_id, "itmatch.best_seed", str(choice["model"]["seed"]))
+        if choice["model"].get("hubness"):
+            hub = choice["model"]["hubness"]
+            client.set_tag(run_id, "itmatch.best_hubness",
+                           f"k={hub['k']} w={hub['weight']}" if hub["weight"] else "none kept")
         for key, value in best["params"].items():
             client.set_tag(run_id, f"best.{key}", str(value))
     client.log_table(run_id, data=_columns(rows), artifact_file="trials.json")

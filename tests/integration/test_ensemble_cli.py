@@ -123,6 +123,12 @@ def test_one_run_with_a_hubness_correction_is_registered_and_served_corrected(me
     summary = json.loads((tmp / "runs" / "hub" / "summary.json").read_text())
     assert (summary["hubness"]["k"], summary["hubness"]["weight"]) == (5, 0.5)
     import mlflow
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(uri).get_run(summary["run_id"])
+    assert run.data.tags["itmatch.hubness"].startswith("k=5 w=0.5 (val rsum ")
+    assert run.data.metrics["hubness_val_rsum_plain"] == pytest.approx(summary["hubness"]["val_rsum_plain"])
+    assert run.data.metrics["hubness_test_rsum_plain"] == pytest.approx(summary["hubness"]["test_rsum_plain"])
 
     mlflow.set_tracking_uri(uri)
     served = mlflow.pyfunc.load_model("models:/itm-hub@champion")
