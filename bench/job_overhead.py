@@ -25,7 +25,8 @@ The bare loop's epoch moves by +-0.1 s from run to run on a shared 2-core VM, as
 goal's margin, so it runs three times -- first, between the jobs and the trials, last -- and the
 ratios are against the median of the three (the table shows their range).
 
-    .venv/bin/python bench/job_overhead.py [--epochs 12] [--one-worker-trials] [--thread-wait sleep,spin] [key=value ...]
+    .venv/bin/python bench/job_overhead.py [--epochs 12] [--one-worker-trials] [--thread-wait sleep,spin]
+        [--tune-loggers on,off] [key=value ...]
 """
 
 from __future__ import annotations
@@ -125,10 +126,12 @@ def run_seconds(db: Path, run_id: str, summary: Path) -> float:
     return summary.stat().st_mtime - span_start(db, run_id)
 
 
-def run(args: list[str], timeout: int = 3600) -> float:
-    """Run a CLI from the repo root; returns the wall-clock time it started at."""
+def run(args: list[str], timeout: int = 3600, env: dict[str, str] | None = None) -> float:
+    """Run a CLI from the repo root (with `env` added to the environment); returns the wall-clock
+    time it started at."""
     started = time.time()
-    done = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
     if done.returncode != 0:
         raise SystemExit(done.stdout[-2000:] + done.stderr[-4000:])
     return started
@@ -145,14 +148,15 @@ def measure_job(tmp: Path, name: str, keys: list[str]) -> dict[str, float]:
             "mlflow_run": run_seconds(tmp / "mlruns.db", summary["run_id"], tmp / "runs" / name / "summary.json")}
 
 
-def measure_trial(tmp: Path, name: str, keys: list[str], trials: int = 2) -> list[dict[str, float]]:
+def measure_trial(tmp: Path, name: str, keys: list[str], trials: int = 2,
+                  env: dict[str, str] | None = None) -> list[dict[str, float]]:
     """The same job as the trials of a FIFO search, `trials` of them one after the other (the later
     ones may find their actor warm): their epoch times, runs and Tune's times, in the order they ran."""
     space = tmp / "space.yaml"
     space.write_text("train.seed: {choice: [0]}\n")  # every trial the same job
     started = run(["tuning.search", "--config", PRESET, "--space", str(space), "--num-samples", str(trials),
                    "--scheduler", "fifo", "--name", name, "--max-concurrent", "1", "search.rerun_top=0",
-                   "search.ensemble=false", *keys, *tmp_paths(tmp)])  # the preset's section re-runs seeds
+                   "search.ensemble=false", "search.rerun_per=null", *keys, *tmp_paths(tmp)], env=env)  # the preset's section re-runs seeds
     out = []
     for row in json.loads((tmp / "runs" / name / "search.json").read_text())["trials"]:
         folder = tmp / "runs" / name / "trials" / row["trial_id"]
@@ -174,6 +178,9 @@ def main() -> None:
     parser.add_argument("--thread-wait", default="sleep",
                         help="scaling.thread_wait for the one-worker trials; comma-separated settings "
                              "(e.g. sleep,spin,sleep,spin) are measured one after the other")
+    parser.add_argument("--tune-loggers", default="on",
+                        help="on: Tune's default result loggers (JSON, CSV, TensorBoard) in the search driver; "
+                             "off: TUNE_DISABLE_AUTO_CALLBACK_LOGGERS=1; comma-separated, paired with --thread-wait")
     parser.add_argument("overrides", nargs="*")
     opts = parser.parse_args()
     keys = [f"train.epochs={opts.epochs}", *opts.overrides]
@@ -187,10 +194,17 @@ def main() -> None:
         jobs = {} if opts.one_worker_trials else \
             {what: measure_job(tmp, f"job{k}", [*keys, *extra]) for k, (what, extra) in enumerate(JOBS.items())}
         bares.append(float(np.median(bare_loop(cfg, store)[1:])))
-        sets = ([] if opts.one_worker_trials else [(2, "sleep")]) + [(1, w) for w in opts.thread_wait.split(",")]
-        trials = {(n, k, wait): measure_trial(tmp, f"trial{n}-{k}", [*keys, f"search.trial_workers={n}",
-                                                                      f"scaling.thread_wait={wait}"], trials=4 - n)
-                  for k, (n, wait) in enumerate(sets)}
+        waits = opts.thread_wait.split(",")
+        loggers = opts.tune_loggers.split(",")
+        loggers = loggers * len(waits) if len(loggers) == 1 else loggers
+        waits = waits * len(loggers) if len(waits) == 1 else waits
+        if len(waits) != len(loggers):
+            raise SystemExit("--thread-wait and --tune-loggers pair up: give one value or as many as the other")
+        sets = ([] if opts.one_worker_trials else [(2, "sleep", "on")]) + [(1, w, lg) for w, lg in zip(waits, loggers)]
+        trials = {(n, k, wait, lg): measure_trial(tmp, f"trial{n}-{k}", [*keys, f"search.trial_workers={n}",
+                                                                          f"scaling.thread_wait={wait}"], trials=4 - n,
+                                                  env={"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"} if lg == "off" else {})
+                  for k, (n, wait, lg) in enumerate(sets)}
         bares.append(float(np.median(bare_loop(cfg, store)[1:])))
     steady_bare = float(np.median(bares))
     print(f"| {PRESET}, {' '.join(keys)} | seconds | ratio | goal |")
@@ -206,10 +220,10 @@ def main() -> None:
         print(f"| {what}, whole command | {job['wall']:.1f} | | |")
         print(f"| {what}, its run (fit, test, log_model) vs its training {job['training']:.1f} s | "
               f"{job['mlflow_run']:.1f} | +{100 * (job['mlflow_run'] / job['training'] - 1):.0f} % | |")
-    for (n, _, wait), runs in trials.items():
+    for (n, _, wait, lg), runs in trials.items():
         for k, trial in enumerate(runs):
             what = ("trial, 2 workers (Ray Train)" if n > 1 else
-                    f"trial, 1 worker in its own process (thread_wait={wait})") + \
+                    f"trial, 1 worker in its own process (thread_wait={wait}, Tune loggers {lg})") + \
                 (", the first" if k == 0 else ", the next (its actor reused where in-process)")
             print(f"| {what}, steady epoch | {trial['steady_epoch']:.2f} | "
                   f"{trial['steady_epoch'] / steady_bare:.2f} | <= 1.10 |")
