@@ -40,7 +40,7 @@ SAME_INPUTS = ("data.image_encoder", "data.text_encoder", "model.image_tower", "
                "model.text_max_length", "model.name")
 TOWER_MODELS = ("embedding", "cca", "similarity", "twoway")
 # Rows of each modality in a hubness bank: a seeded subset of a larger training split (the bank is
-# saved with the model, rows x the joined width in float32).
+# saved with the model, rows x the joined width in float16).
 BANK_ROWS = 5000
 
 
@@ -157,7 +157,7 @@ def evaluate_and_log(cfg: Config, folders: list[Path], refs: list[str], tags: Op
     trained members sharing the rest equally; `hubness` ("auto" or "K,W") attaches the correction
     that `fit_hubness` picks on the validation split, or the one asked for."""
     from itmatch.eval.evaluate import evaluate_split
-    from itmatch.models.ensemble import save_ensemble, save_hubness
+    from itmatch.models.ensemble import Ensemble, save_ensemble, save_hubness, saved_hubness
     from itmatch.state import load_model
     from trainers.job import SUMMARY_FILE, promote, run_dir
     from trainers.train import prepare_store
@@ -179,7 +179,8 @@ def evaluate_and_log(cfg: Config, folders: list[Path], refs: list[str], tags: Op
             hub_record[f"test_{cfg.train.metric}_plain"] = evaluate_split(
                 model, store.split(cfg.data.test_split), chunk=cfg.train.eval_chunk)[cfg.train.metric]
             save_hubness(best, correction, hub_record["bank"])
-            model, _ = load_model(best)
+            # the bank as saved (float16): what the registered model scores with; the members are loaded
+            model = Ensemble(model.members, model.weights, saved_hubness(best)).eval()
     metric, chunk = cfg.train.metric, cfg.train.eval_chunk
     val = evaluate_split(model, store.split(cfg.data.val_split), chunk=chunk)
     test = evaluate_split(model, store.split(cfg.data.test_split), chunk=chunk)

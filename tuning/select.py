@@ -22,23 +22,28 @@ def top_trials(rows: list[dict], metric: str, top: int, per: Optional[str] = Non
     far: re-runs (`tuning.rerun.plan`) then train it to the end with its own seed as well."""
     by_id = sorted(rows, key=lambda r: r["trial_id"])
     done = sorted((r for r in by_id if r["summary"]), key=lambda r: -r["summary"][f"val_{metric}"])
-    kept = _top_per(done, top, per, lambda r: r["params"])
+    kept = _top_per(done, top, per)
     if per is None:
         return kept
-    seen = {repr(r["params"].get(per)) for r in kept}
+    seen = {_value(r, per) for r in kept}
     stopped = sorted((r for r in by_id if r["status"] == "stopped" and r.get("best_val") is not None),
                      key=lambda r: -r["best_val"])
-    return kept + [r for r in _top_per(stopped, top, per, lambda r: r["params"]) if repr(r["params"].get(per)) not in seen]
+    return kept + [r for r in _top_per(stopped, top, per) if _value(r, per) not in seen]
 
 
-def _top_per(ordered: list[dict], top: int, per: Optional[str], params) -> list[dict]:
-    """The first `top` of `ordered`, or with `per` the first `top` of each value of params(x)[per]."""
+def _value(item: dict, per: str) -> str:
+    """A trial's (or candidate's) value of the searched key `per`, as a comparable string."""
+    return repr(item["params"].get(per))
+
+
+def _top_per(ordered: list[dict], top: int, per: Optional[str]) -> list[dict]:
+    """The first `top` of `ordered`, or with `per` the first `top` of each value of its params[per]."""
     if per is None:
         return ordered[:top]
     taken: dict[str, int] = {}
     kept = []
     for item in ordered:
-        value = repr(params(item).get(per))
+        value = _value(item, per)
         if taken.get(value, 0) < top:
             taken[value] = taken.get(value, 0) + 1
             kept.append(item)
@@ -92,5 +97,5 @@ def ranked(cands: list[dict]) -> list[dict]:
 def ensemble_members(cands: list[dict], top: int, per: Optional[str] = None) -> list[dict]:
     """The seed runs (with a checkpoint) of the `top` best candidates (of each value of `per`), best
     configuration first: what `search.ensemble` averages (`search.ensemble_top`, `search.rerun_per`)."""
-    chosen = _top_per(ranked(cands), top, per, lambda c: c["params"])
+    chosen = _top_per(ranked(cands), top, per)
     return [{**s, "trial_id": c["trial_id"]} for c in chosen for s in c["seeds"] if s.get("checkpoint")]
