@@ -118,12 +118,18 @@ def report(result: dict, stdout: str, search_wall: float, cca_summary: dict, cca
     what = f"ensemble of seeds {model['seed']}" if isinstance(model["seed"], list) else f"seed {model['seed']}"
     hub = model.get("hubness") or {}
     what += f", hubness k={hub['k']} w={hub['weight']}" if hub.get("weight") else ", no hubness correction"
+    refit = model.get("refit")
+    what += f", refitted on {refit['train_split']}" if refit else ""
     print(f"| chosen: trial {choice['trial_id']}, registered {what} | {model['test']:.1f} | "
-          f"{model['test'] / cca:.3f} | {model['val']:.1f} ({model['val'] / cca_val:.3f}x CCA's) |")
+          f"{model['test'] / cca:.3f} | {model['val']:.1f} ({model['val'] / cca_val:.3f}x CCA's; before any refit) |")
+    if refit:
+        before = refit["before"]["test"]
+        print(f"| the same ensemble before the refit (trained on the training split) | {before:.1f} | "
+              f"{before / cca:.3f} | {model['val']:.1f} |")
     if hub.get("weight"):
         plain = hub["test_rsum_plain"]
-        print(f"| the same ensemble without the correction | {plain:.1f} | {plain / cca:.3f} | "
-              f"{hub['val_rsum_plain']:.1f} |")
+        print(f"| the registered ensemble without the correction | {plain:.1f} | {plain / cca:.3f} | "
+              f"{hub['val_rsum_plain']:.1f}{' (in training)' if refit else ''} |")
     if choice["n"] > 1:
         tests = [s["test"] for s in choice["seeds"]]
         spread = (max(tests) - min(tests)) / 2

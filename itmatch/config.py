@@ -35,6 +35,7 @@ class DataConfig(_Section):
     synthetic:DIR (see itmatch.data.sources); region-phrase data, which makes the run a phrase
     localization task (`task`): entities:ROOT (Flickr30K Entities), shapes-phrases:DIR."""
     train_split: str = "train"
+    """A stored split, or a union of them (`train+val`: their images must not overlap)."""
     val_split: str = "val"
     test_split: str = "test"
     image_encoder: str = "efficientnet_lite0"
@@ -304,6 +305,9 @@ class TrainConfig(_Section):
     nonfinite: Literal["stop", "skip"] = "stop"
     """A NaN/Inf loss on any worker: stop the run (the last checkpoint stays good), or skip that
     step on every worker (no update) and count it (train_skipped_steps)."""
+    keep: Literal["best", "last"] = "best"
+    """The run's model: its epoch with the best validation score, or its last epoch (a refit whose
+    validation split is in its training data, its epoch count chosen before; search.refit)."""
     grad_cache_chunk: Optional[int] = Field(None, ge=1)
     """Gradient caching (GradCache) on the towers: run them this many rows at a time, twice (without,
     then with a graph), while the branches, heads and top-K mining see the whole global batch at
@@ -440,6 +444,13 @@ class SearchConfig(_Section):
     """search.ensemble: auto fits a hubness correction on the ensemble (CSLS against the training
     split's embeddings, itmatch.models.hubness) and keeps it if it raises the validation score;
     K,W applies that one (K reference neighbours, weight W); off: none."""
+    refit: bool = False
+    """search.ensemble: once the ensemble is chosen (its members, CCA weight and hubness setting,
+    all on the validation split), re-train each trained member on data.train_split +
+    data.val_split for its best epoch count with its own config and seed (train.keep=last), refit
+    CCA and the hubness bank on the same union, and register that ensemble. Its validation score is
+    no longer a measure (the split is in its training data): promotion compares the ensemble's score
+    from before the refit."""
 
     @field_validator("ensemble_hubness", mode="before")
     @classmethod
@@ -456,6 +467,8 @@ class SearchConfig(_Section):
         if self.ensemble and self.ensemble_top > max(self.rerun_top, 1):
             raise ValueError(f"search.ensemble_top={self.ensemble_top} > search.rerun_top={self.rerun_top}: the "
                              "ensemble takes the seed runs of re-run configurations only; raise search.rerun_top")
+        if self.refit and not self.ensemble:
+            raise ValueError("search.refit=true re-trains the ensemble's members: it needs search.ensemble=true")
         return self
 
 

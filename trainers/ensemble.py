@@ -150,12 +150,37 @@ def _hubness_tag(record: dict[str, Any], metric: str) -> str:
     return f"{what} (val {metric} {record[f'val_{metric}_plain']:.2f} plain, {record[f'val_{metric}']:.2f} kept)"
 
 
+def _ensemble_tags(hub_record: Optional[dict], metric: str, selection: Optional[dict], cfg: Config) -> dict[str, str]:
+    tags = {} if hub_record is None else {"itmatch.hubness": _hubness_tag(hub_record, metric)}
+    if selection is not None:  # the correction was chosen before the refit; validation says nothing now
+        if hub_record is not None:
+            tags["itmatch.hubness"] = f"k={hub_record['k']} w={hub_record['weight']} (chosen before the refit)"
+        tags["itmatch.refit"] = (f"trained on {cfg.data.train_split}; selected as run {selection.get('run_id')} "
+                                 f"(val {metric} {selection['score']:.2f})")
+    return tags
+
+
+def _ensemble_metrics(val: dict, test: dict, hub_record: Optional[dict], metric: str,
+                      selection: Optional[dict]) -> dict[str, float]:
+    """What the ensemble's run logs: val and test metrics, the plain (uncorrected) scores; a refit
+    logs no validation metric of its own (its training data holds the split), only the score it was
+    selected by, as selection_val_<metric>."""
+    plain = {f"hubness_{k}": v for k, v in (hub_record or {}).items()
+             if k.endswith("_plain") and (selection is None or not k.startswith("val_"))}
+    vals = {f"val_{k}": v for k, v in val.items()} if selection is None else \
+        {f"selection_val_{metric}": selection["score"]}
+    return {**vals, **{f"test_{k}": v for k, v in test.items()}, **plain}
+
+
 def evaluate_and_log(cfg: Config, folders: list[Path], refs: list[str], tags: Optional[dict[str, str]] = None,
-                     cca_weight: float = 0.0, cca_dim: int = 128, hubness: str = "off") -> dict[str, Any]:
+                     cca_weight: float = 0.0, cca_dim: int = 128, hubness: str = "off",
+                     selection: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Save, evaluate (val, test), log and maybe register the ensemble; `tags` for its MLflow run.
     `cca_weight` > 0 adds CCA fitted on the training split (`cca_member`) at that weight, the
     trained members sharing the rest equally; `hubness` ("auto" or "K,W") attaches the correction
-    that `fit_hubness` picks on the validation split, or the one asked for."""
+    that `fit_hubness` picks on the validation split, or the one asked for. `selection` ({"score",
+    "run_id"}): a refit whose training data holds the validation split (tuning/refit.py) is scored,
+    logged and promoted by that score, its ensemble's before the refit, not by its own."""
     from itmatch.eval.evaluate import evaluate_split
     from itmatch.models.ensemble import Ensemble, save_ensemble, save_hubness, saved_hubness
     from itmatch.state import load_model
@@ -184,22 +209,24 @@ def evaluate_and_log(cfg: Config, folders: list[Path], refs: list[str], tags: Op
     metric, chunk = cfg.train.metric, cfg.train.eval_chunk
     val = evaluate_split(model, store.split(cfg.data.val_split), chunk=chunk)
     test = evaluate_split(model, store.split(cfg.data.test_split), chunk=chunk)
+    score = val[metric] if selection is None else selection["score"]
     summary: dict[str, Any] = {"best_checkpoint": str(best), "members": [str(f) for f in folders], "weights": weights,
-                               f"val_{metric}": val[metric], "test": test, "hubness": hub_record}
+                               f"val_{metric}": score, "test": test, "hubness": hub_record}
+    if selection is not None:
+        summary["refit"] = {"train_split": cfg.data.train_split, f"val_{metric}_in_training": val[metric],
+                            "selected_by_run": selection.get("run_id")}
     if cfg.tracking.enabled:
         from trainers import tracking as tr
 
-        hub_tags = {} if hub_record is None else {"itmatch.hubness": _hubness_tag(hub_record, metric)}
-        info = tr.start_run(cfg, str(run_dir(cfg)), store,
-                            tags={"itmatch.ensemble": str(len(folders)), **hub_tags, **(tags or {})})
+        info = tr.start_run(cfg, str(run_dir(cfg)), store, tags={"itmatch.ensemble": str(len(folders)),
+                                                                 **_ensemble_tags(hub_record, metric, selection, cfg),
+                                                                 **(tags or {})})
         try:
-            plain = {f"hubness_{k}": v for k, v in (hub_record or {}).items() if k.endswith("_plain")}
-            tr.epoch_logger(info)({**{f"val_{k}": v for k, v in val.items()},
-                                   **{f"test_{k}": v for k, v in test.items()}, **plain}, 1)
+            tr.epoch_logger(info)(_ensemble_metrics(val, test, hub_record, metric, selection), 1)
             model_info = tr.log_model(info, best, store)
             summary.update(model_uri=model_info.model_uri, run_id=info["run_id"])
             if cfg.tracking.registered_model:
-                summary["registry"] = promote(info, cfg, store, model_info.model_uri, val[metric])
+                summary["registry"] = promote(info, cfg, store, model_info.model_uri, score)
         except BaseException:
             tr.end_run(info, "FAILED")
             raise

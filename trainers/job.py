@@ -251,10 +251,19 @@ def finalize(cfg: Config, store: FeatureStore, result, tracking: Optional[dict])
 
 def promote(tracking: dict, cfg: Config, store: FeatureStore, model_uri: str, val_score: float) -> dict[str, Any]:
     """Register the model; it takes the alias only if it beats the holder re-scored on this val split
-    (the rule itself: trainers.tracking.register)."""
+    (the rule itself: trainers.tracking.register). A holder trained on this val split (a refit,
+    tuning/refit.py) would score its own training data there: it is held to the score it was
+    registered with, its ensemble's before the refit."""
     from trainers import tracking as tr
 
-    champion_score = _score_on_val(tr.load_champion(tracking, cfg), store, cfg)
+    holder = tr.champion_version(tracking, cfg)
+    trained_on = (holder.tags.get(tr.TRAINED_ON_TAG, "") if holder is not None else "").split("+")
+    if holder is not None and cfg.data.val_split in trained_on and "val_score" in holder.tags:
+        log.info("the alias holder (version %s) was trained on %s: it keeps its registered score %s",
+                 holder.version, "+".join(trained_on), holder.tags["val_score"])
+        champion_score: Optional[float] = float(holder.tags["val_score"])
+    else:
+        champion_score = _score_on_val(tr.load_champion(tracking, cfg), store, cfg)
     return tr.register(tracking, cfg, model_uri, val_score, champion_score)
 
 

@@ -294,7 +294,7 @@ class Trainer:
             metrics.update({f"val_{k}": v for k, v in val.items()})
             score = val[self.cfg.train.metric]
             self.state.epoch = epoch + 1
-            if self.state.improved(score):
+            if self.state.improved(score) or self.cfg.train.keep == "last":
                 self.state.best_metric, self.state.best_epoch = score, epoch + 1
                 self.best_weights = self.epoch_weights
             metrics.update(epoch=epoch + 1, step=self.state.step, best_metric=self.state.best_metric)

@@ -22,6 +22,7 @@ from itmatch.data.store import FeatureStore
 
 log = logging.getLogger("itmatch.tracking")
 RUN_KEY_TAG = "itmatch.run_key"
+TRAINED_ON_TAG = "trained_on"  # a registered version's training split(s): `train+val` after a refit
 
 
 def resolve_uri(uri: str) -> str:
@@ -211,7 +212,8 @@ def register(tracking: dict[str, Any], cfg: Config, model_uri: str, score: float
              champion_score: Optional[float]) -> dict[str, Any]:
     """Register the model; move the alias to it only if it beats the current holder."""
     name, alias = cfg.tracking.registered_model, cfg.tracking.alias
-    version = mlflow.register_model(model_uri, name, tags={"metric": cfg.train.metric, "val_score": str(score)})
+    version = mlflow.register_model(model_uri, name, tags={"metric": cfg.train.metric, "val_score": str(score),
+                                                           TRAINED_ON_TAG: cfg.data.train_split})
     client = MlflowClient(tracking["tracking_uri"])
     promoted = champion_score is None or score > champion_score
     if promoted:
@@ -221,12 +223,18 @@ def register(tracking: dict[str, Any], cfg: Config, model_uri: str, score: float
     return {"name": name, "version": version.version, "promoted": promoted, "champion_score": champion_score}
 
 
-def load_champion(tracking: dict[str, Any], cfg: Config):
-    """The current alias holder as a torch model, or None."""
+def champion_version(tracking: dict[str, Any], cfg: Config):
+    """The registry's version that holds the alias, or None."""
     client = MlflowClient(tracking["tracking_uri"])
     try:
-        client.get_model_version_by_alias(cfg.tracking.registered_model, cfg.tracking.alias)
+        return client.get_model_version_by_alias(cfg.tracking.registered_model, cfg.tracking.alias)
     except mlflow.exceptions.MlflowException:
+        return None
+
+
+def load_champion(tracking: dict[str, Any], cfg: Config):
+    """The current alias holder as a torch model, or None."""
+    if champion_version(tracking, cfg) is None:
         return None
     uri = f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}"
     return mlflow.pyfunc.load_model(uri).unwrap_python_model().model

@@ -33,7 +33,7 @@ from typing import Optional  # noqa: E402
 from itmatch.config import Config, ConfigError, load_config  # noqa: E402
 from itmatch.data.sources import DataError  # noqa: E402
 from itmatch.data.raw import prepare_inputs  # noqa: E402
-from itmatch.data.store import FeatureStore  # noqa: E402
+from itmatch.data.store import FeatureStore, stored_splits  # noqa: E402
 from itmatch.models.towers import check_tower_names  # noqa: E402
 from trainers import in_process, preflight  # noqa: E402
 from trainers.job import run_dir, run_job, run_job_here, run_job_in_task  # noqa: E402
@@ -69,7 +69,8 @@ def prepare_store(cfg: Config) -> FeatureStore:
     # Encoder towers (end to end) read raw pixels and words, frozen features otherwise.
     return prepare_inputs(d.source, cache_dir=d.cache_dir, raw_images=cfg.model.raw_images,
                           image_encoder=d.image_encoder, text_encoder=d.text_encoder,
-                          splits=sorted({d.train_split, d.val_split, d.test_split}), image_featurizer=featurizer)
+                          splits=sorted(stored_splits(d.train_split, d.val_split, d.test_split)),
+                          image_featurizer=featurizer)
 
 
 def init_ray(cfg: Config, worker_groups: Optional[bool] = None) -> None:

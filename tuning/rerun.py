@@ -42,9 +42,11 @@ def plan(top: list[dict], setup: dict, extra: int) -> list[dict[str, Any]]:
 
 
 def rerun_config(setup: dict, item: dict[str, Any]) -> Config:
-    """The trial's config (driver-resolved, absolute paths) with the re-run's seed, folder, no
-    registration, no logged model and no plots (the search logs, draws and registers its one choice)."""
-    return load_config(None, {**setup["base"], **item["params"], "train.seed": item["seed"], "run.name": item["run"],
+    """The trial's config (driver-resolved, absolute paths; an item's own `config`, a refit's, over
+    it) with the re-run's seed, folder, no registration, no logged model and no plots (the search
+    logs, draws and registers its one choice)."""
+    return load_config(None, {**setup["base"], **item["params"], **item.get("config", {}),
+                              "train.seed": item["seed"], "run.name": item["run"],
                               "run.storage_path": setup["reruns_dir"], "tracking.registered_model": None,
                               "tracking.log_model": False, "eval.plots": False})
 

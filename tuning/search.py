@@ -47,7 +47,7 @@ from itmatch.data.raw import open_store  # noqa: E402
 from itmatch.data.store import FeatureStore  # noqa: E402
 from trainers import in_process, preflight  # noqa: E402
 from trainers.logs import setup_logging  # noqa: E402
-from tuning import registry, report, rerun, select  # noqa: E402
+from tuning import refit, registry, report, rerun, select  # noqa: E402
 from tuning.space import load_space  # noqa: E402
 
 log = logging.getLogger("itmatch.tune")
@@ -259,11 +259,12 @@ def _finish(cfg: Config, store: FeatureStore, rows: list[dict], reruns: list[dic
     elif best and parent:  # the choice is logged as a model (and registered) once
         from trainers.job import promote
 
-        model = ensemble_model(cfg, choice, candidates, search_dir, parent) if cfg.search.ensemble else \
+        model = ensemble_model(cfg, choice, candidates, search_dir, parent, setup) if cfg.search.ensemble else \
             choice["model"]
         model = _logged(model, parent, store, cfg)
-        if cfg.tracking.registered_model:
-            best["registry"] = promote({**parent, "run_id": model["run_id"]}, cfg, store, model["model_uri"],
+        if cfg.tracking.registered_model:  # a refit is registered as trained on its union of splits
+            reg_cfg = refit.trained_on(cfg) if model.get("refit") else cfg
+            best["registry"] = promote({**parent, "run_id": model["run_id"]}, reg_cfg, store, model["model_uri"],
                                        model["val"])
     result = {"best": best, "trials": rows, "candidates": candidates, "reruns": reruns}
     (search_dir / "search.json").write_text(json.dumps(result, indent=2, default=str))
@@ -303,10 +304,12 @@ def _plots(tracking: dict, best: Path, store: FeatureStore, cfg: Config) -> None
 
 
 def ensemble_model(cfg: Config, choice: dict, candidates: list[dict], search_dir: Path,
-                   parent: dict) -> dict[str, Any]:
+                   parent: dict, setup: Optional[dict] = None) -> dict[str, Any]:
     """The seed runs of the best `search.ensemble_top` configurations (the chosen one alone by
     default) as one ensemble model (trainers.ensemble), evaluated and logged as a child of the
-    search's run; recorded in the choice as its model. One run: that run."""
+    search's run; recorded in the choice as its model. One run: that run. With `search.refit`, that
+    ensemble re-trained on train+val (tuning/refit.py; its re-runs need the search's `setup`) is the
+    model, the one before it recorded."""
     from trainers.ensemble import build, evaluate_and_log
 
     runs = select.ensemble_members(candidates, cfg.search.ensemble_top, cfg.search.rerun_per)
@@ -330,6 +333,12 @@ def ensemble_model(cfg: Config, choice: dict, candidates: list[dict], search_dir
                        "checkpoint": summary["best_checkpoint"]}
     log.info("ensemble of %d runs %s: val %s %.2f (best run alone %.2f)", len(runs), choice["model"]["seed"], metric,
              choice["model"]["val"], max(s["val"] for s in runs))
+    refitted = refit.refit_ensemble(cfg, runs, summary, setup or {}, search_dir, parent) if cfg.search.refit else None
+    if refitted is not None:
+        before = {k: choice["model"][k] for k in ("test", "run_id", "model_uri", "checkpoint")}
+        choice["model"].update(test=refitted["test"].get(metric), run_id=refitted.get("run_id"),
+                               model_uri=refitted.get("model_uri"), checkpoint=refitted["best_checkpoint"],
+                               hubness=refitted["hubness"], refit={**refitted["refit"], "before": before})
     return choice["model"]
 
 

@@ -98,4 +98,5 @@ def ensemble_members(cands: list[dict], top: int, per: Optional[str] = None) -> 
     """The seed runs (with a checkpoint) of the `top` best candidates (of each value of `per`), best
     configuration first: what `search.ensemble` averages (`search.ensemble_top`, `search.rerun_per`)."""
     chosen = _top_per(ranked(cands), top, per)
-    return [{**s, "trial_id": c["trial_id"]} for c in chosen for s in c["seeds"] if s.get("checkpoint")]
+    return [{**s, "trial_id": c["trial_id"], "params": c.get("params", {})} for c in chosen for s in c["seeds"]
+            if s.get("checkpoint")]

@@ -90,14 +90,25 @@ class FeatureStore:
     def dims(self) -> tuple[int, int]:
         return tuple(self.manifest["dims"])  # type: ignore[return-value]
 
+    def parts(self, name: str) -> list[str]:
+        """The stored splits a split name stands for: itself, or a union `train+val` (a refit on
+        every labelled split), each checked to exist."""
+        parts = stored_splits(name)
+        for part in parts:
+            if part not in self.manifest["splits"]:
+                raise DataError(
+                    f"{self.manifest['source']}: split {part!r} not found; available: {self.manifest['splits']}"
+                )
+        return parts
+
     def tables(self, name: str) -> tuple[pa.Table, pa.Table, np.ndarray]:
-        """(images, captions, caption_image): a split's memory-mapped tables and each caption's image row."""
-        if name not in self.manifest["splits"]:
-            raise DataError(
-                f"{self.manifest['source']}: split {name!r} not found; available: {self.manifest['splits']}"
-            )
-        images = pq.read_table(self.root / f"{name}_images.parquet", memory_map=True)
-        caps = pq.read_table(self.root / f"{name}_captions.parquet", memory_map=True)
+        """(images, captions, caption_image): a split's memory-mapped tables and each caption's image
+        row; a union's tables are its parts' one after another (their image ids must not overlap)."""
+        parts = self.parts(name)
+        images = pa.concat_tables([pq.read_table(self.root / f"{p}_images.parquet", memory_map=True) for p in parts])
+        caps = pa.concat_tables([pq.read_table(self.root / f"{p}_captions.parquet", memory_map=True) for p in parts])
+        if len(parts) > 1:
+            _disjoint(images.column("image_id").to_numpy(), f"{self.manifest['source']}: split {name!r}")
         row_of = {int(i): r for r, i in enumerate(images.column("image_id").to_numpy())}
         caption_image = np.fromiter((row_of[int(i)] for i in caps.column("image_id").to_numpy()), np.int64, len(caps))
         return images, caps, caption_image
@@ -105,10 +116,9 @@ class FeatureStore:
     def caption_groups(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(group, shard key) of every caption of a split, the sampler's inputs, without reading
         features: for image-caption data both are the caption's image."""
-        if name not in self.manifest["splits"]:
-            self.tables(name)  # raises, naming the available splits
-        groups = pq.read_table(self.root / f"{name}_captions.parquet", columns=["image_id"]).column("image_id")
-        return groups.to_numpy(), groups.to_numpy()
+        groups = np.concatenate([pq.read_table(self.root / f"{p}_captions.parquet", columns=["image_id"])
+                                 .column("image_id").to_numpy() for p in self.parts(name)])
+        return groups, groups
 
     def split(self, name: str) -> FeatureSplit:
         images, caps, caption_image = self.tables(name)
@@ -121,6 +131,19 @@ class FeatureStore:
             caption_feats=column_to_numpy(caps.column("feature")),
             texts=caps.column("text").to_pylist(),
         )
+
+
+def stored_splits(*names: str) -> list[str]:
+    """The stored splits that split names stand for, each once: `train+val` is train and val."""
+    return list(dict.fromkeys(part for name in names for part in name.split("+")))
+
+
+def _disjoint(image_ids: np.ndarray, where: str) -> None:
+    """A union of splits that share an image would count one image as two groups (and leak it
+    between them): refused, naming one shared id."""
+    values, counts = np.unique(image_ids, return_counts=True)
+    if (counts > 1).any():
+        raise DataError(f"{where}: image_id {int(values[counts > 1][0])} is in more than one of its splits")
 
 
 def _cache_key(corpus: Corpus, image_encoder: str, text_encoder: str) -> str:

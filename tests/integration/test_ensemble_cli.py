@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -203,3 +204,84 @@ def test_a_search_registers_its_choices_seeds_as_one_ensemble(members):
     model = ensemble_model(hub, choice, [other, choice], tmp / "search", parent)
     assert (model["hubness"]["k"], model["hubness"]["weight"]) == (5, 0.5)
     assert load_model(model["checkpoint"])[0].hubness.k == 5
+
+
+def test_a_search_refit_retrains_the_chosen_ensemble_on_train_and_val(members, monkeypatch):
+    """search.refit: the chosen ensemble's members are trained again, each with its own config and
+    seed, on train+val for its best epoch count (keeping the last); CCA and the hubness bank are
+    refitted on the same union (checked against fits on the two splits read separately); the model
+    keeps the score it was selected by, logs no validation metric of its own, and is registered as
+    trained on train+val: a later model is held to that score, not to its re-score on a split it
+    trained on. The re-runs run here, one after another, instead of as Ray tasks."""
+    from mlflow.tracking import MlflowClient
+
+    from itmatch.models.cca import CCAModel, training_pairs
+    from itmatch.state import load_checkpoint
+    from trainers import tracking
+    from trainers.in_process import no_reports
+    from trainers.job import promote, run_job
+    from tuning import refit, rerun
+    from tuning.search import ensemble_model
+
+    tmp, source, store, runs = members
+    uri = f"sqlite:///{tmp / 'refit.db'}"
+    cfg = load_config(None, [f"data.source={source}", f"data.cache_dir={tmp / 'cache'}", *TINY, "tracking.enabled=true",
+                             f"tracking.tracking_uri={uri}", f"tracking.artifact_location={tmp / 'rart'}",
+                             "search.name=s10", "search.ensemble=true", "search.refit=true",
+                             "search.ensemble_cca=0.25", "search.ensemble_hubness=5,0.5"])
+    info = tracking.setup(cfg.tracking)
+    parent = {**info, "run_id": MlflowClient(uri).create_run(info["experiment_id"], run_name="s10").info.run_id}
+    seeds = [{"seed": k, "val": 1.0 + k, "test": 0.0, "run_id": None, "model_uri": None,
+              "checkpoint": str(r / "best_model")} for k, r in enumerate(runs)]
+    choice = {"trial_id": "t1", "params": {}, "seeds": seeds, "model": seeds[1], "val_mean": 1.5, "val_std": 0.7}
+    setup = {"base": cfg.flat(), "store": str(store.root), "reruns_dir": str(tmp / "s10" / "reruns"), "name": "s10",
+             "parent_run_id": None}
+    trained = []
+
+    def here(items, setup, concurrent):
+        out = []
+        for item in items:
+            # one worker in this process (the members' configs ask for 2, as Ray tasks would run them)
+            trained.append(load_config(None, {**rerun.rerun_config(setup, item).flat(), "scaling.num_workers": 1}))
+            out.append({**item, "status": "finished", "summary": run_job(trained[-1], store, forward=no_reports)})
+        return out
+
+    monkeypatch.setattr(rerun, "run_all", here)
+    model = ensemble_model(cfg, choice, [choice], tmp / "s10", parent, setup)
+
+    best_epochs = [load_checkpoint(r / "best_model")[0]["train_state"].best_epoch for r in runs]
+    assert [(c.data.train_split, c.train.keep, c.train.epochs, c.train.seed) for c in trained] == \
+        [("train+val", "last", e, k) for k, e in enumerate(best_epochs)]
+    before, _ = load_model(model["refit"]["before"]["checkpoint"])
+    assert model["val"] == pytest.approx(evaluate_split(before, store.split("val"))["rsum"])  # selected by
+    ens, _ = load_model(model["checkpoint"])
+    assert model["test"] == pytest.approx(evaluate_split(ens, store.split("test"))["rsum"])
+    for member, c in zip(ens.members, trained):  # the refitted runs' kept weights
+        kept, _ = load_model(Path(c.run.storage_path) / c.run.name / "best_model")
+        for key, value in kept.state_dict().items():
+            torch.testing.assert_close(member.state_dict()[key], value, msg=key)
+    # CCA fitted on train and val's pairs, read split by split
+    pairs = [training_pairs(store.split(s)) for s in ("train", "val")]
+    cca = CCAModel(*store.dims, 128).fit(torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]), ridge=cfg.model.cca_ridge)
+    test = store.split("test")
+    np.testing.assert_allclose(embed_split(ens.members[-1], test)[0].numpy(), embed_split(cca.eval(), test)[0].numpy(),
+                               rtol=1e-4, atol=1e-4)
+    # the hubness correction as chosen before, its bank the refitted ensemble's train and val images
+    assert (ens.hubness.k, ens.hubness.weight) == (5, 0.5)
+    plain = Ensemble(ens.members, ens.weights, None).eval()
+    bank = torch.cat([embed_split(plain, store.split(s))[0] for s in ("train", "val")])
+    torch.testing.assert_close(ens.hubness.ref_images, F.normalize(bank, dim=1), rtol=0, atol=2e-3)
+    run = MlflowClient(uri).get_run(model["run_id"])
+    assert "val_rsum" not in run.data.metrics and run.data.metrics["selection_val_rsum"] == pytest.approx(model["val"])
+    assert "train+val" in run.data.tags["itmatch.refit"] and run.info.status == "FINISHED"
+    # registered as trained on train+val, with the score it was selected by
+    reg = load_config(None, {**cfg.flat(), "tracking.registered_model": "itm-refit"})
+    first = promote({**parent, "run_id": model["run_id"]}, refit.trained_on(reg), store, model["model_uri"], model["val"])
+    version = MlflowClient(uri).get_model_version("itm-refit", first["version"])
+    assert first["promoted"] and version.tags["trained_on"] == "train+val"
+    other = model["refit"]["before"]
+    before_uri = other["model_uri"]
+    worse = promote({**parent, "run_id": other["run_id"]}, reg, store, before_uri, model["val"] - 1)
+    assert not worse["promoted"] and worse["champion_score"] == pytest.approx(model["val"])
+    better = promote({**parent, "run_id": other["run_id"]}, reg, store, before_uri, model["val"] + 0.5)
+    assert better["promoted"]

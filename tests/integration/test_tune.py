@@ -207,23 +207,39 @@ def test_search_runs_as_a_ray_job_with_optuna_and_queued_concurrent_trials(job_s
 
 
 def test_one_worker_trials_train_in_their_own_process_as_the_job_would(tmp_path):
-    """search.trial_workers=1: each trial trains inside its Tune process (no Ray Train worker group);
-    ASHA still stops the weak trial (its MLflow run KILLED), and the finished trial's weights are
-    those of the same one-worker `trainers.train` job (trained in its driver, which
-    test_one_worker_job holds equal to the job through Ray Train)."""
+    """search.trial_workers=1 (the real-data preset's path): each trial trains inside its Tune
+    process (no Ray Train worker group); ASHA still stops the weak trial (its MLflow run KILLED), and
+    the finished trial's weights are those of the same one-worker `trainers.train` job (trained in
+    its driver, which test_one_worker_job holds equal to the job through Ray Train). Its seed re-run
+    and the ensemble of both are refitted on train+val as Ray tasks (search.refit) and that is what
+    is registered (tests/integration/test_ensemble_cli.py checks the refit's numbers)."""
     import torch
+    from mlflow.tracking import MlflowClient
 
     space = tmp_path / "space.yaml"
     space.write_text(f"optim.lr: {{grid: [{GOOD_LR}, {BAD_LR}]}}\n")  # one at a time: good, then bad
     args = ["--config", "configs/debug.yaml", "--space", str(space), "--num-samples", "1", "--name", "so",
-            "search.trial_workers=1", "search.grace_period=1", "search.reduction_factor=2", *_paths(tmp_path)]
+            "search.trial_workers=1", "search.grace_period=1", "search.reduction_factor=2", "search.rerun_top=1",
+            "search.rerun_seeds=1", "search.ensemble=true", "search.refit=true", *_paths(tmp_path)]
     done = run_module("tuning.search", args, ROOT, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
     assert "TorchTrainer" not in done.stdout + done.stderr and "controller" not in done.stdout + done.stderr
-    trials = {t["params"]["optim.lr"]: t for t in json.loads((tmp_path / "runs" / "so" / "search.json").read_text())["trials"]}
+    result = json.loads((tmp_path / "runs" / "so" / "search.json").read_text())
+    trials = {t["params"]["optim.lr"]: t for t in result["trials"]}
     assert trials[GOOD_LR]["status"] == "finished" and trials[BAD_LR]["status"] == "stopped"
+    good = trials[GOOD_LR]["trial_id"]
+    refits = sorted(p.name for p in (tmp_path / "runs" / "so" / "reruns").glob("*-refit"))
+    assert refits == [f"{good}-seed0-refit", f"{good}-seed1-refit"]
+    for name in refits:
+        refitted = yaml.safe_load((tmp_path / "runs" / "so" / "reruns" / name / "config.yaml").read_text())
+        assert refitted["data"]["train_split"] == "train+val" and refitted["train"]["keep"] == "last"
+    model = result["best"]["selection"]["model"]
+    assert model["refit"]["train_split"] == "train+val" and model["checkpoint"].endswith("so-ensemble-refit/best_model")
     _, parent, children = _mlflow_runs(tmp_path / "ml.db", "so")
-    assert sorted(r.info.status for r in children) == ["FINISHED", "KILLED"] and parent.info.status == "FINISHED"
+    # the two trials, the seed re-run, the ensemble, the two refits and the refitted ensemble
+    assert sorted(r.info.status for r in children) == ["FINISHED"] * 6 + ["KILLED"] and parent.info.status == "FINISHED"
+    version = MlflowClient(f"sqlite:///{tmp_path / 'ml.db'}").get_model_version_by_alias("itm-tune", "champion")
+    assert version.run_id == model["run_id"] and version.tags["trained_on"] == "train+val"
     folder = tmp_path / "runs" / "so" / "trials" / trials[GOOD_LR]["trial_id"]
     assert sorted(p.name for p in folder.glob("checkpoint_*")) == ["checkpoint_000001", "checkpoint_000002"]
     job = run_module("trainers.train", ["--config", "configs/debug.yaml", "scaling.num_workers=1",

@@ -243,3 +243,12 @@ def test_repo_presets_load(preset):
     for section, values in raw.items():
         for key, value in values.items():
             assert flat[f"{section}.{key}"] == value, f"{preset.name}: {section}.{key}"
+
+
+def test_a_refit_needs_an_ensemble_and_keep_takes_best_or_last():
+    with pytest.raises(ConfigError, match="search.refit=true .* needs search.ensemble=true"):
+        load_config(None, ["data.source=x", "search.refit=true"])
+    cfg = load_config(None, ["data.source=x", "search.refit=true", "search.ensemble=true", "search.rerun_top=1"])
+    assert cfg.search.refit and cfg.train.keep == "best"
+    with pytest.raises(ConfigError, match="train.keep"):
+        load_config(None, ["data.source=x", "train.keep=first"])

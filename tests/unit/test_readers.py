@@ -658,3 +658,39 @@ def test_prepare_karpathy_pixels_hashing(tmp_path):
     assert not np.allclose(train.caption_feats[0], train.caption_feats[1])
     again = _prepare(f"karpathy:{json_path}", tmp_path / "cache", image_encoder="pixels", text_encoder="hashing")
     assert again.root == store.root
+
+
+# --------------------------------------------------------------------------- unions of splits
+
+
+def test_a_union_of_splits_is_its_parts_one_after_another(tmp_path):
+    """`train+val` (search.refit's training data): the images, captions and features of train and
+    then val, each caption still pointing at its own image, checked against the files read back with
+    numpy; the sampler's caption groups agree; a missing part is named."""
+    data = write_precomp(tmp_path / "p", {"train": 3, "dev": 2, "test": 1})
+    store = _prepare(f"precomp:{tmp_path / 'p'}", tmp_path / "cache")
+    union = store.split("train+val")
+    np.testing.assert_array_equal(union.image_feats, np.concatenate([data["train"][0], data["dev"][0]]))
+    np.testing.assert_array_equal(union.caption_feats, np.concatenate([data["train"][2], data["dev"][2]]))
+    assert union.texts == data["train"][1] + data["dev"][1]
+    # caption k belongs to image k // 5 of the concatenation: the same features, the same text prefix
+    np.testing.assert_array_equal(union.caption_image, np.arange(25) // 5)
+    train, val = store.split("train"), store.split("val")
+    assert list(union.image_ids) == list(train.image_ids) + list(val.image_ids)
+    groups, shards = store.caption_groups("train+val")
+    assert list(groups) == list(union.caption_gid) and list(shards) == list(groups)
+    with pytest.raises(DataError, match="split 'dev' not found"):
+        store.split("train+dev")
+
+
+def test_a_union_whose_parts_share_an_image_is_refused_naming_it(tmp_path):
+    write_precomp(tmp_path / "p", {"train": 3, "dev": 2, "test": 1})
+    store = _prepare(f"precomp:{tmp_path / 'p'}", tmp_path / "cache")
+    # readers keep image ids apart across splits; a store written otherwise (a copy of train as
+    # another split) must not let a union count one image as two groups
+    for kind in ("images", "captions"):
+        (store.root / f"copy_{kind}.parquet").write_bytes((store.root / f"train_{kind}.parquet").read_bytes())
+    store.manifest["splits"] = [*store.manifest["splits"], "copy"]
+    with pytest.raises(DataError, match=r"split 'train\+copy'.*image_id \d+ is in more than one"):
+        store.split("train+copy")
+    assert len(store.split("train+train").image_ids) == 3  # a part named twice is one part

@@ -125,3 +125,21 @@ def test_residual_cca_is_fitted_on_the_training_pairs_before_the_first_step(smal
     trainer.fit(report)
     loaded, _ = load_model(tmp_path / "ckpt")
     torch.testing.assert_close(loaded.text.cca_weight, net.text.cca_weight)
+
+
+@pytest.mark.parametrize("keep, epoch", [("best", 1), ("last", 3)])
+def test_train_keep_picks_the_best_validation_epoch_or_the_last(store, keep, epoch, monkeypatch):
+    """train.keep=last (a refit whose validation split is in its training data): the model kept is
+    the last epoch's whatever validation says; best: the epoch validation scores highest. Validation
+    here falls every epoch, so the two differ."""
+    scores = iter([30.0, 20.0, 10.0])
+    monkeypatch.setattr(Trainer, "validate", lambda self, weights: {"rsum": next(scores)})
+    monkeypatch.setattr("trainers.loop.format_metrics", lambda metrics: "")
+    cfg = load_config(None, [*BASE, "train.epochs=3", f"train.keep={keep}"])
+    trainer = Trainer(cfg, store, WorkerContext(0, 1, 0, torch.device("cpu")), None)
+    weights = []
+    trainer.fit(lambda metrics, save: weights.append(trainer.epoch_weights))
+    assert trainer.state.best_epoch == epoch
+    for key, value in weights[epoch - 1].items():
+        torch.testing.assert_close(trainer.best_weights[key], value, msg=key)
+    assert any(not torch.equal(weights[0][k], weights[2][k]) for k in weights[0])  # the epochs did differ
