@@ -38,7 +38,9 @@ def plan(cfg: Config, runs: list[dict]) -> list[dict[str, Any]]:
     for s in runs:
         payload, member = load_checkpoint(s["checkpoint"])
         epochs = max(1, int(payload["train_state"].best_epoch or member.train.epochs))
-        config = {**member.flat(), "data.train_split": union(cfg), "train.epochs": epochs, "train.keep": "last"}
+        # from scratch (a PBT member's run.start_from is its donor's checkpoint, trained on train only)
+        config = {**member.flat(), "data.train_split": union(cfg), "train.epochs": epochs, "train.keep": "last",
+                  "run.start_from": None}
         items.append({"trial_id": s["trial_id"], "params": s.get("params", {}), "seed": s["seed"],
                       "run": f"{rerun.name(s['trial_id'], s['seed'])}-refit", "config": config})
     return items

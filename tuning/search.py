@@ -333,7 +333,9 @@ def ensemble_model(cfg: Config, choice: dict, candidates: list[dict], search_dir
                        "checkpoint": summary["best_checkpoint"]}
     log.info("ensemble of %d runs %s: val %s %.2f (best run alone %.2f)", len(runs), choice["model"]["seed"], metric,
              choice["model"]["val"], max(s["val"] for s in runs))
-    refitted = refit.refit_ensemble(cfg, runs, summary, setup or {}, search_dir, parent) if cfg.search.refit else None
+    if cfg.search.refit and setup is None:
+        raise ValueError("search.refit re-runs the ensemble's members: ensemble_model needs the search's setup")
+    refitted = refit.refit_ensemble(cfg, runs, summary, setup, search_dir, parent) if cfg.search.refit else None
     if refitted is not None:
         before = {k: choice["model"][k] for k in ("test", "run_id", "model_uri", "checkpoint")}
         choice["model"].update(test=refitted["test"].get(metric), run_id=refitted.get("run_id"),

@@ -308,15 +308,22 @@ def _padded_rows(picture: np.ndarray, is_proposal: np.ndarray, n_pictures: int) 
 class PhraseStore(FeatureStore):
     """The feature store's manifest and identity with region and phrase tables (module docstring)."""
 
-    def _read(self, name: str) -> tuple[pa.Table, pa.Table]:
+    def _check(self, name: str) -> None:
+        if "+" in name:
+            raise DataError(f"{self.manifest['source']}: split {name!r}: unions of splits are for image-caption "
+                            "data; region-phrase data trains on one stored split")
         if name not in self.manifest["splits"]:
             raise DataError(f"{self.manifest['source']}: split {name!r} not found; available: "
                             f"{self.manifest['splits']}")
+
+    def _read(self, name: str) -> tuple[pa.Table, pa.Table]:
+        self._check(name)
         return (pq.read_table(self.root / f"{name}_regions.parquet", memory_map=True),
                 pq.read_table(self.root / f"{name}_phrases.parquet", memory_map=True))
 
     def caption_groups(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(chain, picture) of every phrase: what the sampler groups and shards by (no features read)."""
+        self._check(name)
         phrases = pq.read_table(self.root / f"{name}_phrases.parquet", columns=["region_gid", "image_id"])
         return phrases.column("region_gid").to_numpy(), phrases.column("image_id").to_numpy()
 

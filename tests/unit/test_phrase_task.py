@@ -416,3 +416,13 @@ def test_towers_trained_on_the_crops_localize_phrases_far_above_random(raw_store
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     test = evaluate_split(trainer.eval_model, raw_store.split("test"))
     assert test["phrase_r1"] > test["phrase_random_r1"] + 25, (history, test)
+
+
+def test_a_union_of_splits_is_refused_for_region_phrase_data_in_one_line(store):
+    """data.train_split=train+val (search.refit) is for image-caption stores; a phrase store names
+    the split and says so, from the sampler's groups as from the split itself."""
+    for read in (store.split, store.caption_groups):
+        with pytest.raises(DataError, match=r"split 'train\+val': unions of splits are for image-caption data"):
+            read("train+val")
+    with pytest.raises(DataError, match="split 'nope' not found"):
+        store.caption_groups("nope")
