@@ -445,7 +445,8 @@ class SearchConfig(_Section):
     split's embeddings, itmatch.models.hubness) and keeps it if it raises the validation score;
     K,W applies that one (K reference neighbours, weight W); off: none."""
     refit: bool = False
-    """search.ensemble: once the ensemble is chosen (its members, CCA weight and hubness setting,
+    """With search.ensemble (without it, ignored with a warning: the chosen run is registered as it
+    trained, so a preset's ensemble can be turned off alone): once the ensemble is chosen (its members, CCA weight and hubness setting,
     all on the validation split), re-train each trained member on data.train_split +
     data.val_split for its best epoch count with its own config and seed (train.keep=last), refit
     CCA and the hubness bank on the same union, and register that ensemble. Its validation score is
@@ -467,8 +468,6 @@ class SearchConfig(_Section):
         if self.ensemble and self.ensemble_top > max(self.rerun_top, 1):
             raise ValueError(f"search.ensemble_top={self.ensemble_top} > search.rerun_top={self.rerun_top}: the "
                              "ensemble takes the seed runs of re-run configurations only; raise search.rerun_top")
-        if self.refit and not self.ensemble:
-            raise ValueError("search.refit=true re-trains the ensemble's members: it needs search.ensemble=true")
         return self
 
 

@@ -259,6 +259,8 @@ def _finish(cfg: Config, store: FeatureStore, rows: list[dict], reruns: list[dic
     elif best and parent:  # the choice is logged as a model (and registered) once
         from trainers.job import promote
 
+        if cfg.search.refit and not cfg.search.ensemble:
+            log.warning("search.refit=true without search.ensemble: the chosen run is registered as trained")
         model = ensemble_model(cfg, choice, candidates, search_dir, parent, setup) if cfg.search.ensemble else \
             choice["model"]
         model = _logged(model, parent, store, cfg)
