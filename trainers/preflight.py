@@ -19,6 +19,7 @@ step): a longer cosine schedule would change the learning rate of the epochs alr
 
 from __future__ import annotations
 
+import logging
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -29,9 +30,11 @@ import yaml
 from itmatch.config import Config, ConfigError, validate
 from itmatch.data.batching import NeighborhoodBatchSampler
 from itmatch.data.sources import DataError
-from itmatch.data.store import FeatureStore
+from itmatch.data.store import FeatureStore, stored_splits
 from itmatch.state import CONFIG_FILE
 from trainers import in_process
+
+log = logging.getLogger("itmatch.preflight")
 
 RESUMABLE_KEYS = frozenset({
     "run.name", "run.storage_path",  # they found this run folder (relative or absolute alike)
@@ -56,7 +59,21 @@ def check(cfg: Config, store: FeatureStore) -> None:
     check_cca(cfg, store)
     check_tracking(cfg)
     check_eq8(cfg, store)
+    warn_in_sample(cfg)
     check_cluster(cfg)  # last: it attaches to or starts Ray
+
+
+def warn_in_sample(cfg: Config) -> bool:
+    """A training split that holds the validation split (`train+val`) makes validation in-sample:
+    said once, since the best epoch is then picked on training data (search.refit sets
+    train.keep=last for that). Returns whether it warned."""
+    d = cfg.data
+    if d.val_split not in stored_splits(d.train_split) or cfg.train.keep == "last":
+        return False
+    log.warning("data.train_split=%s holds the validation split %r: validation scores are in-sample and "
+                "train.keep=best picks the epoch on training data (train.keep=last keeps the last)",
+                d.train_split, d.val_split)
+    return True
 
 
 # ---------------------------------------------------------------------------- resume

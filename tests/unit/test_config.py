@@ -251,3 +251,17 @@ def test_a_refit_and_keep_take_their_values():
     assert cfg.search.refit and not cfg.search.ensemble and cfg.train.keep == "best"
     with pytest.raises(ConfigError, match="train.keep"):
         load_config(None, ["data.source=x", "train.keep=first"])
+
+
+def test_training_on_the_validation_split_is_said_once_unless_the_last_epoch_is_kept(caplog):
+    from trainers.preflight import warn_in_sample
+
+    def warns(*keys: str) -> bool:
+        return warn_in_sample(load_config(None, ["data.source=x", *keys]))
+
+    with caplog.at_level("WARNING", logger="itmatch.preflight"):
+        assert warns("data.train_split=train+val")
+    assert "validation scores are in-sample" in caplog.text
+    assert warns("data.train_split=val+restval")
+    assert not warns("data.train_split=train+val", "train.keep=last")
+    assert not warns("data.train_split=train+restval") and not warns()
