@@ -69,6 +69,14 @@ class DataConfig(_Section):
     0: the ground truth alone (001's "single positive"); null: all of them (the similarity
     network's sampling in Algorithm 1)."""
 
+    @field_validator("train_split", "val_split", "test_split")
+    @classmethod
+    def _check_split(cls, value: str) -> str:
+        if not all(part.strip() and part == part.strip() for part in value.split("+")):
+            raise ValueError(f"split name {value!r}: a stored split, or several joined by '+' (train+val), "
+                             "none empty and without surrounding spaces")
+        return value
+
     @property
     def task(self) -> Literal["retrieval", "phrases"]:
         """What the run learns, from the source: phrase localization for region-phrase schemes

@@ -265,3 +265,9 @@ def test_training_on_the_validation_split_is_said_once_unless_the_last_epoch_is_
     assert warns("data.train_split=val+restval")
     assert not warns("data.train_split=train+val", "train.keep=last")
     assert not warns("data.train_split=train+restval") and not warns()
+
+
+@pytest.mark.parametrize("name", ["", "train+", "+val", "train+ val", "train++val"])
+def test_a_split_name_with_an_empty_or_padded_part_is_refused_naming_it(name):
+    with pytest.raises(ConfigError, match=r"data.train_split.*joined by '\+'"):
+        load_config(None, ["data.source=x", f"data.train_split={name}"])
