@@ -145,6 +145,9 @@ def log_parent(parent: dict, rows: list[dict], best: Optional[dict], metric: str
             hub = choice["model"]["hubness"]
             client.set_tag(run_id, "itmatch.best_hubness",
                            f"k={hub['k']} w={hub['weight']}" if hub["weight"] else "none kept")
+        if choice["model"].get("refit"):  # what is registered is the choice re-trained on more data
+            client.set_tag(run_id, "itmatch.best_refit", f"trained on {choice['model']['refit']['train_split']}; "
+                           f"registered run {choice['model']['run_id']}")
         for key, value in best["params"].items():
             client.set_tag(run_id, f"best.{key}", str(value))
     client.log_table(run_id, data=_columns(rows), artifact_file="trials.json")

@@ -238,6 +238,7 @@ def test_one_worker_trials_train_in_their_own_process_as_the_job_would(tmp_path)
     _, parent, children = _mlflow_runs(tmp_path / "ml.db", "so")
     # the two trials, the seed re-run, the ensemble, the two refits and the refitted ensemble
     assert sorted(r.info.status for r in children) == ["FINISHED"] * 6 + ["KILLED"] and parent.info.status == "FINISHED"
+    assert parent.data.tags["itmatch.best_refit"] == f"trained on train+val; registered run {model['run_id']}"
     version = MlflowClient(f"sqlite:///{tmp_path / 'ml.db'}").get_model_version_by_alias("itm-tune", "champion")
     assert version.run_id == model["run_id"] and version.tags["trained_on"] == "train+val"
     folder = tmp_path / "runs" / "so" / "trials" / trials[GOOD_LR]["trial_id"]
