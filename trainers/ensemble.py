@@ -85,6 +85,13 @@ def build(refs: list[str], name: str, overrides: list[str], min_members: int = 2
     return cfg, folders
 
 
+def in_search(cfg: Config, search_dir: Path) -> list[str]:
+    """`build` overrides for a search's ensemble: saved in the search's folder, logged where the
+    search logs (its members' own tracking settings may differ), registered by the search, not here."""
+    where = [f"tracking.{k}={v}" for k, v in cfg.tracking.model_dump().items() if k != "registered_model"]
+    return [f"run.storage_path={search_dir}", *where, "tracking.registered_model="]
+
+
 def cca_member(cfg: Config, store: Any, folder: Path, dim: int) -> Path:
     """Closed-form CCA (`dim` canonical dimensions, model.cca_ridge) fitted on `store`'s training
     split, saved as a checkpoint folder: a member beside trained runs on the same features."""

@@ -51,7 +51,7 @@ def refit_ensemble(cfg: Config, runs: list[dict], before: dict[str, Any], setup:
     """Re-train the ensemble `before` (trainers.ensemble's summary of `runs`) on the union and log it
     as a child of the search's run; None, with the reason logged, where a refit failed (the search
     then registers `before`). `runner`: how the re-run items are run (Ray tasks)."""
-    from trainers.ensemble import build, evaluate_and_log
+    from trainers.ensemble import build, evaluate_and_log, in_search
 
     records = (runner or rerun.run_all)(plan(cfg, runs), setup, cfg.search.max_concurrent)
     failed = [r for r in records if r["status"] != "finished"]
@@ -60,10 +60,8 @@ def refit_ensemble(cfg: Config, runs: list[dict], before: dict[str, Any], setup:
                   failed[0]["run"], failed[0]["error"])
         return None
     members = [r["summary"]["best_checkpoint"] for r in records]
-    where = [f"tracking.{k}={v}" for k, v in cfg.tracking.model_dump().items() if k != "registered_model"]
     ens_cfg, folders = build(members, f"{cfg.search.name}-ensemble-refit",
-                             [f"run.storage_path={search_dir}", *where, "tracking.registered_model=",
-                              f"data.train_split={union(cfg)}"])
+                             [*in_search(cfg, search_dir), f"data.train_split={union(cfg)}"])
     hub = before.get("hubness") or {}
     metric = cfg.train.metric
     summary = evaluate_and_log(ens_cfg, folders, members, tags={"mlflow.parentRunId": parent["run_id"]},

@@ -312,16 +312,13 @@ def ensemble_model(cfg: Config, choice: dict, candidates: list[dict], search_dir
     search's run; recorded in the choice as its model. One run: that run. With `search.refit`, that
     ensemble re-trained on train+val (tuning/refit.py; its re-runs need the search's `setup`) is the
     model, the one before it recorded."""
-    from trainers.ensemble import build, evaluate_and_log
+    from trainers.ensemble import build, evaluate_and_log, in_search
 
     runs = select.ensemble_members(candidates, cfg.search.ensemble_top, cfg.search.rerun_per)
     if len(runs) < 2:
         return choice["model"]
     members = [s["checkpoint"] for s in runs]
-    # logged where the search logs (its members' own tracking settings may differ), registered by the search
-    where = [f"tracking.{k}={v}" for k, v in cfg.tracking.model_dump().items() if k != "registered_model"]
-    ens_cfg, folders = build(members, f"{cfg.search.name}-ensemble",
-                             [f"run.storage_path={search_dir}", *where, "tracking.registered_model="])
+    ens_cfg, folders = build(members, f"{cfg.search.name}-ensemble", in_search(cfg, search_dir))
     summary = evaluate_and_log(ens_cfg, folders, members, tags={"mlflow.parentRunId": parent["run_id"]},
                                cca_weight=cfg.search.ensemble_cca, cca_dim=cfg.search.ensemble_cca_dim,
                                hubness=cfg.search.ensemble_hubness)
