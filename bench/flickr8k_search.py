@@ -4,7 +4,8 @@
 
 1. CCA (`model.name=cca`) through `trainers.train` on the same data (the baseline to beat on test),
    and the same CCA with the hubness correction the search's ensemble gets (`trainers.ensemble
-   --hubness auto`: chosen on validation), for a like-for-like comparison;
+   --hubness auto`: chosen on validation), for a like-for-like comparison, and CCA fitted on
+   train+val (what the preset's refit trains on);
 2. `python -m tuning.search --config configs/flickr8k_precomp.yaml --space configs/search/flickr8k.yaml
    --num-samples 16 --search optuna --scheduler asha` (+ re-run flags), wall time of the command;
 3. the chosen trial's configuration (its own seed and worker count) alone through `trainers.train`:
@@ -86,6 +87,10 @@ def main() -> None:
         cca, cca_wall = train_run("bench-cca", ["model.name=cca", "model.embed_dim=128", "model.cca_ridge=0.3",
                                                 *args.overrides], tmp)  # the same data as the search
         cca_hub = corrected(tmp, "bench-cca", args.overrides)
+        # CCA on the data a refit trains on (train+val): how much of a refit's gain is the data alone
+        cca_tv, _ = train_run("bench-cca-trainval", ["model.name=cca", "model.embed_dim=128", "model.cca_ridge=0.3",
+                                                     "data.train_split=train+val", "tracking.registered_model=",
+                                                     *args.overrides], tmp)
         result, search_wall, stdout = run_search(tmp, extra)
         best = result["best"]
         choice = best["selection"]
@@ -96,11 +101,11 @@ def main() -> None:
         alone, alone_wall = train_run("bench-alone", alone_overrides, tmp)
         trial_s = run_seconds(tmp / "mlruns.db", best["summary"]["run_id"], trial_dir / "summary.json")
         alone_s = run_seconds(tmp / "mlruns.db", alone["run_id"], tmp / "runs" / "bench-alone" / "summary.json")
-    report(result, stdout, search_wall, cca, cca_wall, choice, alone, alone_wall, trial_s, alone_s, cca_hub)
+    report(result, stdout, search_wall, cca, cca_wall, choice, alone, alone_wall, trial_s, alone_s, cca_hub, cca_tv)
 
 
 def report(result: dict, stdout: str, search_wall: float, cca_summary: dict, cca_wall: float, choice: dict,
-           alone: dict, alone_wall: float, trial_s: float, alone_s: float, cca_hub: dict) -> None:
+           alone: dict, alone_wall: float, trial_s: float, alone_s: float, cca_hub: dict, cca_tv: dict) -> None:
     cca, cca_val = cca_summary["test"]["rsum"], cca_summary["val_rsum"]
     table = stdout[stdout.index("| trial |"):].strip() if "| trial |" in stdout else "(no table)"
     trials = result["trials"]
@@ -115,6 +120,9 @@ def report(result: dict, stdout: str, search_wall: float, cca_summary: dict, cca
     hub = cca_hub["hubness"]
     print(f"| CCA with the hubness correction chosen on val (k={hub['k']}, w={hub['weight']}) | "
           f"{cca_hub['test']['rsum']:.1f} | {cca_hub['test']['rsum'] / cca:.3f} | {cca_hub['val_rsum']:.1f} |")
+    tv = cca_tv["test"]["rsum"]
+    print(f"| CCA fitted on train+val (what a refit trains on) | {tv:.1f} | {tv / cca:.3f} | "
+          f"{cca_tv['val_rsum']:.1f} (in training) |")
     what = f"ensemble of seeds {model['seed']}" if isinstance(model["seed"], list) else f"seed {model['seed']}"
     hub = model.get("hubness") or {}
     what += f", hubness k={hub['k']} w={hub['weight']}" if hub.get("weight") else ", no hubness correction"
