@@ -454,12 +454,12 @@ class SearchConfig(_Section):
     K,W applies that one (K reference neighbours, weight W); off: none."""
     refit: bool = False
     """With search.ensemble (without it, ignored with a warning: the chosen run is registered as it
-    trained, so a preset's ensemble can be turned off alone): once the ensemble is chosen (its members, CCA weight and hubness setting,
-    all on the validation split), re-train each trained member on data.train_split +
-    data.val_split for its best epoch count with its own config and seed (train.keep=last), refit
-    CCA and the hubness bank on the same union, and register that ensemble. Its validation score is
-    no longer a measure (the split is in its training data): promotion compares the ensemble's score
-    from before the refit."""
+    trained, so a preset's ensemble can be turned off alone): once the ensemble is chosen (its
+    members, CCA weight and hubness setting, all on the validation split), re-train each trained
+    member on data.train_split + data.val_split for its best epoch count with its own config and
+    seed (train.keep=last), refit CCA and the hubness bank on the same union, and register that
+    ensemble. Its validation score is no longer a measure (the split is in its training data):
+    promotion compares the ensemble's score from before the refit."""
 
     @field_validator("ensemble_hubness", mode="before")
     @classmethod

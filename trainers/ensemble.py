@@ -158,12 +158,13 @@ def _hubness_tag(record: dict[str, Any], metric: str) -> str:
 
 
 def _ensemble_tags(hub_record: Optional[dict], metric: str, selection: Optional[dict], cfg: Config) -> dict[str, str]:
-    tags = {} if hub_record is None else {"itmatch.hubness": _hubness_tag(hub_record, metric)}
-    if selection is not None:  # the correction was chosen before the refit; validation says nothing now
-        if hub_record is not None:
-            tags["itmatch.hubness"] = f"k={hub_record['k']} w={hub_record['weight']} (chosen before the refit)"
-        tags["itmatch.refit"] = (f"trained on {cfg.data.train_split}; selected as run {selection.get('run_id')} "
-                                 f"(val {metric} {selection['score']:.2f})")
+    if selection is None:
+        return {} if hub_record is None else {"itmatch.hubness": _hubness_tag(hub_record, metric)}
+    # a refit: the correction was chosen before it, and validation says nothing now
+    tags = {"itmatch.refit": f"trained on {cfg.data.train_split}; selected as run {selection.get('run_id')} "
+                             f"(val {metric} {selection['score']:.2f})"}
+    if hub_record is not None:
+        tags["itmatch.hubness"] = f"k={hub_record['k']} w={hub_record['weight']} (chosen before the refit)"
     return tags
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from itmatch.config import Config, save_config, validate
-from itmatch.data.store import FeatureStore
+from itmatch.data.store import FeatureStore, stored_splits
 
 if TYPE_CHECKING:
     from trainers.in_process import Forward
@@ -257,20 +257,19 @@ def promote(tracking: dict, cfg: Config, store: FeatureStore, model_uri: str, va
     from trainers import tracking as tr
 
     holder = tr.champion_version(tracking, cfg)
-    trained_on = (holder.tags.get(tr.TRAINED_ON_TAG, "") if holder is not None else "").split("+")
-    if holder is not None and cfg.data.val_split in trained_on and "val_score" in holder.tags:
+    trained_on = holder.tags.get(tr.TRAINED_ON_TAG, "") if holder is not None else ""
+    champion_score: Optional[float] = None
+    if holder is not None and cfg.data.val_split in stored_splits(trained_on) and "val_score" in holder.tags:
         log.info("the alias holder (version %s) was trained on %s: it keeps its registered score %s",
-                 holder.version, "+".join(trained_on), holder.tags["val_score"])
-        champion_score: Optional[float] = float(holder.tags["val_score"])
-    else:
-        champion_score = _score_on_val(tr.load_champion(tracking, cfg), store, cfg)
+                 holder.version, trained_on, holder.tags["val_score"])
+        champion_score = float(holder.tags["val_score"])
+    elif holder is not None:
+        champion_score = _score_on_val(tr.load_champion(cfg), store, cfg)
     return tr.register(tracking, cfg, model_uri, val_score, champion_score)
 
 
-def _score_on_val(model, store: FeatureStore, cfg: Config) -> Optional[float]:
-    """The alias holder's score on this run's validation split (None when there is no holder)."""
-    if model is None:
-        return None
+def _score_on_val(model, store: FeatureStore, cfg: Config) -> float:
+    """The alias holder's score on this run's validation split."""
     from itmatch.eval.evaluate import evaluate_split
 
     if tuple(getattr(model, "dims", ())) != tuple(store.dims):

@@ -232,10 +232,8 @@ def champion_version(tracking: dict[str, Any], cfg: Config):
         return None
 
 
-def load_champion(tracking: dict[str, Any], cfg: Config):
-    """The current alias holder as a torch model, or None."""
-    if champion_version(tracking, cfg) is None:
-        return None
+def load_champion(cfg: Config):
+    """The alias holder (`champion_version` found one) as a torch model."""
     uri = f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}"
     return mlflow.pyfunc.load_model(uri).unwrap_python_model().model
 
