@@ -167,10 +167,11 @@ def _one_worker_job(tree: dict, store_root: str) -> dict[str, Any]:
 
 
 def _end(tracking: Optional[dict], status: str) -> None:
+    """End a run that stopped short, unless its driver ended it already (tracking.end_run)."""
     if tracking:
         from trainers.tracking import end_run
 
-        end_run(tracking, status)
+        end_run(tracking, status, if_running=True)
 
 
 def local_cpus() -> int:

@@ -238,8 +238,14 @@ def load_champion(cfg: Config):
     return mlflow.pyfunc.load_model(uri).unwrap_python_model().model
 
 
-def end_run(tracking: dict[str, Any], status: str = "FINISHED") -> None:
-    MlflowClient(tracking["tracking_uri"]).set_terminated(tracking["run_id"], status=status)
+def end_run(tracking: dict[str, Any], status: str = "FINISHED", *, if_running: bool = False) -> None:
+    """End the run with `status`; `if_running`: only if nobody has ended it yet (a search's driver
+    ends a trial Tune stopped KILLED, and the error the stop raises later in the trial must not turn
+    that into FAILED)."""
+    client = MlflowClient(tracking["tracking_uri"])
+    if if_running and client.get_run(tracking["run_id"]).info.status != "RUNNING":
+        return
+    client.set_terminated(tracking["run_id"], status=status)
 
 
 def end_if_running(cfg: Config, run_key: str, status: str) -> Optional[str]:

@@ -253,3 +253,29 @@ def test_a_driver_ends_a_run_its_stopped_task_left_running_and_nothing_else(tmp_
     client.set_terminated(other, status="FINISHED")
     assert end_if_running(cfg, "/runs/b", "KILLED") is None and client.get_run(other).info.status == "FINISHED"
     assert end_if_running(cfg, "/runs/none", "KILLED") is None
+
+
+@pytest.mark.parametrize("driver_ends_first, wanted", [(False, "FAILED"), (True, "KILLED")])
+def test_a_trials_late_error_does_not_overwrite_the_status_its_driver_gave(driver_ends_first, wanted, store,
+                                                                          tmp_path, monkeypatch):
+    """A trial Tune stops raises in its process only later; the search's driver may have ended its
+    MLflow run KILLED by then (tuning.report.close_child_runs), and the error must leave that as it is.
+    Alone, the error ends the run FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    from trainers import job
+
+    cfg = load_config(None, [*BASE, f"tracking.tracking_uri=sqlite:///{tmp_path / 'ml.db'}",
+                             f"tracking.artifact_location={tmp_path / 'art'}", f"run.storage_path={tmp_path / 'runs'}"])
+    ended = {}
+
+    def stopped(cfg, store, tracking, folder, cpus, forward):
+        ended["run_id"] = tracking["run_id"]
+        if driver_ends_first:
+            MlflowClient(tracking["tracking_uri"]).set_terminated(tracking["run_id"], status="KILLED")
+        raise RuntimeError("the stop's error")
+
+    monkeypatch.setattr(in_process, "fit_in_process", stopped)
+    with pytest.raises(RuntimeError, match="the stop's error"):
+        job.run_job(cfg, store, forward=lambda m, p: None)
+    assert MlflowClient(f"sqlite:///{tmp_path / 'ml.db'}").get_run(ended["run_id"]).info.status == wanted
