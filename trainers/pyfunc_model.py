@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
@@ -188,7 +189,9 @@ class EmbeddingModel(mlflow.pyfunc.PythonModel):
             return list(values[0])
         return values
 
-    def predict(self, context, model_input, params: Optional[dict[str, Any]] = None) -> np.ndarray:
+    # The DataFrame hint is one MLflow takes without converting the input (and without its warning
+    # that `predict` has no type hints, printed at every load)
+    def predict(self, context, model_input: pd.DataFrame, params: Optional[dict[str, Any]] = None) -> np.ndarray:
         column = self._column(model_input)
         values = self._values(model_input, column)
         raw = column.removesuffix("_feature")

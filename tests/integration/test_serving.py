@@ -117,6 +117,22 @@ def test_logged_as_models_from_code_with_signature_example_requirements_and_data
     assert json.loads(dataset.dataset.profile) == json.loads(json.dumps(store.identity))
 
 
+def test_loads_and_predicts_in_a_fresh_process_without_warnings(logged):
+    """MLflow warns (when the model's class is defined, so in a fresh process) that a `predict`
+    without type hints gets no data validation; the DataFrame hint silences that without MLflow
+    converting (or validating) the input."""
+    tmp, uri, folder, store, _ = logged
+    code = ("import mlflow, numpy as np, pandas as pd; "
+            f"m = mlflow.pyfunc.load_model('models:/{NAME}@champion'); "
+            f"np.save({str(tmp / 'fresh.npy')!r}, m.predict(pd.DataFrame({{'text': [{CAPTION!r}]}})))")
+    done = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "type hint" not in done.stderr, done.stderr[-3000:]
+    np.testing.assert_allclose(np.load(tmp / "fresh.npy"), _reference(folder, store, "text", [CAPTION]),
+                               rtol=1e-5, atol=1e-6)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
