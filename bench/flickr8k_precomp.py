@@ -1,5 +1,5 @@
 """Real-data check: train the preset on Flickr8k-1k precomputed features through the real CLI
-(Ray Train, 2 workers), then print the test metrics beside CCA: the data README's number and the
+(the preset's one worker, trained in the driver), then print the test metrics beside CCA: the data README's number and the
 project's CCA (model.name=cca) measured in the same run.
 
     .venv/bin/python bench/flickr8k_precomp.py [--seeds 0 1 2] [extra key=value overrides]

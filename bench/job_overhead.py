@@ -3,8 +3,8 @@ the Flickr8k-1k precomputed features (`configs/flickr8k_precomp.yaml`):
 
 1. bare PyTorch: the same model, Eq. 6 objective, optimizer, neighborhood sampler and validation
    in a plain loop in this process (all cores), per-epoch wall time (train + validate);
-2. the job: `python -m trainers.train --config configs/flickr8k_precomp.yaml` (Ray Train, 2 DDP
-   workers, MLflow on a SQLite file) -- its steady epoch (the wall time between two consecutive
+2. the job: `python -m trainers.train --config configs/flickr8k_precomp.yaml` (MLflow on a SQLite
+   file) with 2 DDP workers and with the preset's one worker on the paths below -- its steady epoch (the wall time between two consecutive
    epoch records in metrics.jsonl: training, validation, report and checkpoint) and the time
    from the command to its first training step (the first epoch record's time minus its training
    time: an upper bound, it includes epoch 1's validation);
@@ -48,7 +48,7 @@ PRESET = "configs/flickr8k_precomp.yaml"
 JOBS = {"job, 2 DDP workers (Ray Train)": ["scaling.num_workers=2"],
         "job, 1 worker (Ray Train, scaling.worker_group=always)": ["scaling.num_workers=1", "scaling.worker_group=always"],
         "job, 1 worker in a Ray task (scaling.worker_group=task)": ["scaling.num_workers=1", "scaling.worker_group=task"],
-        "job, 1 worker in the driver, no Ray (the default for one worker)": ["scaling.num_workers=1"]}
+        "job, 1 worker in the driver, no Ray (the preset's job)": ["scaling.num_workers=1"]}
 
 
 def tmp_paths(tmp: Path) -> list[str]:
