@@ -5,6 +5,7 @@ both checked here; an unknown name lists the choices."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from itmatch.config import Config, ConfigError
@@ -13,11 +14,13 @@ from tuning.space import has_grid, to_tune
 log = logging.getLogger("itmatch.tune")
 
 
-def _asha(cfg: Config, space: dict[str, dict]):
+def _asha(cfg: Config, space: dict[str, dict], folder: Optional[Path] = None):
     """ASHA on the per-epoch validation score, with every rung before the last epoch: a trial that
     reaches its last epoch is never stopped, so it is evaluated, logged and can be registered.
-    (At `max_t` ASHA would stop the trial at its last report, before the code after `fit()`.)"""
-    from ray.tune.schedulers import ASHAScheduler
+    (At `max_t` ASHA would stop the trial at its last report, before the code after `fit()`.)
+    Its rungs are kept in the search's `folder` (tuning/asha.py), so a restored search goes on
+    judging its trials against those that reached a rung before it was stopped."""
+    from tuning.asha import RUNGS_FILE, RestorableASHA
 
     last = _shortest_run(cfg, space)
     if last < 2:
@@ -26,8 +29,8 @@ def _asha(cfg: Config, space: dict[str, dict]):
         return None
     max_t = last - 1
     grace = min(cfg.search.grace_period or max(1, last // 8), max_t)
-    return ASHAScheduler(time_attr="epoch", max_t=max_t, grace_period=grace,
-                         reduction_factor=cfg.search.reduction_factor, stop_last_trials=False)
+    return RestorableASHA(folder / RUNGS_FILE if folder else None, time_attr="epoch", max_t=max_t,
+                          grace_period=grace, reduction_factor=cfg.search.reduction_factor, stop_last_trials=False)
 
 
 def _shortest_run(cfg: Config, space: dict[str, dict]) -> int:
@@ -36,7 +39,7 @@ def _shortest_run(cfg: Config, space: dict[str, dict]) -> int:
     return int(min(next(iter(spec.values())))) if spec else cfg.train.epochs
 
 
-def _pbt(cfg: Config, space: dict[str, dict]):
+def _pbt(cfg: Config, space: dict[str, dict], folder: Optional[Path] = None):
     """Population-based training over the same space (grids read as choices), every
     `search.perturbation_interval` epochs."""
     from ray.tune.schedulers import PopulationBasedTraining
@@ -54,7 +57,7 @@ def needs_checkpoints(cfg: Config) -> bool:
     return cfg.search.scheduler == "pbt"
 
 
-def _fifo(cfg: Config, space: dict[str, dict]) -> None:
+def _fifo(cfg: Config, space: dict[str, dict], folder: Optional[Path] = None) -> None:
     return None  # Tune's default: every trial runs to the end
 
 
@@ -78,7 +81,7 @@ def _optuna(cfg: Config, space: dict[str, dict]):
                               max_concurrent=cfg.search.max_concurrent)
 
 
-Factory = Callable[[Config, dict], Optional[Any]]
+Factory = Callable[..., Optional[Any]]  # (cfg, space) for searchers; (cfg, space, folder) for schedulers
 SCHEDULERS: dict[str, Factory] = {"asha": _asha, "pbt": _pbt, "fifo": _fifo}
 SEARCHERS: dict[str, Factory] = {"random": _random, "optuna": _optuna}
 
@@ -89,8 +92,10 @@ def pick(registry: dict[str, Factory], what: str, name: str) -> Factory:
     return registry[name]
 
 
-def scheduler(cfg: Config, space: dict[str, dict]):
-    return pick(SCHEDULERS, "search.scheduler", cfg.search.scheduler)(cfg, space)
+def scheduler(cfg: Config, space: dict[str, dict], folder: Optional[Path] = None):
+    """The scheduler by name; `folder`: the search's folder, where a scheduler keeps what a
+    restored search needs back (ASHA's rungs)."""
+    return pick(SCHEDULERS, "search.scheduler", cfg.search.scheduler)(cfg, space, folder)
 
 
 def searcher(cfg: Config, space: dict[str, dict]):

@@ -25,7 +25,8 @@ def trial_row(result, trials_dir: Path) -> dict[str, Any]:
     summary = json.loads(path.read_text()) if path.is_file() else None
     status = "failed" if result.error else "finished" if summary else "stopped"
     return {"trial_id": trial_id, "params": result.config["params"], "status": status,
-            "epochs": metrics.get("epoch"), "best_val": metrics.get("best_metric"),
+            "epochs": int(metrics["epoch"]) if metrics.get("epoch") is not None else None,  # a float once restored
+            "best_val": metrics.get("best_metric"),
             "wall_s": metrics.get("time_total_s"),
             "error": reason(result.error) if result.error else None, "summary": summary}
 

@@ -203,7 +203,7 @@ def run_search(cfg: Config, space: dict[str, dict], store: FeatureStore, search_
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
         tuner = tune.Tuner(trainable, param_space={"params": registry.params_space(cfg, space)},
-                           tune_config=_tune_config(cfg, space),
+                           tune_config=_tune_config(cfg, space, search_dir),
                            run_config=tune.RunConfig(name="tune", storage_path=str(search_dir), verbose=1,
                                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
                                                      failure_config=_trial_failures(cfg)))
@@ -232,14 +232,14 @@ def _rerun_top(cfg: Config, rows: list[dict], setup: dict) -> list[dict]:
     return rerun.run_all(items, setup, cfg.search.max_concurrent) if items else []
 
 
-def _tune_config(cfg: Config, space: dict[str, dict]):
+def _tune_config(cfg: Config, space: dict[str, dict], folder: Path):
     from ray import tune
 
     # best_metric: the best validation score so far, what a trial is finally judged (and selected) by.
     # Trials that train in their own process run one after another in the same actors: the next one
     # finds torch, MLflow and the model code imported (a fresh actor spends ~3-4 s on that).
     return tune.TuneConfig(metric="best_metric", mode="max", num_samples=cfg.search.num_samples,
-                           search_alg=registry.searcher(cfg, space), scheduler=registry.scheduler(cfg, space),
+                           search_alg=registry.searcher(cfg, space), scheduler=registry.scheduler(cfg, space, folder),
                            reuse_actors=in_process.can_run(cfg))
 
 

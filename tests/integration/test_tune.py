@@ -253,26 +253,21 @@ def test_one_worker_trials_train_in_their_own_process_as_the_job_would(tmp_path)
         torch.testing.assert_close(trial[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_killed_optuna_search_restores_without_rerunning_finished_trials(tmp_path):
-    """Kill the whole search (driver and its Ray) once a trial has finished; the same command
-    restores the experiment and the Optuna searcher, runs only what is left, and registers once.
-    Its trials have one worker each, so they train in their own processes (trainers/in_process.py)."""
+def _kill_after_a_trial_finishes(args: list[str], tmp_path: Path, name: str) -> dict[str, int]:
+    """Start the search, SIGKILL it (driver and its Ray) once a trial has written its summary, and
+    return the summaries' mtimes at that point."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    space = tmp_path / "space.yaml"
-    space.write_text("optim.lr: {loguniform: [1.0e-3, 5.0e-3]}\n")
-    args = ["--config", "configs/debug.yaml", "--space", str(space), "--num-samples", "2", "--name", "sk",
-            "--search", "optuna", "--scheduler", "fifo", "search.seed=0", "search.trial_workers=1", *_paths(tmp_path)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo"}
     env.pop("RAY_ADDRESS", None)
     log = (tmp_path / "first.log").open("w")
     first = subprocess.Popen([sys.executable, "-m", "tuning.search", *args], cwd=ROOT, env=env, stdout=log,
                              stderr=subprocess.STDOUT, start_new_session=True)  # its Ray stays in its group
-    trials = tmp_path / "runs" / "sk" / "trials"
+    trials = tmp_path / "runs" / name / "trials"
     try:
         deadline = time.monotonic() + 400
         while not list(trials.glob("*/summary.json")) and first.poll() is None and time.monotonic() < deadline:
@@ -281,14 +276,29 @@ def test_killed_optuna_search_restores_without_rerunning_finished_trials(tmp_pat
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait(30)
-    done_before = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/summary.json")}
+    return {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/summary.json")}
+
+
+def _restored(args: list[str], tmp_path: Path, name: str, done_before: dict[str, int]) -> dict:
+    """Run the same command again: it must restore the search and not run a finished trial again."""
     again = run_module("tuning.search", args, ROOT, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-4000:]
     assert "resuming the search" in again.stdout + again.stderr
-    result = json.loads((tmp_path / "runs" / "sk" / "search.json").read_text())
-    assert len(result["trials"]) == 2 and all(t["status"] == "finished" for t in result["trials"])
-    after = {p.parent.name: p.stat().st_mtime_ns for p in trials.glob("*/summary.json")}
+    after = {p.parent.name: p.stat().st_mtime_ns for p in (tmp_path / "runs" / name / "trials").glob("*/summary.json")}
     assert {k: after[k] for k in done_before} == done_before  # finished before the kill: not run again
+    return json.loads((tmp_path / "runs" / name / "search.json").read_text())
+
+
+def test_killed_optuna_search_restores_without_rerunning_finished_trials(tmp_path):
+    """Kill the whole search (driver and its Ray) once a trial has finished; the same command
+    restores the experiment and the Optuna searcher, runs only what is left, and registers once.
+    Its trials have one worker each, so they train in their own processes (trainers/in_process.py)."""
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: {loguniform: [1.0e-3, 5.0e-3]}\n")
+    args = ["--config", "configs/debug.yaml", "--space", str(space), "--num-samples", "2", "--name", "sk",
+            "--search", "optuna", "--scheduler", "fifo", "search.seed=0", "search.trial_workers=1", *_paths(tmp_path)]
+    result = _restored(args, tmp_path, "sk", _kill_after_a_trial_finishes(args, tmp_path, "sk"))
+    assert len(result["trials"]) == 2 and all(t["status"] == "finished" for t in result["trials"])
     _, parent, children = _mlflow_runs(tmp_path / "ml.db", "sk")
     runs = {r.data.tags["itmatch.trial_id"]: r for r in children}
     assert parent.info.status == "FINISHED" and {t["trial_id"] for t in result["trials"]} <= set(runs)
@@ -297,6 +307,39 @@ def test_killed_optuna_search_restores_without_rerunning_finished_trials(tmp_pat
     # searcher suggests it anew): its orphan run ends KILLED, not RUNNING.
     orphans = [r for k, r in runs.items() if k not in {t["trial_id"] for t in result["trials"]}]
     assert len(orphans) <= 1 and all(r.info.status == "KILLED" for r in orphans)
+
+
+def test_four_optuna_trials_two_at_a_time_under_asha_killed_and_restored(tmp_path):
+    """The issue's check: 4 Optuna trials, 2 at once, each a 2-worker Ray Train job (TorchTrainer),
+    under ASHA, the search killed once a trial has finished and restored by the same command.
+    Optuna (seed 2) suggests the learning rate that learns three times, then one that cannot; that
+    fourth trial starts only after a good one has finished, so it meets ASHA's rung below the
+    cutoff -- after the restore too, as the rungs are kept in the search's folder (tuning/asha.py;
+    Tune restores no scheduler state). Every MLflow run ends in its trial's status; one model is
+    registered and holds the alias (a fresh registry: nothing to beat)."""
+    from mlflow.tracking import MlflowClient
+
+    space = tmp_path / "space.yaml"
+    space.write_text(f"optim.lr: {{choice: [{GOOD_LR}, {BAD_LR}]}}\n")
+    args = ["--config", "configs/debug.yaml", "--space", str(space), "--num-samples", "4", "--name", "s4",
+            "--search", "optuna", "--scheduler", "asha", "--max-concurrent", "2", "search.seed=2",
+            "search.grace_period=1", "search.reduction_factor=2", "scaling.cpus_per_worker=0.5", *_paths(tmp_path)]
+    result = _restored(args, tmp_path, "s4", _kill_after_a_trial_finishes(args, tmp_path, "s4"))
+    trials = result["trials"]
+    assert len(trials) == 4 and [t["params"]["optim.lr"] for t in trials].count(BAD_LR) == 1, trials
+    weak = next(t for t in trials if t["params"]["optim.lr"] == BAD_LR)
+    assert weak["status"] == "stopped" and weak["epochs"] == 1 and not weak["summary"]
+    assert any(t["status"] == "finished" for t in trials)
+    assert all(t["status"] in ("finished", "stopped") for t in trials)
+    _, parent, children = _mlflow_runs(tmp_path / "ml.db", "s4")
+    runs = {r.data.tags["itmatch.trial_id"]: r for r in children}
+    assert parent.info.status == "FINISHED"
+    assert all(runs[t["trial_id"]].info.status == RUN_STATUS[t["status"]] for t in trials)
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in children)  # an orphan (see above): KILLED
+    client = MlflowClient(f"sqlite:///{tmp_path / 'ml.db'}")
+    (version,) = client.search_model_versions("name='itm-tune'")
+    assert client.get_model_version_by_alias("itm-tune", "champion").version == version.version
+    assert version.run_id == result["best"]["summary"]["run_id"]
 
 
 def test_pbt_exploits_the_better_trials_checkpoint_with_its_own_params(tmp_path):

@@ -85,6 +85,43 @@ def test_asha_stops_weak_trials_at_a_rung_but_never_at_the_last_epoch():
     assert _report(scheduler, late, 2, 1.0) == TrialScheduler.CONTINUE
 
 
+def _restarted_asha(folder: Path | None):
+    """The preset-like ASHA of a search in `folder`, as Tuner.restore builds it: from the Tuner
+    pickled when the search began (empty rungs), then handed the metric."""
+    import pickle
+
+    cfg = load_config(None, {"train.epochs": 3, "search.grace_period": 1, "search.reduction_factor": 2})
+    fresh = pickle.loads(pickle.dumps(registry.scheduler(cfg, SPACE, folder)))
+    fresh.set_search_properties("best_metric", "max")
+    return fresh
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_a_restored_search_judges_its_trials_against_the_rungs_before_the_stop(tmp_path, kept):
+    """Tune restores a search's trials and searcher but not its scheduler: without the rungs kept in
+    the search's folder (tuning/asha.py), a weak trial reaching a rung first after a restore
+    passes it unopposed."""
+    from ray.tune.schedulers import TrialScheduler
+
+    folder = tmp_path if kept else None
+    before = _restarted_asha(folder)
+    trials = {name: SimpleNamespace(trial_id=name) for name in ("a", "b", "weak", "strong")}
+    for trial in trials.values():
+        before.on_trial_add(None, trial)
+    for name, score in (("a", 300.0), ("b", 310.0)):  # rung 1 (epoch 1), then rung 2 (epoch 2)
+        assert _report(before, trials[name], 1, score) == _report(before, trials[name], 2, score) == \
+            TrialScheduler.CONTINUE
+    after = _restarted_asha(folder)  # the search killed and restored
+    for trial in trials.values():
+        after.on_trial_add(None, trial)
+    weak = _report(after, trials["weak"], 1, 10.0)
+    assert weak == (TrialScheduler.STOP if kept else TrialScheduler.CONTINUE)
+    assert _report(after, trials["strong"], 1, 400.0) == TrialScheduler.CONTINUE
+    if kept:  # the file holds every record, the new ones too
+        assert after.rungs() == _restarted_asha(folder).rungs()
+        assert {"a", "b", "weak", "strong"} <= set(dict(after.rungs()[0])[1])
+
+
 def test_asha_rungs_lie_before_the_last_epoch():
     for epochs in (2, 3, 9, 20):
         rungs = [m for m, _ in _asha(epochs)._brackets[0]._rungs]
