@@ -28,7 +28,7 @@ def load_space(path: str | Path, base: Config) -> dict[str, dict]:
     space = {}
     for key, spec in raw.items():
         kind, values = _entry(path, key, spec)
-        space[key] = {kind: [_typed(path, flat, key, value) for value in values]}
+        space[key] = {kind: _bounded(path, key, kind, [_typed(path, flat, key, value) for value in values])}
     per = base.search.rerun_per
     if per is not None and next(iter(space.get(per, {"": 0}))) not in ("choice", "grid"):
         raise ConfigError(f"{path}: search.rerun_per={per!r} must be a key of this space with choice or grid "
@@ -41,6 +41,16 @@ def _typed(path: str | Path, flat: dict[str, Any], key: str, value: Any) -> Any:
         return load_config(None, {**flat, key: value}).flat()[key]
     except ConfigError as exc:
         raise ConfigError(f"{path}: {key}: value {value!r} is not valid: {exc}") from exc
+
+
+def _bounded(path: str | Path, key: str, kind: str, values: list) -> list:
+    """A range's bounds in order (Tune would sample an inverted one without a word), a log range's
+    above zero."""
+    if kind in RANGES and not values[0] < values[1]:
+        raise ConfigError(f"{path}: {key}.{kind}: the low bound must be below the high one, got {values}")
+    if kind == "loguniform" and values[0] <= 0:
+        raise ConfigError(f"{path}: {key}.loguniform: bounds must be above 0, got {values}")
+    return values
 
 
 def _entry(path: str | Path, key: str, spec: Any) -> tuple[str, list]:

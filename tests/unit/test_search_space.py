@@ -44,6 +44,10 @@ def test_shipped_space_is_valid():
     ("loss.top_k: {choice: [1, 0]}\n", "value 0 is not valid"),           # one bad choice
     ("scaling.strategy: {choice: [ddp, fsdp]}\n", "'fsdp'"),              # not a backend
     ("- just a list\n", "expected a mapping"),
+    ("optim.lr: {loguniform: [1.0e-2, 1.0e-4]}\n", "optim.lr.loguniform: the low bound must be below"),  # inverted
+    ("loss.margin: {uniform: [0.2, 0.2]}\n", "loss.margin.uniform: the low bound"),  # empty
+    ("loss.top_k: {randint: [10, 2]}\n", "loss.top_k.randint: the low bound"),
+    ("loss.lambda2: {loguniform: [0, 1]}\n", "bounds must be above 0"),  # the field allows 0, a log range not
 ])
 def test_bad_space_names_file_key_and_value(tmp_path, text, needle):
     path = _space(tmp_path, text)
