@@ -342,6 +342,34 @@ def test_four_optuna_trials_two_at_a_time_under_asha_killed_and_restored(tmp_pat
     assert version.run_id == result["best"]["summary"]["run_id"]
 
 
+def test_a_failing_trial_is_retried_then_failed_and_the_search_goes_on(tmp_path):
+    """A trial whose loss cannot be finite (InfoNCE at temperature 1e-40: every logit overflows) raises
+    in its process; Tune retries it run.max_failures (1) times, then the search goes on: its row is
+    `failed` with the error's one line, its MLflow run FAILED, the other trial is registered and the
+    command succeeds."""
+    from mlflow.tracking import MlflowClient
+
+    space = tmp_path / "space.yaml"
+    space.write_text("loss.temperature: {grid: [0.05, 1.0e-40]}\n")
+    args = ["--config", "configs/debug.yaml", "--space", str(space), "--num-samples", "1", "--name", "sf",
+            "--scheduler", "fifo", "search.trial_workers=1", "loss.name=infonce", *_paths(tmp_path)]
+    done = run_module("tuning.search", args, ROOT, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
+    trials = {t["params"]["loss.temperature"]: t for t in
+              json.loads((tmp_path / "runs" / "sf" / "search.json").read_text())["trials"]}
+    bad, good = trials[1.0e-40], trials[0.05]
+    assert bad["status"] == "failed" and bad["error"].startswith("FloatingPointError: non-finite loss")
+    assert "\n" not in bad["error"] and not bad["summary"] and good["status"] == "finished"
+    out = done.stdout + done.stderr
+    assert out.count("errored after 0 iterations") == 2  # the first attempt and its retry,
+    assert "MLflow: resuming run" in out  # which reopened the trial's MLflow run
+    _, parent, children = _mlflow_runs(tmp_path / "ml.db", "sf")
+    status = {r.data.tags["itmatch.trial_id"]: r.info.status for r in children}
+    assert status == {bad["trial_id"]: "FAILED", good["trial_id"]: "FINISHED"} and parent.info.status == "FINISHED"
+    (version,) = MlflowClient(f"sqlite:///{tmp_path / 'ml.db'}").search_model_versions("name='itm-tune'")
+    assert version.run_id == good["summary"]["run_id"]
+
+
 def test_pbt_exploits_the_better_trials_checkpoint_with_its_own_params(tmp_path):
     """--scheduler pbt: the trial with a learning rate that cannot learn is cloned from the good one's
     checkpoint (a new generation of its run folder, `run.start_from`) and goes on from that epoch
