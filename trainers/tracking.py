@@ -238,14 +238,15 @@ def load_champion(cfg: Config):
     return mlflow.pyfunc.load_model(uri).unwrap_python_model().model
 
 
-def end_run(tracking: dict[str, Any], status: str = "FINISHED", *, if_running: bool = False) -> None:
+def end_run(tracking: dict[str, Any], status: str = "FINISHED", *, if_running: bool = False) -> bool:
     """End the run with `status`; `if_running`: only if nobody has ended it yet (a search's driver
     ends a trial Tune stopped KILLED, and the error the stop raises later in the trial must not turn
-    that into FAILED)."""
+    that into FAILED). Returns whether it ended the run."""
     client = MlflowClient(tracking["tracking_uri"])
     if if_running and client.get_run(tracking["run_id"]).info.status != "RUNNING":
-        return
+        return False
     client.set_terminated(tracking["run_id"], status=status)
+    return True
 
 
 def end_if_running(cfg: Config, run_key: str, status: str) -> Optional[str]:
@@ -253,9 +254,7 @@ def end_if_running(cfg: Config, run_key: str, status: str) -> Optional[str]:
     whose training process was told to stop but could not end its own run in time (a cancelled Ray
     task on a busy machine); returns the run id it ended."""
     info = setup(cfg.tracking)
-    client = MlflowClient(info["tracking_uri"])
-    found = _run_of(client, info, run_key)
-    if found is None or found.info.status != "RUNNING":
+    found = _run_of(MlflowClient(info["tracking_uri"]), info, run_key)
+    if found is None or not end_run({**info, "run_id": found.info.run_id}, status, if_running=True):
         return None
-    client.set_terminated(found.info.run_id, status=status)
     return found.info.run_id

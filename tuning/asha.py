@@ -22,6 +22,11 @@ log = logging.getLogger("itmatch.tune")
 RUNGS_FILE = "asha_rungs.json"
 
 
+def rungs_path(folder: Path) -> Path:
+    """Where a search in `folder` keeps its ASHA rungs."""
+    return folder / RUNGS_FILE
+
+
 class RestorableASHA(AsyncHyperBandScheduler):
     """`AsyncHyperBandScheduler` plus its rung records in `state_path` (None: kept in memory only)."""
 

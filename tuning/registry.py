@@ -20,7 +20,7 @@ def _asha(cfg: Config, space: dict[str, dict], folder: Optional[Path] = None):
     (At `max_t` ASHA would stop the trial at its last report, before the code after `fit()`.)
     Its rungs are kept in the search's `folder` (tuning/asha.py), so a restored search goes on
     judging its trials against those that reached a rung before it was stopped."""
-    from tuning.asha import RUNGS_FILE, RestorableASHA
+    from tuning.asha import RestorableASHA, rungs_path
 
     last = _shortest_run(cfg, space)
     if last < 2:
@@ -29,7 +29,7 @@ def _asha(cfg: Config, space: dict[str, dict], folder: Optional[Path] = None):
         return None
     max_t = last - 1
     grace = min(cfg.search.grace_period or max(1, last // 8), max_t)
-    return RestorableASHA(folder / RUNGS_FILE if folder else None, time_attr="epoch", max_t=max_t,
+    return RestorableASHA(rungs_path(folder) if folder else None, time_attr="epoch", max_t=max_t,
                           grace_period=grace, reduction_factor=cfg.search.reduction_factor, stop_last_trials=False)
 
 

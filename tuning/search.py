@@ -179,7 +179,7 @@ def run_search(cfg: Config, space: dict[str, dict], store: FeatureStore, search_
 
     from trainers.job import cpus_per_worker
     from trainers.train import exit_on_sigterm, init_ray
-    from tuning.asha import RUNGS_FILE
+    from tuning.asha import rungs_path
 
     init_ray(hardest_trial(cfg, space))  # Ray Train's worker groups if any trial can have one
     exit_on_sigterm()  # again: Ray's driver installs its own SIGTERM handler, which aborts
@@ -203,7 +203,7 @@ def run_search(cfg: Config, space: dict[str, dict], store: FeatureStore, search_
         log.info("resuming the search in %s", path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
-        (search_dir / RUNGS_FILE).unlink(missing_ok=True)  # an earlier search's rungs, its Tune folder gone
+        rungs_path(search_dir).unlink(missing_ok=True)  # an earlier search's rungs, its Tune folder gone
         tuner = tune.Tuner(trainable, param_space={"params": registry.params_space(cfg, space)},
                            tune_config=_tune_config(cfg, space, search_dir),
                            run_config=tune.RunConfig(name="tune", storage_path=str(search_dir), verbose=1,
