@@ -178,6 +178,32 @@ def _concat(tables: list[pa.Table], where: Path) -> pa.Table:
 # ---------------------------------------------------------------------------- karpathy
 
 
+def _karpathy_int(value: Any, where: str) -> int:
+    """An id field: an integer (a JSON 3.0 counts, 1.5 or "7" does not -- ids that a float rounds or a
+    string hides would merge or split images silently)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise DataError(f"{where} = {value!r}: expected an integer")
+    return int(value)
+
+
+def _karpathy_str(entry: dict, key: str, where: str) -> str:
+    value = entry[key]
+    if not isinstance(value, str) or not value:
+        raise DataError(f"{where}.{key} = {value!r}: expected a non-empty string")
+    return value
+
+
+def _karpathy_caption(sentence: Any, where: str) -> str:
+    raw = sentence.get("raw") if isinstance(sentence, dict) else None
+    tokens = sentence.get("tokens") if isinstance(sentence, dict) else None
+    if raw is None and isinstance(tokens, list) and all(isinstance(t, str) for t in tokens):
+        raw = " ".join(tokens)
+    if not isinstance(raw, str) or not raw.strip():
+        shown = raw if raw is not None or tokens is None else tokens
+        raise DataError(f"{where}: no caption text (raw = {shown!r})")
+    return raw.strip()
+
+
 def _karpathy_entry(entry: Any, index: int, json_path: Path) -> tuple[int, str, str, list[tuple[int, str]]]:
     where = f"{json_path}: images[{index}]"
     if not isinstance(entry, dict):
@@ -190,14 +216,16 @@ def _karpathy_entry(entry: Any, index: int, json_path: Path) -> tuple[int, str, 
         raise DataError(f"{where}.sentences = {sentences!r}: expected a non-empty list")
     caps = []
     for j, sentence in enumerate(sentences):
-        raw = sentence.get("raw") if isinstance(sentence, dict) else None
-        if raw is None and isinstance(sentence, dict) and "tokens" in sentence:
-            raw = " ".join(sentence["tokens"])
-        if not isinstance(raw, str) or not raw.strip():
-            raise DataError(f"{where}.sentences[{j}]: no caption text (raw = {raw!r})")
-        caps.append((int(sentence.get("sentid", -1)), raw.strip()))
-    filename = str(Path(entry.get("filepath", "")) / entry["filename"])
-    return int(entry.get("imgid", index)), entry["split"], filename, caps
+        text = _karpathy_caption(sentence, f"{where}.sentences[{j}]")
+        sentid = sentence.get("sentid")  # absent or null: numbered in file order
+        caps.append((-1 if sentid is None else _karpathy_int(sentid, f"{where}.sentences[{j}].sentid"), text))
+    folder = entry.get("filepath") or ""
+    if not isinstance(folder, str):
+        raise DataError(f"{where}.filepath = {folder!r}: expected a string")
+    filename = str(Path(folder) / _karpathy_str(entry, "filename", where))
+    image_id = entry.get("imgid")
+    image_id = index if image_id is None else _karpathy_int(image_id, f"{where}.imgid")
+    return image_id, _karpathy_str(entry, "split", where), filename, caps
 
 
 def read_karpathy(source: Source, **_: Any) -> Corpus:
@@ -314,7 +342,9 @@ def corpus_from_table(table: pa.Table, options: dict[str, str], name: str, files
     texts = table.column(text_col).to_pylist()
     for row, value in enumerate(table.column(image_col).to_pylist()):
         data = _image_bytes(value, name, row)
-        split = _split(str(splits[row]))
+        if not isinstance(splits[row], str) or not splits[row]:
+            raise DataError(f"{name}: row {row}: field {split_col!r} = {splits[row]!r}: expected a split name")
+        split = _split(splits[row])
         # Keyed by split too: ids restart per split in many exports, and an image repeated in two
         # splits must become two images, else one split's captions point at the other's image.
         key = (split, raw_ids[row] if raw_ids is not None else data)

@@ -297,6 +297,11 @@ def test_karpathy_filepath_and_missing_sentid(tmp_path):
     corpus = read_source(f"karpathy:{write_json(tmp_path / 'd.json', doc)}")
     assert corpus.images.column("image_id").to_pylist() == [0]  # no imgid: its index
     assert corpus.captions.column("caption_id").to_pylist() == [0, 1]
+    doc["images"][0].update(imgid=7.0, filepath=None, filename="sub/x.png")  # an integral float id; a null folder
+    doc["images"][0]["sentences"][1]["sentid"] = None
+    corpus = read_source(f"karpathy:{write_json(tmp_path / 'd.json', doc)}")
+    assert corpus.images.column("image_id").to_pylist() == [7]
+    assert corpus.captions.column("caption_id").to_pylist() == [0, 1]
     assert Path(corpus.images.column("path")[0].as_py()).name == "x.png"
 
 
@@ -319,6 +324,19 @@ def test_karpathy_missing_image_file(tmp_path):
         (lambda d: d["images"][2].__setitem__("imgid", 10), r"duplicate value 10"),
         (lambda d: d["images"][2]["sentences"][0].__setitem__("sentid", 100), r"caption_id.*duplicate value 100"),
         (lambda d: d.__setitem__("images", []), r"field 'images'"),
+        # fields of the wrong JSON type: each names its field and value (not a TypeError from deep inside)
+        (lambda d: d["images"][0]["sentences"][1].__setitem__("sentid", "abc"),
+         r"images\[0\]\.sentences\[1\]\.sentid = 'abc': expected an integer"),
+        (lambda d: d["images"][1].__setitem__("imgid", 1.5), r"images\[1\]\.imgid = 1\.5: expected an integer"),
+        (lambda d: d["images"][1].__setitem__("imgid", "11"), r"images\[1\]\.imgid = '11'"),
+        (lambda d: d["images"][1].__setitem__("imgid", True), r"images\[1\]\.imgid = True"),
+        (lambda d: d["images"][1]["sentences"].__setitem__(0, {"tokens": [1, 2]}),
+         r"images\[1\]\.sentences\[0\]: no caption text \(raw = \[1, 2\]\)"),
+        (lambda d: d["images"][0].__setitem__("filename", None), r"images\[0\]\.filename = None"),
+        (lambda d: d["images"][0].__setitem__("filename", 7), r"images\[0\]\.filename = 7"),
+        (lambda d: d["images"][0].__setitem__("filepath", 3), r"images\[0\]\.filepath = 3: expected a string"),
+        (lambda d: d["images"][2].__setitem__("split", None), r"images\[2\]\.split = None"),
+        (lambda d: d["images"][2].__setitem__("split", 3), r"images\[2\]\.split = 3"),
     ],
 )
 def test_karpathy_errors(tmp_path, mutate, match):
