@@ -90,12 +90,14 @@ def decode_images(values: list) -> list:
     """PIL RGB images from bytes, server paths or base64 strings; undecodable ones are client errors."""
     from PIL import Image, UnidentifiedImageError
 
+    from itmatch.data.images import to_rgb
+
     images = []
     for row, value in enumerate(values):
         data = _image_bytes(value, row)
         try:
             with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
-                images.append(image.convert("RGB"))
+                images.append(to_rgb(image))
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
             raise invalid(f"image row {row}: cannot decode the image ({type(exc).__name__})") from None
     return images

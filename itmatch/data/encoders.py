@@ -101,7 +101,9 @@ def _as_rgb(image: Any) -> "Image.Image":
         image = Image.fromarray(image)
     if not isinstance(image, Image.Image):
         raise EncoderError(f"image encoders take PIL images (or HxWx3 uint8 arrays), got {type(image).__name__}")
-    return image if image.mode == "RGB" else image.convert("RGB")
+    from itmatch.data.images import to_rgb
+
+    return image if image.mode == "RGB" else to_rgb(image)
 
 
 def resize_center_crop(image: "Image.Image", resize: int, crop: int, resample: str = "bilinear") -> np.ndarray:

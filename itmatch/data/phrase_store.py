@@ -40,6 +40,7 @@ import pyarrow.parquet as pq
 
 from itmatch.config import DataConfig
 from itmatch.data.batch import Batch, Prepare
+from itmatch.data.images import to_rgb
 from itmatch.data.phrase_batch import phrase_batch
 from itmatch.data.readers import Corpus, column_to_numpy, features_column
 from itmatch.data.sources import DataError, Source, parse_source
@@ -155,7 +156,7 @@ def _crops(paths: dict[int, str], image_ids: np.ndarray, boxes: np.ndarray) -> I
         path = paths[int(image_ids[lo])]
         try:
             with Image.open(path) as opened:
-                image = opened.convert("RGB")
+                image = to_rgb(opened)
         except (OSError, ValueError, SyntaxError) as exc:
             raise DataError(f"{path}: cannot decode image ({exc})") from exc
         for box in boxes[lo:hi]:

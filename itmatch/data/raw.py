@@ -21,6 +21,7 @@ from typing import Any, Optional
 import numpy as np
 import pyarrow as pa
 
+from itmatch.data.images import to_rgb
 from itmatch.data.phrase_store import KIND as PHRASES_KIND
 from itmatch.data.phrase_store import PhraseStore, prepare_phrases
 from itmatch.data.readers import Corpus, read_source
@@ -43,7 +44,7 @@ class RawSplit(SplitRows):
         out = []
         for r in np.asarray(rows):
             with Image.open(io.BytesIO(self.image_bytes[int(r)].as_py())) as image:
-                out.append(image.convert("RGB"))
+                out.append(to_rgb(image))
         return out
 
     def captions_at(self, rows: np.ndarray) -> list[str]:

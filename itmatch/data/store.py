@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from itmatch.data.images import to_rgb
 from itmatch.data.readers import Corpus, column_to_numpy, features_column, read_source
 from itmatch.data.sources import DataError, parse_source
 
@@ -234,7 +235,7 @@ def decode_images(values: Iterable, column: str) -> Iterator:
     for value in values:
         try:
             image = Image.open(io.BytesIO(value) if column == "image" else value)
-            yield image.convert("RGB")
+            yield to_rgb(image)
         except OSError as exc:
             raise DataError(f"cannot decode image {value if column == 'path' else '<bytes>'}: {exc}") from exc
 

@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from itmatch.data.images import open_rgb
 from itmatch.eval.retrieval import ScoreFn
 
 log = logging.getLogger("itmatch.pictures")
@@ -186,16 +187,6 @@ def query_examples(img: Any, txt: Any, txt_img: Any, *, n_queries: int = 12, k: 
     own = [np.flatnonzero(txt_img == i).tolist() for i in images]
     return (_ranked("t2i", captions, t2i, [[int(txt_img[c])] for c in captions], k),
             _ranked("i2t", images, i2t, own, k))
-
-
-def open_rgb(value: Any) -> Any:
-    """An RGB PIL image from a PIL image, encoded bytes or a file path (a copy: safe to draw on)."""
-    from PIL import Image
-
-    if isinstance(value, Image.Image):
-        return value.convert("RGB")
-    with Image.open(io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value) as opened:
-        return opened.convert("RGB")
 
 
 def thumbnail_uri(value: Any, size: int = 160) -> Optional[str]:

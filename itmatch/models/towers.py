@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from itmatch.config import ModelConfig
+from itmatch.data.images import to_rgb
 from itmatch.models.convnet import small_resnet
 from itmatch.models.word_towers import GRUTower, TextCNNTower
 
@@ -102,7 +103,7 @@ class PixelPrep:
 
         out = []
         for image in images:
-            image = image.convert("RGB")
+            image = to_rgb(image)
             if train and self.augment and rng is not None:
                 array = np.asarray(random_resized_crop(image, self.size, rng), dtype=np.uint8)
                 if rng.random() < 0.5:
