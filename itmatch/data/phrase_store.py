@@ -43,7 +43,7 @@ from itmatch.data.batch import Batch, Prepare
 from itmatch.data.images import to_rgb
 from itmatch.data.phrase_batch import phrase_batch
 from itmatch.data.readers import Corpus, column_to_numpy, features_column
-from itmatch.data.sources import DataError, Source, parse_source
+from itmatch.data.sources import DataError, parse_source, typed_options
 from itmatch.data.store import (FeatureSplit, FeatureStore, _atomic_write_table, _cache_key, _check_finite, _digest,
                                 _drop_bad_images, atomic_write_text, check_encoder_names, decode_images,
                                 image_bytes)
@@ -61,20 +61,6 @@ RAW_ENCODERS = ("pixels (raw crops)", "words (raw)")
 # --------------------------------------------------------------------------- sources
 
 
-def _typed_options(source: Source, types: dict[str, type]) -> dict[str, Any]:
-    unknown = sorted(set(source.options) - set(types))
-    if unknown:
-        raise DataError(f"data.source {str(source)!r}: unknown option {unknown[0]!r}; choices: {', '.join(types)}")
-    out = {}
-    for key, value in source.options.items():
-        try:
-            out[key] = types[key](value)
-        except ValueError:
-            raise DataError(f"data.source {str(source)!r}: option {key}={value!r} is not a {types[key].__name__}") \
-                from None
-    return out
-
-
 def read_phrase_source(text: str) -> PhraseCorpus:
     """`entities:ROOT[?proposals=FILE&images=DIR]` or `shapes-phrases:DIR[?n_images=N&seed=S&...]`
     (written there once by `write_shapes_entities`) -> the corpus, with proposals and image paths."""
@@ -82,14 +68,14 @@ def read_phrase_source(text: str) -> PhraseCorpus:
     if source.scheme == "shapes-phrases":
         from itmatch.phrases.synthetic import write_shapes_entities
 
-        options = _typed_options(source, _SHAPES_OPTIONS)
+        options = typed_options(source, _SHAPES_OPTIONS)
         try:
             root = write_shapes_entities(source.location, **options)
         except ValueError as exc:  # the writer's own argument checks
             raise DataError(f"data.source {text!r}: {exc}") from None
         corpus = read_entities(root)
     elif source.scheme == "entities":
-        _typed_options(source, dict.fromkeys(_ENTITIES_OPTIONS, str))
+        typed_options(source, dict.fromkeys(_ENTITIES_OPTIONS, str))
         corpus = read_entities(source.location, image_dir=source.options.get("images"),
                                proposals=source.options.get("proposals"))
     else:

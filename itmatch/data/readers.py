@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from itmatch.data.sources import DataError, Source, parse_source
+from itmatch.data.sources import DataError, Source, parse_source, typed_options
 
 SPLIT_ALIASES = {"dev": "val", "validation": "val", "valid": "val"}
 
@@ -74,11 +74,19 @@ def read_utf8(path: Path) -> str:
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not content
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise DataError(f"{path}: line {line}: bytes {data[exc.start:exc.end]!r} at offset {exc.start} "
                         "are not UTF-8 (re-encode the file as UTF-8)") from exc
+
+
+def text_lines(text: str) -> list[str]:
+    """A text file's lines as Python's universal newlines read them (LF, CRLF or CR ends one), as VSE++
+    reads its caption files; not str.splitlines, which also splits at form feeds, U+2028 and the other
+    Unicode separators a caption may hold, shifting every later caption onto the wrong image."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
 
 
 def _load_npy(path: Path) -> np.ndarray:
@@ -97,7 +105,7 @@ def _precomp_split(root: Path, prefix: str, caps_per_image: int, caption_feature
         if not path.is_file():
             raise DataError(f"precomp:{root}: missing file {path.name}")
     ims = _load_npy(ims_path)
-    texts = read_utf8(caps_path).splitlines()
+    texts = text_lines(read_utf8(caps_path))
     empty = next((i for i, t in enumerate(texts) if not t.strip()), None)
     if empty is not None:
         raise DataError(f"{caps_path}: line {empty + 1} is an empty caption")
@@ -130,6 +138,8 @@ def read_precomp(source: Source, *, caption_features: str | None = None) -> Corp
     if not root.is_dir():
         raise DataError(f"precomp:{root}: not a directory")
     per = int(source.options.get("caps_per_image", 5))
+    if per < 1:
+        raise DataError(f"data.source {str(source)!r}: caps_per_image={per}: must be at least 1")
     prefixes = sorted(p.name[: -len("_ims.npy")] for p in root.glob("*_ims.npy"))
     if not prefixes:
         raise DataError(f"precomp:{root}: no {{split}}_ims.npy files found")
@@ -417,10 +427,21 @@ READERS: dict[str, Callable[..., Corpus]] = {
 }
 
 
+_TABLE_OPTIONS = {"image": str, "text": str, "id": str, "split_column": str, "split": str, "bad_images": str}
+OPTIONS: dict[str, dict[str, type]] = {  # what each reader reads (bad_images: itmatch.data.store, for pixels)
+    "precomp": {"caps_per_image": int},
+    "karpathy": {"restval": str, "bad_images": str},
+    "parquet": _TABLE_OPTIONS,
+    "hf": _TABLE_OPTIONS,
+    "synthetic": {"n_images": int, "seed": int, "image_size": int, "bad_images": str},
+}
+
+
 def read_source(text: str, *, caption_features: str | None = None) -> Corpus:
     """Parse the source string and read it; `caption_features` names precomp's caption file."""
     source = parse_source(text)
     if source.scheme not in READERS:  # region-phrase data: itmatch.data.phrase_store reads it
         raise DataError(f"data.source {text!r}: {source.scheme}: holds region-phrase data (a phrase localization "
                         "task), not image-caption pairs; prepare it with itmatch.data.raw.prepare_inputs")
+    typed_options(source, OPTIONS[source.scheme])
     return READERS[source.scheme](source, caption_features=caption_features)

@@ -16,6 +16,7 @@ a phrase localization task (`PHRASE_SCHEMES`, `DataConfig.task`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import parse_qsl
 
 SCHEMES = ("precomp", "karpathy", "parquet", "hf", "synthetic", "entities", "shapes-phrases")
@@ -53,3 +54,21 @@ def parse_source(text: str) -> Source:
         raise DataError(f"data.source {text!r}: empty location after {scheme!r}:")
     options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=False)) if query else {}
     return Source(scheme, location, options)
+
+
+def typed_options(source: Source, types: dict[str, type]) -> dict[str, Any]:
+    """The source's options as `types` says; an unknown name (a typo such as `?bad_image=skip` would
+    otherwise be ignored without a word) or a value of the wrong type is a DataError naming both."""
+    unknown = sorted(set(source.options) - set(types))
+    if unknown:
+        choices = ", ".join(types) or "none"
+        raise DataError(f"data.source {str(source)!r}: unknown option {unknown[0]!r} for {source.scheme}:; "
+                        f"choices: {choices}")
+    out = {}
+    for key, value in source.options.items():
+        try:
+            out[key] = types[key](value)
+        except ValueError:
+            kind = {int: "an integer", float: "a number"}.get(types[key], types[key].__name__)
+            raise DataError(f"data.source {str(source)!r}: option {key}={value!r} is not {kind}") from None
+    return out

@@ -51,7 +51,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from itmatch.data.readers import column_to_numpy, features_column, read_utf8
+from itmatch.data.readers import column_to_numpy, features_column, read_utf8, text_lines
 from itmatch.data.sources import DataError
 from itmatch.data.store import _atomic_write_table
 from itmatch.phrases.boxes import from_inclusive, merge_boxes
@@ -136,7 +136,7 @@ def parse_caption(line: str, where: str = "<caption>") -> Caption:
 
 def read_captions(path: Path) -> list[Caption]:
     """A Sentences file: one caption per non-blank line."""
-    lines = read_utf8(path).splitlines()
+    lines = text_lines(read_utf8(path))
     out = [parse_caption(line, f"{path}: line {n}") for n, line in enumerate(lines, 1) if line.strip()]
     if not out:
         raise DataError(f"{path}: no captions")
@@ -285,7 +285,7 @@ def _image_list(root: Path, splits: list[str] | None,
     seen: dict[str, str] = {}
     for path in lists:
         split = path.stem
-        for n, line in enumerate(read_utf8(path).splitlines(), 1):
+        for n, line in enumerate(text_lines(read_utf8(path)), 1):
             name = line.strip()
             if not name:
                 continue

@@ -177,7 +177,7 @@ def test_pixel_box_is_at_least_one_pixel_inside_the_image():
 
 
 @pytest.mark.parametrize("text, needle", [
-    ("shapes-phrases:{tmp}/x?n_images=many", "n_images='many' is not a int"),
+    ("shapes-phrases:{tmp}/x?n_images=many", "n_images='many' is not an integer"),
     ("shapes-phrases:{tmp}/x?colour=red", "unknown option 'colour'"),
     ("entities:{tmp}/nothing", "missing folder Sentences/"),
     ("entities:{tmp}/shapes?proposals={tmp}/none.parquet", "none.parquet: proposals file does not exist"),

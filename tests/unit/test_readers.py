@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import os
 from pathlib import Path
 
@@ -152,6 +153,36 @@ def test_precomp_caps_per_image_option(tmp_path):
     assert sorted(len(v) for v in caption_groups(corpus).values()) == [2, 2, 2]
     with pytest.raises(DataError, match="6 captions"):
         read_source(f"precomp:{tmp_path}")  # 3 rows * 5 != 6
+
+
+def test_precomp_captions_as_vsepp_reads_them(tmp_path):
+    """Windows line ends and a byte-order mark are not caption text; a form feed or U+2028 inside a
+    caption does not end it (str.splitlines would split there and shift every later caption)."""
+    write_precomp(tmp_path, {"train": 2}, per=2)
+    lines = ["one\u2028two", "a\x0cb", "c\x85d", "plain"]
+    (tmp_path / "train_caps.txt").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    corpus = read_source(f"precomp:{tmp_path}?caps_per_image=2")
+    assert corpus.captions.column("text").to_pylist() == lines
+    assert corpus.captions.column("image_id").to_pylist() == [0, 0, 1, 1]
+
+
+def test_karpathy_json_with_a_byte_order_mark(tmp_path):
+    doc = karpathy_doc(tmp_path / "images")
+    (tmp_path / "d.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(doc).encode())
+    assert read_source(f"karpathy:{tmp_path / 'd.json'}").images.num_rows == 3
+
+
+@pytest.mark.parametrize("source, match", [
+    ("precomp:{tmp}?caps_per_imag=2", "unknown option 'caps_per_imag' for precomp:; choices: caps_per_image"),
+    ("precomp:{tmp}?caps_per_image=2.5", "caps_per_image='2.5' is not an integer"),
+    ("precomp:{tmp}?caps_per_image=-1", "caps_per_image=-1: must be at least 1"),
+    ("synthetic:{tmp}/s?n_image=5", "unknown option 'n_image' for synthetic:"),
+    ("parquet:{tmp}?splitcolumn=s", "unknown option 'splitcolumn' for parquet:"),
+])
+def test_source_options_are_checked(tmp_path, source, match):
+    write_precomp(tmp_path, {"train": 3}, per=2)
+    with pytest.raises(DataError, match=re.escape(match)):
+        read_source(source.format(tmp=tmp_path))
 
 
 def test_precomp_caption_count_mismatch(tmp_path):
