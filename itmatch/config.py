@@ -26,7 +26,48 @@ PHRASE_METRICS = ("phrase_r1", "phrase_r5", "phrase_r10", "phrase_upper", "phras
 
 class _Section(BaseModel):
     # Override values are read as YAML, so `run.name=2024` arrives as an int: a string field takes it.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+    # No float setting means anything at inf or nan (YAML reads `.inf` and `inf` strings parse).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True,
+                              allow_inf_nan=False)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping (plain YAML keeps the last one silently, so
+    a preset's second `epochs:` would quietly win over the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key == "<<" or not isinstance(key, (str, int, float, bool, type(None))):
+                continue  # merge keys, and keys YAML itself refuses below
+            if key in seen:
+                raise yaml.constructor.ConstructorError("while reading a mapping", node.start_mark,
+                                                        f"found the key {key!r} twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str | Path, what: str = "file") -> Any:
+    """A user's YAML file (preset, search space, ablation table): UTF-8 (a byte-order mark allowed),
+    no key twice in a mapping; anything else is a ConfigError naming the file and the place."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from exc
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}: line {line}: bytes {data[exc.start:exc.end]!r} are not UTF-8") from exc
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+        if mark is None or not problem:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
+        raise ConfigError(f"{path}: line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {problem}") from exc
 
 
 class DataConfig(_Section):
@@ -734,10 +775,7 @@ def load_config(
         path = Path(preset)
         if not path.is_file():
             raise ConfigError(f"config preset {str(path)!r} does not exist")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raw = read_yaml(path, "config preset") or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
         _merge_flat(tree, flatten(raw), str(path))

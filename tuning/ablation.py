@@ -35,9 +35,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Optional  # noqa: E402
 
-import yaml  # noqa: E402
-
-from itmatch.config import Config, ConfigError, load_config  # noqa: E402
+from itmatch.config import Config, ConfigError, load_config, read_yaml  # noqa: E402
 from itmatch.data.sources import DataError  # noqa: E402
 from trainers.logs import setup_logging  # noqa: E402
 from tuning import rerun, select  # noqa: E402
@@ -48,10 +46,9 @@ RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 def load_table(path: str | Path, extra: list[str]) -> tuple[Config, dict[str, dict], list[int]]:
     """The base config (the table's preset + its overrides + the command line's) and the rows, each
     checked against it. A row name becomes a folder name, so it is slugged."""
-    try:
-        spec = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read the ablation table: {exc}") from exc
+    spec = read_yaml(path, "ablation table") or {}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: expected a mapping with rows: (and seeds:, overrides:), got {type(spec).__name__}")
     rows, seeds = spec.get("rows"), spec.get("seeds", [0])
     if not isinstance(rows, dict) or not rows or not all(isinstance(v, dict) or v is None for v in rows.values()):
         raise ConfigError(f"{path}: rows: expected a mapping of row name -> {{dotted key: value}}, got {rows!r}")

@@ -6,9 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from itmatch.config import Config, ConfigError, load_config
+from itmatch.config import Config, ConfigError, load_config, read_yaml
 
 KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
 RANGES = ("uniform", "loguniform", "randint")
@@ -18,10 +16,7 @@ def load_space(path: str | Path, base: Config) -> dict[str, dict]:
     """The search space file, each entry checked: known kind, and every value it can take (both
     bounds, every choice) accepted by the config on top of the base settings. Values come back as
     the config types them (YAML 1.1 reads `1e-3` as a string; the config reads it as a float)."""
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read the search space: {exc}") from exc
+    raw = read_yaml(path, "search space") or {}
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"{path}: expected a mapping of dotted keys to distributions, got {raw!r}")
     flat = base.flat()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -196,6 +197,33 @@ def test_preset_not_a_mapping_errors(tmp_path, text):
 def test_preset_invalid_yaml_errors(tmp_path):
     with pytest.raises(ConfigError, match="YAML"):
         load_config(_preset(tmp_path, "loss: [unclosed\n"))
+
+
+def test_a_key_given_twice_is_refused_naming_file_line_and_key(tmp_path):
+    """Plain YAML keeps the last of two equal keys without a word; a preset's second `epochs:` would win."""
+    preset = _preset(tmp_path, "train:\n  epochs: 3\n  batch: 1\n  epochs: 40\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(preset)
+    assert str(info.value) == f"{preset}: line 4, column 3: not valid YAML: found the key 'epochs' twice"
+    equal_elsewhere = _preset(tmp_path, "train:\n  epochs: 3\nrun:\n  epochs_note: 1\n")
+    with pytest.raises(ConfigError, match="run.epochs_note"):  # same names in other mappings are no twins
+        load_config(equal_elsewhere)
+
+
+def test_preset_encoding_byte_order_mark_and_bad_bytes(tmp_path):
+    bom = tmp_path / "bom.yaml"
+    bom.write_bytes(b"\xef\xbb\xbftrain:\n  epochs: 7\n")
+    assert load_config(bom).train.epochs == 7
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"run:\n  name: caf\xe9\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{latin}: line 2: bytes b'\\xe9' are not UTF-8")):
+        load_config(latin)
+
+
+@pytest.mark.parametrize("override", ["optim.lr=inf", "optim.lr=.nan", "loss.margin=-.inf", "optim.lr=.inf"])
+def test_float_settings_must_be_finite(override):
+    with pytest.raises(ConfigError, match="finite number"):
+        load_config(overrides=[override])
 
 
 def test_empty_preset_is_defaults(tmp_path):

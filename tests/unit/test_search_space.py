@@ -48,6 +48,8 @@ def test_shipped_space_is_valid():
     ("loss.margin: {uniform: [0.2, 0.2]}\n", "loss.margin.uniform: the low bound"),  # empty
     ("loss.top_k: {randint: [10, 2]}\n", "loss.top_k.randint: the low bound"),
     ("loss.lambda2: {loguniform: [0, 1]}\n", "bounds must be above 0"),  # the field allows 0, a log range not
+    ("loss.margin: {uniform: [0.1, 0.2]}\nloss.margin: {uniform: [0.3, 0.4]}\n", "found the key 'loss.margin' twice"),
+    ("optim.lr: {loguniform: [1.0e-4, .inf]}\n", "finite number"),
 ])
 def test_bad_space_names_file_key_and_value(tmp_path, text, needle):
     path = _space(tmp_path, text)
