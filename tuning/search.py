@@ -199,6 +199,9 @@ def run_search(cfg: Config, space: dict[str, dict], store: FeatureStore, search_
              "checkpoints_to_tune": registry.needs_checkpoints(cfg), "worker_cpus": cpus_per_worker(cfg)}
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), trial_resources(setup))
     path = str(search_dir / "tune")
+    # Tune keeps every checkpoint a trial reports: only PBT trials report any (registry.needs_checkpoints),
+    # and PBT clones the one its donor held at the last perturbation, which a cap (4) had pruned by the
+    # time a queued clone started ("does not exist on storage anymore")
     if tune.Tuner.can_restore(path):
         log.info("resuming the search in %s", path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
@@ -207,7 +210,7 @@ def run_search(cfg: Config, space: dict[str, dict], store: FeatureStore, search_
         tuner = tune.Tuner(trainable, param_space={"params": registry.params_space(cfg, space)},
                            tune_config=_tune_config(cfg, space, search_dir),
                            run_config=tune.RunConfig(name="tune", storage_path=str(search_dir), verbose=1,
-                                                     checkpoint_config=tune.CheckpointConfig(num_to_keep=4),
+                                                     checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
                                                      failure_config=_trial_failures(cfg)))
     rows = [report.trial_row(r, search_dir / "trials") for r in tuner.fit()]
     reruns = _rerun_top(cfg, rows, setup)
