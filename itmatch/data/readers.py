@@ -96,6 +96,8 @@ def _load_npy(path: Path) -> np.ndarray:
         raise DataError(f"{path}: cannot read as .npy ({exc})") from exc
     if array.ndim != 2:
         raise DataError(f"{path}: expected a 2-D array [rows, dim], got shape {array.shape}")
+    if array.dtype.kind not in "biuf":  # complex would lose its imaginary part, strings parse or not
+        raise DataError(f"{path}: expected real numbers, got dtype {array.dtype}")
     return array
 
 
@@ -367,7 +369,9 @@ def corpus_from_table(table: pa.Table, options: dict[str, str], name: str, files
         for text in caps:
             if isinstance(text, dict):  # e.g. [{"raw": ...}]
                 text = text.get("raw")
-            if not isinstance(text, str) or not text.strip():
+            if not isinstance(text, str):
+                raise DataError(f"{name}: row {row}: field {text_col!r} holds {text!r}, not caption text")
+            if not text.strip():
                 raise DataError(f"{name}: row {row}: field {text_col!r} has an empty caption {text!r}")
             captions["caption_id"].append(len(captions["caption_id"]))
             captions["image_id"].append(seen[key])

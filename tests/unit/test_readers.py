@@ -245,6 +245,21 @@ def test_precomp_1d_npy(tmp_path):
         read_source(f"precomp:{tmp_path}")
 
 
+@pytest.mark.parametrize("dtype", [np.complex64, np.str_, np.dtype("datetime64[s]")])
+def test_precomp_features_must_be_real_numbers(tmp_path, dtype):
+    write_precomp(tmp_path, {"train": 2})
+    np.save(tmp_path / "train_caps_foo.npy", np.ones((10, 3)).astype(dtype))
+    with pytest.raises(DataError, match=r"train_caps_foo\.npy: expected real numbers, got dtype"):
+        read_source(f"precomp:{tmp_path}", caption_features="foo")
+
+
+def test_precomp_features_of_other_real_dtypes_are_read_as_float32(tmp_path):
+    written = write_precomp(tmp_path, {"train": 2})
+    np.save(tmp_path / "train_ims.npy", written["train"][0].astype(np.float16))
+    features = read_source(f"precomp:{tmp_path}").images.column("feature").to_pylist()
+    assert np.allclose(features, written["train"][0], atol=1e-2)
+
+
 def test_precomp_not_a_directory(tmp_path):
     with pytest.raises(DataError, match="not a directory"):
         read_source(f"precomp:{tmp_path / 'absent'}")
