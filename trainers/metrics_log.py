@@ -23,6 +23,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Optional
 
+from itmatch.data.store import atomic_write_text
+
 # Bounded: MLflow's defaults (120 s timeout, 7 retries with backoff) hang ~250 s per request.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -34,21 +36,50 @@ PROBE_TIMEOUT_S = 2.0
 
 
 def _logged_through(folder: Path, run_id: str) -> int:
-    """The last epoch this MLflow run has (0 when the marker is another run's, or absent)."""
+    """The last epoch this MLflow run has (0 when the marker is another run's, absent or unreadable:
+    every epoch is then resent, and MLflow drops the exact duplicates)."""
     path = folder / MARKER
-    marker = json.loads(path.read_text()) if path.is_file() else {}
-    return int(marker["epoch"]) if marker.get("run_id") == run_id else 0
+    try:
+        marker = json.loads(path.read_text()) if path.is_file() else {}
+        return int(marker["epoch"]) if marker.get("run_id") == run_id else 0
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return 0
+
+
+def _record(line: str) -> Optional[dict[str, Any]]:
+    try:
+        record = json.loads(line)
+        return record if isinstance(record["epoch"], int) and isinstance(record["metrics"], dict) else None
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _local_epochs(folder: Path, after: int) -> list[tuple[int, dict[str, Any]]]:
-    """Epochs after `after` from metrics.jsonl, the last record of each epoch (a replayed epoch's)."""
+    """Epochs after `after` from metrics.jsonl, the last record of each epoch (a replayed epoch's).
+    A line that is not a whole record (a write cut short by a kill or a full disk; its epoch was
+    not checkpointed, so it is trained and recorded again) is skipped with a warning."""
     path, epochs = folder / LOCAL_FILE, {}
     if path.is_file():
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            record = _record(line)
+            if record is None:
+                if line.strip():
+                    log.warning("%s: line %d is not a whole metrics record (a write cut short?): skipped",
+                                path, number)
+                continue
             if record["epoch"] > after:
                 epochs[record["epoch"]] = record
     return sorted(epochs.items())
+
+
+def _append_line(path: Path, line: str) -> None:
+    """Append one line; after a line cut short (no newline at the end) on a new line of its own."""
+    with open(path, "a+b") as f:
+        cut = False
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            cut = f.read(1) != b"\n"
+        f.write((b"\n" if cut else b"") + line.encode() + b"\n")  # "a": always at the end
 
 
 class MetricsLog:
@@ -65,8 +96,7 @@ class MetricsLog:
     def __call__(self, metrics: dict[str, float], epoch: int) -> None:
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
         record = {"epoch": epoch, "timestamp": int(time.time() * 1000), "metrics": clean}
-        with open(self.folder / LOCAL_FILE, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        _append_line(self.folder / LOCAL_FILE, json.dumps(record))
         self.flush()
 
     def flush(self) -> bool:
@@ -87,7 +117,7 @@ class MetricsLog:
                                 "returns", str(exc).splitlines()[0][:200], epoch, self.folder / LOCAL_FILE)
                     self.warned = True
                 return False
-            (self.folder / MARKER).write_text(json.dumps({"run_id": self.run_id, "epoch": epoch}))
+            atomic_write_text(self.folder / MARKER, json.dumps({"run_id": self.run_id, "epoch": epoch}))
         if self.warned:
             log.warning("MLflow reachable again: every epoch's metrics are logged")
             self.warned = False

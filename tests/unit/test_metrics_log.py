@@ -69,6 +69,26 @@ def test_replayed_epochs_after_a_restart_are_not_logged_twice(run):
     assert [s for s, _ in _steps(client, tracking["run_id"])] == [1, 2, 3]
 
 
+def test_a_record_cut_short_by_a_kill_does_not_stop_the_resumed_run(run, caplog):
+    """A kill (or a full disk) mid-append leaves a partial last line and, maybe, a torn marker: the
+    resumed run skips the partial line with a warning, writes its next record on a line of its own,
+    and every epoch still reaches MLflow once."""
+    tracking, client = run
+    MetricsLog(tracking)({"val_rsum": 1.0}, 1)
+    folder = Path(tracking["folder"])
+    with open(folder / LOCAL_FILE, "a") as f:
+        f.write('{"epoch": 2, "timestamp": 17, "metr')  # epoch 2's record, cut short; not checkpointed
+    (folder / "mlflow_logged.json").write_text('{"run_id": "')  # a marker torn the same way
+    resumed = MetricsLog(tracking)
+    with caplog.at_level(logging.WARNING, logger="itmatch.tracking"):
+        resumed({"val_rsum": 2.5}, 2)  # epoch 2 trained again
+        resumed({"val_rsum": 3.0}, 3)
+    assert _steps(client, tracking["run_id"]) == [(1, 1.0), (2, 2.5), (3, 3.0)]
+    lines = (folder / LOCAL_FILE).read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines[:1] + lines[2:]] == [1, 2, 3] and lines[1].endswith('"metr')
+    assert any(f"{LOCAL_FILE}: line 2 is not a whole metrics record" in r.getMessage() for r in caplog.records)
+
+
 def test_the_driver_sends_what_the_workers_could_not(run):
     tracking, client = run
     flaky = Flaky(client)
