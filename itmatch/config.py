@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from itmatch.data.sources import PHRASE_SCHEMES
+from itmatch.files import atomic_write_text
 
 
 class ConfigError(ValueError):
@@ -798,4 +799,4 @@ def validate(tree: dict[str, Any], where: str = "config") -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(cfg.model_dump(), sort_keys=False))  # read back on resume

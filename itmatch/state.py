@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from itmatch.config import Config, validate
-from itmatch.data.store import atomic_write_text
+from itmatch.files import atomic_write_text
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"

@@ -30,6 +30,7 @@ from typing import Any, Optional  # noqa: E402
 
 from itmatch.config import Config, ConfigError, load_config  # noqa: E402
 from itmatch.data.sources import DataError  # noqa: E402
+from itmatch.files import atomic_write_text  # noqa: E402
 from itmatch.state import CheckpointError  # noqa: E402
 from trainers.logs import setup_logging  # noqa: E402
 
@@ -239,7 +240,7 @@ def evaluate_and_log(cfg: Config, folders: list[Path], refs: list[str], tags: Op
             tr.end_run(info, "FAILED")
             raise
         tr.end_run(info)
-    (run_dir(cfg) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
+    atomic_write_text(run_dir(cfg) / SUMMARY_FILE, json.dumps(summary, indent=2, default=str))
     return summary
 
 

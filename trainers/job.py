@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from itmatch.config import Config, save_config, validate
 from itmatch.data.store import FeatureStore, stored_splits
+from itmatch.files import atomic_write_text
 
 if TYPE_CHECKING:
     from trainers.in_process import Forward
@@ -94,7 +95,7 @@ def run_job(cfg: Config, store: FeatureStore, *, tags: Optional[dict[str, str]] 
     except BaseException:  # SystemExit/KeyboardInterrupt: told to stop (Tune stops trials this way)
         _end(tracking, "KILLED")
         raise
-    (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
+    atomic_write_text(folder / SUMMARY_FILE, json.dumps(summary, indent=2, default=str))  # "finished" to a search
     return summary
 
 

@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Optional
 
-from itmatch.data.store import atomic_write_text
+from itmatch.files import atomic_write_text
 
 # Bounded: MLflow's defaults (120 s timeout, 7 retries with backoff) hang ~250 s per request.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")

@@ -45,6 +45,7 @@ from itmatch.config import Config, ConfigError, load_config  # noqa: E402
 from itmatch.data.sources import DataError  # noqa: E402
 from itmatch.data.raw import open_store  # noqa: E402
 from itmatch.data.store import FeatureStore  # noqa: E402
+from itmatch.files import atomic_write_text  # noqa: E402
 from trainers import in_process, preflight  # noqa: E402
 from trainers.logs import setup_logging  # noqa: E402
 from tuning import refit, registry, report, rerun, select  # noqa: E402
@@ -274,7 +275,7 @@ def _finish(cfg: Config, store: FeatureStore, rows: list[dict], reruns: list[dic
             best["registry"] = promote({**parent, "run_id": model["run_id"]}, reg_cfg, store, model["model_uri"],
                                        model["val"])
     result = {"best": best, "trials": rows, "candidates": candidates, "reruns": reruns}
-    (search_dir / "search.json").write_text(json.dumps(result, indent=2, default=str))
+    atomic_write_text(search_dir / "search.json", json.dumps(result, indent=2, default=str))
     report.plot_params(rows, metric, search_dir / "plots")
     if parent:
         report.log_parent(parent, rows, best, metric, search_dir, candidates)

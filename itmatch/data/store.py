@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from itmatch.data.images import to_rgb
 from itmatch.data.readers import Corpus, column_to_numpy, features_column, read_source
 from itmatch.data.sources import DataError, parse_source
+from itmatch.files import atomic_write_text
 
 log = logging.getLogger("itmatch.data")
 
@@ -164,13 +165,6 @@ def _atomic_write_table(table: pa.Table, path: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 # (images table with an "image" bytes or "path" column, encoder name, progress) -> [rows, dim] features

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from itmatch.data.sources import DataError
-from itmatch.data.store import atomic_write_text
+from itmatch.files import atomic_write_text
 from itmatch.phrases.entities import PhraseCorpus, read_entities
 
 SENTENCES_JSON = "dataset_sentences.json"

@@ -37,7 +37,7 @@ from xml.sax.saxutils import escape
 
 import numpy as np
 
-from itmatch.data.store import atomic_write_text
+from itmatch.files import atomic_write_text
 from itmatch.data.synthetic import POSITIONS, SHAPE_PLURALS, _noun_phrase, _render, make_shapes
 from itmatch.phrases.boxes import clip_boxes, enclosing_box, to_inclusive
 from itmatch.phrases.entities import ANNOTATIONS_DIR, PROPOSALS_FILE, SENTENCES_DIR, write_proposals
