@@ -30,6 +30,7 @@ from itmatch.data.sources import DataError  # noqa: E402
 from itmatch.data.raw import prepare_inputs  # noqa: E402
 from itmatch.eval.evaluate import embed_split, evaluate_embeddings  # noqa: E402
 from itmatch.eval.retrieval import format_metrics  # noqa: E402
+from itmatch.files import atomic_write_text  # noqa: E402
 from itmatch.state import CheckpointError  # noqa: E402
 from trainers.logs import setup_logging  # noqa: E402
 
@@ -92,6 +93,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from trainers.results import ModelRefError, resolve_model
 
     try:
+        if args.json and Path(args.json).is_dir():  # found before the evaluation, not after it
+            raise ConfigError(f"--json {args.json}: is a folder; give a file name (e.g. {Path(args.json) / 'test.json'})")
         model, cfg = resolve_model(args.model, args.tracking_uri)
         d = cfg.data
         eq8 = eq8_for(args, cfg)  # bad Eq. 8 flags fail before the evaluated data is read
@@ -118,7 +121,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                               f"{args.model}: example queries on {args.split}", embeddings=(img, txt))
         print(f"pictures: {', '.join(str(p) for p in written.values()) or 'none (see warnings)'}", file=sys.stderr)
     if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=2))
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.json, json.dumps(metrics, indent=2))
     else:
         print(json.dumps(metrics, indent=2))
     return 0

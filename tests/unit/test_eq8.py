@@ -232,10 +232,12 @@ def test_evaluate_cli_reports_eq8_beside_the_plain_metrics(tmp, sentence_source,
 
     folder, _ = _folder(tmp, "is-cli", "embedding", sentence_source, tuple(sentence_store.dims))
     common = ["--model", str(folder), "--data", sentence_source, "--cache-dir", str(tmp / "cache")]
-    assert evaluate.main(common + ["--json", str(tmp / "plain.json")]) == 0
-    assert evaluate.main(common + ["--json", str(tmp / "eq8.json"), "--region-phrase-model",
+    assert evaluate.main(common + ["--json", str(tmp / "out" / "plain.json")]) == 0  # its folder is made
+    assert evaluate.main(common + ["--json", str(tmp / "out")]) == 2  # a folder: refused before evaluating
+    assert "--json" in capsys.readouterr().err
+    assert evaluate.main(common + ["--json", str(tmp / "out" / "eq8.json"), "--region-phrase-model",
                                    str(phrase_folders["embedding"]), "--eq8-alpha", "0.3"]) == 0
-    plain, both = (json.loads((tmp / f"{n}.json").read_text()) for n in ("plain", "eq8"))
+    plain, both = (json.loads((tmp / "out" / f"{n}.json").read_text()) for n in ("plain", "eq8"))
     assert {k: both[k] for k in plain} == plain
     from itmatch.state import load_model
 
