@@ -44,6 +44,9 @@ def _pbt(cfg: Config, space: dict[str, dict], folder: Optional[Path] = None):
     `search.perturbation_interval` epochs."""
     from ray.tune.schedulers import PopulationBasedTraining
 
+    if cfg.search.algorithm != "random":  # Tune refuses at its first trial, after Ray has started
+        raise ConfigError(f"search.scheduler=pbt samples its own population and mutates it; it cannot take "
+                          f"search.algorithm={cfg.search.algorithm} (use --search random, or another scheduler)")
     if cfg.search.perturbation_interval % cfg.run.checkpoint_every:
         raise ConfigError(f"search.scheduler=pbt clones trials by their checkpoints every search.perturbation_interval="
                           f"{cfg.search.perturbation_interval} epochs, but run.checkpoint_every="

@@ -142,6 +142,23 @@ def test_pbt_mutates_the_searched_params_per_epoch():
     assert set(pbt._hyperparam_mutations["params"]) == {"optim.lr", "loss.top_k", "loss.margin"}
 
 
+def test_pbt_with_a_searcher_is_refused_in_one_line_before_ray(tmp_path, capsys):
+    """Tune refuses PBT beside any search algorithm only when it adds the first trial, with a traceback
+    after Ray has started; the search command says so at once."""
+    import ray
+
+    from tuning import search
+
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: {loguniform: [1.0e-4, 1.0e-2]}\n")
+    code = search.main(["--config", str(ROOT / "configs" / "debug.yaml"), "--space", str(space),
+                        "--search", "optuna", "--scheduler", "pbt", f"run.storage_path={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "search.scheduler=pbt" in err[0] and "search.algorithm=optuna" in err[0]
+    assert not ray.is_initialized()
+    assert registry.scheduler(load_config(None, ["search.scheduler=pbt", "search.algorithm=random"]), SPACE)
+
+
 def test_optuna_samples_and_refuses_grids():
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
