@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -321,21 +321,33 @@ def _read_parquet_file(path: Path) -> pa.Table:
         raise DataError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from exc
 
 
-def _image_bytes(value: Any, where: str, row: int) -> bytes:
+def _image_file(value: Any, base: Path) -> Optional[Path]:
+    """An image path from a table: absolute, or relative to the table's folder (where an export
+    writes its images), else to the working directory."""
+    if not isinstance(value, str) or not value:
+        return None
+    path = Path(value)
+    candidates = [path] if path.is_absolute() else [base / path, path]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def _image_bytes(value: Any, where: str, row: int, base: Path) -> bytes:
     if isinstance(value, dict):  # datasets.Image stores {bytes, path}
         if value.get("bytes"):
             return value["bytes"]
-        if value.get("path") and Path(value["path"]).is_file():
-            return Path(value["path"]).read_bytes()
-    elif isinstance(value, (bytes, bytearray)):
+        value = value.get("path")
+    if isinstance(value, (bytes, bytearray)):
         return bytes(value)
-    elif isinstance(value, str) and Path(value).is_file():
-        return Path(value).read_bytes()
-    raise DataError(f"{where}: row {row}: image column value {str(value)[:80]!r} is not image bytes or a file")
+    file = _image_file(value, base)
+    if file is not None:
+        return file.read_bytes()
+    raise DataError(f"{where}: row {row}: image column value {str(value)[:80]!r} is not image bytes or a file "
+                    f"(relative paths are looked up under {base} and the working directory)")
 
 
-def corpus_from_table(table: pa.Table, options: dict[str, str], name: str, files: list[Path]) -> Corpus:
-    """Image/caption table (one row per image with a list of captions, or one row per caption)."""
+def corpus_from_table(table: pa.Table, options: dict[str, str], name: str, files: list[Path], base: Path) -> Corpus:
+    """Image/caption table (one row per image with a list of captions, or one row per caption);
+    `base`: the folder its relative image paths start from."""
     image_col = options.get("image", "image")
     text_col = options.get("text", _first_present(table, ("caption", "captions", "text", "sentences")))
     id_col = options.get("id")
@@ -353,7 +365,7 @@ def corpus_from_table(table: pa.Table, options: dict[str, str], name: str, files
     seen: dict[Any, int] = {}
     texts = table.column(text_col).to_pylist()
     for row, value in enumerate(table.column(image_col).to_pylist()):
-        data = _image_bytes(value, name, row)
+        data = _image_bytes(value, name, row, base)
         if not isinstance(splits[row], str) or not splits[row]:
             raise DataError(f"{name}: row {row}: field {split_col!r} = {splits[row]!r}: expected a split name")
         split = _split(splits[row])
@@ -386,8 +398,9 @@ def _first_present(table: pa.Table, names: tuple[str, ...]) -> str:
 
 
 def read_parquet(source: Source, **_: Any) -> Corpus:
-    table, files = _table_from_parquet(Path(source.location))
-    return corpus_from_table(table, source.options, str(source), files)
+    path = Path(source.location)
+    table, files = _table_from_parquet(path)
+    return corpus_from_table(table, source.options, str(source), files, path if path.is_dir() else path.parent)
 
 
 def read_hf(source: Source, **_: Any) -> Corpus:
@@ -411,7 +424,7 @@ def read_hf(source: Source, **_: Any) -> Corpus:
             table = table.append_column("split", pa.array([_split(split)] * len(table)))
         tables.append(table)
     files = sorted(p for p in path.rglob("*") if p.is_file())
-    return corpus_from_table(_concat(tables, path), source.options, str(source), files)
+    return corpus_from_table(_concat(tables, path), source.options, str(source), files, path)
 
 
 def read_synthetic(source: Source, **_: Any) -> Corpus:

@@ -517,6 +517,33 @@ def test_parquet_errors(tmp_path):
         read_source(f"parquet:{tmp_path / 'n.parquet'}")
 
 
+def test_parquet_image_paths_relative_to_the_table_absolute_or_as_structs(tmp_path, monkeypatch):
+    """An export that writes `images/x.png` beside its table is read from any working directory
+    (under `ray job submit` it is not the table's folder); absolute paths and datasets.Image's
+    {bytes: null, path} structs are read too; a path found nowhere names the folders it tried."""
+    export = tmp_path / "export"
+    (export / "images").mkdir(parents=True)
+    for i, color in enumerate(COLORS[:3]):
+        (export / "images" / f"{i}.png").write_bytes(png_bytes(color))
+    table = pa.table({"image": ["images/0.png", str(export / "images" / "1.png"), "images/2.png"],
+                      "caption": ["r", "g", "b"]})
+    pq.write_table(table, export / "t.parquet")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for source in (f"parquet:{export / 't.parquet'}", f"parquet:{export}"):
+        corpus = read_source(source)
+        assert [pixel(b) for b in corpus.images.column("image").to_pylist()] == COLORS[:3]
+    structs = pa.table({"image": [{"bytes": None, "path": "images/1.png"}], "caption": ["g"]})
+    pq.write_table(structs, export / "s.parquet")
+    assert [pixel(b) for b in read_source(f"parquet:{export / 's.parquet'}").images.column("image").to_pylist()] \
+        == [COLORS[1]]
+    pq.write_table(pa.table({"image": ["images/9.png"], "caption": ["x"]}), export / "m.parquet")
+    with pytest.raises(DataError, match=re.escape(f"'images/9.png' is not image bytes or a file (relative paths "
+                                                  f"are looked up under {export}")):
+        read_source(f"parquet:{export / 'm.parquet'}")
+
+
 # --------------------------------------------------------------------------- hf
 
 
