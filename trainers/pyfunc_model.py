@@ -37,6 +37,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 INPUTS = ("text", "text_feature", "image", "image_feature")
 EXAMPLE_CAPTION = "a red disc on the left"
 _DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
+_SPACE = re.compile(r"\s+")
 
 
 def invalid(message: str) -> MlflowException:
@@ -80,8 +81,10 @@ def _image_bytes(value: Any, row: int) -> bytes | str:
         raise invalid(f"image row {row}: expected bytes, a path or a base64 string, got {type(value).__name__}")
     if _is_file(value):
         return value
+    # `base64 FILE` wraps its output every 76 characters, and web clients often send URL-safe base64
+    text = _SPACE.sub("", _DATA_URL.sub("", value.strip()))
     try:
-        return base64.b64decode(_DATA_URL.sub("", value.strip()), validate=True)
+        return base64.b64decode(text.replace("-", "+").replace("_", "/"), validate=True)
     except (binascii.Error, ValueError):
         raise invalid(f"image row {row}: neither a file on the server nor base64-encoded image bytes") from None
 

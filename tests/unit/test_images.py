@@ -84,3 +84,20 @@ def test_the_tower_preprocessing_and_the_server_see_the_same_pixels():
     assert (prep([deep]).int() - prep([eight]).int()).abs().max() <= 1
     (served,) = server_images([png(Image.fromarray(np.rint(RAMP * 65535).astype(np.uint16)))])
     assert np.abs(np.asarray(served).astype(int) - expected_rgb(RAMP).astype(int)).max() <= 1
+
+
+def test_the_server_reads_wrapped_and_url_safe_base64():
+    """`base64 FILE` wraps every 76 characters; browsers' and JWT-style clients send URL-safe base64."""
+    import base64
+    import textwrap
+
+    from trainers.pyfunc_model import decode_images as server_images
+
+    data = png(Image.fromarray((np.random.default_rng(1).random((40, 40, 3)) * 255).astype(np.uint8)))
+    wrapped = "\n".join(textwrap.wrap(base64.b64encode(data).decode(), 76)) + "\n"
+    url_safe = base64.urlsafe_b64encode(data).decode()
+    assert ("-" in url_safe or "_" in url_safe) and "\n" in wrapped.strip()
+    want = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    for text in (wrapped, url_safe, "data:image/png;base64," + wrapped):
+        (image,) = server_images([text])
+        assert np.array_equal(np.asarray(image), want)
