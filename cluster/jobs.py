@@ -1,8 +1,8 @@
 """Ray Jobs for this project: submit, follow, stop, list and read the logs of training runs and
 Tune searches, and check what a submission would upload — from Python (`Jobs`, `submit`) or:
 
-    python -m cluster.jobs submit train  [--address A] [--no-wait] [--job-id ID] [--exclude PAT]... -- <trainers.train args>
-    python -m cluster.jobs submit search [--address A] [--no-wait] [--job-id ID] [--exclude PAT]... -- <tuning.search args>
+    python -m cluster.jobs submit train  [--address A] [--no-wait] [--no-check] [--job-id ID] [--exclude PAT]... -- <trainers.train args>
+    python -m cluster.jobs submit search [--address A] [--no-wait] [--no-check] [--job-id ID] [--exclude PAT]... -- <tuning.search args>
     python -m cluster.jobs follow ID     # stream the logs until the job ends; exit 0 iff it SUCCEEDED
     python -m cluster.jobs stop ID       # stop it and wait until it is STOPPED
     python -m cluster.jobs logs ID       # the logs so far
@@ -16,8 +16,11 @@ RAY_AUTH_MODE=token as well); nothing here reads a token from a file or a config
 
 The working dir (default: this repo) is uploaded minus .gitignore'd / .rayignore'd paths, Ray's
 default excludes and --exclude patterns; `submit` checks its size first and refuses, in one line
-naming what is largest, what Ray would otherwise refuse with an opaque error. Relative paths in the
-job's arguments (`--config configs/debug.yaml`) resolve in the job's copy of the working dir.
+naming what is largest, what Ray would otherwise refuse with an opaque error. Before that, the
+job's own command line checks its arguments here (`--print-config` in the working dir: preset,
+keys, values, search space, scheduler), so a typo is refused in one line instead of failing on
+the cluster minutes later; `--no-check` skips it. Relative paths in the job's arguments
+(`--config configs/debug.yaml`) resolve in the job's copy of the working dir.
 """
 
 from __future__ import annotations
@@ -48,6 +51,11 @@ PROBE_TIMEOUT_S = 5.0  # requests has no timeout: a dropped port would hang the 
 class JobsError(Exception):
     """A one-line, user-facing failure; `exit_code` is the CLI's."""
     exit_code = 1
+
+
+class BadArgs(JobsError):
+    """The job's own command line refuses its arguments: said here, before anything is uploaded."""
+    exit_code = 2
 
 
 class BadWorkdir(JobsError):
@@ -127,9 +135,12 @@ class Jobs:
             raise JobsError(f"Ray job server at {self.address}: {_first_line(exc)}") from None
 
     def submit(self, kind: str, args: Sequence[str], working_dir: Path = ROOT, excludes: Sequence[str] = (),
-               job_id: Optional[str] = None, limit: Optional[int] = None) -> str:
-        """Check the upload, then submit `python -m <trainers.train|tuning.search> args`; the job's id."""
+               job_id: Optional[str] = None, limit: Optional[int] = None, check: bool = True) -> str:
+        """Check the upload and the arguments (`check`), then submit `python -m <trainers.train|tuning.search>
+        args`; the job's id."""
         upload = check_upload(working_dir, excludes, limit)
+        if check:
+            check_args(kind, args, working_dir)
         runtime_env: dict = {"working_dir": str(upload.root)}
         if excludes:
             runtime_env["excludes"] = list(excludes)
@@ -182,6 +193,30 @@ class Jobs:
         return sorted(jobs, key=lambda j: j.start_time or 0)
 
 
+def check_args(kind: str, args: Sequence[str], working_dir: Path = ROOT, timeout: float = 120) -> None:
+    """The job's command line run here with `--print-config` in the working dir (where the job's
+    relative paths resolve too): a preset, key, value, search space or scheduler it refuses is a
+    BadArgs naming it, before the upload and the cluster's minutes to start a driver. Data paths are
+    not read (they are the cluster's). When the check itself cannot run here (no torch in this
+    environment, a timeout), a warning says so and the job is submitted unchecked."""
+    import subprocess
+
+    command = [sys.executable, "-m", ENTRYPOINTS[kind], "--print-config", *args]
+    try:
+        done = subprocess.run(command, cwd=working_dir, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        print(f"warning: the {kind} arguments were not checked here ({_first_line(exc)})", file=sys.stderr)
+        return
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    if done.returncode == 2:  # the CLIs' exit code for bad input (and argparse's)
+        at = max((i for i, line in enumerate(lines) if "error:" in line), default=max(len(lines) - 1, 0))
+        said = "; ".join(line.split("error:", 1)[-1].strip() for line in lines[at:]) or "bad arguments"
+        raise BadArgs(f"{ENTRYPOINTS[kind]} refuses these arguments (nothing submitted): {said}")
+    if done.returncode != 0:
+        print(f"warning: the {kind} arguments were not checked here (exit {done.returncode}: "
+              f"{lines[-1] if lines else 'no output'})", file=sys.stderr)
+
+
 def check_upload(working_dir: Path = ROOT, excludes: Sequence[str] = (),
                  limit: Optional[int] = None) -> workdir.Upload:
     """What Ray would upload; BadWorkdir (one line, naming the largest path) when over the limit."""
@@ -217,7 +252,7 @@ def format_jobs(jobs: Sequence[JobDetails]) -> str:
 
 def _cmd_submit(args: argparse.Namespace, job_args: list[str]) -> int:
     jobs = Jobs(args.address)
-    job_id = jobs.submit(args.kind, job_args, args.working_dir, args.exclude, args.job_id)
+    job_id = jobs.submit(args.kind, job_args, args.working_dir, args.exclude, args.job_id, check=not args.no_check)
     print(f"submitted {job_id}: {entrypoint(args.kind, job_args)}", flush=True)
     if args.no_wait:
         print(f"follow it: python -m cluster.jobs follow {job_id} --address {jobs.address}")
@@ -275,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("kind", choices=sorted(ENTRYPOINTS), help="train: trainers.train; search: tuning.search")
     s.add_argument("--job-id", help="submission id (default: Ray picks one)")
     s.add_argument("--no-wait", action="store_true", help="return after submitting instead of following")
+    s.add_argument("--no-check", action="store_true",
+                   help="submit without first checking the job's arguments here (--print-config)")
     for name, text in (("follow", "stream logs until the job ends"), ("logs", "print the logs so far"),
                        ("stop", "stop a job and wait until it has ended")):
         sub.add_parser(name, parents=[server], help=text).add_argument("job_id")

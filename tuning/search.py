@@ -379,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rerun-seeds", type=int, help="search.rerun_seeds: extra train.seed values per re-run trial")
     parser.add_argument("--ensemble", action="store_true", default=None,
                         help="search.ensemble: register the chosen configuration's seed runs as one ensemble")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config and the checked space, and exit (nothing is started)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for every trial (search.* included)")
     return parser
 
@@ -413,6 +415,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg, space = resolve(args)
         registry.searcher(cfg, space)  # a searcher or scheduler that refuses the config fails here, before Ray
         registry.scheduler(cfg, space)
+        if args.print_config:
+            print(json.dumps({"config": cfg.model_dump(), "space": space}, indent=2, default=str))
+            return 0
         store = prepare_store(cfg)
         preflight.check_batch(hardest_trial(cfg, space), store)
         preflight.check_tracking(cfg)

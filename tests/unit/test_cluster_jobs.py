@@ -11,6 +11,8 @@ import pytest
 
 from cluster import jobs, workdir
 
+ROOT = Path(__file__).resolve().parents[2]
+
 KIB = 1024
 
 
@@ -133,3 +135,24 @@ def test_address_default(monkeypatch):
     assert jobs.resolve_address() == "http://127.0.0.1:8265"
     monkeypatch.setenv("RAY_ADDRESS", "http://head:8265/")
     assert jobs.resolve_address() == "http://head:8265" and jobs.resolve_address("http://x:1") == "http://x:1"
+
+
+@pytest.mark.parametrize("kind, args, needle", [
+    ("train", ["--config", "configs/debug.yaml", "train.epochs=abc"], "train.epochs = 'abc'"),
+    ("train", ["--config", "configs/nope.yaml"], "config preset 'configs/nope.yaml' does not exist"),
+    ("train", ["--epochs", "3"], "unrecognized arguments: --epochs"),
+    ("search", ["--config", "configs/debug.yaml", "--space", "configs/search/nope.yaml"], "configs/search/nope.yaml"),
+    ("search", ["--config", "configs/debug.yaml", "--space", "configs/search/eq6.yaml", "--search", "optuna",
+                "--scheduler", "pbt"], "search.scheduler=pbt"),
+])
+def test_bad_job_arguments_are_refused_before_contacting_the_cluster(kind, args, needle):
+    """The job's own CLI judges its arguments here, relative paths from the working dir (the repo)."""
+    with pytest.raises(jobs.BadArgs) as info:  # port 1: would fail differently if it connected first
+        jobs.Jobs("http://127.0.0.1:1").submit(kind, args, working_dir=ROOT)
+    assert needle in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_good_job_arguments_pass_the_check():
+    jobs.check_args("train", ["--config", "configs/debug.yaml", "train.epochs=2"], ROOT)
+    jobs.check_args("search", ["--config", "configs/debug.yaml", "--space", "configs/search/eq6.yaml",
+                               "--num-samples", "2"], ROOT)
