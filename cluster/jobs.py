@@ -201,6 +201,11 @@ def check_args(kind: str, args: Sequence[str], working_dir: Path = ROOT, timeout
     environment, a timeout), a warning says so and the job is submitted unchecked."""
     import subprocess
 
+    elsewhere = [p for p in _file_args(args) if Path(p).is_absolute() and not Path(p).exists()]
+    if elsewhere:  # a preset or space on the cluster's disks: only the job can read it
+        print(f"note: {elsewhere[0]} is not on this machine (the cluster's?): the {kind} arguments are checked "
+              "by the job itself", file=sys.stderr)
+        return
     command = [sys.executable, "-m", ENTRYPOINTS[kind], "--print-config", *args]
     try:
         done = subprocess.run(command, cwd=working_dir, capture_output=True, text=True, timeout=timeout)
@@ -215,6 +220,18 @@ def check_args(kind: str, args: Sequence[str], working_dir: Path = ROOT, timeout
     if done.returncode != 0:
         print(f"warning: the {kind} arguments were not checked here (exit {done.returncode}: "
               f"{lines[-1] if lines else 'no output'})", file=sys.stderr)
+
+
+def _file_args(args: Sequence[str]) -> list[str]:
+    """The files a job's arguments name: --config and --space values (also as --flag=value), search.space=."""
+    found = []
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if flag in ("--config", "--space"):
+            found.append(value if eq else (args[i + 1] if i + 1 < len(args) else ""))
+        elif flag == "search.space" and eq:
+            found.append(value)
+    return [f for f in found if f]
 
 
 def check_upload(working_dir: Path = ROOT, excludes: Sequence[str] = (),

@@ -156,3 +156,10 @@ def test_good_job_arguments_pass_the_check():
     jobs.check_args("train", ["--config", "configs/debug.yaml", "train.epochs=2"], ROOT)
     jobs.check_args("search", ["--config", "configs/debug.yaml", "--space", "configs/search/eq6.yaml",
                                "--num-samples", "2"], ROOT)
+
+
+def test_a_preset_on_the_clusters_disks_is_left_to_the_job(capsys):
+    """/shared/presets/x.yaml exists on the cluster, not here: the check steps aside instead of refusing."""
+    jobs.check_args("train", ["--config", "/nonexistent-cluster-disk/x.yaml", "train.epochs=abc"], ROOT)
+    jobs.check_args("search", ["--config=configs/debug.yaml", "search.space=/nonexistent-cluster-disk/s.yaml"], ROOT)
+    assert capsys.readouterr().err.count("is not on this machine") == 2
