@@ -369,6 +369,8 @@ def corpus_from_table(table: pa.Table, options: dict[str, str], name: str, files
         if not isinstance(splits[row], str) or not splits[row]:
             raise DataError(f"{name}: row {row}: field {split_col!r} = {splits[row]!r}: expected a split name")
         split = _split(splits[row])
+        if raw_ids is not None and raw_ids[row] is None:  # null ids would all become one image
+            raise DataError(f"{name}: row {row}: field {id_col!r} is null (every row needs its image's id)")
         # Keyed by split too: ids restart per split in many exports, and an image repeated in two
         # splits must become two images, else one split's captions point at the other's image.
         key = (split, raw_ids[row] if raw_ids is not None else data)
