@@ -49,12 +49,26 @@ def load_table(path: str | Path, extra: list[str]) -> tuple[Config, dict[str, di
     spec = read_yaml(path, "ablation table") or {}
     if not isinstance(spec, dict):
         raise ConfigError(f"{path}: expected a mapping with rows: (and seeds:, overrides:), got {type(spec).__name__}")
-    rows, seeds = spec.get("rows"), spec.get("seeds", [0])
+    unknown = sorted(set(spec) - {"config", "rows", "seeds", "overrides"}, key=str)
+    if unknown:  # a misspelt `seed:` would otherwise leave the default seeds without a word
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r}; the keys are config, rows, seeds, overrides")
+    rows, seeds, common = spec.get("rows"), spec.get("seeds", [0]), spec.get("overrides") or {}
     if not isinstance(rows, dict) or not rows or not all(isinstance(v, dict) or v is None for v in rows.values()):
         raise ConfigError(f"{path}: rows: expected a mapping of row name -> {{dotted key: value}}, got {rows!r}")
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                          for s in seeds):
         raise ConfigError(f"{path}: seeds: expected a list of integers, got {seeds!r}")
-    common = [f"{k}={json.dumps(v)}" for k, v in (spec.get("overrides") or {}).items()]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{path}: seeds: {seeds!r} repeats a seed (its runs would share one folder)")
+    if not isinstance(common, dict):
+        raise ConfigError(f"{path}: overrides: expected a mapping of dotted key -> value, got {common!r}")
+    folders: dict[str, str] = {}
+    for row in rows:
+        other = folders.setdefault(slug(str(row)), str(row))
+        if other != str(row):
+            raise ConfigError(f"{path}: rows {other!r} and {row!r} would share the run folders "
+                              f"{slug(str(row))}-seed*; rename one")
+    common = [f"{k}={json.dumps(v)}" for k, v in common.items()]
     base = load_config(spec.get("config"), [*common, *extra])
     for row, overrides in rows.items():
         try:

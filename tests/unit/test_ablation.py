@@ -5,6 +5,7 @@ row flagged when they exceed the seeds' spread."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -26,6 +27,18 @@ def test_rows_are_checked_before_anything_runs(tmp_path):
         load_table(_table(tmp_path, "seeds: [a]\nrows: {x: {}}\n"), [])
     with pytest.raises(ConfigError, match="rows"):
         load_table(_table(tmp_path, "rows: [1, 2]\n"), [])
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("seed: [0, 1]\nrows: {x: {}}\n", "unknown key 'seed'"),  # would have run the default seed only
+    ("seeds: [0, 0]\nrows: {x: {}}\n", "repeats a seed"),  # two runs in one folder
+    ("seeds: [true]\nrows: {x: {}}\n", "seeds: expected a list of integers"),
+    ("rows: {Full model: {}, full-model: {loss.top_k: 1}}\n", "rows 'Full model' and 'full-model' would share"),
+    ("overrides: [train.epochs=1]\nrows: {x: {}}\n", "overrides: expected a mapping"),
+])
+def test_a_table_whose_runs_would_collide_or_be_misread_is_refused(tmp_path, text, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        load_table(_table(tmp_path, text), [])
 
 
 def test_one_job_per_row_and_seed_with_the_table_and_command_line_overrides(tmp_path):
