@@ -25,6 +25,14 @@ PHRASE_METRICS = ("phrase_r1", "phrase_r5", "phrase_r10", "phrase_upper", "phras
 """Phrase localization's metrics (itmatch.eval.phrases); the first three can pick the best epoch."""
 
 
+def folder_name(value: str) -> str:
+    """A run's or search's name is one folder under run.storage_path: `..`, `a/b` or `/abs` would put
+    its checkpoints beside or outside the others (and an empty name into run.storage_path itself)."""
+    if not value or value in (".", "..") or "/" in value or "\\" in value or "\0" in value:
+        raise ValueError("must be one folder name (no '/', not '.' or '..', not empty)")
+    return value
+
+
 class _Section(BaseModel):
     # Override values are read as YAML, so `run.name=2024` arrives as an int: a string field takes it.
     # No float setting means anything at inf or nan (YAML reads `.inf` and `inf` strings parse).
@@ -47,6 +55,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                                                         f"found the key {key!r} twice", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+# No timestamps: YAML 1.1 reads `2024-12-02` as a date, which no setting takes (a run named by its date
+# was refused as "not a valid string"); every setting is a string, number, bool or null.
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
 
 def read_yaml(path: str | Path, what: str = "file") -> Any:
@@ -400,6 +415,7 @@ class ScalingConfig(_Section):
 
 class RunConfig(_Section):
     name: str = "itm-default"
+    """The run's folder under storage_path (and its MLflow run's name)."""
     storage_path: str = "runs"
     """Ray Train storage; the same name + storage path resumes from the latest checkpoint."""
     resume: bool = True
@@ -424,6 +440,11 @@ class RunConfig(_Section):
     ray_log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
     """Console level of Ray Train's own logs (every report and checkpoint at INFO); the project's
     per-epoch lines are always shown, and Ray's session log files keep everything."""
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, value: str) -> str:
+        return folder_name(value)
 
 
 class TrackingConfig(_Section):
@@ -502,6 +523,11 @@ class SearchConfig(_Section):
     seed (train.keep=last), refit CCA and the hubness bank on the same union, and register that
     ensemble. Its validation score is no longer a measure (the split is in its training data):
     promotion compares the ensemble's score from before the refit."""
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, value: str) -> str:
+        return folder_name(value)
 
     @field_validator("ensemble_hubness", mode="before")
     @classmethod
@@ -730,7 +756,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r} is not of the form key=value (e.g. loss.margin=0.1)")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw != "" else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {exc}") from exc
     if isinstance(value, (int, float)) and not isinstance(value, bool) and "_" in raw:

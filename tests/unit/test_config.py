@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from itmatch.config import Config, ConfigError, load_config, parse_override, validate
+from itmatch.config import Config, ConfigError, load_config, parse_override, save_config, validate
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -224,6 +224,25 @@ def test_preset_encoding_byte_order_mark_and_bad_bytes(tmp_path):
 def test_float_settings_must_be_finite(override):
     with pytest.raises(ConfigError, match="finite number"):
         load_config(overrides=[override])
+
+
+@pytest.mark.parametrize("override", ["run.name=..", "run.name=.", "run.name=a/b", "run.name=/abs", "run.name=",
+                                      "run.name=a\\b", "search.name=../x"])
+def test_run_and_search_names_are_one_folder(override):
+    """Else a run's checkpoints land beside or outside the others' (or in run.storage_path itself)."""
+    with pytest.raises(ConfigError, match="must be one folder name"):
+        load_config(overrides=[override])
+    assert load_config(overrides=["run.name=f30k_ViT-B.2", "search.name=2024-12-02"]).run.name == "f30k_ViT-B.2"
+
+
+def test_a_run_named_by_its_date_stays_a_name(tmp_path):
+    """YAML 1.1 reads 2024-12-02 as a date, which no setting takes: presets and overrides keep it text."""
+    preset = _preset(tmp_path, "run:\n  name: 2024-12-02\nsearch:\n  name: 2024-12-02 10:00:00\n")
+    cfg = load_config(preset)
+    assert (cfg.run.name, cfg.search.name) == ("2024-12-02", "2024-12-02 10:00:00")
+    assert load_config(overrides=["run.name=2024-12-02"]).run.name == "2024-12-02"
+    save_config(cfg, tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == cfg
 
 
 def test_empty_preset_is_defaults(tmp_path):
