@@ -171,6 +171,34 @@ def check_tracking(cfg: Config, timeout: float = TRACKING_TIMEOUT_S) -> None:
     (any HTTP status counts) within `timeout` seconds. Other schemes are left to MLflow."""
     if cfg.tracking.enabled:
         check_tracking_uri(cfg.tracking.tracking_uri, timeout, key="tracking.tracking_uri")
+        check_tracking_names(cfg)
+
+
+def check_tracking_names(cfg: Config) -> None:
+    """The experiment, registered model and alias are names MLflow takes: it refuses them only when
+    it uses them, a registration at the very end of a run's training (an alias `v1` or `latest`,
+    a model name with '/')."""
+    from mlflow.exceptions import MlflowException
+
+    t = cfg.tracking
+    checks = [("tracking.experiment", t.experiment, ("_validate_experiment_name",))]
+    if t.registered_model:
+        checks += [("tracking.registered_model", t.registered_model, ("_validate_model_name",)),
+                   ("tracking.alias", t.alias, ("_validate_model_alias_name", "_validate_model_alias_name_reserved"))]
+    for key, value, names in checks:
+        for name in names:
+            check = _mlflow_validator(name)
+            try:
+                check(value)
+            except MlflowException as exc:
+                raise ConfigError(f"{key} = {value!r}: MLflow refuses it ({exc.message.splitlines()[0]})") from None
+
+
+def _mlflow_validator(name: str):
+    """One of MLflow's own name checks (private helpers: a version without it checks nothing here)."""
+    from mlflow.utils import validation
+
+    return getattr(validation, name, lambda value: None)
 
 
 def check_tracking_uri(uri: str, timeout: float = TRACKING_TIMEOUT_S, key: str = "tracking URI") -> None:

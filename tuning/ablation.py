@@ -140,14 +140,27 @@ def _overrides(line: dict[str, Any]) -> str:
     return ", ".join(f"`{k}={v}`" for k, v in line["overrides"].items()) or "(the preset)"
 
 
-def run_table(base: Config, rows: dict[str, dict], seeds: list[int], name: str, max_concurrent: int) -> list[dict]:
-    """Every (row, seed) as a job on one Ray session; the table under runs/<name>, in MLflow too."""
+def prepare_table(base: Config, rows: dict[str, dict], name: str) -> tuple[Config, Any]:
+    """The table's own config and feature store, checked as a job's are before anything starts
+    (ConfigError / DataError in one line): the name, every row's batch, the MLflow store and names."""
+    from trainers import preflight
     from trainers.job import absolute_paths
-    from trainers.train import exit_on_sigterm, init_ray, prepare_store
+    from trainers.train import prepare_store
 
     cfg = absolute_paths(load_config(None, {**base.flat(), "run.name": name, "eval.pictures": False,
                                             "tracking.registered_model": None}))
     store = prepare_store(cfg)
+    for overrides in rows.values():
+        preflight.check_batch(load_config(None, {**cfg.flat(), **overrides}), store)
+    preflight.check_tracking(cfg)
+    return cfg, store
+
+
+def run_table(cfg: Config, store: Any, rows: dict[str, dict], seeds: list[int], name: str,
+              max_concurrent: int) -> list[dict]:
+    """Every (row, seed) as a job on one Ray session; the table under runs/<name>, in MLflow too."""
+    from trainers.train import exit_on_sigterm, init_ray
+
     folder = Path(cfg.run.storage_path) / name
     folder.mkdir(parents=True, exist_ok=True)
     from trainers.in_process import can_run
@@ -198,13 +211,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--max-concurrent", type=int, default=1, help="jobs at once")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every row (after the table's own)")
     args = p.parse_intermixed_args(argv)  # the table, flags and overrides in any order
+    name = args.name or Path(args.table).stem
     try:
         base, rows, seeds = load_table(args.table, args.overrides)
+        cfg, store = prepare_table(base, rows, name)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    name = args.name or Path(args.table).stem
-    table = run_table(base, rows, seeds, name, max(1, args.max_concurrent))
+    table = run_table(cfg, store, rows, seeds, name, max(1, args.max_concurrent))
     print(markdown(table, base.train.metric))
     return 0 if all(t["failed"] == 0 for t in table) else 1
 

@@ -254,6 +254,12 @@ CASES: list[tuple[str, Callable[[Env], Any], type, list[str], bool]] = [
     ("tracking-sqlite-folder-missing",
      lambda e: e.preflight(e.config(f"tracking.tracking_uri=sqlite:///{e.tmp / 'nowhere' / 'm.db'}", "run.name=fresh")),
      ConfigError, ["tracking.tracking_uri", "nowhere", "does not exist"], True),
+    ("tracking-alias-reserved",  # MLflow refuses it only at registration, once training is over
+     lambda e: e.preflight(e.config("tracking.alias=v1", "run.name=fresh")),
+     ConfigError, ["tracking.alias = 'v1'", "reserved"], True),
+    ("tracking-model-name-slash",
+     lambda e: e.preflight(e.config("tracking.registered_model=team/model", "run.name=fresh")),
+     ConfigError, ["tracking.registered_model = 'team/model'", "cannot contain '/'"], True),
     ("tracking-http-no-answer",
      lambda e: e.preflight(e.config(f"tracking.tracking_uri=http://127.0.0.1:{_unanswered_port()}", "run.name=fresh")),
      ConfigError, ["tracking.tracking_uri = 'http://127.0.0.1:", "no answer within"], True),
