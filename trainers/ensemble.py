@@ -32,6 +32,7 @@ from itmatch.config import Config, ConfigError, load_config  # noqa: E402
 from itmatch.data.sources import DataError  # noqa: E402
 from itmatch.files import atomic_write_text  # noqa: E402
 from itmatch.state import CheckpointError  # noqa: E402
+from trainers import preflight  # noqa: E402
 from trainers.logs import setup_logging  # noqa: E402
 
 log = logging.getLogger("itmatch.ensemble")
@@ -264,6 +265,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             raise ConfigError(f"--cca-weight must be in [0, 1) and --cca-dim >= 1, got {args.cca_weight} and {args.cca_dim}")
         alone_ok = args.cca_weight > 0 or hubness_setting(args.hubness) is not None  # one run + CCA or a correction
         cfg, folders = build(refs, args.name, overrides, min_members=1 if alone_ok else 2)
+        preflight.check_tracking(cfg)  # a bad store or name fails here, not after the evaluation
         summary = evaluate_and_log(cfg, folders, refs, cca_weight=args.cca_weight, cca_dim=args.cca_dim,
                                    hubness=args.hubness)
     except (ConfigError, DataError, CheckpointError, FileNotFoundError, ValueError) as exc:

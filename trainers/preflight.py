@@ -168,7 +168,8 @@ def check_eq8(cfg: Config, store: FeatureStore) -> None:
 
 def check_tracking(cfg: Config, timeout: float = TRACKING_TIMEOUT_S) -> None:
     """The MLflow store can be reached: a sqlite file's folder exists, an http server answers
-    (any HTTP status counts) within `timeout` seconds. Other schemes are left to MLflow."""
+    (any HTTP status counts) within `timeout` seconds, a database's driver imports, any other URI
+    builds as an MLflow store; and MLflow takes the experiment, model and alias names."""
     if cfg.tracking.enabled:
         check_tracking_uri(cfg.tracking.tracking_uri, timeout, key="tracking.tracking_uri")
         check_tracking_names(cfg)
@@ -203,11 +204,16 @@ def _mlflow_validator(name: str):
 
 def check_tracking_uri(uri: str, timeout: float = TRACKING_TIMEOUT_S, key: str = "tracking URI") -> None:
     """One bounded look at a tracking URI; ConfigError naming `key` and the URI if it cannot work."""
-    if uri.startswith("sqlite:///"):
+    if uri.startswith("sqlite:"):
+        if not uri.startswith("sqlite:///") or uri == "sqlite:///":
+            raise ConfigError(f"{key} = {uri!r}: an SQLite store is sqlite:///relative/path.db or "
+                              "sqlite:////absolute/path.db")
         folder = Path(uri[len("sqlite:///"):]).resolve().parent
         if not folder.is_dir():
             raise ConfigError(f"{key} = {uri!r}: folder {folder} does not exist")
-    elif uri.startswith(("http://", "https://")):
+    elif not uri.startswith(("http://", "https://")):
+        _check_store_kind(uri, key)
+    else:
         try:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
         except urllib.error.HTTPError:
@@ -219,6 +225,32 @@ def check_tracking_uri(uri: str, timeout: float = TRACKING_TIMEOUT_S, key: str =
 
 
 # ---------------------------------------------------------------------------- cluster
+
+
+def _check_store_kind(uri: str, key: str) -> None:
+    """A database URI's driver imports (no connection is made); anything else is built as MLflow
+    would build it (a folder: MLflow 3's file store refuses itself unless MLFLOW_ALLOW_FILE_STORE;
+    an unknown scheme). Either would otherwise fail the run's first attempt, after featurization."""
+    from urllib.parse import urlparse
+
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    scheme = urlparse(uri).scheme.split("+")[0]
+    try:
+        if scheme in ("postgresql", "mysql", "mssql"):
+            import sqlalchemy
+
+            dialect = sqlalchemy.engine.make_url(uri).get_dialect()
+            (getattr(dialect, "import_dbapi", None) or dialect.dbapi)()  # the driver (psycopg, ...); no connection
+        else:
+            from mlflow.tracking._tracking_service.utils import _get_store
+
+            _get_store(uri)
+    except (MlflowException, ImportError, SQLAlchemyError) as exc:
+        said = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+        raise ConfigError(f"{key} = {uri!r}: MLflow cannot use it ({type(exc).__name__}: "
+                          f"{said.splitlines()[0][:300]})") from None
 
 
 def check_cluster(cfg: Config) -> None:

@@ -254,6 +254,15 @@ CASES: list[tuple[str, Callable[[Env], Any], type, list[str], bool]] = [
     ("tracking-sqlite-folder-missing",
      lambda e: e.preflight(e.config(f"tracking.tracking_uri=sqlite:///{e.tmp / 'nowhere' / 'm.db'}", "run.name=fresh")),
      ConfigError, ["tracking.tracking_uri", "nowhere", "does not exist"], True),
+    ("tracking-sqlite-two-slashes",  # a relative sqlite URI needs three
+     lambda e: e.preflight(e.config("tracking.tracking_uri=sqlite://mlruns.db", "run.name=fresh")),
+     ConfigError, ["tracking.tracking_uri = 'sqlite://mlruns.db'", "sqlite:///relative/path.db"], True),
+    ("tracking-database-driver-missing",
+     lambda e: e.preflight(e.config("tracking.tracking_uri=postgresql+nosuchdriver://u@db/mlflow", "run.name=fresh")),
+     ConfigError, ["tracking.tracking_uri = 'postgresql+nosuchdriver://u@db/mlflow'", "nosuchdriver"], True),
+    ("tracking-unknown-scheme",
+     lambda e: e.preflight(e.config("tracking.tracking_uri=htp://mlflow:5000", "run.name=fresh")),
+     ConfigError, ["tracking.tracking_uri = 'htp://mlflow:5000'", "MLflow cannot use it"], True),
     ("tracking-alias-reserved",  # MLflow refuses it only at registration, once training is over
      lambda e: e.preflight(e.config("tracking.alias=v1", "run.name=fresh")),
      ConfigError, ["tracking.alias = 'v1'", "reserved"], True),
