@@ -87,19 +87,3 @@ def test_evaluate_cli_damaged_checkpoint_is_named(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 1 and f"{tmp_path / 'ckpt' / 'state.pt'}: cannot load" in lines[0]
 
-
-@pytest.mark.parametrize("extra, needles", [
-    (["--name", "../elsewhere"], ["run.name = '../elsewhere'", "one folder name"]),
-    (["tracking.experiment="], ["tracking.experiment = ''", "MLflow refuses it"]),
-    (["data.batch_size=600"], ["data.batch_size=600", "30 training captions"]),
-], ids=["name-outside-the-runs", "experiment-empty", "batch-larger-than-data"])
-def test_ablation_cli_refuses_in_one_line_before_ray(workspace, extra, needles):
-    """tuning.ablation checks its name, rows, MLflow names and batches as a job does, before Ray."""
-    table = workspace["tmp"] / "table.yaml"
-    table.write_text("seeds: [0]\nrows:\n  full: {}\n  k1: {loss.top_k: 1}\n")
-    args = [str(table), *[a for a in workspace["args"] if not a.startswith("run.name=")], *extra]
-    proc = run_module("tuning.ablation", args, cwd=workspace["tmp"], timeout=120)
-    said = proc.stderr.strip()  # one line; an invalid config value lists each key on its own line below it
-    assert proc.returncode == 2 and said.startswith("error: ") and "Traceback" not in said, proc.stderr[-2000:]
-    assert all(needle in said for needle in needles), said
-    assert "Ray" not in proc.stdout + proc.stderr and not (workspace["tmp"] / "runs" / "table").exists()

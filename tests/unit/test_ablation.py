@@ -41,6 +41,29 @@ def test_a_table_whose_runs_would_collide_or_be_misread_is_refused(tmp_path, tex
         load_table(_table(tmp_path, text), [])
 
 
+@pytest.mark.parametrize("extra, needles", [
+    (["--name", "../elsewhere"], ["run.name = '../elsewhere'", "one folder name"]),
+    (["tracking.experiment="], ["tracking.experiment = ''", "MLflow refuses it"]),
+    (["data.batch_size=600"], ["data.batch_size=600", "30 training captions"]),
+], ids=["name-outside-the-runs", "experiment-empty", "batch-larger-than-data"])
+def test_the_command_refuses_before_ray(tmp_path, capsys, extra, needles):
+    """tuning.ablation checks its name, every row's batch and MLflow as a job does, before Ray."""
+    import ray
+    from test_readers import write_precomp
+
+    from tuning import ablation
+
+    write_precomp(tmp_path / "p", {"train": 6, "dev": 2, "test": 2})
+    table = _table(tmp_path, "seeds: [0]\nrows:\n  full: {}\n  k1: {loss.top_k: 1}\n")
+    args = [str(table), f"data.source=precomp:{tmp_path / 'p'}", "data.text_encoder=foo", "data.batch_size=10",
+            f"data.cache_dir={tmp_path / 'cache'}", f"run.storage_path={tmp_path / 'runs'}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'ml.db'}", *extra]
+    assert ablation.main(args) == 2
+    said = capsys.readouterr().err.strip()  # an invalid config value lists each key on its own line below
+    assert said.startswith("error: ") and all(needle in said for needle in needles), said
+    assert not ray.is_initialized() and not (tmp_path / "runs" / "t").exists()
+
+
 def test_one_job_per_row_and_seed_with_the_table_and_command_line_overrides(tmp_path):
     path = _table(tmp_path, "config: configs/debug.yaml\nseeds: [3, 4]\noverrides: {train.epochs: 2}\n"
                             "rows:\n  full model: {}\n  linear / K=1: {model.branch: linear, loss.top_k: 1}\n")
