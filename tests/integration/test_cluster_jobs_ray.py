@@ -56,7 +56,8 @@ def session(tmp_path_factory):
         out["logs"] = _jobs("logs", train_id, *a)
         out["unknown"] = _jobs("logs", "raysubmit_nope", *a)
         # A search that would run for many minutes: stop it once tuning.search has made its folder.
-        out["submit_search"] = _jobs("submit", "search", *a, "--no-wait", "--job-id", search_id, "--",
+        # --no-check: the train submission above ran the argument check (a few seconds per command)
+        out["submit_search"] = _jobs("submit", "search", *a, "--no-wait", "--no-check", "--job-id", search_id, "--",
                                      "--config", "configs/debug.yaml", "--space", str(tmp / "space.yaml"),
                                      "--num-samples", "50", "--name", "s2", *_keys(tmp, "unused"))
         out["search_started"] = _wait_for(tmp / "runs" / "s2", timeout=120)
