@@ -1,21 +1,32 @@
 """Files written whole or not at all: a reader (a resumed run, a restored search, another process)
-never sees half of one after a kill or a full disk."""
+never sees half of one after a kill or a full disk. One mechanism for every writer (text, bytes,
+Parquet tables, torch checkpoints)."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+from typing import Callable
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` fills a temporary file beside `path`, which then replaces `path` in one rename
+    (atomic on POSIX); whatever fails, the temporary does not stay behind (a full disk must not
+    leave .name.* files)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)  # gone already once it has been renamed
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, then rename it over `path` (atomic on POSIX)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)  # a full disk must not leave .name.* files behind
-        raise
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))

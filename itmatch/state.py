@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -27,7 +25,7 @@ import torch
 import yaml
 
 from itmatch.config import Config, validate
-from itmatch.files import atomic_write_text
+from itmatch.files import atomic_write, atomic_write_text
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
@@ -60,14 +58,7 @@ def epoch_seed(seed: int, rank: int, epoch: int) -> int:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _state_dict(obj: Any) -> Optional[dict]:

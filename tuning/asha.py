@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Optional
 
 from ray.tune.schedulers import AsyncHyperBandScheduler
+
+from itmatch.files import atomic_write_text
 
 log = logging.getLogger("itmatch.tune")
 RUNGS_FILE = "asha_rungs.json"
@@ -55,10 +56,7 @@ class RestorableASHA(AsyncHyperBandScheduler):
     def _save(self) -> None:
         if not self.state_path:
             return
-        path = Path(self.state_path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps({"rungs": self.rungs()}))
-        os.replace(tmp, path)
+        atomic_write_text(self.state_path, json.dumps({"rungs": self.rungs()}))
 
     def _load(self) -> None:
         path = Path(self.state_path) if self.state_path else None

@@ -12,8 +12,6 @@ import hashlib
 import io
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -26,7 +24,7 @@ import pyarrow.parquet as pq
 from itmatch.data.images import to_rgb
 from itmatch.data.readers import Corpus, column_to_numpy, features_column, read_source
 from itmatch.data.sources import DataError, parse_source
-from itmatch.files import atomic_write_text
+from itmatch.files import atomic_write, atomic_write_text
 
 log = logging.getLogger("itmatch.data")
 
@@ -157,14 +155,7 @@ def _cache_key(corpus: Corpus, image_encoder: str, text_encoder: str) -> str:
 
 
 def _atomic_write_table(table: pa.Table, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 # (images table with an "image" bytes or "path" column, encoder name, progress) -> [rows, dim] features

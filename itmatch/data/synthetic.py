@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from itmatch.files import atomic_write_bytes
 
 FORMAT_VERSION = 1
 JSON_NAME = "dataset_shapes.json"
@@ -281,17 +281,6 @@ def _captions(rng: np.random.Generator, objects: list[dict[str, Any]], n: int = 
 # --------------------------------------------------------------------------- files
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _existing_params(json_path: Path) -> dict[str, Any] | None:
     try:
         doc = json.loads(json_path.read_text(encoding="utf-8"))
@@ -355,7 +344,7 @@ def make_shapes(out_dir: str | Path, n_images: int = 1200, *, seed: int = 0, ima
         filename = f"shapes_{i:06d}.png"
         buffer = io.BytesIO()
         _render(scene, image_size).save(buffer, format="PNG")
-        _atomic_write_bytes(image_dir / filename, buffer.getvalue())
+        atomic_write_bytes(image_dir / filename, buffer.getvalue())
         texts = _captions(rng, scene["objects"])
         sentids = [5 * i + j for j in range(len(texts))]
         entries.append({
@@ -369,5 +358,5 @@ def make_shapes(out_dir: str | Path, n_images: int = 1200, *, seed: int = 0, ima
             "background": scene["background"],
         })
     doc = {"dataset": "shapes", "images": entries, "params": params}
-    _atomic_write_bytes(json_path, json.dumps(doc, separators=(",", ":")).encode("utf-8"))
+    atomic_write_bytes(json_path, json.dumps(doc, separators=(",", ":")).encode("utf-8"))
     return json_path

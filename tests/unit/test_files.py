@@ -3,31 +3,42 @@ between the two steps) leaves the old content and no temporary file behind."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from itmatch.config import load_config, save_config
-from itmatch.files import atomic_write_text
+from itmatch.files import atomic_write, atomic_write_text
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
     path = tmp_path / "summary.json"
     atomic_write_text(path, '{"best": 1}')
-    real_open = open
+    real_write_text = Path.write_text
 
-    def full_disk(fd, *args, **kwargs):
-        handle = real_open(fd, *args, **kwargs)
+    def full_disk(self, text, *args, **kwargs):
+        real_write_text(self, text[:4], *args, **kwargs)  # half of it reaches the temporary file
+        raise OSError(28, "No space left on device")
 
-        def write(_text):
-            handle.__class__.write(handle, '{"be')  # half of it reaches the temporary file
-            raise OSError(28, "No space left on device")
-
-        handle.write = write
-        return handle
-
-    monkeypatch.setattr("itmatch.files.os.fdopen", full_disk)
+    monkeypatch.setattr(Path, "write_text", full_disk)
     with pytest.raises(OSError, match="No space left"):
         atomic_write_text(path, '{"best": 2}')
     assert path.read_text() == '{"best": 1}' and [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_every_writer_goes_through_the_same_rename(tmp_path):
+    """Parquet tables, checkpoints and bytes use atomic_write too: a writer that dies halfway leaves
+    the old file and no temporary."""
+    path = tmp_path / "table.parquet"
+    path.write_bytes(b"old")
+
+    def dies_halfway(tmp: Path) -> None:
+        tmp.write_bytes(b"PAR1 half a table")
+        raise KeyboardInterrupt  # a kill, not only an OSError
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(path, dies_halfway)
+    assert path.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["table.parquet"]
 
 
 def test_a_saved_config_is_replaced_whole(tmp_path):
@@ -35,3 +46,4 @@ def test_a_saved_config_is_replaced_whole(tmp_path):
     save_config(load_config(None, ["train.epochs=3"]), path)
     save_config(load_config(None, ["train.epochs=5"]), path)
     assert load_config(path).train.epochs == 5 and len(list(tmp_path.iterdir())) == 1
+
