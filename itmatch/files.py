@@ -10,6 +10,10 @@ from pathlib import Path
 from typing import Callable
 
 
+_UMASK = os.umask(0o022)  # read once (umask can only be read by setting it), then put back
+os.umask(_UMASK)
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     """`write(tmp)` fills a temporary file beside `path`, which then replaces `path` in one rename
     (atomic on POSIX); whatever fails, the temporary does not stay behind (a full disk must not
@@ -19,6 +23,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make every written file private
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)  # gone already once it has been renamed

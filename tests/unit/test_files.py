@@ -47,3 +47,14 @@ def test_a_saved_config_is_replaced_whole(tmp_path):
     save_config(load_config(None, ["train.epochs=5"]), path)
     assert load_config(path).train.epochs == 5 and len(list(tmp_path.iterdir())) == 1
 
+
+def test_written_files_get_the_mode_open_would_give(tmp_path):
+    """mkstemp makes its file 0600; a summary, a config or an evaluation's JSON must not be private."""
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    atomic_write_text(tmp_path / "a.json", "{}")
+    (tmp_path / "b.json").write_text("{}")
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == (tmp_path / "b.json").stat().st_mode & 0o777 \
+        == 0o666 & ~umask
