@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from itmatch.data.sources import PHRASE_SCHEMES
-from itmatch.files import atomic_write_text
+from itmatch.files import atomic_write_text, read_utf8
 
 
 class ConfigError(ValueError):
@@ -64,19 +64,11 @@ _UniqueKeyLoader.yaml_implicit_resolvers = {
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
 
-def read_yaml(path: str | Path, what: str = "file") -> Any:
+def read_yaml(path: str | Path) -> Any:
     """A user's YAML file (preset, search space, ablation table): UTF-8 (a byte-order mark allowed),
     no key twice in a mapping; anything else is a ConfigError naming the file and the place."""
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the {what}: {exc.strerror or exc}") from exc
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise ConfigError(f"{path}: line {line}: bytes {data[exc.start:exc.end]!r} are not UTF-8") from exc
+    text = read_utf8(path, ConfigError)
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
@@ -802,7 +794,7 @@ def load_config(
         path = Path(preset)
         if not path.is_file():
             raise ConfigError(f"config preset {str(path)!r} does not exist")
-        raw = read_yaml(path, "config preset") or {}
+        raw = read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
         _merge_flat(tree, flatten(raw), str(path))

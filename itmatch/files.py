@@ -29,6 +29,22 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
         Path(tmp).unlink(missing_ok=True)  # gone already once it has been renamed
 
 
+def read_utf8(path: str | Path, error: type[Exception] = ValueError) -> str:
+    """A user's text file (captions, JSON, YAML); a byte-order mark (Windows editors write one) is not
+    content. An unreadable file or bytes that are not UTF-8 raise `error` naming the file (and line)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise error(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise error(f"{path}: line {line}: bytes {data[exc.start:exc.end]!r} at offset {exc.start} "
+                    "are not UTF-8 (re-encode the file as UTF-8)") from exc
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 

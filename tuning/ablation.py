@@ -46,7 +46,7 @@ RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 def load_table(path: str | Path, extra: list[str]) -> tuple[Config, dict[str, dict], list[int]]:
     """The base config (the table's preset + its overrides + the command line's) and the rows, each
     checked against it. A row name becomes a folder name, so it is slugged."""
-    spec = read_yaml(path, "ablation table") or {}
+    spec = read_yaml(path) or {}
     if not isinstance(spec, dict):
         raise ConfigError(f"{path}: expected a mapping with rows: (and seeds:, overrides:), got {type(spec).__name__}")
     unknown = sorted(set(spec) - {"config", "rows", "seeds", "overrides"}, key=str)

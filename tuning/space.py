@@ -16,7 +16,7 @@ def load_space(path: str | Path, base: Config) -> dict[str, dict]:
     """The search space file, each entry checked: known kind, and every value it can take (both
     bounds, every choice) accepted by the config on top of the base settings. Values come back as
     the config types them (YAML 1.1 reads `1e-3` as a string; the config reads it as a float)."""
-    raw = read_yaml(path, "search space") or {}
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"{path}: expected a mapping of dotted keys to distributions, got {raw!r}")
     flat = base.flat()

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from itmatch import files
 from itmatch.data.sources import DataError, Source, parse_source, typed_options
 
 SPLIT_ALIASES = {"dev": "val", "validation": "val", "valid": "val"}
@@ -68,17 +69,8 @@ def _split(name: str, restval: str = "train") -> str:
 
 
 def read_utf8(path: Path) -> str:
-    """A text file's content; undecodable bytes or an unreadable file are a DataError naming it."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    try:
-        return data.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not content
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise DataError(f"{path}: line {line}: bytes {data[exc.start:exc.end]!r} at offset {exc.start} "
-                        "are not UTF-8 (re-encode the file as UTF-8)") from exc
+    """A data file's text (itmatch.files.read_utf8); unreadable or not UTF-8: a DataError naming it."""
+    return files.read_utf8(path, DataError)
 
 
 def text_lines(text: str) -> list[str]:

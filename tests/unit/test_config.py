@@ -216,7 +216,7 @@ def test_preset_encoding_byte_order_mark_and_bad_bytes(tmp_path):
     assert load_config(bom).train.epochs == 7
     latin = tmp_path / "latin.yaml"
     latin.write_bytes(b"run:\n  name: caf\xe9\n")
-    with pytest.raises(ConfigError, match=re.escape(f"{latin}: line 2: bytes b'\\xe9' are not UTF-8")):
+    with pytest.raises(ConfigError, match=re.escape(f"{latin}: line 2: bytes b'\\xe9' at offset 16 are not UTF-8")):
         load_config(latin)
 
 
