@@ -103,7 +103,7 @@ class PixelPrep:
 
         out = []
         for image in images:
-            image = to_rgb(image)
+            image = image if image.mode == "RGB" else to_rgb(image)  # decoders hand over RGB: no copy
             if train and self.augment and rng is not None:
                 array = np.asarray(random_resized_crop(image, self.size, rng), dtype=np.uint8)
                 if rng.random() < 0.5:
