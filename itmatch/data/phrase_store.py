@@ -45,8 +45,8 @@ from itmatch.data.phrase_batch import phrase_batch
 from itmatch.data.readers import Corpus, column_to_numpy, features_column
 from itmatch.data.sources import DataError, parse_source, typed_options
 from itmatch.data.store import (FeatureSplit, FeatureStore, _atomic_write_table, _cache_key, _check_finite, _digest,
-                                _drop_bad_images, atomic_write_text, check_encoder_names, decode_images,
-                                image_bytes)
+                                _drop_bad_images, check_encoder_names, decode_images, image_bytes)
+from itmatch.files import atomic_write_text
 from itmatch.phrases.entities import PhraseCorpus, boxes_column, boxes_of, read_entities
 
 SCHEMA_VERSION = 1
