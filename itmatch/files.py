@@ -5,13 +5,9 @@ Parquet tables, torch checkpoints)."""
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Callable
-
-
-_UMASK = os.umask(0o022)  # read once (umask can only be read by setting it), then put back
-os.umask(_UMASK)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
@@ -19,14 +15,16 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
     (atomic on POSIX); whatever fails, the temporary does not stay behind (a full disk must not
     leave .name.* files)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+    # Created as open() creates files, so the kernel applies the umask (mkstemp's 0600 would make
+    # every written file private, and reading the umask means setting it, process-wide); O_EXCL:
+    # never another writer's temporary.
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make every written file private
+        write(tmp)
         os.replace(tmp, path)
     finally:
-        Path(tmp).unlink(missing_ok=True)  # gone already once it has been renamed
+        tmp.unlink(missing_ok=True)  # gone already once it has been renamed
 
 
 def read_utf8(path: str | Path, error: type[Exception] = ValueError) -> str:
