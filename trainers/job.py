@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from itmatch.config import Config, save_config, validate
 from itmatch.data.store import FeatureStore, stored_splits
@@ -30,6 +30,11 @@ log = logging.getLogger("itmatch.job")
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
 STOP_WAIT_S = 30  # how long a stopped driver waits for its cancelled training task to end its MLflow run
+
+
+class Stopped(Exception):
+    """The job is no longer wanted (a search stopped its trial): its run ends KILLED unless its
+    driver ended it already, with no summary, so it cannot turn up later as a finished trial."""
 
 
 def run_dir(cfg: Config) -> Path:
@@ -67,12 +72,14 @@ def _absolute_source(source: str) -> str:
 
 def run_job(cfg: Config, store: FeatureStore, *, tags: Optional[dict[str, str]] = None,
             callbacks: Optional[list] = None, run_name: Optional[str] = None,
-            forward: Optional[Forward] = None) -> dict[str, Any]:
+            forward: Optional[Forward] = None, wanted: Optional[Callable[[], bool]] = None) -> dict[str, Any]:
     """Train, finalize, log and register one run; returns its summary (also in summary.json).
     `tags`/`run_name`: for a new MLflow run (a trial's parent id and readable name);
     `callbacks`: Ray Train user callbacks (a trial's report forwarding to Tune);
     `forward`: train one worker in this process instead (trainers/in_process.py), sending each
-    epoch's metrics and checkpoint folder there (a one-worker trial's `ray.tune.report`)."""
+    epoch's metrics and checkpoint folder there (a one-worker trial's `ray.tune.report`);
+    `wanted`: asked once training has ended; False raises `Stopped` instead of finalizing (a trial
+    Tune stopped goes on training in its thread until its actor is gone)."""
     folder = run_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     save_config(cfg, folder / CONFIG_FILE)
@@ -88,7 +95,12 @@ def run_job(cfg: Config, store: FeatureStore, *, tags: Optional[dict[str, str]] 
             result = fit_in_process(cfg, store, tracking, folder, int(cpus_per_worker(cfg)), forward)
         else:
             result = fit(cfg, store, tracking, callbacks)
+        if wanted is not None and not wanted():
+            raise Stopped(f"{cfg.run.name}: stopped by its caller after training; not finalized")
         summary = finalize(cfg, store, result, tracking)
+    except Stopped:
+        _end(tracking, "KILLED")
+        raise
     except Exception:
         _end(tracking, "FAILED")
         raise
@@ -247,7 +259,8 @@ def finalize(cfg: Config, store: FeatureStore, result, tracking: Optional[dict])
             summary["model_uri"] = tr.log_model(tracking, best, store).model_uri
         if cfg.tracking.registered_model:
             summary["registry"] = promote(tracking, cfg, store, summary["model_uri"], val_score)
-        tr.end_run(tracking)
+        if not tr.end_run(tracking, if_running=True):  # its search's driver ended it (stopped) meanwhile
+            raise Stopped(f"{cfg.run.name}: its MLflow run was ended while it finalized; no summary")
     return summary
 
 

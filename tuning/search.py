@@ -39,7 +39,7 @@ import logging  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Optional  # noqa: E402
+from typing import Any, Callable, Optional  # noqa: E402
 
 from itmatch.config import Config, ConfigError, load_config  # noqa: E402
 from itmatch.data.sources import DataError  # noqa: E402
@@ -73,7 +73,7 @@ def run_trial(config: dict, setup: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from trainers.job import run_job
+    from trainers.job import Stopped, run_job
 
     setup_logging()
     params, trial_id = config["params"], tune.get_context().get_trial_id()
@@ -86,21 +86,42 @@ def run_trial(config: dict, setup: dict) -> None:
     tags = {"mlflow.parentRunId": setup["parent_run_id"], "itmatch.search": setup["name"],
             report.TRIAL_TAG: trial_id} if setup["parent_run_id"] else None
     name = report.run_name(setup["name"], cfg.run.name, params)
-    if in_process.can_run(cfg):  # one worker: this trial process trains it (trainers/in_process.py)
-        run_job(cfg, open_store(setup["store"]), tags=tags, run_name=name,
-                forward=_tune_forward(setup.get("checkpoints_to_tune", False)))
-        return
-    if setup.get("checkpoints_to_tune"):
-        _forward_checkpoints()
-    run_job(cfg, open_store(setup["store"]), tags=tags, callbacks=[TuneReportCallback()], run_name=name)
+    wanted = _still_running()
+    try:
+        if in_process.can_run(cfg):  # one worker: this trial process trains it (trainers/in_process.py)
+            run_job(cfg, open_store(setup["store"]), tags=tags, run_name=name, wanted=wanted,
+                    forward=_tune_forward(setup.get("checkpoints_to_tune", False), wanted))
+            return
+        if setup.get("checkpoints_to_tune"):
+            _forward_checkpoints()
+        run_job(cfg, open_store(setup["store"]), tags=tags, callbacks=[TuneReportCallback()], run_name=name,
+                wanted=wanted)
+    except Stopped as stopped:  # nobody listens any more: the search already counts this trial stopped
+        log.info("%s", stopped)
 
 
-def _tune_forward(with_checkpoints: bool):
+def _still_running():
+    """Whether Tune still runs this trial. Tune stops a trial (ASHA, PBT) by ending its session while
+    the training goes on in its thread until the actor is gone -- a Ray Train run to its last epoch,
+    reports going nowhere. Left alone, such a trial would write its summary and end its MLflow run
+    FINISHED after the search has counted it stopped (and ended that run KILLED)."""
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    return lambda: get_session() is session
+
+
+def _tune_forward(with_checkpoints: bool, wanted: Callable[[], bool]):
     """An in-process trial's report: every epoch's metrics to Tune, with its checkpoint folder when
-    the scheduler clones trials by their checkpoints (PBT; Tune copies the folder)."""
+    the scheduler clones trials by their checkpoints (PBT; Tune copies the folder). A trial Tune has
+    stopped ends at the epoch's end (its checkpoint is written) instead of training on unheard."""
     from ray import tune
 
+    from trainers.job import Stopped
+
     def forward(metrics: dict, folder: Optional[Path]) -> None:
+        if not wanted():
+            raise Stopped(f"stopped by Tune after epoch {metrics.get('epoch')}")
         keep = with_checkpoints and folder is not None
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(folder)) if keep else None)
 

@@ -334,7 +334,8 @@ def test_four_optuna_trials_two_at_a_time_under_asha_killed_and_restored(tmp_pat
     _, parent, children = _mlflow_runs(tmp_path / "ml.db", "s4")
     runs = {r.data.tags["itmatch.trial_id"]: r for r in children}
     assert parent.info.status == "FINISHED"
-    assert all(runs[t["trial_id"]].info.status == RUN_STATUS[t["status"]] for t in trials)
+    ended = {t["trial_id"]: (t["status"], runs[t["trial_id"]].info.status) for t in trials}
+    assert all(run == RUN_STATUS[status] for status, run in ended.values()), ended
     assert all(r.info.status in ("FINISHED", "KILLED") for r in children)  # an orphan (see above): KILLED
     client = MlflowClient(f"sqlite:///{tmp_path / 'ml.db'}")
     (version,) = client.search_model_versions("name='itm-tune'")

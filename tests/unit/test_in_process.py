@@ -279,3 +279,120 @@ def test_a_trials_late_error_does_not_overwrite_the_status_its_driver_gave(drive
     with pytest.raises(RuntimeError, match="the stop's error"):
         job.run_job(cfg, store, forward=lambda m, p: None)
     assert MlflowClient(f"sqlite:///{tmp_path / 'ml.db'}").get_run(ended["run_id"]).info.status == wanted
+
+
+def _tracked(tmp_path: Path, *overrides: str):
+    """A job with its own MLflow store; nothing logged or registered beyond its metrics."""
+    return load_config(None, [*BASE, f"tracking.tracking_uri=sqlite:///{tmp_path / 'ml.db'}",
+                              f"tracking.artifact_location={tmp_path / 'art'}", f"run.storage_path={tmp_path / 'runs'}",
+                              "tracking.registered_model=null", "tracking.log_model=false", "eval.plots=false",
+                              "eval.pictures=false", *overrides])
+
+
+def _status(tmp_path: Path, run_id: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{tmp_path / 'ml.db'}").get_run(run_id).info.status
+
+
+def test_a_trial_tune_stopped_ends_at_the_epochs_end_killed_and_writes_no_summary(store, tmp_path, monkeypatch):
+    """Tune stops a trial by ending its session while its thread trains on (reports then go nowhere).
+    The trial's forward (tuning.search._tune_forward) ends the training at the next epoch's end, its
+    checkpoint written, and the run ends KILLED with no summary: the search counted it stopped."""
+    from ray.train._internal import session as ray_session
+
+    from trainers import job
+    from tuning import search
+
+    monkeypatch.setattr(ray_session, "_session", object())  # the trial's Tune session
+    wanted = search._still_running()
+    runs = []
+
+    def forward(metrics, folder):
+        runs.append(metrics["epoch"])
+        if metrics["epoch"] == 1:
+            ray_session.shutdown_session()  # what Tune's stop (FunctionTrainable.cleanup) does
+        inner(metrics, folder)
+
+    inner = search._tune_forward(False, wanted)
+    cfg = _tracked(tmp_path)
+    with pytest.raises(job.Stopped):
+        job.run_job(cfg, store, forward=forward, wanted=wanted)
+    folder = job.run_dir(cfg)
+    assert runs == [1] and [p.name for p in checkpoint_candidates(None, folder)] == ["checkpoint_000001"]
+    assert not (folder / job.SUMMARY_FILE).exists()
+    from mlflow.tracking import MlflowClient
+
+    from trainers.tracking import RUN_KEY_TAG, setup
+
+    info = setup(cfg.tracking)
+    [run] = MlflowClient(info["tracking_uri"]).search_runs([info["experiment_id"]])
+    assert run.data.tags[RUN_KEY_TAG] == str(folder) and run.info.status == "KILLED"
+
+
+def test_a_trial_session_replaced_in_a_reused_actor_is_not_its_own(monkeypatch):
+    """A reused actor runs the next trial in a new session: the old trial's thread must not take it
+    for its own."""
+    from ray.train._internal import session as ray_session
+
+    from tuning import search
+
+    monkeypatch.setattr(ray_session, "_session", object())
+    wanted = search._still_running()
+    assert wanted()
+    monkeypatch.setattr(ray_session, "_session", object())
+    assert not wanted()
+
+
+@pytest.mark.parametrize("ended_by_driver", [None, "KILLED"])
+def test_a_run_its_driver_ended_while_it_trained_is_not_finalized_as_finished(ended_by_driver, store, tmp_path):
+    """The search's driver ends a stopped trial's run KILLED (tuning.report.close_child_runs), maybe
+    before the trial's last epoch ends: finalizing must then leave it KILLED and write no summary
+    (Stopped). Left alone, the same job ends FINISHED with its summary."""
+    from mlflow.tracking import MlflowClient
+
+    from trainers import job
+
+    cfg = _tracked(tmp_path)
+    seen = {}
+
+    def forward(metrics, folder):
+        if metrics["epoch"] == cfg.train.epochs and ended_by_driver:
+            info = job_tracking()
+            MlflowClient(info["tracking_uri"]).set_terminated(info["run_id"], status=ended_by_driver)
+
+    def job_tracking():
+        from trainers.tracking import setup
+
+        info = setup(cfg.tracking)
+        [run] = MlflowClient(info["tracking_uri"]).search_runs([info["experiment_id"]])
+        seen["run_id"] = run.info.run_id
+        return {**info, "run_id": run.info.run_id}
+
+    if ended_by_driver:
+        with pytest.raises(job.Stopped):
+            job.run_job(cfg, store, forward=forward)
+        assert not (job.run_dir(cfg) / job.SUMMARY_FILE).exists()
+        assert _status(tmp_path, seen["run_id"]) == ended_by_driver
+    else:
+        summary = job.run_job(cfg, store, forward=forward)
+        assert (job.run_dir(cfg) / job.SUMMARY_FILE).is_file()
+        assert _status(tmp_path, summary["run_id"]) == "FINISHED"
+
+
+def test_a_job_no_longer_wanted_once_trained_is_not_finalized(store, tmp_path):
+    """A Ray Train trial cannot be stopped between epochs (its reports go nowhere once Tune stopped
+    it): run_job asks `wanted` when training ends and, unwanted, ends the run KILLED, no summary."""
+    from mlflow.tracking import MlflowClient
+
+    from trainers import job
+    from trainers.tracking import setup
+
+    cfg = _tracked(tmp_path)
+    with pytest.raises(job.Stopped):
+        job.run_job(cfg, store, forward=lambda m, p: None, wanted=lambda: False)
+    assert len(checkpoint_candidates(None, job.run_dir(cfg))) == 2  # trained to the end (keep 2)
+    assert not (job.run_dir(cfg) / job.SUMMARY_FILE).exists()
+    info = setup(cfg.tracking)
+    [run] = MlflowClient(info["tracking_uri"]).search_runs([info["experiment_id"]])
+    assert run.info.status == "KILLED"
