@@ -161,6 +161,8 @@ def run_job_here(cfg: Config, store: FeatureStore) -> dict[str, Any]:
     while True:
         try:
             return run_job(cfg, store, forward=no_reports)
+        except Stopped:  # its run was ended from outside: not a failure to retry
+            raise
         except Exception as exc:
             limit = cfg.run.max_failures
             if limit != -1 and failures >= limit:
@@ -259,7 +261,9 @@ def finalize(cfg: Config, store: FeatureStore, result, tracking: Optional[dict])
             summary["model_uri"] = tr.log_model(tracking, best, store).model_uri
         if cfg.tracking.registered_model:
             summary["registry"] = promote(tracking, cfg, store, summary["model_uri"], val_score)
-        if not tr.end_run(tracking, if_running=True):  # its search's driver ended it (stopped) meanwhile
+        # Logging the model ends the run FINISHED (mlflow.start_run's context); ended any other way,
+        # its search's driver stopped it meanwhile (tuning.report.close_child_runs): no summary then.
+        if not tr.end_run(tracking, if_running=True) and tr.run_status(tracking) != "FINISHED":
             raise Stopped(f"{cfg.run.name}: its MLflow run was ended while it finalized; no summary")
     return summary
 

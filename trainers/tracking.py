@@ -243,10 +243,15 @@ def end_run(tracking: dict[str, Any], status: str = "FINISHED", *, if_running: b
     ends a trial Tune stopped KILLED, and the error the stop raises later in the trial must not turn
     that into FAILED). Returns whether it ended the run."""
     client = MlflowClient(tracking["tracking_uri"])
-    if if_running and client.get_run(tracking["run_id"]).info.status != "RUNNING":
+    if if_running and run_status(tracking) != "RUNNING":
         return False
     client.set_terminated(tracking["run_id"], status=status)
     return True
+
+
+def run_status(tracking: dict[str, Any]) -> str:
+    """The run's status now: RUNNING, FINISHED, FAILED or KILLED."""
+    return MlflowClient(tracking["tracking_uri"]).get_run(tracking["run_id"]).info.status
 
 
 def end_if_running(cfg: Config, run_key: str, status: str) -> Optional[str]:

@@ -224,6 +224,22 @@ def test_a_job_in_its_driver_retries_failed_attempts_up_to_max_failures(max_fail
     assert len(calls) == attempts and all(f is in_process.no_reports for f in calls)
 
 
+def test_a_job_whose_run_was_ended_from_outside_is_not_retried(monkeypatch):
+    """Stopped (its MLflow run ended by someone else) is not a failure: no retry, even with budget."""
+    from trainers import job
+
+    calls = []
+
+    def attempt(cfg, store, forward):
+        calls.append(1)
+        raise job.Stopped("ended from outside")
+
+    monkeypatch.setattr(job, "run_job", attempt)
+    with pytest.raises(job.Stopped):
+        job.run_job_here(load_config(None, [*BASE, "run.max_failures=3"]), None)
+    assert calls == [1]
+
+
 def test_without_ray_a_worker_gets_this_machines_cpus(monkeypatch):
     from trainers import job
 
@@ -344,16 +360,18 @@ def test_a_trial_session_replaced_in_a_reused_actor_is_not_its_own(monkeypatch):
     assert not wanted()
 
 
-@pytest.mark.parametrize("ended_by_driver", [None, "KILLED"])
-def test_a_run_its_driver_ended_while_it_trained_is_not_finalized_as_finished(ended_by_driver, store, tmp_path):
+@pytest.mark.parametrize("ended_by_driver, log_model", [(None, False), ("KILLED", False), (None, True)])
+def test_a_run_its_driver_ended_while_it_trained_is_not_finalized_as_finished(ended_by_driver, log_model, store,
+                                                                              tmp_path):
     """The search's driver ends a stopped trial's run KILLED (tuning.report.close_child_runs), maybe
     before the trial's last epoch ends: finalizing must then leave it KILLED and write no summary
-    (Stopped). Left alone, the same job ends FINISHED with its summary."""
+    (Stopped). Left alone, the same job ends FINISHED with its summary -- also where logging its
+    model (as a job, not a trial, does) has ended the run already."""
     from mlflow.tracking import MlflowClient
 
     from trainers import job
 
-    cfg = _tracked(tmp_path)
+    cfg = _tracked(tmp_path, f"tracking.log_model={str(log_model).lower()}")
     seen = {}
 
     def forward(metrics, folder):
@@ -376,7 +394,7 @@ def test_a_run_its_driver_ended_while_it_trained_is_not_finalized_as_finished(en
         assert _status(tmp_path, seen["run_id"]) == ended_by_driver
     else:
         summary = job.run_job(cfg, store, forward=forward)
-        assert (job.run_dir(cfg) / job.SUMMARY_FILE).is_file()
+        assert (job.run_dir(cfg) / job.SUMMARY_FILE).is_file() and ("model_uri" in summary) == log_model
         assert _status(tmp_path, summary["run_id"]) == "FINISHED"
 
 
