@@ -1,7 +1,10 @@
 """Training state and checkpoint files.
 
 A checkpoint folder holds `state.pt` (model, optimizer, scheduler, sampler and `TrainState`) and
-`config.yaml` (the resolved config), then `checksums.json` (their sha256, written last). Loading
+`config.yaml` (the resolved config), then `checksums.json` (their sha256, written last), and where
+every rank writes files of its own (DeepSpeed's shards), each rank's `checksums.rank<R>.json` beside
+them, which `checksums.json` requires by name: ranks upload their files to the shared checkpoint
+one by one, so a rank cut short by another's crash leaves a gap that is found, not loaded. Loading
 uses `torch.load(weights_only=True)`: the state is tensors and plain Python values only, never
 pickled objects, and a file whose checksum does not match is refused by name. A resume whose
 latest checkpoint is damaged takes the newest intact one beside it (`pick_resume_checkpoint`).
@@ -31,6 +34,7 @@ STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
 CHECKSUM_FILE = "checksums.json"
 CHECKPOINT_PREFIX = "checkpoint_"
+RANK_SUMS = re.compile(r"checksums\.rank\d+\.json")
 
 
 class CheckpointError(ValueError):
@@ -76,9 +80,11 @@ def save_checkpoint(
     scheduler: Optional[Any] = None,
     sampler: Optional[dict] = None,
     extra: Optional[dict] = None,
+    rank_sums: tuple[str, ...] = (),
 ) -> Path:
     """Write state.pt and config.yaml atomically. optimizer/scheduler: objects or their state dicts
-    (None where a backend keeps them elsewhere, e.g. DeepSpeed shards); extra: backend notes."""
+    (None where a backend keeps them elsewhere, e.g. DeepSpeed shards); extra: backend notes;
+    rank_sums: every rank's `write_rank_sums` file (relative), which the checkpoint needs whole."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -93,9 +99,26 @@ def save_checkpoint(
     _atomic_save(plain_state(payload), folder / STATE_FILE)
     atomic_write_text(folder / CONFIG_FILE, yaml.safe_dump(cfg.model_dump(), sort_keys=False))
     # Last, so a checkpoint with a sidecar has both files complete.
-    sums = {name: file_sha256(folder / name) for name in (STATE_FILE, CONFIG_FILE)}
+    sums: dict[str, Optional[str]] = {name: file_sha256(folder / name) for name in (STATE_FILE, CONFIG_FILE)}
+    sums.update({name: None for name in rank_sums})  # None: a rank's own sidecar, checked file by file
     atomic_write_text(folder / CHECKSUM_FILE, json.dumps(sums, indent=2))
     return folder
+
+
+def rank_sums_name(rank: int) -> str:
+    return f"checksums.rank{rank}.json"
+
+
+def write_rank_sums(folder: str | Path, rank: int) -> None:
+    """The sha256 of the files under `folder` (a rank's own copy of the checkpoint's backend folder,
+    e.g. its DeepSpeed shards), in `checksums.rank<R>.json` there. Where ranks share one folder,
+    call it once they have all written (DeepSpeed's save ends with a barrier): then it lists theirs
+    too, complete; the other sidecars and their temporaries (hidden) are left out."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*")
+                   if p.is_file() and not RANK_SUMS.fullmatch(p.name) and not p.name.startswith("."))
+    sums = {str(p.relative_to(folder)): file_sha256(p) for p in files}
+    atomic_write_text(folder / rank_sums_name(rank), json.dumps(sums, indent=2))
 
 
 _PLAIN_LEAVES = (torch.Tensor, torch.dtype, torch.Size, torch.device, str, bytes, int, float, bool, type(None))
@@ -137,16 +160,27 @@ def verify_checkpoint(folder: str | Path) -> None:
     if not sidecar.is_file():  # written before checksums existed: loading it is the only check
         _load_state(folder / STATE_FILE)
         return
+    for name, expected in _read_sums(sidecar).items():
+        if expected is None:  # a rank's sidecar: it must be there, and so must every file it lists
+            if not (folder / name).is_file():
+                raise CheckpointError(f"{folder / name}: missing: a rank's files did not all reach the checkpoint")
+            for inner, sha in _read_sums(folder / name).items():
+                _check_file((folder / name).parent / inner, sha, folder / name)
+        else:
+            _check_file(folder / name, expected, sidecar)
+
+
+def _read_sums(sidecar: Path) -> dict[str, Optional[str]]:
     try:
-        sums = json.loads(sidecar.read_text())
+        return json.loads(sidecar.read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{sidecar}: unreadable checksum file ({exc})") from exc
-    for name, expected in sums.items():
-        path = folder / name
-        if not path.is_file() or file_sha256(path) != expected:
-            size = path.stat().st_size if path.is_file() else "missing"
-            raise CheckpointError(f"{path}: sha256 differs from {CHECKSUM_FILE} (size {size}): "
-                                  "truncated or corrupt")
+
+
+def _check_file(path: Path, expected: str, sidecar: Path) -> None:
+    if not path.is_file() or file_sha256(path) != expected:
+        size = path.stat().st_size if path.is_file() else "missing"
+        raise CheckpointError(f"{path}: sha256 differs from {sidecar.name} (size {size}): truncated or corrupt")
 
 
 def _load_state(path: Path) -> dict:

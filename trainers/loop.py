@@ -30,7 +30,7 @@ from itmatch.losses import build_objective
 from itmatch.models import build_model, is_closed_form
 from itmatch.models.towers import cache_views
 from itmatch.optim import build_optimizer, build_scheduler
-from itmatch.state import TrainState, epoch_seed, load_checkpoint, save_checkpoint
+from itmatch.state import TrainState, epoch_seed, load_checkpoint, rank_sums_name, save_checkpoint, write_rank_sums
 from trainers.dist import WorkerContext, worker_context
 from trainers.logs import quiet_ray_reports, setup_logging
 from trainers.strategies import build_strategy
@@ -106,11 +106,15 @@ class Trainer:
         """Called, from `report`, on every rank that saves (rank 0; every rank under DeepSpeed,
         where writing the shards is collective). The weights are the epoch's consolidated copy."""
         extra = self.strategy.save_state(folder, self.model, self.optimizer, self.scheduler)
+        shards = extra.pop("shards", None)  # the folder where every rank writes files of its own
+        if shards:
+            write_rank_sums(folder / shards, self.ctx.rank)
         if not self.ctx.is_main:
             return
+        rank_sums = tuple(f"{shards}/{rank_sums_name(r)}" for r in range(self.ctx.world_size)) if shards else ()
         save_checkpoint(folder, model=self.epoch_weights, cfg=self.cfg, train_state=self.state, dims=self.dims,
                         optimizer=extra.pop("optimizer"), scheduler=extra.pop("scheduler"),
-                        sampler=self.sampler.state_dict(), extra=extra)
+                        sampler=self.sampler.state_dict(), extra=extra, rank_sums=rank_sums)
         if self.best_weights is not None:
             save_checkpoint(folder / BEST_DIR, model=self.best_weights, cfg=self.cfg,
                             train_state=self.state, dims=self.dims)

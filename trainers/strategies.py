@@ -213,8 +213,9 @@ class DeepSpeedStrategy(DDPStrategy):
 
     def save_state(self, folder: Path, model: nn.Module, optimizer, scheduler) -> dict[str, Any]:
         model.save_checkpoint(str(folder / DS_DIR), tag=DS_TAG)
-        return {"optimizer": None, "scheduler": None, "deepspeed": {"tag": DS_TAG, "zero_stage":
-                                                                    self.cfg.scaling.zero_stage}}
+        # shards: every rank writes its own files there (trainers.loop.Trainer.save checksums them)
+        return {"optimizer": None, "scheduler": None, "shards": DS_DIR,
+                "deepspeed": {"tag": DS_TAG, "zero_stage": self.cfg.scaling.zero_stage}}
 
     def load_state(self, folder: Path, payload: dict, model: nn.Module, optimizer, scheduler) -> None:
         path, _ = model.load_checkpoint(str(folder / DS_DIR), tag=DS_TAG)

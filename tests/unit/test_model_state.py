@@ -1,6 +1,8 @@
 """Model shapes and behaviour, LR schedules, and checkpoint round trips."""
 
 import math
+import re
+import shutil
 
 import pytest
 import torch
@@ -198,6 +200,49 @@ def test_resume_falls_back_to_the_newest_intact_checkpoint(tmp_path):
     (tmp_path / "checkpoint_02" / "config.yaml").unlink()
     with pytest.raises(CheckpointError, match="no intact checkpoint.*checkpoint_10.*checkpoint_09.*checkpoint_02"):
         pick_resume_checkpoint(candidates)
+
+
+def _save_ranked(folder, epoch, world=2):
+    """A checkpoint as DeepSpeed's ranks write it: each rank its own files under shards/ (in its
+    own copy, then uploaded into the shared folder), with its sidecar; rank 0 the state too."""
+    from itmatch.state import rank_sums_name, write_rank_sums
+
+    for rank in range(world):
+        own = folder.parent / f".rank{rank}-{folder.name}" / "shards"  # the rank's private copy
+        (own / "state").mkdir(parents=True)
+        (own / "state" / f"zero_pp_rank_{rank}_optim_states.pt").write_bytes(bytes([rank, epoch]) * 5000)
+        if rank == 0:
+            (own / "latest").write_text("state")
+        write_rank_sums(own, rank)
+        shutil.copytree(own, folder / "shards", dirs_exist_ok=True)  # the upload into the shared checkpoint
+    cfg = load_config(overrides=["model.hidden_dim=8", "model.embed_dim=4"])
+    save_checkpoint(folder, model=build_model(6, 4, cfg.model), cfg=cfg, train_state=TrainState(epoch=epoch),
+                    dims=(6, 4), rank_sums=tuple(f"shards/{rank_sums_name(r)}" for r in range(world)))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "missing_file", "missing_sidecar"])
+def test_a_ranks_file_cut_short_by_anothers_crash_is_found_and_the_resume_goes_back(tmp_path, damage):
+    """Every rank uploads its own files (DeepSpeed's optimizer shards) into the shared checkpoint;
+    a crash of one rank can cut another's upload short. The newest checkpoint then has an intact
+    state.pt next to a truncated, or missing, shard of rank 1: it is refused naming that file, and
+    the resume takes the checkpoint before it."""
+    from itmatch.state import CheckpointError, checkpoint_candidates, pick_resume_checkpoint, verify_checkpoint
+
+    for epoch in (1, 2):
+        _save_ranked(tmp_path / f"checkpoint_{epoch:06d}", epoch)
+    newest = tmp_path / "checkpoint_000002"
+    verify_checkpoint(newest)
+    shard = newest / "shards" / "state" / "zero_pp_rank_1_optim_states.pt"
+    sidecar = newest / "shards" / "checksums.rank1.json"
+    if damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:1000])
+    else:
+        (shard if damage == "missing_file" else sidecar).unlink()
+    named = sidecar if damage == "missing_sidecar" else shard
+    with pytest.raises(CheckpointError, match=re.escape(str(named))):
+        verify_checkpoint(newest)
+    chosen, skipped = pick_resume_checkpoint(checkpoint_candidates(None, tmp_path))
+    assert chosen == tmp_path / "checkpoint_000001" and [p for p, _ in skipped] == [newest]
 
 
 def test_latest_checkpoint_outside_the_run_folder_comes_first(tmp_path):
