@@ -7,6 +7,7 @@ Sources, lowest priority first: defaults in code, a YAML preset (changes only), 
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -23,6 +24,9 @@ class ConfigError(ValueError):
 
 PHRASE_METRICS = ("phrase_r1", "phrase_r5", "phrase_r10", "phrase_upper", "phrase_random_r1")
 """Phrase localization's metrics (itmatch.eval.phrases); the first three can pick the best epoch."""
+RETRIEVAL_METRICS = ("rsum",) + tuple(f"{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10))
+"""The validation metrics that can pick the best epoch of a retrieval run: higher is better for all
+of them (ranks and the overlap indicator are lower-is-better, and would keep the worst epoch)."""
 
 
 def folder_name(value: str) -> str:
@@ -666,6 +670,9 @@ class Config(_Section):
             if metric in PHRASE_METRICS:
                 raise ValueError(f"train.metric={metric!r} needs phrase localization data (data.source entities: "
                                  f"or shapes-phrases:), got data.source={self.data.source!r}")
+            if metric not in RETRIEVAL_METRICS:
+                raise ValueError(f"train.metric={metric!r} cannot pick the best epoch: choose one of "
+                                 f"{', '.join(RETRIEVAL_METRICS)} (higher is better)")
             return self
         where = f"data.source={self.data.source!r} is phrase localization data"
         refused = [(self.model.name not in ("embedding", "similarity", "cca"), f"model.name={self.model.name!r}"),
@@ -756,6 +763,27 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _override_value(text: str) -> tuple[str, Any]:
+    """`parse_override`, except that a text setting keeps the text as typed: YAML reads `007` as 7,
+    `010` as 8 and `2024.10` as 2024.1, and run.name=1.10 and run.name=1.1 would share a folder."""
+    key, value = parse_override(text)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and _takes_text(key):
+        value = text.split("=", 1)[1].strip()
+    return key, value
+
+
+def _takes_text(key: str) -> bool:
+    """Whether the setting at a dotted key is a string (or an optional one); False if unknown."""
+    schema: Any = Config
+    annotation: Any = None
+    for part in key.strip().split("."):
+        fields = getattr(schema, "model_fields", None)
+        if fields is None or part not in fields:
+            return False
+        annotation = schema = fields[part].annotation
+    return annotation is str or str in typing.get_args(annotation)
+
+
 def _set_dotted(tree: dict[str, Any], key: str, value: Any, where: str) -> None:
     parts = key.split(".")
     node: Any = tree
@@ -801,7 +829,7 @@ def load_config(
     if isinstance(overrides, dict):
         _merge_flat(tree, overrides, "override")
     else:
-        _merge_flat(tree, dict(parse_override(o) for o in overrides or []), "override")
+        _merge_flat(tree, dict(_override_value(o) for o in overrides or []), "override")
     return validate(tree, where=str(preset) if preset else "config")
 
 
@@ -811,7 +839,10 @@ def validate(tree: dict[str, Any], where: str = "config") -> Config:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "(root)"
+            if not err["loc"]:  # a check across keys: its message names them (the input is the whole tree)
+                lines.append(f"  {err['msg']}")
+                continue
+            key = ".".join(str(p) for p in err["loc"])
             lines.append(f"  {key} = {err.get('input')!r}: {err['msg']}")
         raise ConfigError(f"{where}: invalid config\n" + "\n".join(lines)) from None
 

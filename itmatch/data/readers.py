@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from itmatch import files
 from itmatch.data.sources import DataError, Source, parse_source, typed_options
 
-SPLIT_ALIASES = {"dev": "val", "validation": "val", "valid": "val"}
+SPLIT_ALIASES = {"dev": "val", "validation": "val", "valid": "val", "training": "train", "testing": "test"}
 
 
 @dataclass
@@ -60,6 +60,7 @@ def column_to_numpy(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 
 def _split(name: str, restval: str = "train") -> str:
+    name = name.strip().lower()  # "Train" or " test" is the split users mean, not one nothing reads
     if name == "restval" and restval != "keep":
         return restval
     return SPLIT_ALIASES.get(name, name)
@@ -248,13 +249,18 @@ def read_karpathy(source: Source, **_: Any) -> Corpus:
     restval = source.options.get("restval", "train")
     images: dict[str, list] = {"image_id": [], "split": [], "path": []}
     captions: dict[str, list] = {"caption_id": [], "image_id": [], "split": [], "text": []}
-    missing = []
+    missing, seen = [], {}
     for index, entry in enumerate(entries):
         image_id, split, filename, caps = _karpathy_entry(entry, index, json_path)
         split = _split(split, restval)
         path = image_root / filename
         if not path.is_file():
             missing.append(str(path))
+        elif seen.setdefault(path.resolve(), (index, split)) != (index, split):
+            # one picture under two entries: in two splits a test image would be trained on
+            raise DataError(f"{json_path}: images[{index}] field 'filename' = {filename!r} is the same file as "
+                            f"images[{seen[path.resolve()][0]}]'s (splits {seen[path.resolve()][1]!r} and "
+                            f"{split!r}); give each image one entry")
         images["image_id"].append(image_id)
         images["split"].append(split)
         images["path"].append(str(path.resolve()))

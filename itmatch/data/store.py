@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -151,6 +152,16 @@ def _cache_key(corpus: Corpus, image_encoder: str, text_encoder: str) -> str:
     for path in corpus.files:
         stat = path.stat()
         h.update(f"|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    images = getattr(corpus, "images", None)
+    if isinstance(images, pa.Table) and "path" in images.column_names:
+        # image files the source names (Karpathy, Parquet paths): one repaired or replaced in place
+        # must be featurised again, not served its old features (nor left out as it was under bad_images=skip)
+        for name in images.column("path").to_pylist():
+            try:
+                stat = os.stat(name)
+                h.update(f"|{stat.st_size}|{stat.st_mtime_ns}".encode())
+            except (OSError, TypeError, ValueError):
+                h.update(b"|-")
     return h.hexdigest()[:16]
 
 

@@ -133,6 +133,14 @@ def _truncated_checkpoint(env: Env) -> None:
     load_checkpoint(folder)
 
 
+def _same_file_twice(env: Env) -> None:
+    path = env.karpathy({"a.jpg": jpeg_bytes(), "b.jpg": jpeg_bytes(1)})
+    doc = json.loads(path.read_text())
+    doc["images"][1].update(filename="a.jpg", split="test")  # a test image that training would see
+    path.write_text(json.dumps(doc))
+    env.prepare(f"karpathy:{path}")
+
+
 def _hf_not_a_dataset(env: Env) -> None:
     (env.tmp / "notds").mkdir()
     (env.tmp / "notds" / "readme.txt").write_text("hello")
@@ -211,6 +219,8 @@ CASES: list[tuple[str, Callable[[Env], Any], type, list[str], bool]] = [
     ("karpathy-not-an-image",
      lambda e: e.prepare(f"karpathy:{e.karpathy({'a.jpg': jpeg_bytes(), 'txt.jpg': b'plain text'})}"),
      DataError, ["cannot be decoded", "txt.jpg", "cannot identify image file"], True),
+    ("karpathy-same-file-in-two-splits", _same_file_twice,
+     DataError, ["d.json", "images[1] field 'filename' = 'a.jpg'", "images[0]", "'train' and 'test'"], True),
     ("karpathy-empty-caption",
      lambda e: e.prepare(f"karpathy:{e.karpathy({'a.jpg': jpeg_bytes()}, caption='   ')}"),
      DataError, ["d.json", "images[0].sentences[0]", "no caption text"], True),
@@ -239,6 +249,10 @@ CASES: list[tuple[str, Callable[[Env], Any], type, list[str], bool]] = [
     ("unknown-config-key",
      lambda e: e.config("data.batchsize=12"), ConfigError, ["unknown config key 'data.batchsize'"], True),
     # config.py reports every bad key on its own line under a header: two lines for one key
+    ("metric-not-a-metric",  # else it trained an epoch, then failed on a KeyError
+     lambda e: e.config("train.metric=RSUM"), ConfigError, ["train.metric='RSUM'", "rsum, i2t_r1"], False),
+    ("metric-lower-is-better",  # else the worst epoch was kept and promoted
+     lambda e: e.config("train.metric=i2t_medr"), ConfigError, ["train.metric='i2t_medr'", "higher is better"], False),
     ("out-of-range-config-value",
      lambda e: e.config("loss.margin=-1"), ConfigError, ["loss.margin = -1", "greater than or equal to 0"], False),
     ("batch-larger-than-data",

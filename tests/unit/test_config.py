@@ -92,6 +92,21 @@ def test_numeric_looking_strings_stay_strings(tmp_path):
         load_config(overrides=["run.name=true"])
 
 
+def test_an_override_of_a_text_setting_keeps_the_text_as_typed():
+    """YAML reads 007 as 7, 010 as 8 (octal) and 2024.10 as 2024.1: two runs would share a folder."""
+    cfg = load_config(overrides=["run.name=007", "search.name=2024.10", "tracking.alias=010", "train.epochs=12"])
+    assert (cfg.run.name, cfg.search.name, cfg.tracking.alias) == ("007", "2024.10", "010")
+    assert cfg.train.epochs == 12 and load_config(overrides=["loss.margin=0.20"]).loss.margin == 0.2
+
+
+def test_a_check_across_keys_names_its_keys_not_the_whole_config(tmp_path):
+    preset = _preset(tmp_path, "train:\n  epochs: 3\n  metric: overlap\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(preset)
+    message = str(info.value)
+    assert "train.metric='overlap'" in message and "epochs" not in message and len(message) < 400
+
+
 def test_override_without_equals_errors():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(overrides=["loss.margin"])

@@ -785,3 +785,23 @@ def test_a_union_whose_parts_share_an_image_is_refused_naming_it(tmp_path):
     with pytest.raises(DataError, match=r"split 'train\+copy'.*image_id \d+ is in more than one"):
         store.split("train+copy")
     assert len(store.split("train+train").image_ids) == 3  # a part named twice is one part
+
+
+@pytest.mark.parametrize("written, meant", [("Train", "train"), (" test ", "test"), ("TEST", "test"),
+                                             ("training", "train"), ("Dev", "val"), ("restval", "train")])
+def test_a_split_is_read_whatever_its_case_or_padding(written, meant):
+    """Else "Train" became a split nothing reads and its images silently dropped out of training."""
+    from itmatch.data.readers import _split
+
+    assert _split(written) == meant
+
+
+def test_an_image_file_replaced_in_place_is_a_cache_miss(tmp_path):
+    """The cache was keyed by the JSON alone: a repaired or re-downloaded image kept its old features."""
+    from itmatch.data.store import _cache_key
+
+    json_path = write_json(tmp_path / "d.json", karpathy_doc(tmp_path / "images"))
+    key = _cache_key(read_source(f"karpathy:{json_path}"), "enc", "txt")
+    assert _cache_key(read_source(f"karpathy:{json_path}"), "enc", "txt") == key  # nothing changed: a hit
+    (tmp_path / "images" / "b.png").write_bytes(png_bytes((9, 9, 9)) + b"\0")
+    assert _cache_key(read_source(f"karpathy:{json_path}"), "enc", "txt") != key
