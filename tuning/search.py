@@ -5,7 +5,7 @@
         --num-samples 16 --search optuna --scheduler asha --max-concurrent 2 [key=value ...]
 
 The space file maps dotted keys (the same as the CLI's) to a distribution:
-`{uniform: [lo, hi]}`, `{loguniform: [lo, hi]}`, `{randint: [lo, hi]}`, `{choice: [a, b, ...]}`,
+`{uniform: [lo, hi]}`, `{loguniform: [lo, hi]}`, `{randint: [lo, hi]}` (hi included), `{choice: [a, b, ...]}`,
 `{grid: [a, b, ...]}`. Every key and every bound is checked against the config before Ray starts.
 Every flag is also a `search.*` config key (the flags override them), so a preset with a `search:`
 section reproduces a search. The driver resolves the whole config (absolute paths included) and
@@ -197,11 +197,7 @@ def share_cpus(cfg: Config, cpus: float) -> Config:
 
 
 def run_search(cfg: Config, space: dict[str, dict], store: FeatureStore, search_dir: Path) -> list[dict]:
-    from ray import tune
-
-    from trainers.job import cpus_per_worker
     from trainers.train import exit_on_sigterm, init_ray
-    from tuning.asha import rungs_path
 
     init_ray(hardest_trial(cfg, space))  # Ray Train's worker groups if any trial can have one
     exit_on_sigterm()  # again: Ray's driver installs its own SIGTERM handler, which aborts
@@ -215,6 +211,25 @@ def run_search(cfg: Config, space: dict[str, dict], store: FeatureStore, search_
         from trainers.tracking import start_run
 
         parent = start_run(cfg, str(search_dir), store, tags={"itmatch.search": cfg.search.name})
+    try:
+        return _search(cfg, space, store, search_dir, parent)
+    except BaseException as exc:  # noqa: BLE001 - the parent run must not stay RUNNING; re-raised
+        if parent:
+            from trainers.tracking import end_run
+
+            # interrupted: KILLED (a restore reopens it); anything else: FAILED
+            end_run(parent, "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED", if_running=True)
+        raise
+
+
+def _search(cfg: Config, space: dict[str, dict], store: FeatureStore, search_dir: Path,
+            parent: Optional[dict]) -> list[dict]:
+    """The trials, their seed re-runs and the choice; `parent`: the search's MLflow run, if tracked."""
+    from ray import tune
+
+    from trainers.job import cpus_per_worker
+    from tuning.asha import rungs_path
+
     setup = {"base": cfg.flat(), "store": str(store.root.resolve()), "trials_dir": str(search_dir / "trials"),
              "reruns_dir": str(rerun.folder(search_dir)), "name": cfg.search.name,
              "parent_run_id": parent["run_id"] if parent else None,
@@ -460,7 +475,7 @@ def hardest_trial(cfg: Config, space: dict[str, dict]) -> Config:
     worst = {}
     for key in ("data.batch_size", "scaling.num_workers"):
         for kind, values in space.get(key, {}).items():
-            worst[key] = values[1] - 1 if kind == "randint" else max(values)  # randint's high is exclusive
+            worst[key] = max(values)  # randint's [lo, hi] includes hi (tuning/space.py)
     return load_config(None, {**cfg.flat(), **worst}) if worst else cfg
 
 

@@ -10,6 +10,9 @@ from itmatch.config import Config, ConfigError, load_config, read_yaml
 
 KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
 RANGES = ("uniform", "loguniform", "randint")
+SEARCH_OWNS = ("run.name", "run.storage_path", "eval.pictures", "eval.plots", "tracking.", "search.")
+"""Keys a trial's config takes from the search (tuning.search.trial_config) or never reads: in a
+space they would be overwritten or ignored without a word."""
 
 
 def load_space(path: str | Path, base: Config) -> dict[str, dict]:
@@ -22,8 +25,13 @@ def load_space(path: str | Path, base: Config) -> dict[str, dict]:
     flat = base.flat()
     space = {}
     for key, spec in raw.items():
+        if any(key == owned or (owned.endswith(".") and str(key).startswith(owned)) for owned in SEARCH_OWNS):
+            raise ConfigError(f"{path}: {key}: the search sets this key for every trial (or does not read it "
+                              "there); set it on the command line or in the preset, not in the space")
         kind, values = _entry(path, key, spec)
         space[key] = {kind: _bounded(path, key, kind, [_typed(path, flat, key, value) for value in values])}
+        if kind in ("uniform", "loguniform"):
+            _takes_fractions(path, flat, key, kind, space[key][kind])
     per = base.search.rerun_per
     if per is not None and next(iter(space.get(per, {"": 0}))) not in ("choice", "grid"):
         raise ConfigError(f"{path}: search.rerun_per={per!r} must be a key of this space with choice or grid "
@@ -36,6 +44,16 @@ def _typed(path: str | Path, flat: dict[str, Any], key: str, value: Any) -> Any:
         return load_config(None, {**flat, key: value}).flat()[key]
     except ConfigError as exc:
         raise ConfigError(f"{path}: {key}: value {value!r} is not valid: {exc}") from exc
+
+
+def _takes_fractions(path: str | Path, flat: dict[str, Any], key: str, kind: str, values: list) -> None:
+    """A continuous range samples fractions (745.19): an integer setting would fail in every trial."""
+    middle = (float(values[0]) + float(values[1])) / 2 + 1e-3
+    try:
+        load_config(None, {**flat, key: middle})
+    except ConfigError:
+        raise ConfigError(f"{path}: {key}.{kind}: {key} takes whole numbers, and a {kind} range samples "
+                          f"fractions (e.g. {middle:g}); use {{randint: {values}}} (both bounds included)") from None
 
 
 def _bounded(path: str | Path, key: str, kind: str, values: list) -> list:
@@ -62,8 +80,9 @@ def to_tune(space: dict[str, dict], grid: bool = True) -> dict[str, Any]:
     """Tune domains; `grid=False` (searchers that sample, PBT's mutations) reads a grid as a choice."""
     from ray import tune
 
+    # randint's [lo, hi] includes hi, as the README says (Tune's own randint leaves it out)
     makers = {"uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v),
-              "randint": lambda v: tune.randint(*v), "choice": tune.choice,
+              "randint": lambda v: tune.randint(v[0], v[1] + 1), "choice": tune.choice,
               "grid": tune.grid_search if grid else tune.choice}
     return {key: makers[kind](values) for key, spec in space.items() for kind, values in spec.items()}
 

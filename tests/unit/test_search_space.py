@@ -50,6 +50,13 @@ def test_shipped_space_is_valid():
     ("loss.lambda2: {loguniform: [0, 1]}\n", "bounds must be above 0"),  # the field allows 0, a log range not
     ("loss.margin: {uniform: [0.1, 0.2]}\nloss.margin: {uniform: [0.3, 0.4]}\n", "found the key 'loss.margin' twice"),
     ("optim.lr: {loguniform: [1.0e-4, .inf]}\n", "finite number"),
+    # an integer setting under a continuous range: every trial failed once Ray had started
+    ("model.hidden_dim: {uniform: [256, 1024]}\n", "model.hidden_dim takes whole numbers"),
+    ("train.epochs: {loguniform: [2, 8]}\n", "use {randint: [2, 8]}"),
+    # keys the search sets for every trial, or a trial never reads: overwritten without a word
+    ("run.name: {choice: [a, b]}\n", "the search sets this key"),
+    ("tracking.registered_model: {choice: [a, b]}\n", "the search sets this key"),
+    ("search.num_samples: {choice: [2, 4]}\n", "the search sets this key"),
 ])
 def test_bad_space_names_file_key_and_value(tmp_path, text, needle):
     path = _space(tmp_path, text)
@@ -120,3 +127,41 @@ def test_the_real_data_space_fits_its_preset():
     space = load_space(ROOT / "configs" / "search" / "flickr8k.yaml", cfg)
     assert cfg.search.rerun_per in space and set(space[cfg.search.rerun_per]["choice"]) == {"linear", "nonlinear"}
     assert cfg.search.ensemble and 0 < cfg.search.ensemble_cca < 1
+
+
+def test_randint_includes_its_high_bound(tmp_path):
+    """`{randint: [lo, hi]}` as documented: Tune's own randint never samples hi (zero_stage 3 was out of reach)."""
+    space = load_space(_space(tmp_path, "scaling.zero_stage: {randint: [0, 3]}\nloss.top_k: {randint: [9, 10]}\n"),
+                       load_config(None, []))
+    dists = to_tune(space)
+    assert set(dists["scaling.zero_stage"].sample(size=400)) == {0, 1, 2, 3}
+    assert set(dists["loss.top_k"].sample(size=100)) == {9, 10}
+    with pytest.raises(ConfigError, match="scaling.zero_stage: value 4 is not valid"):
+        load_space(_space(tmp_path, "scaling.zero_stage: {randint: [0, 4]}\n"), load_config(None, []))
+
+
+@pytest.mark.parametrize("error, status", [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED"),
+                                           (SystemExit(143), "KILLED")])
+def test_a_search_that_dies_after_its_parent_run_started_ends_that_run(monkeypatch, tmp_path, error, status):
+    """It stayed RUNNING forever (a KeyError in a restored search, a space only Tune could refuse)."""
+    import ray
+
+    import trainers.tracking
+    import trainers.train
+    from tuning import search
+
+    ended = []
+    monkeypatch.setattr(trainers.train, "init_ray", lambda cfg: None)
+    monkeypatch.setattr(trainers.train, "exit_on_sigterm", lambda: None)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(search.preflight, "check_cluster", lambda cfg: None)
+    monkeypatch.setattr(trainers.tracking, "start_run", lambda *a, **k: {"run_id": "p1", "tracking_uri": "x"})
+    monkeypatch.setattr(trainers.tracking, "end_run", lambda run, st, if_running=False: ended.append((run["run_id"], st)))
+
+    def dies(*args):
+        raise error
+
+    monkeypatch.setattr(search, "_search", dies)
+    with pytest.raises(type(error)):
+        search.run_search(load_config(None, []), {}, None, tmp_path / "s")
+    assert ended == [("p1", status)]
