@@ -357,7 +357,9 @@ class OptimConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: int = Field(20, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**31)
+    """numpy's generators take 0 .. 2**32-1 (a negative seed failed once the run had started); below
+    2**31 leaves room for the seed re-runs' seed + 1 .. + n."""
     log_every: int = Field(20, ge=1)
     """Steps between progress lines (loss .item() syncs only here)."""
     metric: str = "rsum"
@@ -477,7 +479,7 @@ class SearchConfig(_Section):
     """ASHA: keep the best 1/reduction_factor at each rung."""
     perturbation_interval: int = Field(1, ge=1)
     """PBT: epochs between exploit/explore steps."""
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, ge=0, lt=2**31)
     """Seed of the searcher's sampling (Optuna's TPE sampler)."""
     rerun_top: int = Field(0, ge=0)
     """Robust selection: after the search, re-run this many finished trials (best validation score

@@ -60,6 +60,7 @@ def check(cfg: Config, store: FeatureStore) -> None:
     check_tracking(cfg)
     check_eq8(cfg, store)
     warn_in_sample(cfg)
+    warn_test_in_sample(cfg)
     check_cluster(cfg)  # last: it attaches to or starts Ray
 
 
@@ -74,6 +75,19 @@ def warn_in_sample(cfg: Config) -> bool:
                 "train.keep=best picks the epoch on training data (train.keep=last keeps the last)",
                 d.train_split, d.val_split)
     return True
+
+
+def warn_test_in_sample(cfg: Config) -> bool:
+    """A test split that is also trained on or validated on: its scores are not held-out ones
+    (`data.val_split=test` picks the best epoch and the champion on the test split). Said, not
+    refused: a smoke run may mean it. Returns whether it warned."""
+    d = cfg.data
+    test = set(stored_splits(d.test_split))
+    used = [(key, name) for key, name in (("data.train_split", d.train_split), ("data.val_split", d.val_split))
+            if test & set(stored_splits(name))]
+    for key, name in used:
+        log.warning("%s=%s holds the test split %r: the test scores are not held out", key, name, d.test_split)
+    return bool(used)
 
 
 # ---------------------------------------------------------------------------- resume

@@ -12,6 +12,7 @@ source says `?restval=keep`.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -87,6 +88,8 @@ def _load_npy(path: Path) -> np.ndarray:
         array = np.load(path, mmap_mode="r")
     except (OSError, ValueError) as exc:
         raise DataError(f"{path}: cannot read as .npy ({exc})") from exc
+    if not isinstance(array, np.ndarray):  # np.savez's archive under an .npy name
+        raise DataError(f"{path}: is an .npz archive, not one .npy array (save it with np.save)")
     if array.ndim != 2:
         raise DataError(f"{path}: expected a 2-D array [rows, dim], got shape {array.shape}")
     if array.dtype.kind not in "biuf":  # complex would lose its imaginary part, strings parse or not
@@ -186,8 +189,9 @@ def _concat(tables: list[pa.Table], where: Path) -> pa.Table:
 def _karpathy_int(value: Any, where: str) -> int:
     """An id field: an integer (a JSON 3.0 counts, 1.5 or "7" does not -- ids that a float rounds or a
     string hides would merge or split images silently)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-        raise DataError(f"{where} = {value!r}: expected an integer")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value) or not -2**63 <= value < 2**63:  # NaN/Infinity (Python's json writes them), int64
+        raise DataError(f"{where} = {value!r}: expected an integer (a 64-bit one)")
     return int(value)
 
 
@@ -206,6 +210,10 @@ def _karpathy_caption(sentence: Any, where: str) -> str:
     if not isinstance(raw, str) or not raw.strip():
         shown = raw if raw is not None or tokens is None else tokens
         raise DataError(f"{where}: no caption text (raw = {shown!r})")
+    try:
+        raw.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate escape ("\\ud800"): no text encoder can take it
+        raise DataError(f"{where}: caption {raw!r} is not valid Unicode ({exc.reason} at {exc.start})") from None
     return raw.strip()
 
 

@@ -107,6 +107,12 @@ def test_a_check_across_keys_names_its_keys_not_the_whole_config(tmp_path):
     assert "train.metric='overlap'" in message and "epochs" not in message and len(message) < 400
 
 
+@pytest.mark.parametrize("override", ["train.seed=-1", "train.seed=99999999999999999999", "search.seed=-3"])
+def test_a_seed_numpy_cannot_take_is_refused_before_the_run(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        load_config(overrides=[override])
+
+
 def test_override_without_equals_errors():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(overrides=["loss.margin"])
@@ -327,6 +333,19 @@ def test_training_on_the_validation_split_is_said_once_unless_the_last_epoch_is_
     assert warns("data.train_split=val+restval")
     assert not warns("data.train_split=train+val", "train.keep=last")
     assert not warns("data.train_split=train+restval") and not warns()
+
+
+def test_a_test_split_trained_or_validated_on_is_said(caplog):
+    from trainers.preflight import warn_test_in_sample
+
+    def warns(*keys: str) -> bool:
+        return warn_test_in_sample(load_config(None, ["data.source=x", *keys]))
+
+    with caplog.at_level("WARNING", logger="itmatch.preflight"):
+        assert warns("data.val_split=test")
+    assert "data.val_split=test holds the test split 'test'" in caplog.text
+    assert warns("data.test_split=train") and warns("data.train_split=train+test")
+    assert not warns() and not warns("data.train_split=train+val")
 
 
 @pytest.mark.parametrize("name", ["", "train+", "+val", "train+ val", "train++val"])

@@ -383,6 +383,13 @@ def test_karpathy_missing_image_file(tmp_path):
         (lambda d: d["images"][0].__setitem__("filepath", 3), r"images\[0\]\.filepath = 3: expected a string"),
         (lambda d: d["images"][2].__setitem__("split", None), r"images\[2\]\.split = None"),
         (lambda d: d["images"][2].__setitem__("split", 3), r"images\[2\]\.split = 3"),
+        # numbers Python's json writes (NaN, Infinity) or int64 cannot hold: tracebacks from int() or Arrow before
+        (lambda d: d["images"][1].__setitem__("imgid", float("nan")), r"images\[1\]\.imgid = nan: expected an integer"),
+        (lambda d: d["images"][1].__setitem__("imgid", float("inf")), r"images\[1\]\.imgid = inf"),
+        (lambda d: d["images"][0]["sentences"][0].__setitem__("sentid", 2**63),
+         r"images\[0\]\.sentences\[0\]\.sentid = 9223372036854775808"),
+        (lambda d: d["images"][0]["sentences"][0].__setitem__("raw", "a \ud800 dog"),
+         r"images\[0\]\.sentences\[0\]: caption .* is not valid Unicode"),
     ],
 )
 def test_karpathy_errors(tmp_path, mutate, match):
@@ -805,3 +812,11 @@ def test_an_image_file_replaced_in_place_is_a_cache_miss(tmp_path):
     assert _cache_key(read_source(f"karpathy:{json_path}"), "enc", "txt") == key  # nothing changed: a hit
     (tmp_path / "images" / "b.png").write_bytes(png_bytes((9, 9, 9)) + b"\0")
     assert _cache_key(read_source(f"karpathy:{json_path}"), "enc", "txt") != key
+
+
+def test_an_npz_archive_under_an_npy_name_is_named(tmp_path):
+    write_precomp(tmp_path / "p", {"train": 2})
+    np.savez(tmp_path / "p" / "x.npz", a=np.zeros((2, 3), np.float32))
+    (tmp_path / "p" / "x.npz").replace(tmp_path / "p" / "train_ims.npy")
+    with pytest.raises(DataError, match=r"train_ims\.npy: is an \.npz archive"):
+        read_source(f"precomp:{tmp_path / 'p'}")
