@@ -5,7 +5,7 @@ captions are cut into units of 2 (3 for the odd one out), so every image in a ba
 least two of its captions; without it a unit is one caption. Units are shuffled and packed into
 global batches of about `batch_size` captions, an image at most once per batch (a second unit of
 the same image waits for the next batch). Each global batch is then split by image across ranks,
-so a group never straddles workers and every rank gets a non-empty share in the same number of
+so a group never straddles workers and every rank gets at least two images in the same number of
 steps. Everything is a function of (seed, epoch): resuming needs only (epoch, offset).
 
 Region-phrase data (001 Algorithm 1) groups phrases by their ground-truth region (its coreference
@@ -20,6 +20,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+
+# Images (shards) per rank in every batch: BatchNorm cannot train on a single row (a batch of two
+# captions of one image stopped a run after start), and a rank's rows need a negative of their own.
+SHARDS_PER_RANK = 2
 
 
 def _units(caption_image: np.ndarray, rng: np.random.Generator, neighborhood: bool) -> list[np.ndarray]:
@@ -40,9 +44,9 @@ def _pack(
     units: list[np.ndarray], caption_image: np.ndarray, batch_size: int, drop_last: bool, min_images: int = 1,
     shard_key: Optional[np.ndarray] = None,
 ) -> list[np.ndarray]:
-    """A batch closes at `batch_size` captions and `min_images` shards (one per rank: with units of
-    up to 3 captions, `batch_size` captions alone may be too few images to shard). Shards are the
-    images unless `shard_key` (per caption) says otherwise."""
+    """A batch closes at `batch_size` captions and `min_images` shards (SHARDS_PER_RANK per rank: with
+    units of up to 3 captions, `batch_size` captions alone may be too few images to shard). Shards
+    are the images unless `shard_key` (per caption) says otherwise."""
     shard_key = caption_image if shard_key is None else shard_key
     batches: list[np.ndarray] = []
     current: list[np.ndarray] = []
@@ -76,13 +80,17 @@ def _pack(
 
 
 def _shard(batch: np.ndarray, shard_key: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-    """Greedy split by shard key (the image): the largest groups first, each to the rank with the
-    fewest captions."""
+    """Split by shard key (the image), largest groups first: the first SHARDS_PER_RANK rounds dealt
+    out in snake order (0..W-1, W-1..0), so that every rank gets that many images, the rest each to
+    the rank with the fewest captions. Greedy alone can leave a rank one image ([3,1,1,1] over two
+    ranks: 3 | 1,1,1), and BatchNorm cannot train on one row."""
     images, inverse, counts = np.unique(shard_key[batch], return_inverse=True, return_counts=True)
     load = np.zeros(world_size, dtype=np.int64)
     owner = np.empty(len(images), dtype=np.int64)
-    for g in np.lexsort((images, -counts)):
-        r = int(np.argmin(load))
+    snake = [r for turn in range(SHARDS_PER_RANK)
+             for r in (range(world_size) if turn % 2 == 0 else reversed(range(world_size)))]
+    for i, g in enumerate(np.lexsort((images, -counts))):
+        r = snake[i] if i < len(snake) else int(np.argmin(load))
         owner[g] = r
         load[r] += counts[g]
     return batch[owner[inverse] == rank]
@@ -120,17 +128,19 @@ class NeighborhoodBatchSampler:
         self.seed, self.neighborhood, self.drop_last = seed, neighborhood, drop_last
         self.state = SamplerState()
         n_images = len(np.unique(self.shard_key))
-        if n_images < world_size:
-            raise ValueError(f"{n_images} images cannot be split over {world_size} workers")
+        if n_images < SHARDS_PER_RANK * world_size:
+            raise ValueError(f"{n_images} images cannot be split over {world_size} workers "
+                             f"(at least {SHARDS_PER_RANK} each)")
 
     def global_batches(self, epoch: int) -> list[np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch])
         units = _units(self.caption_image, rng, self.neighborhood)
         order = rng.permutation(len(units))
-        batches = _pack([units[i] for i in order], self.caption_image, self.batch_size, self.drop_last, self.world_size,
+        least = SHARDS_PER_RANK * self.world_size
+        batches = _pack([units[i] for i in order], self.caption_image, self.batch_size, self.drop_last, least,
                         self.shard_key)
-        # A batch with fewer images than workers would leave a rank idle: DDP needs every rank to step.
-        return [b for b in batches if len(np.unique(self.shard_key[b])) >= self.world_size]
+        # Too few images would leave a rank idle (DDP needs every rank to step) or one image alone.
+        return [b for b in batches if len(np.unique(self.shard_key[b])) >= least]
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.state.epoch:

@@ -54,6 +54,8 @@ def test_neighborhood_invariants(seed, world_size, batch_size, drop_last):
         owner: dict[int, int] = {}
         for rank, shard in enumerate(shards):
             assert len(shard) > 0, f"step {i}: rank {rank} got nothing"
+            # BatchNorm trains on at least two rows: two images on every rank
+            assert len(set(caption_image[shard].tolist())) >= 2, f"step {i}: rank {rank} has one image"
             assert shard.dtype.kind == "i"
             for c in shard.tolist():
                 image = int(caption_image[c])
@@ -178,8 +180,23 @@ def test_resume_seed_mismatch():
         NeighborhoodBatchSampler(caption_image, 16, seed=2).load_state_dict(state)
 
 
+@pytest.mark.parametrize("batch_size", [2, 3])
+def test_small_batches_hold_two_images_per_rank(batch_size):
+    """Batches of 2-3 captions would be one image (units of 2-3 captions of one image); and greedy
+    splitting of groups [3, 1, 1, 1] over two ranks leaves one rank a single image."""
+    caption_image = np.repeat(np.arange(12), 5)
+    for world_size in (1, 2):
+        for shards in epoch_shards(caption_image, batch_size, world_size, drop_last=False):
+            assert all(len(set(caption_image[s].tolist())) >= 2 for s in shards), shards
+    uneven = np.array([0, 0, 0, 1, 2, 3])  # captions of image 0 always come together (one unit of 3)
+    for shards in epoch_shards(uneven, 6, 2, drop_last=False):
+        assert sorted(len(set(uneven[s].tolist())) for s in shards) == [2, 2], shards
+
+
 def test_bad_rank_and_too_few_images():
     with pytest.raises(ValueError, match="rank"):
         NeighborhoodBatchSampler(np.arange(10), 4, rank=2, world_size=2)
     with pytest.raises(ValueError, match="images"):
         NeighborhoodBatchSampler(np.zeros(10, np.int64), 4, rank=0, world_size=2)
+    with pytest.raises(ValueError, match="at least 2 each"):  # 3 images: one worker would hold one
+        NeighborhoodBatchSampler(np.arange(3), 2, rank=0, world_size=2)
