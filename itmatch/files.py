@@ -4,10 +4,13 @@ Parquet tables, torch checkpoints)."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
+import socket
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
@@ -49,3 +52,32 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+class Busy(RuntimeError):
+    """Another process holds the lock of the run (or search) this one would write."""
+
+
+@contextmanager
+def exclusive(folder: str | Path, what: str) -> Iterator[None]:
+    """Hold `folder`'s lock (`.<name>.lock` beside it, so that taking it creates nothing inside a
+    run folder that `run.resume=false` checks for) while the block runs, or raise Busy naming the
+    holder. Two processes writing one run folder would interleave checkpoints and MLflow logging and
+    resume each other's state. flock: released by the kernel when the holder dies, however it dies;
+    on NFS it takes a lock on the server."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    path = folder.with_name(f".{folder.name}.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip() or "another process"
+            raise Busy(f"{folder}: {what} is running already ({holder}; lock {path}): wait for it to end, "
+                       "or pick another name") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

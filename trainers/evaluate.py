@@ -19,6 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import tempfile  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Optional  # noqa: E402
@@ -93,8 +94,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from trainers.results import ModelRefError, resolve_model
 
     try:
-        if args.json and Path(args.json).is_dir():  # found before the evaluation, not after it
-            raise ConfigError(f"--json {args.json}: is a folder; give a file name (e.g. {Path(args.json) / 'test.json'})")
+        if args.json:  # found before the evaluation, not after it
+            check_writable(args.json)
         model, cfg = resolve_model(args.model, args.tracking_uri)
         d = cfg.data
         eq8 = eq8_for(args, cfg)  # bad Eq. 8 flags fail before the evaluated data is read
@@ -121,11 +122,30 @@ def main(argv: Optional[list[str]] = None) -> int:
                               f"{args.model}: example queries on {args.split}", embeddings=(img, txt))
         print(f"pictures: {', '.join(str(p) for p in written.values()) or 'none (see warnings)'}", file=sys.stderr)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.json, json.dumps(metrics, indent=2))
+        try:
+            atomic_write_text(args.json, json.dumps(metrics, indent=2))
+        except OSError as exc:  # e.g. the disk filled meanwhile: the metrics still reach the user
+            print(json.dumps(metrics, indent=2))
+            print(f"error: --json {args.json}: could not write it ({exc.strerror or exc}); the metrics are above",
+                  file=sys.stderr)
+            return 1
     else:
         print(json.dumps(metrics, indent=2))
     return 0
+
+
+def check_writable(path: str) -> None:
+    """--json's file can be written (its folder made if missing), tried with a temporary file beside
+    it before anything is evaluated; raise ConfigError naming the path otherwise."""
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigError(f"--json {path}: is a folder; give a file name (e.g. {target / 'test.json'})")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}."):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--json {path}: cannot write there ({exc.strerror or exc})") from exc
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+import yaml
+
 from itmatch.config import Config, save_config, validate
 from itmatch.data.store import FeatureStore, stored_splits
 from itmatch.files import atomic_write_text
@@ -111,6 +113,23 @@ def run_job(cfg: Config, store: FeatureStore, *, tags: Optional[dict[str, str]] 
     return summary
 
 
+def finished_summary(cfg: Config, store: FeatureStore) -> Optional[dict[str, Any]]:
+    """The summary of this run if it finished already with this very config and data: running the
+    same command again must not log and register the same model a second time. None otherwise (a
+    run told to train longer resumes and is finalized again)."""
+    folder = run_dir(cfg)
+    try:
+        summary = json.loads((folder / SUMMARY_FILE).read_text())
+        saved = validate(yaml.safe_load((folder / CONFIG_FILE).read_text()) or {}, where=str(folder / CONFIG_FILE))
+    except (OSError, ValueError, yaml.YAMLError):  # not finished, or not readable: run as usual
+        return None
+    found = {"run.name", "run.storage_path"}  # they found this folder, written either way
+    same = {k: v for k, v in saved.flat().items() if k not in found} == \
+        {k: v for k, v in cfg.flat().items() if k not in found}
+    data = summary.get("data_digests")  # absent in summaries written before it was recorded
+    return summary if same and data in (None, store.identity["digests"]) else None
+
+
 def run_job_in_task(cfg: Config, store: FeatureStore) -> dict[str, Any]:
     """`run_job` for one worker (trainers.in_process.can_run) inside one Ray task that holds the
     worker's CPUs (and GPU), where Ray schedules it like a Ray Train worker. A failed attempt is
@@ -161,7 +180,7 @@ def run_job_here(cfg: Config, store: FeatureStore) -> dict[str, Any]:
     while True:
         try:
             return run_job(cfg, store, forward=no_reports)
-        except Stopped:  # its run was ended from outside: not a failure to retry
+        except (Stopped, Diverged):  # its run was ended from outside, or a retry would end the same way
             raise
         except Exception as exc:
             limit = cfg.run.max_failures
@@ -238,11 +257,13 @@ def finalize(cfg: Config, store: FeatureStore, result, tracking: Optional[dict])
     plots = run_dir(cfg) / "plots" if cfg.eval.plots else None
     split = store.split(cfg.data.test_split)
     loaded = load_and_embed(best, split)
+    check_finite(best, loaded[1], cfg.data.test_split)
     test = evaluate_folder(best, split, cfg, plots_dir=plots, loaded=loaded)
     pictures = _pictures(cfg, store, *loaded)
     val_score = test.pop("_val_score")
     summary: dict[str, Any] = {"best_checkpoint": str(best), "best_epoch": test.pop("_best_epoch"),
-                               f"val_{cfg.train.metric}": val_score, "test": test}
+                               f"val_{cfg.train.metric}": val_score, "test": test,
+                               "data_digests": store.identity["digests"]}
     log.info("test (best epoch %s): %s", summary["best_epoch"], _fmt(test))
     if tracking:
         from trainers import tracking as tr
@@ -266,6 +287,23 @@ def finalize(cfg: Config, store: FeatureStore, result, tracking: Optional[dict])
         if not tr.end_run(tracking, if_running=True) and tr.run_status(tracking) != "FINISHED":
             raise Stopped(f"{cfg.run.name}: its MLflow run was ended while it finalized; no summary")
     return summary
+
+
+class Diverged(RuntimeError):
+    """The trained model computes non-finite embeddings: it must not be logged or registered."""
+
+
+def check_finite(best: Path, embeddings, split: str) -> None:
+    """Raise Diverged if the best weights embed any test row as NaN/inf (retrieval would rank such a
+    model last, but it would still be logged, registered and maybe given the alias)."""
+    import torch
+
+    bad = [(name, int((~torch.isfinite(t)).any(dim=-1).sum()), len(t)) for name, t in zip(("image", "caption"), embeddings)
+           if isinstance(t, torch.Tensor) and t.ndim == 2 and not bool(torch.isfinite(t).all())]
+    if bad:
+        rows = ", ".join(f"{n} of {total} {name} rows" for name, n, total in bad)
+        raise Diverged(f"{best}: the best weights embed {rows} of the {split} split as NaN/inf; not logged or "
+                       "registered (training diverged: check the inputs' magnitudes and optim.lr)")
 
 
 def promote(tracking: dict, cfg: Config, store: FeatureStore, model_uri: str, val_score: float) -> dict[str, Any]:

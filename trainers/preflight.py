@@ -126,11 +126,31 @@ def check_resume_config(cfg: Config) -> None:
 # ---------------------------------------------------------------------------- data vs config
 
 
+# model.* keys that leave the weights' shapes alone: a run may start from a checkpoint with other values.
+START_FROM_FREE = frozenset({"model.dropout", "model.input_dropout", "model.augment", "model.tta_flip",
+                             "model.position_shift"})
+
+
 def check_start_from(cfg: Config) -> None:
-    """run.start_from names a checkpoint folder (its files' integrity is checked when it is loaded)."""
+    """run.start_from names a checkpoint folder (its files' integrity is checked when it is loaded)
+    of the same network and optimizer: other shapes failed to load in the workers, after start-up."""
     folder = cfg.run.start_from
-    if folder and not (Path(folder) / "state.pt").is_file():
+    if not folder:
+        return
+    if not (Path(folder) / "state.pt").is_file():
         raise ConfigError(f"run.start_from = {folder!r}: not a checkpoint folder (no state.pt there)")
+    path = Path(folder) / CONFIG_FILE
+    try:
+        saved = validate(yaml.safe_load(path.read_text()) or {}, where=str(path)).flat()
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"run.start_from = {folder!r}: cannot read its {CONFIG_FILE} ({exc})") from exc
+    now = cfg.flat()
+    shaped = [k for k in now if (k.startswith("model.") and k not in START_FROM_FREE)
+              or k in ("optim.name", "data.image_encoder", "data.text_encoder")]
+    diffs = [f"{k}: {saved.get(k)!r} there, {now[k]!r} here" for k in shaped if saved.get(k) != now[k]]
+    if diffs:
+        raise ConfigError(f"run.start_from = {folder!r} holds another network or optimizer, whose weights cannot "
+                          f"be loaded into this one: {'; '.join(diffs)} (use the checkpoint's values)")
 
 
 def check_batch(cfg: Config, store: FeatureStore) -> None:

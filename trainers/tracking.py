@@ -55,6 +55,11 @@ def start_run(cfg: Config, run_key: str, store: FeatureStore, tags: Optional[dic
     info = setup(cfg.tracking)
     client = MlflowClient(info["tracking_uri"])
     found = _run_of(client, info, run_key)
+    if found and _started_otherwise(found, cfg):
+        # A run folder without a checkpoint starts afresh with any config (trainers.preflight): the
+        # earlier attempt's run keeps its params and status, and this start gets a run of its own.
+        log.info("MLflow: run %s of %s was started with other settings; starting a new run", found.info.run_id, run_key)
+        found = None
     if found:
         run_id = found.info.run_id
         client.update_run(run_id, status="RUNNING")
@@ -72,6 +77,15 @@ def _run_of(client: MlflowClient, info: dict[str, Any], run_key: str):
     found = client.search_runs([info["experiment_id"]], filter_string=f"tags.`{RUN_KEY_TAG}` = '{run_key}'",
                                max_results=1, order_by=["attributes.start_time DESC"])
     return found[0] if found else None
+
+
+def _started_otherwise(found, cfg: Config) -> bool:
+    """Whether an MLflow run's logged params differ from `cfg` in a key a resume may not change."""
+    from trainers.preflight import RESUMABLE_KEYS, RESUMABLE_SECTIONS
+
+    logged = found.data.params
+    return any(key in logged and logged[key] != str(value)[:500] for key, value in cfg.flat().items()
+               if key not in RESUMABLE_KEYS and not key.startswith(RESUMABLE_SECTIONS) and key != "train.epochs")
 
 
 def _log_inputs(client: MlflowClient, run_id: str, cfg: Config, store: FeatureStore) -> None:

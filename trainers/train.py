@@ -24,6 +24,7 @@ import os
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
@@ -34,9 +35,10 @@ from itmatch.config import Config, ConfigError, load_config  # noqa: E402
 from itmatch.data.sources import DataError  # noqa: E402
 from itmatch.data.raw import prepare_inputs  # noqa: E402
 from itmatch.data.store import FeatureStore, stored_splits  # noqa: E402
+from itmatch.files import Busy, exclusive  # noqa: E402
 from itmatch.models.towers import check_tower_names  # noqa: E402
 from trainers import in_process, preflight  # noqa: E402
-from trainers.job import run_dir, run_job, run_job_here, run_job_in_task  # noqa: E402
+from trainers.job import finished_summary, run_dir, run_job, run_job_here, run_job_in_task  # noqa: E402
 from trainers.logs import setup_logging  # noqa: E402
 
 log = logging.getLogger("itmatch.train")
@@ -160,29 +162,43 @@ def main(argv: Optional[list[str]] = None) -> int:
     setup_logging()
     exit_on_sigterm()
     args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.print_config:
-            print(json.dumps(cfg.model_dump(), indent=2))
-            return 0
-        if not cfg.run.resume and run_dir(cfg).exists():
-            raise ConfigError(f"run.resume=false but {run_dir(cfg)} exists: pick a new run.name or resume it")
-        if cfg.run.start_from:  # the workers' working directory is not this one
-            cfg = load_config(None, {**cfg.flat(), "run.start_from": str(Path(cfg.run.start_from).resolve())})
-        store = prepare_store(cfg)
-        preflight.check(cfg, store)
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    warn_relative_paths(cfg)
-    if in_process.in_driver(cfg):  # one worker on this machine: no Ray to start
-        summary = run_job_here(cfg, store)
-    else:
-        init_ray(cfg)
-        exit_on_sigterm()  # again: Ray's driver installs its own SIGTERM handler, which aborts
-        summary = run_job_in_task(cfg, store) if in_process.can_run(cfg) else run_job(cfg, store)
+    with contextlib.ExitStack() as held:
+        try:
+            cfg = load_config(args.config, args.overrides)
+            if args.print_config:
+                print(json.dumps(cfg.model_dump(), indent=2))
+                return 0
+            # Held to the end: a second driver of the same run (a double submit, a retry by hand)
+            # would interleave checkpoints and MLflow logging with this one.
+            held.enter_context(exclusive(run_dir(cfg), f"run {cfg.run.name!r}"))
+            cfg, store = prepare(cfg)
+        except (ConfigError, DataError, Busy) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        warn_relative_paths(cfg)
+        summary = finished_summary(cfg, store)
+        if summary is not None:
+            log.info("%s finished already with this config and data (its summary.json follows): nothing to "
+                     "train, log or register; raise train.epochs to train on, or pick a new run.name", run_dir(cfg))
+        elif in_process.in_driver(cfg):  # one worker on this machine: no Ray to start
+            summary = run_job_here(cfg, store)
+        else:
+            init_ray(cfg)
+            exit_on_sigterm()  # again: Ray's driver installs its own SIGTERM handler, which aborts
+            summary = run_job_in_task(cfg, store) if in_process.can_run(cfg) else run_job(cfg, store)
     print(json.dumps(summary, indent=2, default=str))
     return 0
+
+
+def prepare(cfg: Config) -> tuple[Config, FeatureStore]:
+    """Everything checked before a job starts; raises ConfigError/DataError naming the key or file."""
+    if not cfg.run.resume and run_dir(cfg).exists():
+        raise ConfigError(f"run.resume=false but {run_dir(cfg)} exists: pick a new run.name or resume it")
+    if cfg.run.start_from:  # the workers' working directory is not this one
+        cfg = load_config(None, {**cfg.flat(), "run.start_from": str(Path(cfg.run.start_from).resolve())})
+    store = prepare_store(cfg)
+    preflight.check(cfg, store)
+    return cfg, store
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ section reproduces a search. The driver resolves the whole config (absolute path
 featurises the data once; each trial runs `trainers.job.run_job` on the resolved config plus its
 sampled params (its own run folder, config.yaml, checkpoints and summary), reports every epoch to
 Tune and logs an MLflow run nested under the search's run. Re-running the same command restores the
-Tune experiment (Tuner.restore, searcher state included). With `search.rerun_top` N > 0 the N
+Tune experiment (Tuner.restore, searcher state included), provided the search's settings are the
+ones it started with (tuning/restore.py); one driver runs a search at a time. With `search.rerun_top` N > 0 the N
 best finished trials (with `search.rerun_per` KEY: of each value of KEY, a stopped trial standing in
 for a value the scheduler stopped entirely) are then re-run with `search.rerun_seeds` more seeds
 (tuning/rerun.py) and the configuration with the best mean validation score wins
@@ -34,6 +35,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (see t
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
@@ -45,10 +47,10 @@ from itmatch.config import Config, ConfigError, load_config  # noqa: E402
 from itmatch.data.sources import DataError  # noqa: E402
 from itmatch.data.raw import open_store  # noqa: E402
 from itmatch.data.store import FeatureStore  # noqa: E402
-from itmatch.files import atomic_write_text  # noqa: E402
+from itmatch.files import Busy, atomic_write_text, exclusive  # noqa: E402
 from trainers import in_process, preflight  # noqa: E402
 from trainers.logs import setup_logging  # noqa: E402
-from tuning import refit, registry, report, rerun, select  # noqa: E402
+from tuning import refit, registry, report, rerun, restore, select  # noqa: E402
 from tuning.space import load_space  # noqa: E402
 
 log = logging.getLogger("itmatch.tune")
@@ -239,7 +241,7 @@ def _search(cfg: Config, space: dict[str, dict], store: FeatureStore, search_dir
     # Tune keeps every checkpoint a trial reports: only PBT trials report any (registry.needs_checkpoints),
     # and PBT clones the one its donor held at the last perturbation, which a cap (4) had pruned by the
     # time a queued clone started ("does not exist on storage anymore")
-    if tune.Tuner.can_restore(path):
+    if _restorable(search_dir):
         log.info("resuming the search in %s", path)
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     else:
@@ -447,26 +449,38 @@ def main(argv: Optional[list[str]] = None) -> int:
     setup_logging()
     exit_on_sigterm()
     args = build_parser().parse_args(argv)
-    try:
-        cfg, space = resolve(args)
-        registry.searcher(cfg, space)  # a searcher or scheduler that refuses the config fails here, before Ray
-        registry.scheduler(cfg, space)
-        if args.print_config:
-            print(json.dumps({"config": cfg.model_dump(), "space": space}, indent=2, default=str))
-            return 0
-        store = prepare_store(cfg)
-        preflight.check_batch(hardest_trial(cfg, space), store)
-        preflight.check_tracking(cfg)
-    except (ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    search_dir = Path(cfg.run.storage_path) / cfg.search.name
-    try:
-        rows = run_search(cfg, space, store, search_dir)
-    except ConfigError as exc:  # the cluster cannot place a trial's workers
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    with contextlib.ExitStack() as held:
+        try:
+            cfg, space = resolve(args)
+            registry.searcher(cfg, space)  # a searcher or scheduler that refuses the config fails here, before Ray
+            registry.scheduler(cfg, space)
+            if args.print_config:
+                print(json.dumps({"config": cfg.model_dump(), "space": space}, indent=2, default=str))
+                return 0
+            search_dir = Path(cfg.run.storage_path) / cfg.search.name
+            held.enter_context(exclusive(search_dir, f"search {cfg.search.name!r}"))  # one driver per search
+            if _restorable(search_dir):
+                restore.check(cfg, space, search_dir)
+            store = prepare_store(cfg)
+            preflight.check_batch(hardest_trial(cfg, space), store)
+            preflight.check_tracking(cfg)
+        except (ConfigError, DataError, Busy) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        restore.save(cfg, space, search_dir)
+        try:
+            rows = run_search(cfg, space, store, search_dir)
+        except ConfigError as exc:  # the cluster cannot place a trial's workers
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     return 0 if any(r["summary"] for r in rows) else 1
+
+
+def _restorable(search_dir: Path) -> bool:
+    """Whether re-running restores a Tune experiment there (what _search does)."""
+    from ray import tune
+
+    return tune.Tuner.can_restore(str(search_dir / "tune"))
 
 
 def hardest_trial(cfg: Config, space: dict[str, dict]) -> Config:

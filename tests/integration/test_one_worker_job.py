@@ -53,6 +53,14 @@ def test_failed_attempt_is_retried_resumes_and_matches_the_ray_train_job(tmp_pat
         client, run = _mlflow_run(tmp_path, name)  # one run across both attempts
         assert run.info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val_rsum")] == [1, 2, 3]
+    # The finished run's command again: its summary, nothing trained, logged or registered again
+    again = run_module("trainers.train", _args(tmp_path, "driver", "run.max_failures=1", "scaling.worker_group=auto"),
+                       ROOT, timeout=300)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0 and "finished already with this config and data" in out, out[-3000:]
+    assert '"best_epoch"' in out and "epoch 1/3" not in out and "test (best epoch" not in out, out[-3000:]
+    client, run = _mlflow_run(tmp_path, "driver")
+    assert run.info.status == "FINISHED" and len(client.get_metric_history(run.info.run_id, "test_rsum")) == 1
 
 
 @pytest.mark.parametrize("group", ["auto", "task"])

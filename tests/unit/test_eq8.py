@@ -235,6 +235,10 @@ def test_evaluate_cli_reports_eq8_beside_the_plain_metrics(tmp, sentence_source,
     assert evaluate.main(common + ["--json", str(tmp / "out" / "plain.json")]) == 0  # its folder is made
     assert evaluate.main(common + ["--json", str(tmp / "out")]) == 2  # a folder: refused before evaluating
     assert "--json" in capsys.readouterr().err
+    (tmp / "a-file").write_text("")
+    assert evaluate.main(common + ["--json", str(tmp / "a-file" / "m.json")]) == 2  # unwritable: refused before
+    out, err = capsys.readouterr()
+    assert "cannot write there" in err and "a-file" in err and "rsum" not in out, (out, err)
     assert evaluate.main(common + ["--json", str(tmp / "out" / "eq8.json"), "--region-phrase-model",
                                    str(phrase_folders["embedding"]), "--eq8-alpha", "0.3"]) == 0
     plain, both = (json.loads((tmp / "out" / f"{n}.json").read_text()) for n in ("plain", "eq8"))

@@ -1,0 +1,66 @@
+"""What a search was started with, and what re-running its command may change.
+
+Re-running a search's command restores its Tune experiment (searcher and scheduler state, finished
+trials). Tune restores the experiment as it was pickled: a new --space, --num-samples, searcher or
+scheduler is silently ignored, while a new trial config reaches only the trials still to run, so the
+table would compare trials trained two ways. A restore therefore needs the settings the search was
+started with, apart from how it runs (concurrency, re-runs and ensembles after it, tracking).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from itmatch.config import Config, ConfigError, save_config, validate
+from itmatch.files import atomic_write_text
+from trainers.preflight import changed_keys
+
+CONFIG_FILE = "search_config.yaml"
+SPACE_FILE = "search_space.json"
+# The search.* keys that make the Tune experiment (the rest run after it or only pace it).
+EXPERIMENT_KEYS = ("search.num_samples", "search.algorithm", "search.scheduler", "search.grace_period",
+                   "search.reduction_factor", "search.perturbation_interval", "search.seed", "search.trial_workers")
+
+
+def save(cfg: Config, space: dict[str, dict], search_dir: Path) -> None:
+    """Record the settings a search starts (or restores) with, for the next restore's check."""
+    search_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, search_dir / CONFIG_FILE)
+    atomic_write_text(search_dir / SPACE_FILE, json.dumps(space, indent=2, sort_keys=True))
+
+
+def check(cfg: Config, space: dict[str, dict], search_dir: Path) -> None:
+    """Raise ConfigError listing what differs from the settings the search in `search_dir` was started
+    with. Nothing to compare (a new search, or one recorded before this check existed): no check."""
+    config_path, space_path = search_dir / CONFIG_FILE, search_dir / SPACE_FILE
+    if not config_path.is_file() or not space_path.is_file():
+        return
+    try:
+        saved = validate(yaml.safe_load(config_path.read_text()) or {}, where=str(config_path))
+        saved_space = json.loads(space_path.read_text())
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{search_dir}: cannot read the search's saved settings ({exc})") from exc
+    diffs = differences(saved, saved_space, cfg, space)
+    if diffs:
+        listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in diffs)
+        raise ConfigError(f"{search_dir} holds a search started with other settings, which re-running its command "
+                          f"would restore, mixing both: {listed}. Re-run with the saved settings ({config_path.name}, "
+                          f"{space_path.name} there), or start a new search with another --name")
+
+
+def differences(saved: Config, saved_space: dict, cfg: Config, space: dict[str, dict]) -> list[tuple[str, Any, Any]]:
+    """(key, saved, new) for each setting a restore may not change."""
+    old, now = saved.flat(), cfg.flat()
+    diffs = [(key, old.get(key), now[key]) for key in EXPERIMENT_KEYS if old.get(key) != now[key]]
+    diffs += [(key, a, b) for key, a, b in changed_keys(saved, cfg)]  # what every trial trains with
+    if old.get("train.epochs") != now["train.epochs"] and not any(d[0] == "train.epochs" for d in diffs):
+        diffs.append(("train.epochs", old.get("train.epochs"), now["train.epochs"]))  # the schedulers' horizon
+    space = json.loads(json.dumps(space))  # as it reads back (tuples as lists)
+    for key in sorted(set(saved_space) | set(space)):
+        if saved_space.get(key) != space.get(key):
+            diffs.append((f"space {key}", saved_space.get(key), space.get(key)))
+    return diffs
