@@ -11,8 +11,10 @@ source says `?restval=keep`.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -25,6 +27,7 @@ import pyarrow.parquet as pq
 from itmatch import files
 from itmatch.data.sources import DataError, Source, parse_source, typed_options
 
+KNOWN_SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"dev": "val", "validation": "val", "valid": "val", "training": "train", "testing": "test"}
 
 
@@ -45,6 +48,50 @@ class Corpus:
             if column in self.images.column_names:
                 return column
         raise DataError(f"{self.name}: images have none of the columns feature, image, path")
+
+    def image_files(self) -> list:
+        """The image files the source names (their sizes and times key the feature cache too)."""
+        return self.images.column("path").to_pylist() if "path" in self.images.column_names else []
+
+    def has_caption_features(self) -> bool:
+        """Whether every caption comes with precomputed features (precomp's caps_<encoder>.npy)."""
+        caps = self.captions
+        return "feature" in caps.column_names and caps.column("feature").null_count == 0
+
+
+class LazyCorpus:
+    """A corpus read on first use of its tables, with what the feature cache needs known up front
+    (files, image files, splits): a cached Parquet source is never decoded into Python objects (a
+    310 MB table took 2.5 GB on every cache hit)."""
+
+    def __init__(self, name: str, files: list[Path], splits: list[str], load: Callable[[], Corpus],
+                 image_files: list) -> None:
+        self.name, self.files, self._splits, self._load, self._image_files = name, files, splits, load, image_files
+
+    @functools.cached_property
+    def _tables(self) -> Corpus:
+        return self._load()
+
+    @property
+    def images(self) -> pa.Table:
+        return self._tables.images
+
+    @property
+    def captions(self) -> pa.Table:
+        return self._tables.captions
+
+    @property
+    def splits(self) -> list[str]:
+        return self._splits
+
+    def payload(self) -> str:
+        return "image"
+
+    def image_files(self) -> list:
+        return self._image_files
+
+    def has_caption_features(self) -> bool:
+        return False  # table sources hold captions as text
 
 
 def features_column(rows: np.ndarray) -> pa.Array:
@@ -141,6 +188,12 @@ def read_precomp(source: Source, *, caption_features: str | None = None) -> Corp
     prefixes = sorted(p.name[: -len("_ims.npy")] for p in root.glob("*_ims.npy"))
     if not prefixes:
         raise DataError(f"precomp:{root}: no {{split}}_ims.npy files found")
+    named: dict[str, str] = {}
+    for prefix in prefixes:  # dev_* and val_* are both the validation split: merged, it would hold both
+        other = named.setdefault(_split(prefix), prefix)
+        if other != prefix:
+            raise DataError(f"precomp:{root}: {other}_ims.npy and {prefix}_ims.npy are both split {_split(prefix)!r}; "
+                            "keep one (or rename the other to a split of its own)")
     image_parts, caption_parts, files = [], [], []
     next_image, next_caption = 0, 0
     widths: dict[str, tuple[int, Path]] = {}
@@ -236,9 +289,32 @@ def _karpathy_entry(entry: Any, index: int, json_path: Path) -> tuple[int, str, 
     if not isinstance(folder, str):
         raise DataError(f"{where}.filepath = {folder!r}: expected a string")
     filename = str(Path(folder) / _karpathy_str(entry, "filename", where))
-    image_id = entry.get("imgid")
-    image_id = index if image_id is None else _karpathy_int(image_id, f"{where}.imgid")
+    image_id = entry.get("imgid")  # absent or null: numbered in file order (all or none, read_karpathy)
+    image_id = None if image_id is None else _karpathy_int(image_id, f"{where}.imgid")
     return image_id, _karpathy_str(entry, "split", where), filename, caps
+
+
+class _Ids:
+    """The ids a Karpathy file gives in one field (imgid, sentid): each once, and all or none of its
+    entries with one, else a numbered entry's id could collide with a given one."""
+
+    def __init__(self, json_path: Path, field: str) -> None:
+        self.json_path, self.field, self.first = json_path, field, {}
+        self.given: Optional[str] = None  # where the first given id was
+        self.absent: Optional[str] = None  # where the first missing one was
+
+    def add(self, value: Optional[int], where: str) -> None:
+        if value is None:
+            self.absent = self.absent or where
+        else:
+            self.given = self.given or where
+            other = self.first.setdefault(value, where)
+            if other != where:
+                raise DataError(f"{self.json_path}: {where}.{self.field} = {value} is also {other}'s: "
+                                f"each {self.field} must be unique")
+        if self.given and self.absent:
+            raise DataError(f"{self.json_path}: {self.absent} has no {self.field!r} while {self.given} has one: "
+                            f"give every entry its {self.field}, or none (then they are numbered in file order)")
 
 
 def read_karpathy(source: Source, **_: Any) -> Corpus:
@@ -258,8 +334,13 @@ def read_karpathy(source: Source, **_: Any) -> Corpus:
     images: dict[str, list] = {"image_id": [], "split": [], "path": []}
     captions: dict[str, list] = {"caption_id": [], "image_id": [], "split": [], "text": []}
     missing, seen = [], {}
+    imgids, sentids = _Ids(json_path, "imgid"), _Ids(json_path, "sentid")
     for index, entry in enumerate(entries):
         image_id, split, filename, caps = _karpathy_entry(entry, index, json_path)
+        imgids.add(image_id, f"images[{index}]")
+        for j, (sentid, _) in enumerate(caps):
+            sentids.add(None if sentid < 0 else sentid, f"images[{index}].sentences[{j}]")
+        image_id = index if image_id is None else image_id
         split = _split(split, restval)
         path = image_root / filename
         if not path.is_file():
@@ -300,31 +381,67 @@ def _check_unique(table: pa.Table, column: str, where: Path | str) -> None:
 # ---------------------------------------------------------------------------- parquet / hf
 
 
-def _table_from_parquet(path: Path) -> tuple[pa.Table, list[Path]]:
+def _parquet_files(path: Path) -> list[Path]:
     if path.is_dir():
         files = sorted(path.rglob("*.parquet"))
         if not files:
             raise DataError(f"parquet:{path}: folder holds no .parquet files")
-        tables = []
-        for file in files:
-            table = _read_parquet_file(file)
-            stem_split = _split(file.stem.split("-")[0].split("_")[0])
-            if "split" not in table.column_names and stem_split in ("train", "val", "test"):
-                table = table.append_column("split", pa.array([stem_split] * len(table)))
-            tables.append(table)
-        return _concat(tables, path), files
+        return files
     if not path.is_file():
         raise DataError(f"parquet:{path}: file does not exist")
-    return _read_parquet_file(path), [path]
+    return [path]
 
 
-def _read_parquet_file(path: Path) -> pa.Table:
+def _name_splits(files: list[Path], path: Path) -> dict[Path, str]:
+    """Each file's split by its name's leading word (`train-00000-of-00002`, `val2014`, `validation_0`)
+    in a folder whose file names say splits; {} where none does (shards of one split: ?split=,
+    default train)."""
+    named = {file: _split(re.match(r"[A-Za-z]*", file.stem).group(0)) for file in files}
+    return named if path.is_dir() and any(split in KNOWN_SPLITS for split in named.values()) else {}
+
+
+def _file_split(file: Path, named: dict[Path, str], folder: Path) -> str:
+    """The split of a table without a split column in a folder whose file names say splits. A file
+    named otherwise would join the default split unseen: refused, naming it."""
+    if named[file] not in KNOWN_SPLITS:
+        raise DataError(f"parquet:{folder}: {file.relative_to(folder)} has no split column and its name does not start "
+                        "with a split (train, val/validation/dev, test), beside files whose names do: add a split "
+                        "column or rename it")
+    return named[file]
+
+
+def _table_from_parquet(path: Path, split_col: str) -> pa.Table:
+    files = _parquet_files(path)
+    named = _name_splits(files, path)
+    tables = []
+    for file in files:
+        table = _read_parquet_file(file)
+        if split_col not in table.column_names and named:
+            table = table.append_column(split_col, pa.array([_file_split(file, named, path)] * len(table)))
+        tables.append(table)
+    return _concat(tables, path) if len(tables) > 1 else tables[0]
+
+
+def _parquet_failure(path: Path, exc: Exception) -> DataError:
+    return DataError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0] if str(exc) else exc!r})")
+
+
+def _parquet_schema(path: Path) -> pa.Schema:
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file (0 bytes), not Parquet")
     try:
-        return pq.read_table(path)
+        return pq.read_schema(path)
     except (pa.ArrowException, OSError) as exc:
-        raise DataError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from exc
+        raise _parquet_failure(path, exc) from exc
+
+
+def _read_parquet_file(path: Path, columns: Optional[list[str]] = None) -> pa.Table:
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file (0 bytes), not Parquet")
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as exc:
+        raise _parquet_failure(path, exc) from exc
 
 
 def _image_file(value: Any, base: Path) -> Optional[Path]:
@@ -354,21 +471,14 @@ def _image_bytes(value: Any, where: str, row: int, base: Path) -> bytes:
 def corpus_from_table(table: pa.Table, options: dict[str, str], name: str, files: list[Path], base: Path) -> Corpus:
     """Image/caption table (one row per image with a list of captions, or one row per caption);
     `base`: the folder its relative image paths start from."""
-    image_col = options.get("image", "image")
-    text_col = options.get("text", _first_present(table, ("caption", "captions", "text", "sentences")))
-    id_col = options.get("id")
-    for role, column in (("image", image_col), ("text", text_col), ("id", id_col)):
-        if column is not None and column not in table.column_names:
-            raise DataError(
-                f"{name}: no {role} column {column!r}; columns are {table.column_names} "
-                f"(choose with ?{role}=COLUMN)"
-            )
+    image_col, text_col, id_col = table_columns(table.column_names, options, name)
     split_col = options.get("split_column", "split")
     splits = table.column(split_col).to_pylist() if split_col in table.column_names else [options.get("split", "train")] * len(table)
     raw_ids = table.column(id_col).to_pylist() if id_col else None
     images: dict[str, list] = {"image_id": [], "split": [], "image": []}
     captions: dict[str, list] = {"caption_id": [], "image_id": [], "split": [], "text": []}
     seen: dict[Any, int] = {}
+    first_row: list[int] = []  # per image: the row it was first read from
     texts = table.column(text_col).to_pylist()
     for row, value in enumerate(table.column(image_col).to_pylist()):
         data = _image_bytes(value, name, row, base)
@@ -382,10 +492,16 @@ def corpus_from_table(table: pa.Table, options: dict[str, str], name: str, files
         key = (split, raw_ids[row] if raw_ids is not None else data)
         if key not in seen:
             seen[key] = len(seen)
+            first_row.append(row)
             images["image_id"].append(seen[key])
             images["split"].append(split)
             images["image"].append(data)
+        elif raw_ids is not None and images["image"][seen[key]] != data:  # one id, two pictures: one would be lost
+            raise DataError(f"{name}: row {row}: field {id_col!r} = {raw_ids[row]!r} names another picture than row "
+                            f"{first_row[seen[key]]} with the same id (split {split!r}): ids must name one image each")
         caps = texts[row] if isinstance(texts[row], list) else [texts[row]]
+        if not caps:  # an image without captions has no positive to retrieve
+            raise DataError(f"{name}: row {row}: field {text_col!r} is an empty list: every image needs a caption")
         for text in caps:
             if isinstance(text, dict):  # e.g. [{"raw": ...}]
                 text = text.get("raw")
@@ -401,17 +517,55 @@ def corpus_from_table(table: pa.Table, options: dict[str, str], name: str, files
     return Corpus(image_table, pa.table(captions), name, files)
 
 
-def _first_present(table: pa.Table, names: tuple[str, ...]) -> str:
-    return next((n for n in names if n in table.column_names), names[0])
+def table_columns(names: list[str], options: dict[str, str], name: str) -> tuple[str, str, Optional[str]]:
+    """The (image, text, id) columns a table source reads, each checked to exist among `names`."""
+    image_col = options.get("image", "image")
+    text_col = options.get("text", next((n for n in ("caption", "captions", "text", "sentences") if n in names), "caption"))
+    id_col = options.get("id")
+    for role, column in (("image", image_col), ("text", text_col), ("id", id_col)):
+        if column is not None and column not in names:
+            raise DataError(f"{name}: no {role} column {column!r}; columns are {names} (choose with ?{role}=COLUMN)")
+    return image_col, text_col, id_col
 
 
-def read_parquet(source: Source, **_: Any) -> Corpus:
-    path = Path(source.location)
-    table, files = _table_from_parquet(path)
-    return corpus_from_table(table, source.options, str(source), files, path if path.is_dir() else path.parent)
+def read_parquet(source: Source, **_: Any) -> LazyCorpus:
+    """A Parquet file or folder; its splits and image files read from their columns alone, the
+    table itself once the feature cache needs it (LazyCorpus)."""
+    path, options, name = Path(source.location), source.options, str(source)
+    files = _parquet_files(path)
+    base = path if path.is_dir() else path.parent
+    split_col, image_col = options.get("split_column", "split"), options.get("image", "image")
+    named = _name_splits(files, path)
+    splits: set[str] = set()
+    image_files: list = []
+    schemas = [_parquet_schema(file) for file in files]
+    table_columns(list(dict.fromkeys(n for schema in schemas for n in schema.names)), options, name)
+    for file, schema in zip(files, schemas):
+        if split_col in schema.names:
+            values = pc.unique(_read_parquet_file(file, [split_col]).column(0)).to_pylist()
+            splits |= {_split(v) for v in values if isinstance(v, str) and v.strip()}  # others: refused on reading
+        else:
+            splits.add(_file_split(file, named, path) if named else _split(options.get("split", "train")))
+        if _holds_paths(schema, image_col):
+            image_files += _named_files(_read_parquet_file(file, [image_col]).column(0), base)
+
+    def load() -> Corpus:
+        return corpus_from_table(_table_from_parquet(path, split_col), options, name, files, base)
+
+    return LazyCorpus(name, files, sorted(splits), load, image_files)
 
 
-def read_hf(source: Source, **_: Any) -> Corpus:
+def _holds_paths(schema: pa.Schema, column: str) -> bool:
+    field = schema.field(column) if column in schema.names else None
+    return field is not None and (pa.types.is_string(field.type) or pa.types.is_large_string(field.type))
+
+
+def _named_files(column: pa.ChunkedArray, base: Path) -> list[Optional[str]]:
+    """The image files an image column of paths names (None where none is found: refused on reading)."""
+    return [str(f) if (f := _image_file(v, base)) else None for v in column.to_pylist()]
+
+
+def read_hf(source: Source, **_: Any) -> Corpus | LazyCorpus:
     path = Path(source.location)
     if path.suffix == ".parquet" or (path.is_dir() and any(path.glob("*.parquet"))):
         return read_parquet(source)
@@ -425,14 +579,20 @@ def read_hf(source: Source, **_: Any) -> Corpus:
         raise DataError(f"hf:{path}: not a datasets.save_to_disk folder nor Parquet "
                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
     parts = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(source.options.get("split", "train"), loaded)]
+    split_col, image_col = source.options.get("split_column", "split"), source.options.get("image", "image")
     tables = []
     for split, ds in parts:
-        table = ds.data.table
-        if "split" not in table.column_names:
-            table = table.append_column("split", pa.array([_split(split)] * len(table)))
+        table = ds.data.table  # memory-mapped Arrow: columns are read without decoding the rest
+        if split_col not in table.column_names:
+            table = table.append_column(split_col, pa.array([_split(split)] * len(table)))
         tables.append(table)
+    table = _concat(tables, path)
+    table_columns(table.column_names, source.options, str(source))
     files = sorted(p for p in path.rglob("*") if p.is_file())
-    return corpus_from_table(_concat(tables, path), source.options, str(source), files, path)
+    splits = {_split(v) for v in pc.unique(table.column(split_col)).to_pylist() if isinstance(v, str) and v.strip()}
+    image_files = _named_files(table.column(image_col), path) if _holds_paths(table.schema, image_col) else []
+    return LazyCorpus(str(source), files, sorted(splits),
+                      lambda: corpus_from_table(table, source.options, str(source), files, path), image_files)
 
 
 def read_synthetic(source: Source, **_: Any) -> Corpus:
@@ -443,7 +603,7 @@ def read_synthetic(source: Source, **_: Any) -> Corpus:
     return read_karpathy(Source("karpathy", str(json_path)))
 
 
-READERS: dict[str, Callable[..., Corpus]] = {
+READERS: dict[str, Callable[..., Corpus | LazyCorpus]] = {
     "precomp": read_precomp,
     "karpathy": read_karpathy,
     "parquet": read_parquet,
@@ -462,7 +622,7 @@ OPTIONS: dict[str, dict[str, type]] = {  # what each reader reads (bad_images: i
 }
 
 
-def read_source(text: str, *, caption_features: str | None = None) -> Corpus:
+def read_source(text: str, *, caption_features: str | None = None) -> Corpus | LazyCorpus:
     """Parse the source string and read it; `caption_features` names precomp's caption file."""
     source = parse_source(text)
     if source.scheme not in READERS:  # region-phrase data: itmatch.data.phrase_store reads it

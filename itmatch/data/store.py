@@ -152,17 +152,24 @@ def _cache_key(corpus: Corpus, image_encoder: str, text_encoder: str) -> str:
     for path in corpus.files:
         stat = path.stat()
         h.update(f"|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-    images = getattr(corpus, "images", None)
-    if isinstance(images, pa.Table) and "path" in images.column_names:
-        # image files the source names (Karpathy, Parquet paths): one repaired or replaced in place
-        # must be featurised again, not served its old features (nor left out as it was under bad_images=skip)
-        for name in images.column("path").to_pylist():
-            try:
-                stat = os.stat(name)
-                h.update(f"|{stat.st_size}|{stat.st_mtime_ns}".encode())
-            except (OSError, TypeError, ValueError):
-                h.update(b"|-")
+    # image files the source names (Karpathy, Parquet paths): one repaired or replaced in place
+    # must be featurised again, not served its old features (nor left out as it was under bad_images=skip)
+    for name in _image_files(corpus):
+        try:
+            stat = os.stat(name)
+            h.update(f"|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        except (OSError, TypeError, ValueError):
+            h.update(b"|-")
     return h.hexdigest()[:16]
+
+
+def _image_files(corpus) -> list:
+    """The image files a corpus names: its own list (a lazily read Parquet source knows them before
+    it is read), else its images' `path` column (region-phrase corpora)."""
+    if hasattr(corpus, "image_files"):
+        return corpus.image_files()
+    images = getattr(corpus, "images", None)
+    return images.column("path").to_pylist() if isinstance(images, pa.Table) and "path" in images.column_names else []
 
 
 def _atomic_write_table(table: pa.Table, path: Path) -> None:
@@ -376,8 +383,6 @@ def check_encoder_names(corpus: Corpus, image_encoder: str, text_encoder: str) -
         if not known or image_encoder in ARCH_PREFIXES:
             raise DataError(f"data.image_encoder = {image_encoder!r}: unknown image encoder; "
                             f"choices: {', '.join(image_encoder_choices())}")
-    caps = corpus.captions
-    needs_text = "feature" not in caps.column_names or caps.column("feature").null_count > 0
-    if needs_text and text_encoder not in TEXT_ENCODERS:
+    if not corpus.has_caption_features() and text_encoder not in TEXT_ENCODERS:
         raise DataError(f"data.text_encoder = {text_encoder!r}: unknown text encoder and {corpus.name} has no "
                         f"precomputed caption features of that name; choices: {', '.join(sorted(TEXT_ENCODERS))}")

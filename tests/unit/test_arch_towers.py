@@ -79,6 +79,9 @@ def test_data_image_encoder_names_are_checked_before_encoding():
         def payload(self) -> str:
             return "image"
 
+        def has_caption_features(self) -> bool:
+            return False
+
     for name in ("timm:resnet18", "torchvision:resnet50", "pixels"):
         check_encoder_names(Pixels(), name, "hashing")
     for name in ("timm", "timm:", "timmy:resnet18"):
