@@ -51,9 +51,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base`: merged below by SafeLoader, where the keys given here win
             key = self.construct_object(key_node, deep=deep)
-            if key == "<<" or not isinstance(key, (str, int, float, bool, type(None))):
-                continue  # merge keys, and keys YAML itself refuses below
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                continue  # keys YAML itself refuses below
             if key in seen:
                 raise yaml.constructor.ConstructorError("while reading a mapping", node.start_mark,
                                                         f"found the key {key!r} twice", key_node.start_mark)

@@ -168,12 +168,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             if args.print_config:
                 print(json.dumps(cfg.model_dump(), indent=2))
                 return 0
-            # Held to the end: a second driver of the same run (a double submit, a retry by hand)
-            # would interleave checkpoints and MLflow logging with this one.
-            held.enter_context(exclusive(run_dir(cfg), f"run {cfg.run.name!r}"))
             cfg, store = prepare(cfg)
+            # Held to the end: a second driver of the same run (a double submit, a retry by hand)
+            # would interleave checkpoints and MLflow logging with this one. Taken once the checks
+            # pass, so that refused input leaves nothing behind.
+            held.enter_context(exclusive(run_dir(cfg), f"run {cfg.run.name!r}"))
         except (ConfigError, DataError, Busy) as exc:
             print(f"error: {exc}", file=sys.stderr)
+            if isinstance(exc, Busy):
+                stop_ray()  # the preflight may have started it to check the cluster
             return 2
         warn_relative_paths(cfg)
         summary = finished_summary(cfg, store)
@@ -188,6 +191,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             summary = run_job_in_task(cfg, store) if in_process.can_run(cfg) else run_job(cfg, store)
     print(json.dumps(summary, indent=2, default=str))
     return 0
+
+
+def stop_ray() -> None:
+    if "ray" in sys.modules:
+        import ray
+
+        ray.shutdown()
 
 
 def prepare(cfg: Config) -> tuple[Config, FeatureStore]:

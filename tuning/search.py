@@ -457,13 +457,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             if args.print_config:
                 print(json.dumps({"config": cfg.model_dump(), "space": space}, indent=2, default=str))
                 return 0
+            store = prepare_store(cfg)
+            preflight.check_batch(hardest_trial(cfg, space), store)
+            preflight.check_tracking(cfg)
             search_dir = Path(cfg.run.storage_path) / cfg.search.name
             held.enter_context(exclusive(search_dir, f"search {cfg.search.name!r}"))  # one driver per search
             if _restorable(search_dir):
                 restore.check(cfg, space, search_dir)
-            store = prepare_store(cfg)
-            preflight.check_batch(hardest_trial(cfg, space), store)
-            preflight.check_tracking(cfg)
         except (ConfigError, DataError, Busy) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -106,6 +106,11 @@ def _as_rgb(image: Any) -> "Image.Image":
     return image if image.mode == "RGB" else to_rgb(image)
 
 
+# Beyond this long-to-short side ratio (of the resized image to its crop), only the crop's region is
+# resampled; below it, the whole image, exactly as torchvision does.
+EXTREME_ASPECT = 4
+
+
 def resize_center_crop(image: "Image.Image", resize: int, crop: int, resample: str = "bilinear") -> np.ndarray:
     """torchvision's Resize(resize) + CenterCrop(crop) on a PIL image, as HxWx3 uint8.
 
@@ -117,10 +122,18 @@ def resize_center_crop(image: "Image.Image", resize: int, crop: int, resample: s
     image = _as_rgb(image)
     w, h = image.size
     short, long = (w, h) if w <= h else (h, w)
+    filter_ = Image.Resampling[resample.upper().split("-")[0]]
     if short != resize:
         new_long = int(resize * long / short)
         size = (resize, new_long) if w <= h else (new_long, resize)
-        image = image.resize(size, Image.Resampling[resample.upper().split("-")[0]])
+        if new_long > EXTREME_ASPECT * max(resize, crop) and resize >= crop:
+            # A 1 x 20000 strip would be 256 x 5,120,000 pixels once resized (3.9 GB): resample only
+            # the source region the centre crop comes from, at the same scale (equal up to rounding).
+            sx, sy = w / size[0], h / size[1]
+            left, top = (size[0] - crop) // 2, (size[1] - crop) // 2
+            box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
+            return np.asarray(image.resize((crop, crop), filter_, box=box), dtype=np.uint8)
+        image = image.resize(size, filter_)
         w, h = image.size
     if w < crop or h < crop:  # only when resize < crop
         raise EncoderError(f"resize={resize} is smaller than the crop {crop}")

@@ -231,6 +231,20 @@ def test_a_key_given_twice_is_refused_naming_file_line_and_key(tmp_path):
         load_config(equal_elsewhere)
 
 
+def test_yaml_merge_keys_merge_with_the_keys_given_beside_them_winning(tmp_path):
+    """`<<: *anchor` was refused ("could not determine a constructor for the tag ...merge")."""
+    from itmatch.config import read_yaml
+
+    table = tmp_path / "rows.yaml"
+    table.write_text("a: &base\n  loss.margin: 0.1\n  loss.top_k: 5\nb:\n  <<: *base\n  loss.margin: 0.2\n")
+    assert read_yaml(table) == {"a": {"loss.margin": 0.1, "loss.top_k": 5}, "b": {"loss.margin": 0.2, "loss.top_k": 5}}
+    preset = _preset(tmp_path, "train: &t\n  epochs: 3\nloss:\n  margin: 0.3\n  <<: {top_k: 7}\n")
+    assert (load_config(preset).train.epochs, load_config(preset).loss.top_k) == (3, 7)
+    twice = _preset(tmp_path, "loss:\n  <<: {top_k: 7}\n  margin: 0.3\n  margin: 0.4\n")
+    with pytest.raises(ConfigError, match="found the key 'margin' twice"):  # given twice beside the merge: refused
+        load_config(twice)
+
+
 def test_preset_encoding_byte_order_mark_and_bad_bytes(tmp_path):
     bom = tmp_path / "bom.yaml"
     bom.write_bytes(b"\xef\xbb\xbftrain:\n  epochs: 7\n")

@@ -44,11 +44,19 @@ def other_process_holds(tmp_path):
 
 def test_a_second_driver_of_a_run_is_refused_naming_the_holder(tmp_path, other_process_holds, capsys):
     code = train.main(["--config", str(ROOT / "configs" / "debug.yaml"), f"run.storage_path={tmp_path / 'runs'}",
-                       "run.name=twice", f"data.cache_dir={tmp_path / 'cache'}"])
+                       "run.name=twice", f"data.cache_dir={tmp_path / 'cache'}",
+                       f"data.source=synthetic:{tmp_path / 'shapes'}?n_images=40"])
     err = capsys.readouterr().err
     assert code == 2 and "running already" in err and f"pid {other_process_holds.pid}" in err, err
     assert not (tmp_path / "runs" / "twice").exists()  # taking the lock creates nothing inside the run folder
-    assert not (tmp_path / "cache").exists()  # refused before any work
+
+
+def test_refused_input_leaves_no_lock_file_behind(tmp_path, capsys):
+    code = train.main(["--config", str(ROOT / "configs" / "debug.yaml"), f"run.storage_path={tmp_path / 'runs'}",
+                       f"data.cache_dir={tmp_path / 'cache'}", f"data.source=synthetic:{tmp_path / 'shapes'}?n_images=40",
+                       "data.batch_size=5000"])
+    assert code == 2 and "data.batch_size=5000" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_the_lock_is_free_again_once_its_holder_is_gone(tmp_path, other_process_holds):
@@ -142,7 +150,8 @@ def test_the_search_command_refuses_a_changed_restore_before_ray(tmp_path, capsy
     space = tmp_path / "space.yaml"
     space.write_text("loss.margin: {uniform: [0.05, 0.3]}\n")
     args = ["--config", str(ROOT / "configs" / "debug.yaml"), "--space", str(space), "--name", "s",
-            f"run.storage_path={tmp_path / 'runs'}"]
+            f"run.storage_path={tmp_path / 'runs'}", f"data.cache_dir={tmp_path / 'cache'}",
+            f"data.source=synthetic:{tmp_path / 'shapes'}?n_images=40", "data.batch_size=20"]
     cfg, checked = search.resolve(search.build_parser().parse_args(args))
     restore.save(cfg, checked, tmp_path / "runs" / "s")
     monkeypatch.setattr(search, "_restorable", lambda folder: True)  # as if its Tune experiment were there

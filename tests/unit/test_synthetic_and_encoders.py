@@ -226,6 +226,32 @@ def test_resize_center_crop_matches_torchvision_semantics():
     np.testing.assert_array_equal(resize_center_crop(same, 256, 224), np.zeros((224, 224, 3), np.uint8))
 
 
+@pytest.mark.parametrize("size", [(9, 700), (700, 9), (1, 20000)])
+def test_an_extreme_strip_is_cropped_before_it_is_resized(size, monkeypatch):
+    """A 1 x 20000 image was first resized to 256 x 5,120,000 (3.9 GB, 5.6 GB peak) only to keep its
+    centre 224 x 224: now only that region is resampled, with the same result up to rounding."""
+    rng = np.random.default_rng(0)
+    w, h = size
+    img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    sizes = []
+    real = Image.Image.resize
+
+    def recording(self, out, *args, **kwargs):
+        sizes.append(tuple(out))
+        return real(self, out, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recording)
+    out = resize_center_crop(img, 256, 224)
+    assert out.shape == (224, 224, 3) and sizes == [(224, 224)]
+    if max(size) <= 700:  # the whole resize is affordable here: compare with it
+        short, long = min(w, h), max(w, h)
+        full = real(img, (256, int(256 * long / short)) if w <= h else (int(256 * long / short), 256),
+                    Image.Resampling.BILINEAR)
+        left, top = (full.width - 224) // 2, (full.height - 224) // 2
+        want = np.asarray(full.crop((left, top, left + 224, top + 224)), dtype=np.int16)
+        assert np.abs(out.astype(np.int16) - want).max() <= 1
+
+
 def test_torchvision_without_torchvision_or_weights(tmp_path):
     try:
         import torchvision  # noqa: F401
