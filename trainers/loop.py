@@ -20,7 +20,7 @@ import torch
 from itmatch.config import Config, validate
 from itmatch.accumulate import embed_rows
 from itmatch.data.batch import Batch, TowerCache, caption_items, make_batch
-from itmatch.data.batching import NeighborhoodBatchSampler
+from itmatch.data.batching import NeighborhoodBatchSampler, shards_per_rank
 from itmatch.data.raw import RawStore, open_store
 from itmatch.data.store import FeatureStore
 from itmatch.eval.evaluate import evaluate_split
@@ -63,7 +63,7 @@ class Trainer:
         self.sampler = NeighborhoodBatchSampler(
             self.train_split.caption_image, cfg.data.batch_size, rank=ctx.rank, world_size=ctx.world_size,
             seed=cfg.train.seed, neighborhood=cfg.data.neighborhood_sampling, drop_last=cfg.data.drop_last,
-            shard_by=self.train_split.caption_shard)
+            shard_by=self.train_split.caption_shard, shards_per_rank=shards_per_rank(cfg.data.task))
         self.steps_per_epoch = len(self.sampler)
         if self.steps_per_epoch == 0:
             raise ValueError(f"data.batch_size={cfg.data.batch_size} leaves no full batch in "

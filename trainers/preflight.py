@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from itmatch.config import Config, ConfigError, validate
-from itmatch.data.batching import NeighborhoodBatchSampler
+from itmatch.data.batching import NeighborhoodBatchSampler, shards_per_rank
 from itmatch.data.sources import DataError
 from itmatch.data.store import FeatureStore, stored_splits
 from itmatch.state import CONFIG_FILE
@@ -164,7 +164,8 @@ def check_batch(cfg: Config, store: FeatureStore) -> None:
                         f"{where}: lower data.batch_size")
     try:
         sampler = NeighborhoodBatchSampler(groups, d.batch_size, rank=0, world_size=workers, seed=cfg.train.seed,
-                                           neighborhood=d.neighborhood_sampling, drop_last=d.drop_last, shard_by=shards)
+                                           neighborhood=d.neighborhood_sampling, drop_last=d.drop_last, shard_by=shards,
+                                           shards_per_rank=shards_per_rank(d.task))
     except ValueError as exc:  # fewer images than workers
         raise DataError(f"{where}: {exc} (scaling.num_workers={workers})") from exc
     if len(sampler) == 0:

@@ -26,6 +26,12 @@ import numpy as np
 SHARDS_PER_RANK = 2
 
 
+def shards_per_rank(task: str) -> int:
+    """SHARDS_PER_RANK for image-caption data; one picture for region-phrase data, whose picture
+    already brings many rows (its proposals) and whose batches must stay as small as they were."""
+    return 1 if task == "phrases" else SHARDS_PER_RANK
+
+
 def _units(caption_image: np.ndarray, rng: np.random.Generator, neighborhood: bool) -> list[np.ndarray]:
     order = np.argsort(caption_image, kind="stable")
     bounds = np.flatnonzero(np.diff(caption_image[order])) + 1
@@ -79,15 +85,16 @@ def _pack(
     return batches
 
 
-def _shard(batch: np.ndarray, shard_key: np.ndarray, rank: int, world_size: int) -> np.ndarray:
-    """Split by shard key (the image), largest groups first: the first SHARDS_PER_RANK rounds dealt
+def _shard(batch: np.ndarray, shard_key: np.ndarray, rank: int, world_size: int,
+           per_rank: int = SHARDS_PER_RANK) -> np.ndarray:
+    """Split by shard key (the image), largest groups first: the first `per_rank` rounds dealt
     out in snake order (0..W-1, W-1..0), so that every rank gets that many images, the rest each to
     the rank with the fewest captions. Greedy alone can leave a rank one image ([3,1,1,1] over two
     ranks: 3 | 1,1,1), and BatchNorm cannot train on one row."""
     images, inverse, counts = np.unique(shard_key[batch], return_inverse=True, return_counts=True)
     load = np.zeros(world_size, dtype=np.int64)
     owner = np.empty(len(images), dtype=np.int64)
-    snake = [r for turn in range(SHARDS_PER_RANK)
+    snake = [r for turn in range(per_rank)
              for r in (range(world_size) if turn % 2 == 0 else reversed(range(world_size)))]
     for i, g in enumerate(np.lexsort((images, -counts))):
         r = snake[i] if i < len(snake) else int(np.argmin(load))
@@ -116,8 +123,10 @@ class NeighborhoodBatchSampler:
         neighborhood: bool = True,
         drop_last: bool = True,
         shard_by: Optional[np.ndarray] = None,
+        shards_per_rank: int = SHARDS_PER_RANK,
     ) -> None:
-        """`shard_by`: per caption, what must stay on one worker (default: its image, `caption_image`)."""
+        """`shard_by`: per caption, what must stay on one worker (default: its image, `caption_image`);
+        `shards_per_rank`: how many of those every rank gets in every batch (at least)."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.caption_image = np.asarray(caption_image, dtype=np.int64)
@@ -126,17 +135,18 @@ class NeighborhoodBatchSampler:
             raise ValueError(f"shard_by has shape {self.shard_key.shape}, caption_image {self.caption_image.shape}")
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.neighborhood, self.drop_last = seed, neighborhood, drop_last
+        self.per_rank = shards_per_rank
         self.state = SamplerState()
         n_images = len(np.unique(self.shard_key))
-        if n_images < SHARDS_PER_RANK * world_size:
+        if n_images < shards_per_rank * world_size:
             raise ValueError(f"{n_images} images cannot be split over {world_size} workers "
-                             f"(at least {SHARDS_PER_RANK} each)")
+                             f"(at least {shards_per_rank} each)")
 
     def global_batches(self, epoch: int) -> list[np.ndarray]:
         rng = np.random.default_rng([self.seed, epoch])
         units = _units(self.caption_image, rng, self.neighborhood)
         order = rng.permutation(len(units))
-        least = SHARDS_PER_RANK * self.world_size
+        least = self.per_rank * self.world_size
         batches = _pack([units[i] for i in order], self.caption_image, self.batch_size, self.drop_last, least,
                         self.shard_key)
         # Too few images would leave a rank idle (DDP needs every rank to step) or one image alone.
@@ -154,7 +164,7 @@ class NeighborhoodBatchSampler:
         while self.state.offset < len(batches):
             batch = batches[self.state.offset]
             self.state.offset += 1
-            yield _shard(batch, self.shard_key, self.rank, self.world_size)
+            yield _shard(batch, self.shard_key, self.rank, self.world_size, self.per_rank)
 
     def state_dict(self) -> dict:
         return {"epoch": self.state.epoch, "offset": self.state.offset, "seed": self.seed}

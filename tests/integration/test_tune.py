@@ -376,12 +376,14 @@ def test_pbt_exploits_the_better_trials_checkpoint_with_its_own_params(tmp_path)
     checkpoint (a new generation of its run folder, `run.start_from`) and goes on from that epoch
     with a mutated learning rate, not from scratch and not with the donor's. The trials train in
     their own processes (search.trial_workers=1), two at once: every exploit restarts a trial, which
-    would otherwise start a Ray Train worker group each time."""
+    would otherwise start a Ray Train worker group each time. Six epochs on 240 images, so the two
+    trials overlap even when one starts seconds after the other (with four short epochs the bad one
+    once finished before the good one reported, and PBT had nobody to clone)."""
     space = tmp_path / "space.yaml"
     space.write_text(f"optim.lr: {{grid: [{GOOD_LR}, {BAD_LR}]}}\n")
     args = ["--config", "configs/debug.yaml", "--space", str(space), "--num-samples", "1", "--name", "sp",
-            "--scheduler", "pbt", "--max-concurrent", "2", "search.perturbation_interval=1", "train.epochs=4",
-            "search.trial_workers=1",
+            "--scheduler", "pbt", "--max-concurrent", "2", "search.perturbation_interval=1", "train.epochs=6",
+            "search.trial_workers=1", f"data.source=synthetic:{tmp_path / 'shapes'}?n_images=240",
             "search.seed=0", *_paths(tmp_path), "tracking.registered_model="]
     done = run_module("tuning.search", args, ROOT, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
@@ -404,6 +406,6 @@ def test_pbt_exploits_the_better_trials_checkpoint_with_its_own_params(tmp_path)
         # went on from the donor's epoch (until the end, or until PBT paused or cloned it again)
         assert epochs == [] or (epochs[0] > 1 and epochs == list(range(epochs[0], epochs[0] + len(epochs))))
     result = json.loads((tmp_path / "runs" / "sp" / "search.json").read_text())
-    assert len(result["trials"]) == 2 and all(t["summary"] and t["epochs"] == 4 for t in result["trials"]), \
+    assert len(result["trials"]) == 2 and all(t["summary"] and t["epochs"] == 6 for t in result["trials"]), \
         ([{k: t[k] for k in ("trial_id", "status", "epochs", "best_val", "error")} for t in result["trials"]],
          exploits, done.stderr[-4000:])

@@ -11,7 +11,7 @@ import torch
 
 from itmatch.config import ConfigError, load_config
 from itmatch.data.batch import make_batch
-from itmatch.data.batching import NeighborhoodBatchSampler
+from itmatch.data.batching import NeighborhoodBatchSampler, shards_per_rank
 from itmatch.data.encoders import build_image_encoder
 from itmatch.data.phrase_batch import phrase_batch, region_negatives
 from itmatch.data.phrase_store import PhraseSplit, PhraseStore, RawPhraseSplit, pixel_box
@@ -230,7 +230,8 @@ def _batch_rows(batch) -> set[tuple[int, int]]:
 def _sampled(split: PhraseSplit, world: int, seed: int = 0) -> list[list[np.ndarray]]:
     """Each global batch of epoch 0 as the ranks' shares."""
     samplers = [NeighborhoodBatchSampler(split.caption_image, 30, rank=r, world_size=world, seed=seed,
-                                         shard_by=split.caption_shard) for r in range(world)]
+                                         shard_by=split.caption_shard, shards_per_rank=shards_per_rank("phrases"))
+                for r in range(world)]
     return [list(shares) for shares in zip(*samplers)]
 
 
