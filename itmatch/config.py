@@ -852,4 +852,10 @@ def validate(tree: dict[str, Any], where: str = "config") -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    atomic_write_text(path, yaml.safe_dump(cfg.model_dump(), sort_keys=False))  # read back on resume
+    atomic_write_text(path, yaml.safe_dump(cfg.model_dump(), sort_keys=False))  # read back by read_saved_config
+
+
+def read_saved_config(path: str | Path) -> Config:
+    """A config save_config wrote (a run's, a checkpoint's, a search's). Raises OSError or
+    yaml.YAMLError if the file cannot be read, ConfigError naming it if it no longer validates."""
+    return validate(yaml.safe_load(Path(path).read_text()) or {}, where=str(path))

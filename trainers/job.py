@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import yaml
 
-from itmatch.config import Config, save_config, validate
+from itmatch.config import Config, read_saved_config, save_config, validate
 from itmatch.data.store import FeatureStore, stored_splits
 from itmatch.files import atomic_write_text
 
@@ -120,7 +120,7 @@ def finished_summary(cfg: Config, store: FeatureStore) -> Optional[dict[str, Any
     folder = run_dir(cfg)
     try:
         summary = json.loads((folder / SUMMARY_FILE).read_text())
-        saved = validate(yaml.safe_load((folder / CONFIG_FILE).read_text()) or {}, where=str(folder / CONFIG_FILE))
+        saved = read_saved_config(folder / CONFIG_FILE)
     except (OSError, ValueError, yaml.YAMLError):  # not finished, or not readable: run as usual
         return None
     found = {"run.name", "run.storage_path"}  # they found this folder, written either way

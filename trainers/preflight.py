@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from itmatch.config import Config, ConfigError, validate
+from itmatch.config import Config, ConfigError, read_saved_config
 from itmatch.data.batching import NeighborhoodBatchSampler, shards_per_rank
 from itmatch.data.sources import DataError
 from itmatch.data.store import FeatureStore, stored_splits
@@ -93,12 +93,17 @@ def warn_test_in_sample(cfg: Config) -> bool:
 # ---------------------------------------------------------------------------- resume
 
 
+def resumable(key: str) -> bool:
+    """Whether a key may change when a run resumes (train.epochs: only upwards, see changed_keys)."""
+    return key in RESUMABLE_KEYS or key.startswith(RESUMABLE_SECTIONS)
+
+
 def changed_keys(saved: Config, new: Config) -> list[tuple[str, Any, Any]]:
     """(key, saved value, new value) for every key that may not change on resume."""
     old, now = saved.flat(), new.flat()
     out = []
     for key, value in now.items():
-        if old.get(key) == value or key in RESUMABLE_KEYS or key.startswith(RESUMABLE_SECTIONS):
+        if old.get(key) == value or resumable(key):
             continue
         if key == "train.epochs" and value > old[key] and new.optim.scheduler != "cosine":
             continue  # training longer on a schedule that does not depend on the total length
@@ -113,7 +118,7 @@ def check_resume_config(cfg: Config) -> None:
     if not saved_path.is_file() or not any(p.is_dir() for p in folder.glob("checkpoint_*")):
         return  # nothing to resume: a fresh start may use any config
     try:
-        saved = validate(yaml.safe_load(saved_path.read_text()) or {}, where=str(saved_path))
+        saved = read_saved_config(saved_path)
     except (yaml.YAMLError, OSError) as exc:
         raise ConfigError(f"{saved_path}: cannot read the run's saved config ({exc})") from exc
     diffs = changed_keys(saved, cfg)
@@ -141,7 +146,7 @@ def check_start_from(cfg: Config) -> None:
         raise ConfigError(f"run.start_from = {folder!r}: not a checkpoint folder (no state.pt there)")
     path = Path(folder) / CONFIG_FILE
     try:
-        saved = validate(yaml.safe_load(path.read_text()) or {}, where=str(path)).flat()
+        saved = read_saved_config(path).flat()
     except (OSError, ValueError, yaml.YAMLError) as exc:
         raise ConfigError(f"run.start_from = {folder!r}: cannot read its {CONFIG_FILE} ({exc})") from exc
     now = cfg.flat()

@@ -81,11 +81,11 @@ def _run_of(client: MlflowClient, info: dict[str, Any], run_key: str):
 
 def _started_otherwise(found, cfg: Config) -> bool:
     """Whether an MLflow run's logged params differ from `cfg` in a key a resume may not change."""
-    from trainers.preflight import RESUMABLE_KEYS, RESUMABLE_SECTIONS
+    from trainers.preflight import resumable
 
     logged = found.data.params
     return any(key in logged and logged[key] != str(value)[:500] for key, value in cfg.flat().items()
-               if key not in RESUMABLE_KEYS and not key.startswith(RESUMABLE_SECTIONS) and key != "train.epochs")
+               if not resumable(key) and key != "train.epochs")
 
 
 def _log_inputs(client: MlflowClient, run_id: str, cfg: Config, store: FeatureStore) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from itmatch.config import Config, ConfigError, save_config, validate
+from itmatch.config import Config, ConfigError, read_saved_config, save_config
 from itmatch.files import atomic_write_text
 from trainers.preflight import changed_keys
 
@@ -40,7 +40,7 @@ def check(cfg: Config, space: dict[str, dict], search_dir: Path) -> None:
     if not config_path.is_file() or not space_path.is_file():
         return
     try:
-        saved = validate(yaml.safe_load(config_path.read_text()) or {}, where=str(config_path))
+        saved = read_saved_config(config_path)
         saved_space = json.loads(space_path.read_text())
     except (OSError, ValueError, yaml.YAMLError) as exc:
         raise ConfigError(f"{search_dir}: cannot read the search's saved settings ({exc})") from exc

@@ -422,26 +422,22 @@ def _table_from_parquet(path: Path, split_col: str) -> pa.Table:
     return _concat(tables, path) if len(tables) > 1 else tables[0]
 
 
-def _parquet_failure(path: Path, exc: Exception) -> DataError:
-    return DataError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0] if str(exc) else exc!r})")
+def _parquet(path: Path, read: Callable[[Path], Any]) -> Any:
+    """`read(path)` (its schema, some columns, the table), an empty or unreadable file a DataError."""
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file (0 bytes), not Parquet")
+    try:
+        return read(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0] if str(exc) else exc!r})") from exc
 
 
 def _parquet_schema(path: Path) -> pa.Schema:
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: empty file (0 bytes), not Parquet")
-    try:
-        return pq.read_schema(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise _parquet_failure(path, exc) from exc
+    return _parquet(path, pq.read_schema)
 
 
 def _read_parquet_file(path: Path, columns: Optional[list[str]] = None) -> pa.Table:
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: empty file (0 bytes), not Parquet")
-    try:
-        return pq.read_table(path, columns=columns)
-    except (pa.ArrowException, OSError) as exc:
-        raise _parquet_failure(path, exc) from exc
+    return _parquet(path, lambda file: pq.read_table(file, columns=columns))
 
 
 def _image_file(value: Any, base: Path) -> Optional[Path]:
@@ -542,8 +538,7 @@ def read_parquet(source: Source, **_: Any) -> LazyCorpus:
     table_columns(list(dict.fromkeys(n for schema in schemas for n in schema.names)), options, name)
     for file, schema in zip(files, schemas):
         if split_col in schema.names:
-            values = pc.unique(_read_parquet_file(file, [split_col]).column(0)).to_pylist()
-            splits |= {_split(v) for v in values if isinstance(v, str) and v.strip()}  # others: refused on reading
+            splits |= _split_names(_read_parquet_file(file, [split_col]).column(0))
         else:
             splits.add(_file_split(file, named, path) if named else _split(options.get("split", "train")))
         if _holds_paths(schema, image_col):
@@ -553,6 +548,11 @@ def read_parquet(source: Source, **_: Any) -> LazyCorpus:
         return corpus_from_table(_table_from_parquet(path, split_col), options, name, files, base)
 
     return LazyCorpus(name, files, sorted(splits), load, image_files)
+
+
+def _split_names(column: pa.ChunkedArray) -> set[str]:
+    """The splits a split column names (a value that is no name is refused when the rows are read)."""
+    return {_split(v) for v in pc.unique(column).to_pylist() if isinstance(v, str) and v.strip()}
 
 
 def _holds_paths(schema: pa.Schema, column: str) -> bool:
@@ -589,7 +589,7 @@ def read_hf(source: Source, **_: Any) -> Corpus | LazyCorpus:
     table = _concat(tables, path)
     table_columns(table.column_names, source.options, str(source))
     files = sorted(p for p in path.rglob("*") if p.is_file())
-    splits = {_split(v) for v in pc.unique(table.column(split_col)).to_pylist() if isinstance(v, str) and v.strip()}
+    splits = _split_names(table.column(split_col))
     image_files = _named_files(table.column(image_col), path) if _holds_paths(table.schema, image_col) else []
     return LazyCorpus(str(source), files, sorted(splits),
                       lambda: corpus_from_table(table, source.options, str(source), files, path), image_files)
