@@ -10,7 +10,9 @@ batches still counts once per epoch):
 
     .venv/bin/python bench/e2e_throughput.py [--images 120] [--epochs 3] [key=value ...]
 
-On a GPU machine pass scaling.use_gpu=true (the bare loop then runs on cuda:0).
+On a GPU machine pass scaling.use_gpu=true with scaling.num_workers at most its GPUs (the bare loop
+then runs on cuda:0, in bf16 autocast as the job does with scaling.precision=bf16; its timings
+synchronise the GPU first).
 """
 
 from __future__ import annotations
@@ -58,18 +60,28 @@ def bare_loop(cfg, store, epochs: int) -> float:
     objective, split = build_objective(cfg.loss), store.split("train")
     sampler = NeighborhoodBatchSampler(split.caption_image, cfg.data.batch_size, seed=0)
     prep = (model.image_tower.prepare, model.text_tower.prepare)
+    bf16 = cfg.scaling.precision == "bf16"  # the job's strategy autocasts the forward (trainers/strategies.py)
     start = None
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
         if epoch == 1:  # the first epoch warms up (allocator, first-call costs): not timed
-            start = time.perf_counter()
+            start = _now(device)
         for step, captions in enumerate(sampler):
             batch = make_batch(split, captions, *prep, train=True, rng=np.random.default_rng([0, epoch, 0, step]))
-            out = objective(model(batch.to(device)), batch.to(device))
+            batch = batch.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = objective(model(batch), batch)
             out["loss"].backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    return len(split.image_ids) * (epochs - 1) / (time.perf_counter() - start)
+    return len(split.image_ids) * (epochs - 1) / (_now(device) - start)
+
+
+def _now(device: torch.device) -> float:
+    """The time once the GPU's queued work is done (CUDA kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def training_job(tmp: Path, source: str, epochs: int, extra: list[str]) -> float:
@@ -115,6 +127,16 @@ def ray_pipeline(cfg, store, epochs: int) -> float:
     return len(split.image_ids) * epochs / elapsed
 
 
+def _layout(cfg) -> str:
+    from trainers.in_process import can_run, in_driver
+
+    if in_driver(cfg):
+        return "1 worker in its driver, no Ray"
+    if can_run(cfg):
+        return "1 worker in a Ray task"
+    return f"Ray Train, {cfg.scaling.num_workers} {dict(ddp='DDP', deepspeed='DeepSpeed')[cfg.scaling.strategy]} workers"
+
+
 def main() -> None:
     from itmatch.config import load_config
     from itmatch.data.raw import prepare_raw
@@ -130,7 +152,7 @@ def main() -> None:
         cfg = load_config(None, [f"data.source={source}", *CONFIG, *args.overrides])
         store = prepare_raw(source, cache_dir=tmp / "cache")
         rows = [("bare PyTorch loop (1 process, all cores)", bare_loop(cfg, store, args.epochs)),
-                (f"training job (trainers.train, Ray Train, {cfg.scaling.num_workers} DDP workers)",
+                (f"training job (trainers.train, {_layout(cfg)})",
                  training_job(tmp, source, args.epochs, args.overrides))]
         rows.append(("Ray Data input pipeline alone (data.loader=ray)", ray_pipeline(cfg, store, args.epochs)))
     bare = rows[0][1]

@@ -42,14 +42,21 @@ def _length(x: Inputs) -> int:
     return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
 
 
-def _rng_state() -> tuple:
-    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+def _rng_state(device: torch.device) -> tuple:
+    """The CPU generator's state and, on a GPU, that GPU's (its dropout draws from it). Only that
+    one: every GPU's would put a CUDA context of this process on each GPU the node shows it."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None), device
 
 
 def _set_rng_state(state: tuple) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state_all(state[1])
+    cpu, gpu, device = state
+    torch.set_rng_state(cpu)
+    if gpu is not None:
+        torch.cuda.set_rng_state(gpu, device)
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters(), torch.empty(0)).device
 
 
 class Passes:
@@ -99,7 +106,7 @@ def _features_without_graph(tower: nn.Module, inputs: Inputs, chunks: list, pass
     states, parts = [], []
     with torch.no_grad():
         for start, stop, real in chunks:
-            states.append(_rng_state())
+            states.append(_rng_state(_device(tower)))
             with autocast():
                 features = passes.forward(tower, _rows(inputs, start, stop))
             if real:
@@ -143,7 +150,7 @@ def cached_step(model: nn.Module, batch: Batch, objective, *, chunk: int, gather
         return out
     with passes.reduction():
         passes.backward(out["loss"])
-        after = _rng_state()  # step 3 replays the towers' draws; what follows continues from here
+        after = _rng_state(out["loss"].device)  # step 3 replays the towers' draws; what follows continues from here
         for (tower, inputs), plan, (_, states), f, g in zip(towers, plans, cached, features, trains):
             if g:
                 _tower_backward(tower, inputs, plan, states, f.grad, passes, autocast)

@@ -373,6 +373,12 @@ class TrainConfig(_Section):
     keep: Literal["best", "last"] = "best"
     """The run's model: its epoch with the best validation score, or its last epoch (a refit whose
     validation split is in its training data, its epoch count chosen before; search.refit)."""
+    deterministic: bool = False
+    """Deterministic kernels only (torch.use_deterministic_algorithms; CUBLAS_WORKSPACE_CONFIG=:4096:8):
+    on a GPU, kernels that add with atomics (index_add, scatter, embedding and gather backward) sum
+    in a different order each time, so a resumed run differs from an uninterrupted one in the last
+    bits and grows apart; with this it ends with the same weights, a little slower. On a CPU those
+    kernels are deterministic already."""
     grad_cache_chunk: Optional[int] = Field(None, ge=1)
     """Gradient caching (GradCache) on the towers: run them this many rows at a time, twice (without,
     then with a graph), while the branches, heads and top-K mining see the whole global batch at
@@ -812,7 +818,9 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any, where: str) -> None:
 
 
 def _merge_flat(tree: dict[str, Any], flat: dict[str, Any], where: str) -> None:
-    for key, value in flat.items():
+    # A section's mapping (`loss={top_k: 1}`) sets the keys it names and keeps the others: set as
+    # one value, it replaced the section, and the preset's other loss.* went back to the defaults.
+    for key, value in flatten(flat).items():
         _set_dotted(tree, key, value, where)
 
 
@@ -824,20 +832,24 @@ def load_config(
     tree: dict[str, Any] = {}
     if preset is not None:
         path = Path(preset)
+        if path.is_dir():
+            raise ConfigError(f"config preset {str(path)!r} is a folder, not a YAML file")
         if not path.is_file():
             raise ConfigError(f"config preset {str(path)!r} does not exist")
         raw = read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
         _merge_flat(tree, flatten(raw), str(path))
-    if isinstance(overrides, dict):
-        _merge_flat(tree, overrides, "override")
-    else:
-        _merge_flat(tree, dict(_override_value(o) for o in overrides or []), "override")
-    return validate(tree, where=str(preset) if preset else "config")
+    flat = overrides if isinstance(overrides, dict) else dict(_override_value(o) for o in overrides or [])
+    _merge_flat(tree, flat, "override")
+    # a bad value named with where it came from: the preset was blamed for the command line's
+    given = {key: "an override" for key in flatten(flat)} if preset else {}
+    return validate(tree, where=str(preset) if preset else "config", given=given)
 
 
-def validate(tree: dict[str, Any], where: str = "config") -> Config:
+def validate(tree: dict[str, Any], where: str = "config", given: Optional[dict[str, str]] = None) -> Config:
+    """The typed config of `tree`; `given`: {dotted key: where its value came from}, for the
+    message when that value is refused."""
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
@@ -847,7 +859,8 @@ def validate(tree: dict[str, Any], where: str = "config") -> Config:
                 lines.append(f"  {err['msg']}")
                 continue
             key = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  {key} = {err.get('input')!r}: {err['msg']}")
+            origin = f" ({given[key]})" if given and key in given else ""
+            lines.append(f"  {key} = {err.get('input')!r}{origin}: {err['msg']}")
         raise ConfigError(f"{where}: invalid config\n" + "\n".join(lines)) from None
 
 

@@ -139,8 +139,9 @@ def globalize_batchnorm(model: nn.Module) -> nn.Module:
     """Swap every BatchNorm1d of `model` (in place) for GlobalBatchNorm1d, keeping its state."""
     for name, child in model.named_children():
         if type(child) is nn.BatchNorm1d:
+            held = next(iter([*child.parameters(), *child.buffers()]), None)  # weights or running stats
             new = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
-                                    child.track_running_stats, device=child.weight.device if child.affine else None)
+                                    child.track_running_stats, device=held.device if held is not None else None)
             new.load_state_dict(child.state_dict())
             setattr(model, name, new)
         else:

@@ -3,6 +3,7 @@ itmatch.dist, the one module that calls torch.distributed."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +21,9 @@ class WorkerContext:
         return self.rank == 0
 
 
-def worker_context() -> WorkerContext:
-    """This worker's place in the Ray Train group (or a single process outside Ray)."""
+def worker_context(use_gpu: bool = False) -> WorkerContext:
+    """This worker's place in the Ray Train group (or a single process outside Ray); with `use_gpu`
+    a GPU is required (NCCL on CPU tensors fails far from the cause)."""
     try:
         import ray.train
 
@@ -35,6 +37,9 @@ def worker_context() -> WorkerContext:
         device = ray.train.torch.get_device()
     else:
         device = torch.device("cpu")
+    if use_gpu and device.type != "cuda":
+        raise RuntimeError(f"scaling.use_gpu=true but Ray Train worker {rank} sees no GPU "
+                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
     return WorkerContext(rank, world, local, device)
 
 

@@ -13,6 +13,11 @@ CCA, fitted on the training split, as one more member at weight W (the runs shar
 split's embeddings) and keeps the neighbourhood size and weight that score best on the validation
 split, or none where none beats the plain ensemble (`--hubness K,W` fixes them); with a
 correction or CCA one member is enough.
+
+NAME's folder is this command's alone: one that holds another run (a training run's checkpoints),
+or a member inside it, is refused before anything is written. Re-running replaces the ensemble
+there, written beside it and swapped in once complete and scored, so a failure leaves the previous
+one as it was. Members must share one task (image-text retrieval or phrase localization).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Optional  # noqa: E402
@@ -41,6 +47,8 @@ log = logging.getLogger("itmatch.ensemble")
 SAME_INPUTS = ("data.image_encoder", "data.text_encoder", "model.image_tower", "model.text_tower", "model.image_size",
                "model.text_max_length", "model.name")
 TOWER_MODELS = ("embedding", "cca", "similarity", "twoway")
+# What this command writes in its run folder, beside trainers.job.SUMMARY_FILE: the ensemble, the CCA member.
+BEST_DIR, CCA_DIR = "best_model", "cca_member"
 # Rows of each modality in a hubness bank: a seeded subset of a larger training split (the bank is
 # saved with the model, rows x the joined width in float16).
 BANK_ROWS = 5000
@@ -55,6 +63,8 @@ def member_checkpoint(ref: str) -> Path:
         if not best:
             raise CheckpointError(f"{summary}: no best_checkpoint (the run did not finish)")
         folder = Path(best)
+    if (folder / "ensemble.json").is_file() and not (folder / "state.pt").is_file():
+        raise CheckpointError(f"member {ref}: an ensemble ({folder}), not one model; give its members instead")
     if not (folder / "state.pt").is_file():
         raise CheckpointError(f"member {ref}: neither a finished run folder (summary.json) nor a checkpoint "
                               "folder (state.pt + config.yaml)")
@@ -62,10 +72,14 @@ def member_checkpoint(ref: str) -> Path:
 
 
 def check_members(configs: list[Config], refs: list[str]) -> None:
-    """One line naming the first member whose inputs differ from the first member's."""
+    """One line naming the first member whose task or inputs differ from the first member's."""
     first = configs[0].flat()
     for cfg, ref in zip(configs[1:], refs[1:]):
         flat = cfg.flat()
+        if cfg.data.task != configs[0].data.task:  # not a key of flat(): inferred from the source's scheme
+            raise ConfigError(f"member {ref}: a {cfg.data.task} model (data.source={cfg.data.source!r}), but "
+                              f"{refs[0]} is a {configs[0].data.task} model (data.source="
+                              f"{configs[0].data.source!r}); an ensemble's members must share one task")
         for key in SAME_INPUTS:
             if key == "model.name" and {flat[key], first[key]} <= set(TOWER_MODELS):
                 continue
@@ -74,8 +88,43 @@ def check_members(configs: list[Config], refs: list[str]) -> None:
                                   "ensemble's members must take the same inputs")
 
 
+def check_output(folder: Path, refs: list[str], checkpoints: list[Path]) -> None:
+    """Refuse, before anything is written, a run folder that another kind of run holds (it would be
+    overwritten) and a member inside it (or holding it): the new ensemble replaces that folder's."""
+    for ref, checkpoint in zip(refs, checkpoints):
+        for path in (Path(ref).resolve(), checkpoint.resolve()):
+            if path == folder or folder in path.parents or path in folder.parents:
+                raise ConfigError(f"member {ref}: lies in the ensemble's own folder {folder} (or holds it), which "
+                                  "this command replaces; copy it elsewhere or pick another --name")
+    foreign = _not_ours(folder)
+    if foreign:
+        raise ConfigError(f"{folder}: exists and is not an ensemble of trainers.ensemble (it holds {foreign}); "
+                          "pick another --name (run.name) to keep it")
+
+
+def _not_ours(folder: Path) -> str:
+    """What in `folder` marks another kind of run ("" where nothing): a training run's checkpoints,
+    config.yaml or metrics.jsonl, or a best_model that is a checkpoint (state.pt). Other files (a
+    user's evaluation JSON beside the ensemble) are left alone."""
+    from itmatch.models.ensemble import is_ensemble
+
+    if not folder.exists():
+        return ""
+    if not folder.is_dir():
+        return "no folder: it is a file"
+    others = [p.name for p in sorted(folder.iterdir())
+              if p.name in ("config.yaml", "metrics.jsonl") or (p.is_dir() and p.name.startswith("checkpoint_"))]
+    best = folder / BEST_DIR
+    if best.exists() and (best / "state.pt").exists():
+        others.append(f"{BEST_DIR}/state.pt")
+    elif best.exists() and not is_ensemble(best):
+        others.append(f"{BEST_DIR} without ensemble.json")
+    return ", ".join(others)
+
+
 def build(refs: list[str], name: str, overrides: list[str], min_members: int = 2) -> tuple[Config, list[Path]]:
     from itmatch.state import load_checkpoint
+    from trainers.job import run_dir
 
     if len(refs) < min_members:
         raise ConfigError(f"an ensemble needs at least {min_members} member(s), got {len(refs)}")
@@ -84,6 +133,7 @@ def build(refs: list[str], name: str, overrides: list[str], min_members: int = 2
     check_members(configs, refs)
     cfg = load_config(None, {**configs[0].flat(), "run.name": name, "run.start_from": None,
                              **dict(o.split("=", 1) for o in overrides)})
+    check_output(run_dir(cfg), refs, folders)
     return cfg, folders
 
 
@@ -182,28 +232,27 @@ def _ensemble_metrics(val: dict, test: dict, hub_record: Optional[dict], metric:
     return {**vals, **{f"test_{k}": v for k, v in test.items()}, **plain}
 
 
-def evaluate_and_log(cfg: Config, folders: list[Path], refs: list[str], tags: Optional[dict[str, str]] = None,
-                     cca_weight: float = 0.0, cca_dim: int = 128, hubness: str = "off",
-                     selection: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """Save, evaluate (val, test), log and maybe register the ensemble; `tags` for its MLflow run.
-    `cca_weight` > 0 adds CCA fitted on the training split (`cca_member`) at that weight, the
-    trained members sharing the rest equally; `hubness` ("auto" or "K,W") attaches the correction
-    that `fit_hubness` picks on the validation split, or the one asked for. `selection` ({"score",
-    "run_id"}): a refit whose training data holds the validation split (tuning/refit.py) is scored,
-    logged and promoted by that score, its ensemble's before the refit, not by its own."""
+def stage(cfg: Config, store: Any, folders: list[Path], refs: list[str], cca_weight: float, cca_dim: int,
+          hubness: str, staged: list[tuple[Path, Path]]
+          ) -> tuple[Any, list[Path], Optional[list[float]], Optional[dict]]:
+    """The ensemble, its CCA member and hubness correction written into staging folders beside the
+    run folder's own (each appended to `staged` with its place there, the ensemble first), so that
+    a failure before `evaluate_and_log` swaps them in leaves the previous ensemble as it was.
+    Returns the loaded model, its members as named once in place, the weights, the hubness record."""
     from itmatch.eval.evaluate import evaluate_split
-    from itmatch.models.ensemble import Ensemble, save_ensemble, save_hubness, saved_hubness
+    from itmatch.models.ensemble import Ensemble, save_hubness, saved_hubness, stage_ensemble, staging_folder
     from itmatch.state import load_model
-    from trainers.job import SUMMARY_FILE, promote, run_dir
-    from trainers.train import prepare_store
+    from trainers.job import run_dir
 
-    store = prepare_store(cfg)
-    weights = None
+    run, weights, named = run_dir(cfg), None, list(folders)
     if cca_weight > 0:
-        folders = [*folders, cca_member(cfg, store, run_dir(cfg) / "cca_member", cca_dim)]
+        staged.append((staging_folder(run / CCA_DIR), run / CCA_DIR))
+        folders = [*folders, cca_member(cfg, store, staged[-1][0], cca_dim)]
+        named.append(run / CCA_DIR)
         refs = [*refs, f"cca (dim {cca_dim}, ridge {cfg.model.cca_ridge}, fitted on {cfg.data.train_split})"]
         weights = [(1 - cca_weight) / (len(folders) - 1)] * (len(folders) - 1) + [cca_weight]
-    best = save_ensemble(run_dir(cfg) / "best_model", folders, sources=refs, weights=weights)
+    best = stage_ensemble(run / BEST_DIR, folders, sources=refs, weights=weights)
+    staged.insert(0, (best, run / BEST_DIR))
     model, _ = load_model(best)
     if tuple(store.dims) != tuple(model.dims):
         raise DataError(f"the members take features of width {model.dims}, {cfg.data.source} gives {store.dims}")
@@ -216,9 +265,36 @@ def evaluate_and_log(cfg: Config, folders: list[Path], refs: list[str], tags: Op
             save_hubness(best, correction, hub_record["bank"])
             # the bank as saved (float16): what the registered model scores with; the members are loaded
             model = Ensemble(model.members, model.weights, saved_hubness(best)).eval()
-    metric, chunk = cfg.train.metric, cfg.train.eval_chunk
-    val = evaluate_split(model, store.split(cfg.data.val_split), chunk=chunk)
-    test = evaluate_split(model, store.split(cfg.data.test_split), chunk=chunk)
+    return model, named, weights, hub_record
+
+
+def evaluate_and_log(cfg: Config, folders: list[Path], refs: list[str], tags: Optional[dict[str, str]] = None,
+                     cca_weight: float = 0.0, cca_dim: int = 128, hubness: str = "off",
+                     selection: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Save, evaluate (val, test), log and maybe register the ensemble; `tags` for its MLflow run.
+    `cca_weight` > 0 adds CCA fitted on the training split (`cca_member`) at that weight, the
+    trained members sharing the rest equally; `hubness` ("auto" or "K,W") attaches the correction
+    that `fit_hubness` picks on the validation split, or the one asked for. `selection` ({"score",
+    "run_id"}): a refit whose training data holds the validation split (tuning/refit.py) is scored,
+    logged and promoted by that score, its ensemble's before the refit, not by its own."""
+    from itmatch.eval.evaluate import evaluate_split
+    from itmatch.models.ensemble import swap_in
+    from trainers.job import SUMMARY_FILE, promote, run_dir
+    from trainers.train import prepare_store
+
+    store = prepare_store(cfg)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        model, folders, weights, hub_record = stage(cfg, store, folders, refs, cca_weight, cca_dim, hubness, staged)
+        metric, chunk = cfg.train.metric, cfg.train.eval_chunk
+        val = evaluate_split(model, store.split(cfg.data.val_split), chunk=chunk)
+        test = evaluate_split(model, store.split(cfg.data.test_split), chunk=chunk)
+        for folder, place in staged:  # complete and scored: only now does it replace the folder's ensemble
+            swap_in(folder, place)
+    finally:
+        for folder, _ in staged:  # gone once swapped in; what a failure left
+            shutil.rmtree(folder, ignore_errors=True)
+    best = run_dir(cfg) / BEST_DIR
     score = val[metric] if selection is None else selection["score"]
     summary: dict[str, Any] = {"best_checkpoint": str(best), "members": [str(f) for f in folders], "weights": weights,
                                f"val_{metric}": score, "test": test, "hubness": hub_record}

@@ -103,7 +103,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                raw_images=cfg.model.raw_images, image_encoder=d.image_encoder,
                                text_encoder=d.text_encoder, splits=[args.split])
         if tuple(store.dims) != tuple(model.dims):
-            raise DataError(f"the model takes features of width {model.dims}, {args.data} gives {store.dims}")
+            raise DataError(f"the model takes features of width {model.dims}, {args.data or d.source} gives {store.dims}")
         split = store.split(args.split)
         if eq8 is not None:  # the same images and sentences, before anything is embedded
             align(split, eq8.phrases, f"--data {args.data or d.source} against {eq8.where}")

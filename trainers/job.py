@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
@@ -24,6 +22,7 @@ import yaml
 from itmatch.config import Config, read_saved_config, save_config, validate
 from itmatch.data.store import FeatureStore, stored_splits
 from itmatch.files import atomic_write_text
+from trainers import placement
 
 if TYPE_CHECKING:
     from trainers.in_process import Forward
@@ -208,19 +207,13 @@ def _end(tracking: Optional[dict], status: str) -> None:
         end_run(tracking, status, if_running=True)
 
 
-def local_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask, e.g. a batch scheduler's cpuset)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def cpus_per_worker(cfg: Config) -> float:
-    """scaling.cpus_per_worker, else the cluster's CPUs shared by the workers (at least one each);
-    without Ray (a job training in its driver) this machine's CPUs, as a private Ray would count them."""
+    """scaling.cpus_per_worker, else the most whole CPUs each worker can hold with all of them
+    placed node by node (trainers.placement), at least one; without Ray (a job training in its
+    driver) this machine's CPUs shared by its workers, as a private Ray would count them."""
     if cfg.scaling.cpus_per_worker:
         return cfg.scaling.cpus_per_worker
-    ray = sys.modules.get("ray")
-    total = ray.cluster_resources().get("CPU", 1) if ray is not None and ray.is_initialized() else local_cpus()
-    return max(1.0, float(int(total or 1) // cfg.scaling.num_workers))
+    return placement.largest_share(placement.nodes(), cfg.scaling.num_workers, cfg.scaling.use_gpu) or 1.0
 
 
 def fit(cfg: Config, store: FeatureStore, tracking: Optional[dict], callbacks: Optional[list] = None):

@@ -39,6 +39,13 @@ log = logging.getLogger("itmatch.train")
 BEST_DIR = "best"
 
 
+def deterministic_kernels() -> None:
+    """train.deterministic: cuBLAS needs its workspace fixed before its first call in the process
+    (init_ray also puts it in every Ray process's environment)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
 class Trainer:
     """The state of one worker's run; `fit()` is the whole loop."""
 
@@ -49,6 +56,8 @@ class Trainer:
         self.train_split = store.split(cfg.data.train_split)
         self.val_split = store.split(cfg.data.val_split)
         self.dims = store.dims
+        if cfg.train.deterministic:
+            deterministic_kernels()
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every run
         self.heads = cfg.loss.heads  # instance classifier / class centers: one class per training image
         self.n_classes = len(self.train_split.image_ids) if self.heads else 0
@@ -388,7 +397,7 @@ def train_loop_per_worker(config: dict) -> None:
     cfg = validate(config["cfg"])
     quiet_ray_reports(cfg.run.ray_log_level)
     store = open_store(config["store"])
-    trainer = Trainer(cfg, store, worker_context(), config.get("tracking"))
+    trainer = Trainer(cfg, store, worker_context(cfg.scaling.use_gpu), config.get("tracking"))
     _resume(trainer, ray.train.get_checkpoint(), Path(config["run_dir"]) if config.get("run_dir") else None)
     trainer.fit(_ray_report)
 

@@ -42,6 +42,7 @@ RESUMABLE_KEYS = frozenset({
     "run.checkpoint_every", "run.ray_dashboard",
     "scaling.worker_group",  # one worker either way; both resume from the run folder's checkpoints
     "scaling.thread_wait",  # how idle CPU threads wait: speed only
+    "train.deterministic",  # which kernels: on a GPU the last bits of a sum, not what is trained
     "run.start_from",  # read only by a run without checkpoints of its own
     "scaling.cpus_per_worker", "scaling.check_resources", "train.log_every", "train.eval_chunk",
     "data.cache_dir", "data.featurize", "data.featurize_actors",
@@ -294,31 +295,27 @@ def _check_store_kind(uri: str, key: str) -> None:
 
 
 def check_cluster(cfg: Config) -> None:
-    """The workers fit on the cluster as it is now (Ray would otherwise wait for them forever).
-    An autoscaling cluster that adds nodes on demand sets scaling.check_resources=false."""
+    """The workers fit on the cluster as it is now, node by node (Ray would otherwise wait for them
+    forever). An autoscaling cluster that adds nodes on demand sets scaling.check_resources=false."""
     if not cfg.scaling.check_resources:
         return
-    if in_process.in_driver(cfg):  # trains here, without Ray: this machine is the cluster
-        import torch
+    from trainers import placement
+    from trainers.job import cpus_per_worker
 
-        from trainers.job import local_cpus
-
-        total = {"CPU": float(local_cpus()), "GPU": float(torch.cuda.device_count())}
-    else:
-        import ray
-
+    if not in_process.in_driver(cfg):  # else it trains here, without Ray: this machine is the cluster
         from trainers.train import init_ray
 
         init_ray(cfg)
-        total = ray.cluster_resources()
-    s = cfg.scaling
-    # Unset, each worker gets max(1, CPUs // workers): it fits exactly when there is a CPU per worker.
-    cpus, have = s.cpus_per_worker or 1.0, float(total.get("CPU", 0))
-    if s.num_workers * cpus > have:
-        raise ConfigError(f"scaling.num_workers={s.num_workers} x {cpus:g} CPUs per worker needs "
-                          f"{s.num_workers * cpus:g} CPUs but the Ray cluster has {have:g}: lower "
-                          "scaling.num_workers or scaling.cpus_per_worker, or add nodes")
-    gpus = float(total.get("GPU", 0))
-    if s.use_gpu and gpus < s.num_workers:
+    s, nodes = cfg.scaling, placement.nodes()
+    have = sum(n.get("GPU", 0.0) for n in nodes)
+    if s.use_gpu and have < s.num_workers:
         raise ConfigError(f"scaling.use_gpu=true with scaling.num_workers={s.num_workers} needs "
-                          f"{s.num_workers} GPUs but the Ray cluster has {gpus:g}")
+                          f"{s.num_workers} GPUs but the Ray cluster has {have:g}")
+    cpus = cpus_per_worker(cfg)
+    if placement.capacity(nodes, cpus, s.use_gpu) < s.num_workers:
+        each = f"{cpus:g} CPUs" + (" and a GPU" if s.use_gpu else "")
+        raise ConfigError(f"scaling.num_workers={s.num_workers} x {each} per worker needs "
+                          f"{s.num_workers * cpus:g} CPUs but the Ray cluster has "
+                          f"{sum(n.get('CPU', 0.0) for n in nodes):g} on nodes of {placement.describe(nodes)}, "
+                          f"which hold {placement.capacity(nodes, cpus, s.use_gpu)} such workers (a worker "
+                          "runs on one node): lower scaling.num_workers or scaling.cpus_per_worker, or add nodes")

@@ -86,6 +86,8 @@ def init_ray(cfg: Config, worker_groups: Optional[bool] = None) -> None:
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     env = {**thread_wait_env(cfg),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    if cfg.train.deterministic:  # read by cuBLAS at its first call, before any of ours
+        env["CUBLAS_WORKSPACE_CONFIG"] = os.environ.get("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if cfg.scaling.strategy == "deepspeed":  # read when deepspeed is first imported in a worker
         env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cuda" if cfg.scaling.use_gpu else "cpu")
     for name in ("ITMATCH_FAIL_AT_EPOCH", "ITMATCH_HOLD_AT", "ITMATCH_HOLD_DIR", "ITMATCH_HOLD_TIMEOUT_S"):

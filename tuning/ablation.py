@@ -39,7 +39,11 @@ from itmatch.config import Config, ConfigError, load_config, read_yaml  # noqa: 
 from itmatch.data.sources import DataError  # noqa: E402
 from trainers.logs import setup_logging  # noqa: E402
 from tuning import rerun, select  # noqa: E402
+from tuning.space import check_same_store  # noqa: E402
 
+ROWS_MAY_NOT_SET = ("train.seed", "run.name", "run.storage_path", "tracking.registered_model",
+                    "tracking.log_model", "eval.plots")
+"""What tuning.rerun.rerun_config sets for every (row, seed) run."""
 RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 
 
@@ -56,8 +60,9 @@ def load_table(path: str | Path, extra: list[str]) -> tuple[Config, dict[str, di
     if not isinstance(rows, dict) or not rows or not all(isinstance(v, dict) or v is None for v in rows.values()):
         raise ConfigError(f"{path}: rows: expected a mapping of row name -> {{dotted key: value}}, got {rows!r}")
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
-                                                          for s in seeds):
-        raise ConfigError(f"{path}: seeds: expected a list of integers, got {seeds!r}")
+                                                          and 0 <= s < 2**31 for s in seeds):
+        raise ConfigError(f"{path}: seeds: expected a list of integers 0 .. 2**31-1 (train.seed's range), "
+                          f"got {seeds!r}")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"{path}: seeds: {seeds!r} repeats a seed (its runs would share one folder)")
     if not isinstance(common, dict):
@@ -68,14 +73,25 @@ def load_table(path: str | Path, extra: list[str]) -> tuple[Config, dict[str, di
         if other != str(row):
             raise ConfigError(f"{path}: rows {other!r} and {row!r} would share the run folders "
                               f"{slug(str(row))}-seed*; rename one")
-    common = [f"{k}={json.dumps(v)}" for k, v in common.items()]
-    base = load_config(spec.get("config"), [*common, *extra])
+    if "train.seed" in common:
+        raise ConfigError(f"{path}: overrides: train.seed is set by seeds: for every run; leave it out")
+    base = load_config(spec.get("config"), [*(f"{k}={json.dumps(v)}" for k, v in common.items()), *extra])
+    rows = {row: overrides or {} for row, overrides in rows.items()}
     for row, overrides in rows.items():
-        try:
-            load_config(None, {**base.flat(), **(overrides or {})})
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: row {row!r}: {exc}") from exc
-    return base, {row: overrides or {} for row, overrides in rows.items()}, seeds
+        _check_row(path, base, row, overrides)
+    return base, rows, seeds
+
+
+def _check_row(path: str | Path, base: Config, row: str, overrides: dict) -> None:
+    owned = next((k for k in overrides if k in ROWS_MAY_NOT_SET), None)
+    if owned:  # tuning.rerun.rerun_config sets them for every run: the row's value would be dropped
+        raise ConfigError(f"{path}: row {row!r}: {owned} is set by the table for every run (seeds: gives "
+                          "the seeds; run names and folders are the table's); leave it out")
+    try:
+        cfg = load_config(None, {**base.flat(), **overrides})
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: row {row!r}: {exc}") from exc
+    check_same_store(base, cfg, f"{path}: row {row!r}")
 
 
 def slug(row: str) -> str:
@@ -212,13 +228,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted overrides for every row (after the table's own)")
     args = p.parse_intermixed_args(argv)  # the table, flags and overrides in any order
     name = args.name or Path(args.table).stem
+    if args.max_concurrent < 1:
+        print(f"error: --max-concurrent {args.max_concurrent}: must be at least 1", file=sys.stderr)
+        return 2
     try:
         base, rows, seeds = load_table(args.table, args.overrides)
         cfg, store = prepare_table(base, rows, name)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    table = run_table(cfg, store, rows, seeds, name, max(1, args.max_concurrent))
+    table = run_table(cfg, store, rows, seeds, name, args.max_concurrent)
     print(markdown(table, base.train.metric))
     return 0 if all(t["failed"] == 0 for t in table) else 1
 

@@ -48,7 +48,7 @@ from itmatch.data.sources import DataError  # noqa: E402
 from itmatch.data.raw import open_store  # noqa: E402
 from itmatch.data.store import FeatureStore  # noqa: E402
 from itmatch.files import Busy, atomic_write_text, exclusive  # noqa: E402
-from trainers import in_process, preflight  # noqa: E402
+from trainers import in_process, placement, preflight  # noqa: E402
 from trainers.logs import setup_logging  # noqa: E402
 from tuning import refit, registry, report, rerun, restore, select  # noqa: E402
 from tuning.space import load_space  # noqa: E402
@@ -186,15 +186,19 @@ def _report_finished(cfg: Config) -> bool:
     return True
 
 
-def share_cpus(cfg: Config, cpus: float) -> Config:
+def share_cpus(cfg: Config, nodes: list[dict[str, float]]) -> Config:
     """With several trials at once and no scaling.cpus_per_worker, give each worker an equal share
-    (fractional below one CPU) so the concurrent trials fit. A trial that still does not fit waits
-    for its placement group: trials queue, they never hold part of the CPUs and deadlock."""
+    (fractional below one CPU) so the concurrent trials fit, node by node (trainers.placement). A
+    trial that still does not fit waits for its placement group: trials queue, they never hold part
+    of the CPUs and deadlock."""
     s = cfg.scaling
     if s.cpus_per_worker or cfg.search.max_concurrent == 1:
         return cfg
-    share = cpus / (s.num_workers * cfg.search.max_concurrent)
-    share = math.floor(share) if share >= 1 else max(0.01, math.floor(share * 100) / 100)
+    slots = s.num_workers * cfg.search.max_concurrent
+    share = placement.largest_share(nodes, slots, s.use_gpu, fractional=True)
+    if share is None:  # not all at once even so (GPUs short): the CPUs' share; the rest queue
+        share = sum(n.get("CPU", 0.0) for n in nodes) / slots
+        share = math.floor(share) if share >= 1 else max(0.01, math.floor(share * 100) / 100)
     return load_config(None, {**cfg.flat(), "scaling.cpus_per_worker": share})
 
 
@@ -203,9 +207,7 @@ def run_search(cfg: Config, space: dict[str, dict], store: FeatureStore, search_
 
     init_ray(hardest_trial(cfg, space))  # Ray Train's worker groups if any trial can have one
     exit_on_sigterm()  # again: Ray's driver installs its own SIGTERM handler, which aborts
-    import ray
-
-    cfg = share_cpus(cfg, ray.cluster_resources().get("CPU", 1))
+    cfg = share_cpus(cfg, placement.nodes())
     preflight.check_cluster(hardest_trial(cfg, space))  # else Tune waits forever for a trial's workers
     search_dir.mkdir(parents=True, exist_ok=True)
     parent = None

@@ -7,12 +7,41 @@ from pathlib import Path
 from typing import Any
 
 from itmatch.config import Config, ConfigError, load_config, read_yaml
+from itmatch.data.store import stored_splits
 
 KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
 RANGES = ("uniform", "loguniform", "randint")
 SEARCH_OWNS = ("run.name", "run.storage_path", "eval.pictures", "eval.plots", "tracking.", "search.")
 """Keys a trial's config takes from the search (tuning.search.trial_config) or never reads: in a
 space they would be overwritten or ignored without a word."""
+
+
+def _store_inputs(cfg: Config) -> dict[str, tuple[Any, Any]]:
+    """What the one store a search or ablation prepares depends on (trainers.train.prepare_store),
+    as {key: (what is compared, what is shown)}: towers compare by what they read (pixels or features)."""
+    d, m = cfg.data, cfg.model
+    plain = {k: (v, v) for k, v in (("data.source", d.source), ("data.cache_dir", d.cache_dir),
+                                    ("data.image_encoder", d.image_encoder), ("data.text_encoder", d.text_encoder),
+                                    ("data.featurize", d.featurize))}
+    return {**plain, "model.image_tower": (m.raw_images, m.image_tower),
+            "model.text_tower": (m.text_tower == "features", m.text_tower)}
+
+
+def check_same_store(base: Config, cfg: Config, where: str) -> None:
+    """Every trial or ablation row trains on the data its driver prepared once, for `base`: a
+    variant that needs other data (another source, encoder, or features where the base reads pixels)
+    would train on the base's data under its own name, and its model would not take its own inputs."""
+    old, new = _store_inputs(base), _store_inputs(cfg)
+    for key, (value, shown) in new.items():
+        if value != old[key][0]:
+            raise ConfigError(f"{where}: {key}={shown!r} needs other data than the {old[key][1]!r} every run here "
+                              "trains on (the data is prepared once, for the preset); run one command per data setting")
+    d, b = cfg.data, base.data
+    missing = [s for s in stored_splits(d.train_split, d.val_split, d.test_split)
+               if s not in stored_splits(b.train_split, b.val_split, b.test_split)]
+    if missing:
+        raise ConfigError(f"{where}: split {missing[0]!r} is not among the splits prepared for the preset "
+                          f"({', '.join(stored_splits(b.train_split, b.val_split, b.test_split))})")
 
 
 def load_space(path: str | Path, base: Config) -> dict[str, dict]:
@@ -28,8 +57,14 @@ def load_space(path: str | Path, base: Config) -> dict[str, dict]:
         if any(key == owned or (owned.endswith(".") and str(key).startswith(owned)) for owned in SEARCH_OWNS):
             raise ConfigError(f"{path}: {key}: the search sets this key for every trial (or does not read it "
                               "there); set it on the command line or in the preset, not in the space")
+        inside = [k for k in flat if k.startswith(f"{key}.")]
+        if key not in flat and inside:
+            raise ConfigError(f"{path}: {key}: a section, not a setting; give its keys their own entries "
+                              f"(e.g. {inside[0]}: {{choice: [...]}})")
         kind, values = _entry(path, key, spec)
         space[key] = {kind: _bounded(path, key, kind, [_typed(path, flat, key, value) for value in values])}
+        for value in space[key][kind]:
+            check_same_store(base, load_config(None, {**flat, key: value}), f"{path}: {key}")
         if kind in ("uniform", "loguniform"):
             _takes_fractions(path, flat, key, kind, space[key][kind])
     per = base.search.rerun_per

@@ -94,6 +94,26 @@ def _check_usable(corpus: PhraseCorpus) -> None:
                         "features are computed from crops of the images")
     if corpus.phrases.num_rows == 0:
         raise DataError(f"{corpus.name}: no phrase with a box (dropped: {corpus.dropped})")
+    if corpus.proposals.num_rows == 0:  # an empty file, or one of another image set
+        raise DataError(f"{corpus.proposals_file}: no proposal for any of the {corpus.images.num_rows} images of "
+                        f"{corpus.name}: phrase localization ranks each phrase over its picture's proposals")
+
+
+def _check_proposals_cover(corpus: PhraseCorpus, splits: list[str]) -> None:
+    """Refuse pictures of the run's splits that have phrases but no proposal: their phrases could
+    never be localized (a miss in every metric, the upper bound included) and training would find
+    no negative region in them; a split whose pictures all lack them gives a model scoring 0."""
+    image_ids = corpus.images.column("image_id").to_numpy()
+    split_of = np.asarray(corpus.images.column("split").to_pylist())
+    has_phrases = np.isin(image_ids, corpus.phrases.column("image_id").to_numpy())
+    lacking = has_phrases & ~np.isin(image_ids, corpus.proposals.column("image_id").to_numpy())
+    for split in splits:
+        ids = image_ids[lacking & (split_of == split)]
+        if ids.size:
+            total = int((has_phrases & (split_of == split)).sum())
+            raise DataError(f"{corpus.proposals_file}: no proposals for {ids.size} of {total} images with phrases "
+                            f"of split {split!r}, e.g. image ids {ids[:5].tolist()}: their phrases could never be "
+                            "localized")
 
 
 def caption_view(corpus: PhraseCorpus) -> Corpus:
@@ -225,6 +245,7 @@ def prepare_phrases(source: str, *, cache_dir: str | Path, image_encoder: str, t
     missing = [s for s in wanted if s not in corpus.splits]
     if missing:
         raise DataError(f"{source}: split(s) {missing} not found; available: {corpus.splits}")
+    _check_proposals_cover(corpus, wanted)
     root = Path(cache_dir) / (f"{KIND}-" + _cache_key(corpus, image_encoder, text_encoder))
     manifest_path = root / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None

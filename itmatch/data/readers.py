@@ -144,12 +144,31 @@ def _load_npy(path: Path) -> np.ndarray:
     return array
 
 
+def _repeated_rows(ims: np.ndarray, path: Path, per: int) -> np.ndarray:
+    """The image rows of a file holding one row per caption, each image's row repeated `per` times.
+    Rows that differ within a run of `per` are not that layout (one caption per image, or features
+    per caption): read so, captions would be paired with other images' features."""
+    rows = np.asarray(ims).reshape(-1, per, ims.shape[1])
+    same = rows == rows[:, :1]
+    if rows.dtype.kind == "f":  # NaN rows are refused later, by what they are
+        same |= np.isnan(rows) & np.isnan(rows[:, :1])
+    bad = np.flatnonzero(~same.all(axis=(1, 2)))
+    if len(bad):
+        first = int(bad[0]) * per
+        raise DataError(f"{path}: {ims.shape[0]} rows for as many captions, but rows {first}..{first + per - 1} "
+                        f"are not one image's row repeated caps_per_image={per} times ({len(bad)} of "
+                        f"{len(rows)} runs differ); with one caption per image, add ?caps_per_image=1 to the source")
+    return rows[:, 0].copy()
+
+
 def _precomp_split(root: Path, prefix: str, caps_per_image: int, caption_features: str | None):
     ims_path, caps_path = root / f"{prefix}_ims.npy", root / f"{prefix}_caps.txt"
     for path in (ims_path, caps_path):
         if not path.is_file():
             raise DataError(f"precomp:{root}: missing file {path.name}")
     ims = _load_npy(ims_path)
+    if ims.shape[0] == 0:  # else its split was "not found" further on, though its files are there
+        raise DataError(f"{ims_path}: no rows (shape {ims.shape}): split {_split(prefix)!r} has no images")
     texts = text_lines(read_utf8(caps_path))
     empty = next((i for i, t in enumerate(texts) if not t.strip()), None)
     if empty is not None:
@@ -158,7 +177,7 @@ def _precomp_split(root: Path, prefix: str, caps_per_image: int, caption_feature
     if ims.shape[0] * caps_per_image == n_caps:
         image_rows = np.asarray(ims)
     elif ims.shape[0] == n_caps and n_caps % caps_per_image == 0:
-        image_rows = np.asarray(ims[::caps_per_image])  # VSE++ COCO files repeat each image per caption
+        image_rows = _repeated_rows(ims, ims_path, caps_per_image)  # VSE++ COCO files repeat each image per caption
     else:
         raise DataError(
             f"{caps_path}: {n_caps} captions do not match {ims_path.name} with "
@@ -289,6 +308,9 @@ def _karpathy_entry(entry: Any, index: int, json_path: Path) -> tuple[int, str, 
     if not isinstance(folder, str):
         raise DataError(f"{where}.filepath = {folder!r}: expected a string")
     filename = str(Path(folder) / _karpathy_str(entry, "filename", where))
+    if Path(filename).is_absolute() or ".." in Path(filename).parts:  # the images folder holds every image
+        raise DataError(f"{where}: filepath/filename {filename!r} leads out of the images folder; "
+                        "give paths relative to it, without '..'")
     image_id = entry.get("imgid")  # absent or null: numbered in file order (all or none, read_karpathy)
     image_id = None if image_id is None else _karpathy_int(image_id, f"{where}.imgid")
     return image_id, _karpathy_str(entry, "split", where), filename, caps
@@ -317,16 +339,45 @@ class _Ids:
                             f"give every entry its {self.field}, or none (then they are numbered in file order)")
 
 
+def _json_document(path: Path) -> Any:
+    """The parsed file; a key given twice in one object is refused (JSON keeps the last silently,
+    which moved an image to the split written second), as is nesting too deep to parse."""
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in items]
+        twice = next((k for k in keys if keys.count(k) > 1), None)
+        if twice is not None:
+            raise DataError(f"{path}: key {twice!r} appears twice in one object ({dict(items)!r:.200}); keep one")
+        return dict(items)
+
+    try:
+        return json.loads(read_utf8(path), object_pairs_hook=pairs)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise DataError(f"{path}: nested too deeply to read as a Karpathy dataset file") from None
+
+
+def _check_split_name(path: Path, index: int, split: str) -> None:
+    """A split name one or two letters from a known one ('trian', 'tset') is a typo: the image would
+    sit in a split no run reads, its captions silently missing from training. Other names, and
+    numbered ones ('train2', a fold), are a user's own splits (data.train_split=... names them)."""
+    import difflib
+
+    known = (*KNOWN_SPLITS, "restval")
+    close = difflib.get_close_matches(split, known, n=1, cutoff=0.7)
+    if split not in known and close and not split[-1:].isdigit():
+        close = close[0]
+        raise DataError(f"{path}: images[{index}] field 'split' = {split!r}: not a split (did you mean {close!r}?); "
+                        f"the splits are {', '.join(known)} or your own, named in data.*_split")
+
+
 def read_karpathy(source: Source, **_: Any) -> Corpus:
     json_text, _, image_dir = source.location.partition(":")
     json_path = Path(json_text)
     if not json_path.is_file():
         raise DataError(f"karpathy:{json_path}: file does not exist")
     image_root = Path(image_dir) if image_dir else json_path.parent / "images"
-    try:
-        doc = json.loads(read_utf8(json_path))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{json_path}: not valid JSON ({exc})") from exc
+    doc = _json_document(json_path)
     entries = doc.get("images") if isinstance(doc, dict) else None
     if not isinstance(entries, list) or not entries:
         raise DataError(f"{json_path}: field 'images' must be a non-empty list")
@@ -342,7 +393,11 @@ def read_karpathy(source: Source, **_: Any) -> Corpus:
             sentids.add(None if sentid < 0 else sentid, f"images[{index}].sentences[{j}]")
         image_id = index if image_id is None else image_id
         split = _split(split, restval)
+        _check_split_name(json_path, index, split)
         path = image_root / filename
+        if path.is_dir():
+            raise DataError(f"{json_path}: images[{index}] field 'filename' = {filename!r} is a folder ({path}), "
+                            "not an image file")
         if not path.is_file():
             missing.append(str(path))
         elif seen.setdefault(path.resolve(), (index, split)) != (index, split):

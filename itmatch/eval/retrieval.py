@@ -166,10 +166,10 @@ def pair_cosines(img: Tensor, txt: Tensor, txt_img: Tensor, *, max_pairs: int = 
     """(every positive pair's cosine, a seeded sample of up to `max_pairs` negative pairs' cosines)."""
     txt_img = txt_img.long()
     pos = (img[txt_img] * txt).sum(dim=1)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # on the CPU: the same sample on any device
     n = min(max_pairs, len(img) * len(txt))
-    i = torch.randint(len(img), (n,), generator=g)
-    j = torch.randint(len(txt), (n,), generator=g)
+    i = torch.randint(len(img), (n,), generator=g).to(img.device)
+    j = torch.randint(len(txt), (n,), generator=g).to(img.device)
     neg_mask = txt_img[j] != i
     return pos, _sampled_cosines(img, txt, i[neg_mask], j[neg_mask])
 
@@ -186,7 +186,7 @@ def _sampled_cosines(img: Tensor, txt: Tensor, i: Tensor, j: Tensor, *, block_sc
         step = max(1, block_scores // max(1, img.shape[1]))
         return torch.cat([(img[i[k:k + step]] * txt[j[k:k + step]]).sum(dim=1) for k in range(0, len(i), step)]) \
             if len(i) else img.new_zeros(0)
-    out = torch.empty(len(i), dtype=torch.result_type(img, txt))
+    out = torch.empty(len(i), dtype=torch.result_type(img, txt), device=img.device)
     rows = max(1, block_scores // max(1, len(txt)))
     for start in range(0, len(img), rows):
         sel = (i >= start) & (i < start + rows)

@@ -19,7 +19,9 @@ The layout (Plummer et al.; github.com/BryanPlummer/flickr30k_entities), under o
 Proposals (the format chosen here): one Parquet file, one row per proposal, columns `image_id`
 (int64, the image's numeric id), `x1 y1 x2 y2` (float, 0-based exclusive pixels: see `boxes`),
 optionally `score`; a proposal's index is its position among its image's rows. Images of the file
-that the corpus does not hold are ignored; an image with no rows has no proposals.
+that the corpus does not hold are ignored; an image with no rows has no proposals (phrase_store.py
+refuses a run whose splits hold such images with phrases). A box may overrun its image's border
+(crops clip it) but not lie wholly outside it; an XML <size> must be the image file's own size.
 
 What 001 keeps (footnote 2, after Plummer et al.): phrases of type notvisual, and phrases whose
 chain has no box (scene / nobndbox / unannotated chains), are dropped; a plural chain's boxes are
@@ -41,6 +43,7 @@ Bad input is a `DataError` naming the file, the line or field, and the value.
 
 from __future__ import annotations
 
+import os
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -178,13 +181,14 @@ def _number(node: ET.Element, tag: str, where: str, kind=float):
     return value
 
 
-def _object(obj: ET.Element, where: str) -> tuple[list[int], list[float] | None, bool, bool]:
+def _object(obj: ET.Element, where: str, size: tuple[int, int]) -> tuple[list[int], list[float] | None, bool, bool]:
     names = [n.text.strip() if n.text else "" for n in obj.findall("name")]
     if not names:
         raise DataError(f"{where}: missing field <name>")
     bad = next((n for n in names if not n.isdigit()), None)
     if bad is not None:
         raise DataError(f"{where}: field <name> = {bad!r} is not a chain id (a non-negative integer)")
+    where = f"{where} (<name> {', '.join(names)})"
     bndbox = obj.find("bndbox")
     if bndbox is None:
         flags = [_text(obj, tag, where, required=False) for tag in ("scene", "nobndbox")]
@@ -196,7 +200,39 @@ def _object(obj: ET.Element, where: str) -> tuple[list[int], list[float] | None,
     box = [_number(bndbox, tag, f"{where}/bndbox") for tag in ("xmin", "ymin", "xmax", "ymax")]
     if box[2] < box[0] or box[3] < box[1]:
         raise DataError(f"{where}/bndbox: (xmin, ymin, xmax, ymax) = {tuple(box)} has max < min")
+    # real boxes overrun the border by a pixel or so (crops clip them); one with no pixel in the
+    # image belongs to another picture, and its crop would be a 1-pixel strip of the border
+    if outside_image(from_inclusive(np.array([box]))[0], *size):
+        raise DataError(f"{where}/bndbox: (xmin, ymin, xmax, ymax) = {tuple(box)} lies entirely outside the "
+                        f"{size[0]}x{size[1]} image")
     return [int(n) for n in names], box, False, False
+
+
+def outside_image(box: np.ndarray, width: float, height: float) -> np.ndarray:
+    """Whether 0-based exclusive boxes ([..., 4]) have no pixel inside a width x height image."""
+    box = np.asarray(box)
+    return (box[..., 2] <= 0) | (box[..., 3] <= 0) | (box[..., 0] >= width) | (box[..., 1] >= height)
+
+
+def _size(root: ET.Element, path: Path) -> tuple[int, int]:
+    size = root.find("size")
+    if size is None:
+        raise DataError(f"{path}: missing field <size>")
+    out = _number(size, "width", f"{path}: <size>", int), _number(size, "height", f"{path}: <size>", int)
+    for tag, value in zip(("width", "height"), out):
+        if value <= 0:
+            raise DataError(f"{path}: <size>: field <{tag}> = {_text(size, tag, str(path))!r} is not positive")
+    return out
+
+
+def _filename(root: ET.Element, path: Path) -> str | None:
+    name = _text(root, "filename", str(path), required=False)
+    # the name is looked up inside the images folder: an absolute one, or one whose ".." climbs out,
+    # names some other file on the machine (the failure would then name that file, not this field)
+    norm = os.path.normpath(name) if name is not None else None
+    if norm is not None and (os.path.isabs(norm) or norm in (".", "..") or norm.startswith(".." + os.sep)):
+        raise DataError(f"{path}: field <filename> = {name!r} is not a file inside the images folder")
+    return name
 
 
 def read_boxes(path: Path) -> ImageBoxes:
@@ -207,14 +243,11 @@ def read_boxes(path: Path) -> ImageBoxes:
         raise DataError(f"{path}: not well-formed XML ({exc})") from exc
     if root.tag != "annotation":
         raise DataError(f"{path}: root element <{root.tag}>, expected <annotation>")
-    size = root.find("size")
-    if size is None:
-        raise DataError(f"{path}: missing field <size>")
-    out = ImageBoxes(_number(size, "width", f"{path}: <size>", int), _number(size, "height", f"{path}: <size>", int),
-                     _text(root, "filename", str(path), required=False))
+    size = _size(root, path)
+    out = ImageBoxes(*size, _filename(root, path))
     pairs: list[tuple[int, list[float]]] = []
     for index, obj in enumerate(root.findall("object")):
-        names, box, scene, nobox = _object(obj, f"{path}: <object> #{index + 1}")
+        names, box, scene, nobox = _object(obj, f"{path}: <object> #{index + 1}", size)
         if box is None:
             out.scene.update(names if scene else [])
             out.nobox.update(names if nobox else [])
@@ -248,6 +281,8 @@ class PhraseCorpus:
     """The split lists, the proposals file and the two folders read (for cache keys)."""
     dropped: dict[str, int]
     """Phrases left out: {"notvisual": n, "no_box": n}."""
+    proposals_file: Path | None = None
+    """The proposals file read (None without one): what an error about the proposals names."""
 
     @property
     def splits(self) -> list[str]:
@@ -267,7 +302,8 @@ class PhraseCorpus:
             return table.filter(pc.is_in(table.column("image_id"), value_set=ids))
 
         return PhraseCorpus(keep(self.images), keep(self.captions), keep(self.phrases), keep(self.regions),
-                            keep(self.proposals), f"{self.name}[{name}]", self.files, dict(self.dropped))
+                            keep(self.proposals), f"{self.name}[{name}]", self.files, dict(self.dropped),
+                            self.proposals_file)
 
 
 def _image_list(root: Path, splits: list[str] | None,
@@ -307,6 +343,23 @@ def _image_paths(names: list[str], filenames: list[str | None], image_dir: Path 
         raise DataError(f"{image_dir}: {len(missing)} image file(s) named by the Annotations' <filename> (or "
                         f"<image id>.jpg) are missing, e.g. {missing[:3]}")
     return pa.array([str(p.resolve()) for p in paths], pa.string())
+
+
+def _check_image_sizes(annotations: list[Path], sizes: list[tuple[int, int]], paths: list[str]) -> None:
+    """Each Annotations file's <size> against its image file's (read from the header only).
+    Flickr30K Entities' sizes are their JPEGs', so a mismatch means Annotations and images of
+    different sets: every box would be cropped from the wrong place."""
+    from PIL import Image
+
+    for xml, size, path in zip(annotations, sizes, paths):
+        try:
+            with Image.open(path) as image:
+                real = image.size
+        except (OSError, ValueError, SyntaxError):
+            continue  # an undecodable picture is named where pictures are decoded (store.py, phrase_store.py)
+        if tuple(real) != tuple(size):
+            raise DataError(f"{xml}: <size> (<width>x<height>) = {size[0]}x{size[1]}, but its image {path} is "
+                            f"{real[0]}x{real[1]}")
 
 
 class _Tables:
@@ -402,7 +455,7 @@ def read_entities(root: str | Path, *, image_dir: str | Path | None = None, prop
     clash = next((n for n, m in zip(listed, listed[1:]) if int(n[0]) == int(m[0])), None)
     if clash is not None:
         raise DataError(f"{root}: two images have the numeric id {int(clash[0])} (file names differ only in zeros)")
-    tables, filenames = _Tables(), []
+    tables, filenames, sizes = _Tables(), [], []
     for name, split in listed:
         sentences, annotations = root / SENTENCES_DIR / f"{name}.txt", root / ANNOTATIONS_DIR / f"{name}.xml"
         for path in (sentences, annotations):
@@ -411,17 +464,21 @@ def read_entities(root: str | Path, *, image_dir: str | Path | None = None, prop
         boxes = read_boxes(annotations)
         tables.add_image(name, split, read_captions(sentences), boxes)
         filenames.append(boxes.filename)
+        sizes.append((boxes.width, boxes.height))
     if image_dir is None and (root / IMAGES_DIR).is_dir():
         image_dir = root / IMAGES_DIR
     paths = _image_paths([n for n, _ in listed], filenames, Path(image_dir) if image_dir is not None else None)
+    if image_dir is not None:
+        _check_image_sizes([root / ANNOTATIONS_DIR / f"{n}.xml" for n, _ in listed], sizes, paths.to_pylist())
     images, captions, phrases, regions = tables.tables(paths)
     proposal_path = Path(proposals) if proposals is not None else root / PROPOSALS_FILE
     proposal_table = None
     if proposals is not None or proposal_path.is_file():
-        proposal_table = read_proposals(proposal_path, images.column("image_id"))
+        proposal_table = read_proposals(proposal_path, images.column("image_id"), sizes)
     files = lists + ([proposal_path] if proposal_table is not None else []) + [root / SENTENCES_DIR,
                                                                                root / ANNOTATIONS_DIR]
-    return PhraseCorpus(images, captions, phrases, regions, proposal_table, f"entities:{root}", files, tables.dropped)
+    return PhraseCorpus(images, captions, phrases, regions, proposal_table, f"entities:{root}", files, tables.dropped,
+                        proposal_path if proposal_table is not None else None)
 
 
 # --------------------------------------------------------------------------- proposals
@@ -442,9 +499,57 @@ def write_proposals(path: str | Path, image_ids, boxes: list) -> Path:
     return path
 
 
-def read_proposals(path: str | Path, image_ids=None) -> pa.Table:
+def _proposal_ids(column: pa.ChunkedArray, path: Path) -> np.ndarray:
+    """The image_id column as int64: integers, integral floats (3.0) or decimal texts ("3"). A
+    null, a fraction or a word is named with its row: a cast would drop or truncate it silently."""
+    if column.null_count:
+        r = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+        raise DataError(f"{path}: row {r}: image_id is null ({column.null_count} null rows)")
+    if pa.types.is_integer(column.type):
+        return column.to_numpy().astype(np.int64)
+    if pa.types.is_floating(column.type):
+        values = column.to_numpy().astype(np.float64)
+        ok = np.isfinite(values) & (values == np.round(values))
+        ids = np.where(ok, values, 0).astype(np.int64)
+    elif pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        values = column.to_pylist()  # a text column is rare: one Python pass is fine
+        parsed = [_int_text(v) for v in values]
+        ok = np.array([p is not None for p in parsed], bool)
+        ids = np.array([p or 0 for p in parsed], np.int64)
+    else:
+        raise DataError(f"{path}: column image_id has type {column.type}; expected integer image ids")
+    bad = np.flatnonzero(~ok)
+    if bad.size:
+        r = int(bad[0])
+        value = values[r] if isinstance(values, list) else float(values[r])
+        raise DataError(f"{path}: row {r}: image_id = {value!r} is not an integer image id ({bad.size} bad rows)")
+    return ids
+
+
+def _int_text(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def _check_inside(path: Path, rows: np.ndarray, ids: np.ndarray, boxes: np.ndarray, image_ids, sizes) -> None:
+    """Refuse a proposal with no pixel in its image (`sizes`: (width, height) per `image_ids`)."""
+    size = np.asarray(sizes, np.float64).reshape(-1, 2)
+    ordered = np.argsort(np.asarray(image_ids, np.int64), kind="stable")
+    where = ordered[np.searchsorted(np.asarray(image_ids, np.int64)[ordered], ids)]
+    bad = np.flatnonzero(outside_image(boxes, size[where, 0], size[where, 1]))
+    if bad.size:
+        r, (w, h) = int(bad[0]), size[where[bad[0]]].astype(int)
+        raise DataError(f"{path}: row {rows[r]} (image_id {ids[r]}): box (x1, y1, x2, y2) = "
+                        f"{tuple(boxes[r].tolist())} lies entirely outside its {w}x{h} image ({bad.size} such rows)")
+
+
+def read_proposals(path: str | Path, image_ids=None, sizes: list[tuple[int, int]] | None = None) -> pa.Table:
     """A proposals file -> (image_id, proposal_index, box) sorted by image then index, kept to
-    `image_ids` when given. A missing column, a non-finite value or x2 < x1 is a DataError."""
+    `image_ids` when given. A missing column, an image_id that is not an integer, a non-finite
+    value, x2 < x1, or (given `sizes`, (width, height) per `image_ids`) a box with no pixel in its
+    image is a DataError naming the row."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: proposals file does not exist")
@@ -455,16 +560,19 @@ def read_proposals(path: str | Path, image_ids=None) -> pa.Table:
     missing = [c for c in PROPOSAL_COLUMNS if c not in table.column_names]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; columns are {table.column_names}")
-    ids = table.column("image_id").to_numpy().astype(np.int64)
+    ids = _proposal_ids(table.column("image_id"), path)
     boxes = np.stack([table.column(c).to_numpy().astype(np.float64) for c in PROPOSAL_COLUMNS[1:]], axis=1)
     bad = np.flatnonzero(~np.isfinite(boxes).all(axis=1) | (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1]))
     if bad.size:
         r = int(bad[0])
         raise DataError(f"{path}: row {r} (image_id {ids[r]}): box (x1, y1, x2, y2) = {tuple(boxes[r].tolist())} "
                         f"is not finite or has x2 < x1 / y2 < y1 ({bad.size} bad rows)")
+    rows = np.arange(len(ids))
     if image_ids is not None:
         keep = np.isin(ids, np.asarray(image_ids, dtype=np.int64))
-        ids, boxes = ids[keep], boxes[keep]
+        ids, boxes, rows = ids[keep], boxes[keep], rows[keep]
+        if sizes is not None:
+            _check_inside(path, rows, ids, boxes, image_ids, sizes)
     order = np.argsort(ids, kind="stable")
     ids, boxes = ids[order], boxes[order]
     starts = np.searchsorted(ids, ids, side="left")
@@ -492,5 +600,6 @@ def padded_proposals(proposals: pa.Table, image_ids) -> tuple[np.ndarray, np.nda
 
 
 __all__ = ["SENTENCES_DIR", "ANNOTATIONS_DIR", "IMAGES_DIR", "PROPOSALS_FILE", "SPLITS", "NOTVISUAL", "ENTITY_TYPES",
-           "Mention", "Caption", "parse_caption", "read_captions", "ImageBoxes", "read_boxes", "PhraseCorpus",
-           "read_entities", "boxes_column", "boxes_of", "write_proposals", "read_proposals", "padded_proposals"]
+           "Mention", "Caption", "parse_caption", "read_captions", "ImageBoxes", "read_boxes", "outside_image",
+           "PhraseCorpus", "read_entities", "boxes_column", "boxes_of", "write_proposals", "read_proposals",
+           "padded_proposals"]

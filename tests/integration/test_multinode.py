@@ -161,3 +161,18 @@ def test_worker_sigkilled_mid_epoch_resumes_exactly(tmp, reference, cluster):
     # not before the kill, the restarted workers resume from it (from the run folder if Ray lists none).
     _finish(driver, cluster, marks, "worker SIGKILLed")
     _assert_same_run(tmp / "runs" / "sigkill", reference)
+
+
+def test_a_one_worker_job_holds_one_nodes_cpus(tmp, cluster):
+    """A one-worker job trains in one Ray task. It asked for the cluster's CPUs (2, over two nodes)
+    in that one task, which no node holds: Ray waited forever. Now it asks for one node's."""
+    _holds(tmp, released=True)
+    args = [a for a in _args(tmp, "one-worker") if a != "scaling.num_workers=2"] + ["scaling.num_workers=1",
+                                                                                     "train.epochs=1"]
+    driver = Driver(args, tmp, "one-worker", address=cluster.address, timeout=240)
+    try:
+        code = driver.wait()
+    finally:
+        driver.kill()
+    assert code == 0, driver.tail()
+    assert (tmp / "runs" / "one-worker" / "summary.json").is_file()

@@ -35,8 +35,23 @@ def test_rows_are_checked_before_anything_runs(tmp_path):
     ("seeds: [true]\nrows: {x: {}}\n", "seeds: expected a list of integers"),
     ("rows: {Full model: {}, full-model: {loss.top_k: 1}}\n", "rows 'Full model' and 'full-model' would share"),
     ("overrides: [train.epochs=1]\nrows: {x: {}}\n", "overrides: expected a mapping"),
+    ("seeds: [-1]\nrows: {x: {}}\n", "seeds: expected a list of integers 0 .. 2**31-1"),
+    # set for every run by the table: the row's value was dropped, its table line still showed it
+    ("rows: {x: {}, y: {train.seed: 5}}\n", "row 'y': train.seed is set by the table"),
+    ("rows: {x: {run.name: mine}}\n", "row 'x': run.name is set by the table"),
+    ("overrides: {train.seed: 3}\nrows: {x: {}}\n", "overrides: train.seed is set by seeds:"),
+    # every row trains on the data prepared once for the preset: these trained on it under their own name
+    ("rows: {x: {}, y: {data.source: 'precomp:/elsewhere'}}\n", "row 'y': data.source='precomp:/elsewhere' needs other data"),
+    ("rows: {x: {}, y: {data.text_encoder: hashing}}\n", "row 'y': data.text_encoder='hashing' needs other data"),
+    ("rows: {x: {}, y: {model.image_tower: efficientnet_lite0, model.text_tower: minilm}}\n",
+     "model.image_tower='efficientnet_lite0' needs other data than the 'features'"),
+    ("rows: {x: {}, y: {data.val_split: test}}\n", None),  # a split the preset prepares already: fine
+    ("rows: {x: {}, y: {data.train_split: 'train+restval'}}\n", "split 'restval' is not among the splits"),
 ])
 def test_a_table_whose_runs_would_collide_or_be_misread_is_refused(tmp_path, text, needle):
+    if needle is None:
+        load_table(_table(tmp_path, text), [])
+        return
     with pytest.raises(ConfigError, match=re.escape(needle)):
         load_table(_table(tmp_path, text), [])
 
@@ -45,7 +60,8 @@ def test_a_table_whose_runs_would_collide_or_be_misread_is_refused(tmp_path, tex
     (["--name", "../elsewhere"], ["run.name = '../elsewhere'", "one folder name"]),
     (["tracking.experiment="], ["tracking.experiment = ''", "MLflow refuses it"]),
     (["data.batch_size=600"], ["data.batch_size=600", "30 training captions"]),
-], ids=["name-outside-the-runs", "experiment-empty", "batch-larger-than-data"])
+    (["--max-concurrent", "0"], ["--max-concurrent 0: must be at least 1"]),  # was run as 1 without a word
+], ids=["name-outside-the-runs", "experiment-empty", "batch-larger-than-data", "max-concurrent-0"])
 def test_the_command_refuses_before_ray(tmp_path, capsys, extra, needles):
     """tuning.ablation checks its name, every row's batch and MLflow as a job does, before Ray."""
     import ray

@@ -93,11 +93,12 @@ class Env:
         import ray
 
         import trainers.train
-        from trainers import preflight
+        from trainers import placement, preflight
 
         store = self.prepare(f"precomp:{self.precomp(sizes)}")
         self.monkeypatch.setattr(trainers.train, "init_ray", lambda cfg: None)
         self.monkeypatch.setattr(ray, "cluster_resources", lambda: dict(self.cluster))
+        self.monkeypatch.setattr(placement, "nodes", lambda: [dict(self.cluster)])
         preflight.check(cfg, store)
 
 

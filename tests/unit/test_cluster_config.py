@@ -46,3 +46,17 @@ def test_cluster_preset_loads():
 
     cfg = load_config(ROOT / "configs" / "cluster.yaml")
     assert cfg.run.storage_path.startswith("/shared") and cfg.data.cache_dir.startswith("/shared")
+
+
+def test_the_cluster_presets_workers_fit_its_gpu_nodes():
+    """Each worker (its CPUs and a GPU) fits one gpu_worker node; up to max_workers of them run at
+    once. Preflight does not refuse a job before the autoscaler has started any GPU node."""
+    from itmatch.config import load_config
+    from trainers import placement
+
+    cfg = load_config(ROOT / "configs" / "cluster.yaml")
+    types = _config()["available_node_types"]
+    gpu_node = types["gpu_worker"]
+    nodes = [types["head"]["resources"]] + [gpu_node["resources"]] * gpu_node["max_workers"]
+    assert placement.capacity(nodes, cfg.scaling.cpus_per_worker, gpu=True) == gpu_node["max_workers"]
+    assert cfg.scaling.use_gpu and not cfg.scaling.check_resources

@@ -200,6 +200,16 @@ def test_section_given_a_scalar_errors():
         load_config(overrides=["loss=3"])
 
 
+def test_a_sections_mapping_sets_its_keys_and_keeps_the_presets_others(tmp_path):
+    """`loss={top_k: 1}` replaced the whole section: the preset's margin went back to the default."""
+    preset = _preset(tmp_path, "loss:\n  margin: 0.4\n  top_k: 5\n")
+    for overrides in (["loss={top_k: 1}"], {"loss": {"top_k": 1}}):
+        cfg = load_config(preset, overrides)
+        assert (cfg.loss.margin, cfg.loss.top_k) == (0.4, 1)
+    with pytest.raises(ConfigError, match="loss.margn"):
+        load_config(preset, ["loss={margn: 1}"])
+
+
 # --------------------------------------------------------------------------- preset files
 
 
@@ -366,3 +376,16 @@ def test_a_test_split_trained_or_validated_on_is_said(caplog):
 def test_a_split_name_with_an_empty_or_padded_part_is_refused_naming_it(name):
     with pytest.raises(ConfigError, match=r"data.train_split.*joined by '\+'"):
         load_config(None, ["data.source=x", f"data.train_split={name}"])
+
+
+def test_a_bad_override_is_not_blamed_on_the_preset(tmp_path):
+    preset = _preset(tmp_path, "train:\n  epochs: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(preset, ["train.epochs=abc"])
+    assert "train.epochs = 'abc' (an override)" in str(info.value)
+    bad_preset = _preset(tmp_path, "train:\n  epochs: abc\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(bad_preset, [])
+    assert "train.epochs = 'abc':" in str(info.value)  # the preset's own value: no "(an override)"
+    with pytest.raises(ConfigError, match="is a folder, not a YAML file"):
+        load_config(tmp_path, [])

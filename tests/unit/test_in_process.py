@@ -5,6 +5,7 @@ that was never interrupted (checked against a plain Trainer loop with no checkpo
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -241,10 +242,10 @@ def test_a_job_whose_run_was_ended_from_outside_is_not_retried(monkeypatch):
 
 
 def test_without_ray_a_worker_gets_this_machines_cpus(monkeypatch):
-    from trainers import job
+    from trainers import job, placement
 
     monkeypatch.delitem(sys.modules, "ray", raising=False)  # Ray never imported, so not started
-    monkeypatch.setattr(job, "local_cpus", lambda: 6)
+    monkeypatch.setattr(placement, "local_cpus", lambda: 6)
     assert job.cpus_per_worker(load_config(None, BASE)) == 6.0
     assert job.cpus_per_worker(load_config(None, [*BASE, "scaling.cpus_per_worker=1.5"])) == 1.5
 
@@ -414,3 +415,25 @@ def test_a_job_no_longer_wanted_once_trained_is_not_finalized(store, tmp_path):
     info = setup(cfg.tracking)
     [run] = MlflowClient(info["tracking_uri"]).search_runs([info["experiment_id"]])
     assert run.info.status == "KILLED"
+
+
+def test_deterministic_kernels_train_and_resume_to_the_same_weights(store, tmp_path, monkeypatch):
+    """train.deterministic turns on torch's deterministic-only mode for the run (on a GPU the atomic
+    adds of index_add/scatter/embedding backward otherwise sum in any order); every kernel of a run
+    must have a deterministic version, or training raises."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        _fit(store, tmp_path / "a", "train.deterministic=true")
+        assert torch.are_deterministic_algorithms_enabled() and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        monkeypatch.setenv("ITMATCH_FAIL_AT_EPOCH", "2")
+        with pytest.raises(RuntimeError, match="injected failure after epoch 2"):
+            _fit(store, tmp_path / "b", "train.deterministic=true")
+        monkeypatch.delenv("ITMATCH_FAIL_AT_EPOCH")
+        _, reports = _fit(store, tmp_path / "b", "train.deterministic=true")  # resumes at epoch 3
+        assert [int(m["epoch"]) for m, _ in reports] == [3]
+    finally:
+        torch.use_deterministic_algorithms(before)
+    a, b = _weights(tmp_path / "a" / "checkpoint_000003"), _weights(tmp_path / "b" / "checkpoint_000003")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -161,6 +161,18 @@ def test_precomp_caps_per_image_option(tmp_path):
         read_source(f"precomp:{tmp_path}")  # 3 rows * 5 != 6
 
 
+def test_precomp_one_caption_per_image_is_not_read_as_repeated_rows(tmp_path):
+    """As many rows as captions is VSE++'s COCO layout only when each image's row is repeated; one
+    caption per image (20 rows, 20 captions) was read as 4 images, every 5th row, and trained."""
+    write_precomp(tmp_path, {"train": 20}, per=1)
+    with pytest.raises(DataError, match=r"train_ims.npy: 20 rows .* rows 0..4 are not one image's row repeated "
+                                        r"caps_per_image=5 times \(4 of 4 runs differ\).*caps_per_image=1"):
+        read_source(f"precomp:{tmp_path}")
+    assert read_source(f"precomp:{tmp_path}?caps_per_image=1").images.num_rows == 20
+    write_precomp(tmp_path, {"train": 4}, per_caption_rows=True)  # the real repeated layout still reads
+    assert read_source(f"precomp:{tmp_path}").images.num_rows == 4
+
+
 def test_precomp_captions_as_vsepp_reads_them(tmp_path):
     """Windows line ends and a byte-order mark are not caption text; a form feed or U+2028 inside a
     caption does not end it (str.splitlines would split there and shift every later caption)."""
@@ -309,6 +321,48 @@ def karpathy_doc(images_dir: Path) -> dict:
 def write_json(path: Path, doc) -> Path:
     path.write_text(json.dumps(doc))
     return path
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda t: t.replace('"split": "train"', '"split": "trian"'),
+     "images[0] field 'split' = 'trian': not a split (did you mean 'train'?)"),  # its captions were dropped
+    (lambda t: t.replace('"split": "train"', '"split": "train", "split": "test"'),
+     "key 'split' appears twice in one object"),  # JSON kept the second: the image moved to test
+    (lambda t: "[" * 100000 + "]" * 100000, "nested too deeply"),  # a RecursionError traceback
+])
+def test_karpathy_misspelt_split_duplicate_key_deep_nesting(tmp_path, edit, needle):
+    json_path = write_json(tmp_path / "dataset.json", karpathy_doc(tmp_path / "images"))
+    json_path.write_text(edit(json_path.read_text()))
+    with pytest.raises(DataError) as info:
+        read_source(f"karpathy:{json_path}")
+    assert str(json_path) in str(info.value) and needle in str(info.value)
+
+
+@pytest.mark.parametrize("filename, needle", [
+    ("/etc/hostname", "leads out of the images folder"), ("../images/a.png", "leads out of the images folder"),
+    ("sub", "field 'filename' = 'sub' is a folder"),  # was counted among the missing files
+])
+def test_karpathy_filenames_stay_inside_the_images_folder(tmp_path, filename, needle):
+    doc = karpathy_doc(tmp_path / "images")
+    (tmp_path / "images" / "sub").mkdir()
+    doc["images"][1]["filename"] = filename
+    with pytest.raises(DataError, match=re.escape(needle)):
+        read_source(f"karpathy:{write_json(tmp_path / 'dataset.json', doc)}")
+
+
+def test_precomp_split_without_rows_is_named(tmp_path):
+    write_precomp(tmp_path, {"train": 3, "test": 2})
+    np.save(tmp_path / "test_ims.npy", np.zeros((0, 4), np.float32))
+    (tmp_path / "test_caps.txt").write_text("")
+    with pytest.raises(DataError, match=r"test_ims.npy: no rows .* split 'test' has no images"):
+        read_source(f"precomp:{tmp_path}")
+
+
+def test_karpathy_own_split_names_are_kept(tmp_path):
+    doc = karpathy_doc(tmp_path / "images")
+    doc["images"][0]["split"], doc["images"][2]["split"] = "holdout", "train2"
+    corpus = read_source(f"karpathy:{write_json(tmp_path / 'dataset.json', doc)}")
+    assert corpus.images.column("split").to_pylist() == ["holdout", "train", "train2"]
 
 
 def test_karpathy(tmp_path):

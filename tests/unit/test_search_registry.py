@@ -172,20 +172,31 @@ def test_optuna_samples_and_refuses_grids():
     assert "grid_search" not in str(registry.params_space(cfg, {"loss.margin": {"grid": [0.1, 0.2]}}))
 
 
-@pytest.mark.parametrize("cpus, workers, concurrent, expected", [
-    (2, 2, 1, None),     # one trial: the trainer's own default (cpus // workers)
-    (2, 2, 2, 0.5),      # two 2-worker trials on 2 CPUs: half a CPU each
-    (16, 2, 3, 2),       # whole CPUs above one
-    (2, 3, 2, 0.33),
+@pytest.mark.parametrize("nodes, workers, concurrent, expected", [
+    ([2], 2, 1, None),     # one trial: the trainer's own default (trainers.job.cpus_per_worker)
+    ([2], 2, 2, 0.5),      # two 2-worker trials on 2 CPUs: half a CPU each
+    ([16], 2, 3, 2),       # whole CPUs above one
+    ([2], 3, 2, 0.33),
+    ([8, 8], 1, 3, 4),     # two nodes: 16 / 3 = 5 each would fit two trials, not three
+    ([3, 3], 2, 2, 1),
 ])
-def test_concurrent_trials_share_the_cpus(cpus, workers, concurrent, expected):
+def test_concurrent_trials_share_the_cpus(nodes, workers, concurrent, expected):
     cfg = load_config(None, {"scaling.num_workers": workers, "search.max_concurrent": concurrent})
-    shared = share_cpus(cfg, cpus).scaling.cpus_per_worker
+    shared = share_cpus(cfg, [{"CPU": float(n)} for n in nodes]).scaling.cpus_per_worker
     assert shared == expected
-    if expected:
-        assert shared * workers * concurrent <= cpus
+    if expected:  # every worker of every trial placed at once, node by node
+        assert sum(int(n / shared + 1e-9) for n in nodes) >= workers * concurrent
     explicit = load_config(None, {"scaling.cpus_per_worker": 1.0, "search.max_concurrent": 2})
-    assert share_cpus(explicit, cpus).scaling.cpus_per_worker == 1.0  # the user's setting wins (trials queue)
+    assert share_cpus(explicit, [{"CPU": 2.0}]).scaling.cpus_per_worker == 1.0  # the user's setting wins (trials queue)
+
+
+def test_gpu_trials_share_the_cpus_of_the_gpu_nodes():
+    """ray_cluster.yaml's shape: an 8-CPU head without GPUs, 8-CPU workers with one GPU each."""
+    nodes = [{"CPU": 8.0}, {"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}]
+    cfg = load_config(None, {"scaling.num_workers": 1, "search.max_concurrent": 2, "scaling.use_gpu": True})
+    assert share_cpus(cfg, nodes).scaling.cpus_per_worker == 8  # not 24 / 2 = 12: no node has 12
+    three = load_config(None, {"scaling.num_workers": 1, "search.max_concurrent": 3, "scaling.use_gpu": True})
+    assert share_cpus(three, nodes).scaling.cpus_per_worker == 8  # two GPUs: the third trial queues
 
 
 def test_rerun_flags_override_their_keys(tmp_path):

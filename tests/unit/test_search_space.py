@@ -57,6 +57,10 @@ def test_shipped_space_is_valid():
     ("run.name: {choice: [a, b]}\n", "the search sets this key"),
     ("tracking.registered_model: {choice: [a, b]}\n", "the search sets this key"),
     ("search.num_samples: {choice: [2, 4]}\n", "the search sets this key"),
+    ("loss: {choice: [{margin: 0.1}, {margin: 0.2}]}\n", "loss: a section, not a setting"),  # was a KeyError
+    # every trial trains on the data the driver prepared once: these trained on it under their own value
+    ("data.text_encoder: {choice: [minilm, hashing]}\n", "data.text_encoder='hashing' needs other data"),
+    ("data.source: {choice: ['precomp:/a', 'precomp:/b']}\n", "data.source='precomp:/a' needs other data"),
 ])
 def test_bad_space_names_file_key_and_value(tmp_path, text, needle):
     path = _space(tmp_path, text)
