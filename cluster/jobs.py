@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import socket
 import sys
@@ -81,12 +82,23 @@ def auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
+def _positive_mib(text: str) -> float:
+    """--limit-mib: a finite size above 0 (argparse turns the ValueError into a one-line usage error)."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(text)
+    return value
+
+
 def _probe(address: str) -> None:
     """Fail fast, in one line, when nothing listens at an http(s) address."""
     url = urlparse(address if "://" in address else f"http://{address}")
     if url.scheme not in ("http", "https") or not url.hostname:
         return  # a module address (e.g. anyscale://): Ray resolves it
-    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        port = url.port or (443 if url.scheme == "https" else 80)
+    except ValueError as exc:  # "Port out of range 0-65535", a port that is not a number
+        raise BadArgs(f"address {address!r}: {exc}") from None
     try:
         socket.create_connection((url.hostname, port), timeout=PROBE_TIMEOUT_S).close()
     except OSError as exc:
@@ -335,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["stop"].add_argument("--timeout", type=float, default=60, help="seconds to wait (default 60)")
     sub.add_parser("list", parents=[server], help="submitted jobs")
     c = sub.add_parser("check", parents=[upload], help="what submit would upload, against Ray's limit")
-    c.add_argument("--limit-mib", type=float, help="another limit (default: this Ray version's)")
+    c.add_argument("--limit-mib", type=_positive_mib, help="another limit (default: this Ray version's)")
     return parser
 
 

@@ -54,8 +54,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
-class Busy(RuntimeError):
+class FolderError(RuntimeError):
+    """The folder of a run (or search) cannot be this process's: `Busy`, `NotWritable`."""
+
+
+class Busy(FolderError):
     """Another process holds the lock of the run (or search) this one would write."""
+
+
+class NotWritable(FolderError):
+    """The run's (or search's) folder is a file, or cannot be created where it is asked for."""
 
 
 @contextmanager
@@ -66,9 +74,15 @@ def exclusive(folder: str | Path, what: str) -> Iterator[None]:
     resume each other's state. flock: released by the kernel when the holder dies, however it dies;
     on NFS it takes a lock on the server."""
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    if folder.exists() and not folder.is_dir():  # else the run failed on it once it had started
+        raise NotWritable(f"{folder}: a file, not {what}'s folder: pick another name, or move the file")
     path = folder.with_name(f".{folder.name}.lock")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:  # read-only, not a folder on the way, no space: a traceback after the checks
+        raise NotWritable(f"{folder.parent}: cannot hold {what}'s folder ({exc.strerror or exc}: "
+                          f"{exc.filename or path})") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

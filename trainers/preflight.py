@@ -112,6 +112,11 @@ def changed_keys(saved: Config, new: Config) -> list[tuple[str, Any, Any]]:
     return out
 
 
+def _one_line(exc: BaseException) -> str:
+    """A YAML error's text (a few lines: the problem, the place, a caret) as one line."""
+    return " ".join(str(exc).split())
+
+
 def check_resume_config(cfg: Config) -> None:
     """A run that has a checkpoint resumes with the config it was started with, or not at all."""
     folder = Path(cfg.run.storage_path).resolve() / cfg.run.name  # Ray Train's folder of this run
@@ -121,7 +126,7 @@ def check_resume_config(cfg: Config) -> None:
     try:
         saved = read_saved_config(saved_path)
     except (yaml.YAMLError, OSError) as exc:
-        raise ConfigError(f"{saved_path}: cannot read the run's saved config ({exc})") from exc
+        raise ConfigError(f"{saved_path}: cannot read the run's saved config ({_one_line(exc)})") from exc
     diffs = changed_keys(saved, cfg)
     if diffs:
         listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in diffs)
@@ -137,6 +142,13 @@ START_FROM_FREE = frozenset({"model.dropout", "model.input_dropout", "model.augm
                              "model.position_shift"})
 
 
+def shapes_weights(key: str) -> bool:
+    """Whether a config key shapes the network or its optimizer: a checkpoint of one value cannot be
+    loaded with another (run.start_from, PBT's clones)."""
+    return (key.startswith("model.") and key not in START_FROM_FREE) or \
+        key in ("optim.name", "data.image_encoder", "data.text_encoder")
+
+
 def check_start_from(cfg: Config) -> None:
     """run.start_from names a checkpoint folder (its files' integrity is checked when it is loaded)
     of the same network and optimizer: other shapes failed to load in the workers, after start-up."""
@@ -149,10 +161,9 @@ def check_start_from(cfg: Config) -> None:
     try:
         saved = read_saved_config(path).flat()
     except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise ConfigError(f"run.start_from = {folder!r}: cannot read its {CONFIG_FILE} ({exc})") from exc
+        raise ConfigError(f"run.start_from = {folder!r}: cannot read its {CONFIG_FILE} ({_one_line(exc)})") from exc
     now = cfg.flat()
-    shaped = [k for k in now if (k.startswith("model.") and k not in START_FROM_FREE)
-              or k in ("optim.name", "data.image_encoder", "data.text_encoder")]
+    shaped = [k for k in now if shapes_weights(k)]
     diffs = [f"{k}: {saved.get(k)!r} there, {now[k]!r} here" for k in shaped if saved.get(k) != now[k]]
     if diffs:
         raise ConfigError(f"run.start_from = {folder!r} holds another network or optimizer, whose weights cannot "

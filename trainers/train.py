@@ -35,7 +35,7 @@ from itmatch.config import Config, ConfigError, load_config  # noqa: E402
 from itmatch.data.sources import DataError  # noqa: E402
 from itmatch.data.raw import prepare_inputs  # noqa: E402
 from itmatch.data.store import FeatureStore, stored_splits  # noqa: E402
-from itmatch.files import Busy, exclusive  # noqa: E402
+from itmatch.files import FolderError, exclusive  # noqa: E402
 from itmatch.models.towers import check_tower_names  # noqa: E402
 from trainers import in_process, preflight  # noqa: E402
 from trainers.job import finished_summary, run_dir, run_job, run_job_here, run_job_in_task  # noqa: E402
@@ -175,9 +175,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             # would interleave checkpoints and MLflow logging with this one. Taken once the checks
             # pass, so that refused input leaves nothing behind.
             held.enter_context(exclusive(run_dir(cfg), f"run {cfg.run.name!r}"))
-        except (ConfigError, DataError, Busy) as exc:
+        except (ConfigError, DataError, FolderError) as exc:
             print(f"error: {exc}", file=sys.stderr)
-            if isinstance(exc, Busy):
+            if isinstance(exc, FolderError):
                 stop_ray()  # the preflight may have started it to check the cluster
             return 2
         warn_relative_paths(cfg)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from itmatch.config import Config, ConfigError
+from trainers.preflight import shapes_weights
 from tuning.space import has_grid, to_tune
 
 log = logging.getLogger("itmatch.tune")
@@ -47,6 +48,11 @@ def _pbt(cfg: Config, space: dict[str, dict], folder: Optional[Path] = None):
     if cfg.search.algorithm != "random":  # Tune refuses at its first trial, after Ray has started
         raise ConfigError(f"search.scheduler=pbt samples its own population and mutates it; it cannot take "
                           f"search.algorithm={cfg.search.algorithm} (use --search random, or another scheduler)")
+    shaped = [key for key in space if shapes_weights(key)]
+    if shaped:  # a clone loads its donor's checkpoint with new values: it failed in the trial, after Ray started
+        raise ConfigError(f"search.scheduler=pbt clones trials' checkpoints under new values, but {shaped[0]} shapes "
+                          "the network or its optimizer (a clone could not load its donor's weights); search it "
+                          "with another scheduler, or fix it in the preset")
     if cfg.search.perturbation_interval % cfg.run.checkpoint_every:
         raise ConfigError(f"search.scheduler=pbt clones trials by their checkpoints every search.perturbation_interval="
                           f"{cfg.search.perturbation_interval} epochs, but run.checkpoint_every="

@@ -47,7 +47,7 @@ from itmatch.config import Config, ConfigError, load_config  # noqa: E402
 from itmatch.data.sources import DataError  # noqa: E402
 from itmatch.data.raw import open_store  # noqa: E402
 from itmatch.data.store import FeatureStore  # noqa: E402
-from itmatch.files import Busy, atomic_write_text, exclusive  # noqa: E402
+from itmatch.files import FolderError, atomic_write_text, exclusive  # noqa: E402
 from trainers import in_process, placement, preflight  # noqa: E402
 from trainers.logs import setup_logging  # noqa: E402
 from tuning import refit, registry, report, rerun, restore, select  # noqa: E402
@@ -466,7 +466,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             held.enter_context(exclusive(search_dir, f"search {cfg.search.name!r}"))  # one driver per search
             if _restorable(search_dir):
                 restore.check(cfg, space, search_dir)
-        except (ConfigError, DataError, Busy) as exc:
+        except (ConfigError, DataError, FolderError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         restore.save(cfg, space, search_dir)

@@ -357,7 +357,7 @@ def _json_document(path: Path) -> Any:
         raise DataError(f"{path}: nested too deeply to read as a Karpathy dataset file") from None
 
 
-def _check_split_name(path: Path, index: int, split: str) -> None:
+def _check_split_name(where: str, split: str) -> None:
     """A split name one or two letters from a known one ('trian', 'tset') is a typo: the image would
     sit in a split no run reads, its captions silently missing from training. Other names, and
     numbered ones ('train2', a fold), are a user's own splits (data.train_split=... names them)."""
@@ -367,7 +367,7 @@ def _check_split_name(path: Path, index: int, split: str) -> None:
     close = difflib.get_close_matches(split, known, n=1, cutoff=0.7)
     if split not in known and close and not split[-1:].isdigit():
         close = close[0]
-        raise DataError(f"{path}: images[{index}] field 'split' = {split!r}: not a split (did you mean {close!r}?); "
+        raise DataError(f"{where} = {split!r}: not a split (did you mean {close!r}?); "
                         f"the splits are {', '.join(known)} or your own, named in data.*_split")
 
 
@@ -393,7 +393,7 @@ def read_karpathy(source: Source, **_: Any) -> Corpus:
             sentids.add(None if sentid < 0 else sentid, f"images[{index}].sentences[{j}]")
         image_id = index if image_id is None else image_id
         split = _split(split, restval)
-        _check_split_name(json_path, index, split)
+        _check_split_name(f"{json_path}: images[{index}] field 'split'", split)
         path = image_root / filename
         if path.is_dir():
             raise DataError(f"{json_path}: images[{index}] field 'filename' = {filename!r} is a folder ({path}), "
@@ -536,8 +536,12 @@ def corpus_from_table(table: pa.Table, options: dict[str, str], name: str, files
         if not isinstance(splits[row], str) or not splits[row]:
             raise DataError(f"{name}: row {row}: field {split_col!r} = {splits[row]!r}: expected a split name")
         split = _split(splits[row])
+        _check_split_name(f"{name}: row {row}: field {split_col!r}", split)
         if raw_ids is not None and raw_ids[row] is None:  # null ids would all become one image
             raise DataError(f"{name}: row {row}: field {id_col!r} is null (every row needs its image's id)")
+        if raw_ids is not None and (not isinstance(raw_ids[row], (int, float, str, bytes))
+                                    or isinstance(raw_ids[row], bool)):  # a list or struct: no image's id
+            raise DataError(f"{name}: row {row}: field {id_col!r} = {raw_ids[row]!r}: not an id (a number or text)")
         # Keyed by split too: ids restart per split in many exports, and an image repeated in two
         # splits must become two images, else one split's captions point at the other's image.
         key = (split, raw_ids[row] if raw_ids is not None else data)

@@ -4,6 +4,7 @@ naming the biggest path and the limit, and the CLI answers an unreachable addres
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from pathlib import Path
 
@@ -114,6 +115,18 @@ def test_unreachable_address_is_one_line(argv, capsys, monkeypatch):
     assert jobs.main(argv) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: cannot reach the Ray job server at http://127.0.0.1:")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["list", "--address", "http://127.0.0.1:99999"], "error: address 'http://127.0.0.1:99999': Port out of range"),
+    (["check", "--limit-mib", "nan"], "argument --limit-mib: invalid"),
+    (["check", "--limit-mib", "-1"], "argument --limit-mib: invalid"),  # was "over Ray's -1024.0 KiB limit"
+])
+def test_a_bad_port_or_limit_is_one_line_not_a_traceback(argv, needle, capsys):
+    with pytest.raises(SystemExit) if argv[0] == "check" else contextlib.nullcontext() as done:
+        code = jobs.main(argv)
+    code = done.value.code if argv[0] == "check" else code
+    assert code == 2 and needle in capsys.readouterr().err
 
 
 def test_entrypoints_and_job_args():

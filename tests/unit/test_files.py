@@ -58,3 +58,18 @@ def test_written_files_get_the_mode_open_would_give(tmp_path):
     (tmp_path / "b.json").write_text("{}")
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == (tmp_path / "b.json").stat().st_mode & 0o777 \
         == 0o666 & ~umask
+
+
+def test_a_run_folder_that_is_a_file_or_cannot_be_created_is_named_before_anything_runs(tmp_path):
+    """Both were tracebacks (FileExistsError, NotADirectoryError) after the data was prepared."""
+    from itmatch.files import NotWritable, exclusive
+
+    (tmp_path / "r-file").write_text("hi")
+    with pytest.raises(NotWritable, match=r"r-file: a file, not run 'r-file''s folder"):
+        with exclusive(tmp_path / "r-file", "run 'r-file'"):
+            pass
+    with pytest.raises(NotWritable, match=r"r-file/runs: cannot hold run 'x''s folder \(Not a directory"):
+        with exclusive(tmp_path / "r-file" / "runs" / "x", "run 'x'"):
+            pass
+    with exclusive(tmp_path / "runs" / "x", "run 'x'"):  # a fresh place is created
+        assert (tmp_path / "runs").is_dir()

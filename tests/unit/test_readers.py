@@ -592,6 +592,18 @@ def test_parquet_an_id_naming_two_pictures_or_an_image_without_captions_is_refus
         read_table_source(f"parquet:{tmp_path / 'empty.parquet'}")
 
 
+def test_parquet_a_list_id_or_a_misspelt_split_is_refused(tmp_path):
+    """A list id was a TypeError traceback (unhashable); a row in split 'trian' was silently left out."""
+    images = pa.array([png_bytes(COLORS[0]), png_bytes(COLORS[1])], pa.binary())
+    pq.write_table(pa.table({"image": images, "caption": ["a", "b"], "idx": [[5], [6]]}), tmp_path / "ids.parquet")
+    with pytest.raises(DataError, match=r"row 0: field 'idx' = \[5\]: not an id"):
+        read_table_source(f"parquet:{tmp_path / 'ids.parquet'}?id=idx")
+    pq.write_table(pa.table({"image": images, "caption": ["a", "b"], "split": ["train", "trian"]}),
+                   tmp_path / "typo.parquet")
+    with pytest.raises(DataError, match=r"row 1: field 'split' = 'trian': not a split \(did you mean 'train'\?\)"):
+        read_table_source(f"parquet:{tmp_path / 'typo.parquet'}")
+
+
 def test_parquet_ids_restarting_per_split_stay_apart(tmp_path):
     table = pa.table({
         "image": pa.array([png_bytes(COLORS[i]) for i in (0, 0, 1, 1)], pa.binary()),

@@ -180,5 +180,6 @@ def test_start_from_a_checkpoint_of_another_network_is_refused_naming_the_keys(t
             check_start_from(load_config(None, [*start, change]))
         assert named in str(err.value), str(err.value)
     (donor / CONFIG_FILE).write_text("model: [")
-    with pytest.raises(ConfigError, match="cannot read its config.yaml"):
+    with pytest.raises(ConfigError, match="cannot read its config.yaml") as err:
         check_start_from(load_config(None, start))
+    assert "\n" not in str(err.value)  # the YAML error's lines (place, caret) on one line

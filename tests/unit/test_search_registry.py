@@ -159,6 +159,16 @@ def test_pbt_with_a_searcher_is_refused_in_one_line_before_ray(tmp_path, capsys)
     assert registry.scheduler(load_config(None, ["search.scheduler=pbt", "search.algorithm=random"]), SPACE)
 
 
+@pytest.mark.parametrize("key, values", [("model.hidden_dim", [32, 64]), ("optim.name", ["adam", "sgd"]),
+                                         ("model.branch", ["linear", "nonlinear"])])
+def test_pbt_refuses_keys_that_shape_the_weights(key, values):
+    """A clone loads its donor's checkpoint under new values: a size mismatch in the trial, after Ray."""
+    cfg = load_config(None, ["search.scheduler=pbt", "search.algorithm=random"])
+    with pytest.raises(ConfigError, match=f"search.scheduler=pbt .* but {key} shapes the network"):
+        registry.scheduler(cfg, {**SPACE, key: {"choice": values}})
+    assert registry.scheduler(cfg, {**SPACE, "model.dropout": {"uniform": [0.1, 0.3]}})  # no shape: mutable
+
+
 def test_optuna_samples_and_refuses_grids():
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
