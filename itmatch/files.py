@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import os
 import secrets
+import shutil
 import socket
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,25 @@ def atomic_write(path: str | Path, write: Callable[[Path], object]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # gone already once it has been renamed
+
+
+def staging_folder(folder: str | Path, what: str = "tmp") -> Path:
+    """A fresh hidden sibling of `folder` (same file system: renamed into place in one step)."""
+    folder = Path(folder)
+    return folder.with_name(f".{folder.name}.{what}-{secrets.token_hex(4)}")
+
+
+def replace_folder(staged: str | Path, folder: str | Path) -> Path:
+    """Put the complete folder `staged` in place of `folder` (if any) by renames: the old one moves
+    aside first and is deleted only once the new one is in place, so a crash between the renames
+    leaves it whole as `.<name>.old-*` and a reader never finds half of either."""
+    staged, folder = Path(staged), Path(folder)
+    old = staging_folder(folder, "old")
+    if folder.exists():
+        folder.rename(old)
+    staged.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
 
 
 def read_utf8(path: str | Path, error: type[Exception] = ValueError) -> str:

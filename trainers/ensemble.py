@@ -240,7 +240,8 @@ def stage(cfg: Config, store: Any, folders: list[Path], refs: list[str], cca_wei
     a failure before `evaluate_and_log` swaps them in leaves the previous ensemble as it was.
     Returns the loaded model, its members as named once in place, the weights, the hubness record."""
     from itmatch.eval.evaluate import evaluate_split
-    from itmatch.models.ensemble import Ensemble, save_hubness, saved_hubness, stage_ensemble, staging_folder
+    from itmatch.files import staging_folder
+    from itmatch.models.ensemble import Ensemble, save_hubness, saved_hubness, stage_ensemble
     from itmatch.state import load_model
     from trainers.job import run_dir
 
@@ -278,7 +279,7 @@ def evaluate_and_log(cfg: Config, folders: list[Path], refs: list[str], tags: Op
     "run_id"}): a refit whose training data holds the validation split (tuning/refit.py) is scored,
     logged and promoted by that score, its ensemble's before the refit, not by its own."""
     from itmatch.eval.evaluate import evaluate_split
-    from itmatch.models.ensemble import swap_in
+    from itmatch.files import replace_folder
     from trainers.job import SUMMARY_FILE, promote, run_dir
     from trainers.train import prepare_store
 
@@ -290,7 +291,7 @@ def evaluate_and_log(cfg: Config, folders: list[Path], refs: list[str], tags: Op
         val = evaluate_split(model, store.split(cfg.data.val_split), chunk=chunk)
         test = evaluate_split(model, store.split(cfg.data.test_split), chunk=chunk)
         for folder, place in staged:  # complete and scored: only now does it replace the folder's ensemble
-            swap_in(folder, place)
+            replace_folder(folder, place)
     finally:
         for folder, _ in staged:  # gone once swapped in; what a failure left
             shutil.rmtree(folder, ignore_errors=True)

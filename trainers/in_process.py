@@ -25,6 +25,7 @@ import torch
 
 from itmatch.config import Config
 from itmatch.data.store import FeatureStore
+from itmatch.files import replace_folder
 from itmatch.state import CHECKPOINT_PREFIX
 
 # (metrics, checkpoint folder or None) -> None
@@ -125,14 +126,8 @@ def write_checkpoint(folder: Path, epoch: int, save: Callable[[Path], None]) -> 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save(tmp)
-    if path.exists():  # the same epoch again (a restored run reporting its last state): the newer wins
-        old = folder / f".old-{path.name}"
-        shutil.rmtree(old, ignore_errors=True)
-        path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(path)
+    # the same epoch again (a restored run reporting its last state): the newer wins, swapped in by renames
+    replace_folder(tmp, path)
     return path
 
 

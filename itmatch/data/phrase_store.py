@@ -28,6 +28,7 @@ a phrase's positive "image" is its ground-truth region. What differs is batch co
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ from itmatch.data.sources import DataError, parse_source, typed_options
 from itmatch.data.store import (FeatureSplit, FeatureStore, _atomic_write_table, _cache_key, _check_finite, _digest,
                                 _drop_bad_images, check_encoder_names, decode_images, image_bytes)
 from itmatch.files import atomic_write_text
-from itmatch.phrases.entities import PhraseCorpus, boxes_column, boxes_of, read_entities
+from itmatch.phrases.entities import PhraseCorpus, boxes_column, boxes_of, check_image_sizes, read_entities
 
 SCHEMA_VERSION = 1
 KIND = "phrases"
@@ -73,11 +74,11 @@ def read_phrase_source(text: str) -> PhraseCorpus:
             root = write_shapes_entities(source.location, **options)
         except ValueError as exc:  # the writer's own argument checks
             raise DataError(f"data.source {text!r}: {exc}") from None
-        corpus = read_entities(root)
+        corpus = read_entities(root, check_sizes=False)  # as below
     elif source.scheme == "entities":
         typed_options(source, dict.fromkeys(_ENTITIES_OPTIONS, str))
         corpus = read_entities(source.location, image_dir=source.options.get("images"),
-                               proposals=source.options.get("proposals"))
+                               proposals=source.options.get("proposals"), check_sizes=False)  # prepare_phrases
     else:
         raise DataError(f"data.source {text!r}: {source.scheme}: is image-caption data, not region-phrase data")
     _check_usable(corpus)
@@ -231,6 +232,19 @@ def _write_raw_split(corpus: PhraseCorpus, split: str, root: Path) -> dict[str, 
             **_counts(part, rows), "dims": [0, 0]}
 
 
+def cache_name(corpus: PhraseCorpus, image_encoder: str, text_encoder: str) -> str:
+    """The store folder's name: the source's files (sizes, times) and the encoders, as for captions,
+    and what was read from them: an Annotations or Sentences file edited in place leaves its
+    folder's time as it was, and would be served the boxes and phrases it had before."""
+    digest = hashlib.sha256(_cache_key(corpus, image_encoder, text_encoder).encode())
+    for table in (corpus.images, corpus.captions, corpus.phrases, corpus.regions):
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table.combine_chunks())
+        digest.update(sink.getvalue())
+    return f"{KIND}-{digest.hexdigest()[:16]}"
+
+
 def prepare_phrases(source: str, *, cache_dir: str | Path, image_encoder: str, text_encoder: str,
                     splits: Optional[list[str]] = None, progress: bool = True,
                     raw_images: bool = False) -> "PhraseStore":
@@ -246,13 +260,15 @@ def prepare_phrases(source: str, *, cache_dir: str | Path, image_encoder: str, t
     if missing:
         raise DataError(f"{source}: split(s) {missing} not found; available: {corpus.splits}")
     _check_proposals_cover(corpus, wanted)
-    root = Path(cache_dir) / (f"{KIND}-" + _cache_key(corpus, image_encoder, text_encoder))
+    root = Path(cache_dir) / cache_name(corpus, image_encoder, text_encoder)
     manifest_path = root / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
     if manifest and all(s in manifest["splits"] for s in wanted):
         return PhraseStore(root, manifest)
-    root.mkdir(parents=True, exist_ok=True)
     have = manifest["splits"] if manifest else []  # kept: a worker may be reading them
+    # once per build, not per read (a header per picture, ~31k on Flickr30K): the name changes with the files
+    check_image_sizes(corpus, [s for s in wanted if s not in have])
+    root.mkdir(parents=True, exist_ok=True)
     write = (lambda s: _write_raw_split(corpus, s, root)) if raw_images else \
         (lambda s: _ingest_split(corpus, s, root, image_encoder, text_encoder, progress))
     stats = {s: write(s) for s in wanted if s not in have}
@@ -390,5 +406,5 @@ class RawPhraseSplit(PhraseSplit):
         return [self.texts[int(r)] for r in np.asarray(rows)]
 
 
-__all__ = ["KIND", "RAW_ENCODERS", "read_phrase_source", "region_rows", "pixel_box", "crop_features",
+__all__ = ["KIND", "RAW_ENCODERS", "cache_name", "read_phrase_source", "region_rows", "pixel_box", "crop_features",
            "prepare_phrases", "PhraseSplit", "RawPhraseSplit", "PhraseStore"]

@@ -253,10 +253,11 @@ def _source_corpus(text: str) -> Any:
     source = parse_source(text)
     try:
         if source.scheme == "shapes-phrases":
-            return read_entities(source.location) if (Path(source.location) / MARKER).is_file() else None
-        if source.scheme == "entities":
+            return read_entities(source.location, check_sizes=False) \
+                if (Path(source.location) / MARKER).is_file() else None
+        if source.scheme == "entities":  # sizes: checked when the store was built, whose name it must have
             return read_entities(source.location, image_dir=source.options.get("images"),
-                                 proposals=source.options.get("proposals"))
+                                 proposals=source.options.get("proposals"), check_sizes=False)
     except (DataError, OSError) as exc:
         log.warning("phrase pictures: cannot read %s: %s", text, exc)
     return None
@@ -268,12 +269,11 @@ def phrase_picture_loader(split: Any, store: Any) -> Optional[PictureLoader]:
     moved or changed); None otherwise: no picture beats a wrong one."""
     if hasattr(split, "picture_bytes"):
         return lambda p: split.picture_bytes[int(p)].as_py()
-    from itmatch.data.phrase_store import KIND
-    from itmatch.data.store import _cache_key
+    from itmatch.data.phrase_store import cache_name
 
     manifest = store.manifest
     corpus = _source_corpus(manifest["source"])
-    if corpus is None or f"{KIND}-" + _cache_key(corpus, manifest["image_encoder"], manifest["text_encoder"]) \
+    if corpus is None or cache_name(corpus, manifest["image_encoder"], manifest["text_encoder"]) \
             != Path(store.root).name:
         log.warning("phrase pictures without pictures: %s as read from %s is not the data the store %s was built "
                     "from", manifest["source"], Path.cwd(), store.root)

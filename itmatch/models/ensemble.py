@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import secrets
 import shutil
 from pathlib import Path
 from typing import Optional, Sequence
@@ -30,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from itmatch.files import replace_folder, staging_folder
 from itmatch.models.hubness import HubnessCorrection
 
 ENSEMBLE_FILE = "ensemble.json"
@@ -99,21 +99,15 @@ def is_ensemble(folder: str | Path) -> bool:
 def save_ensemble(folder: str | Path, members: Sequence[str | Path], sources: Sequence[str] = (),
                   weights: Optional[Sequence[float]] = None) -> Path:
     """Copy each member checkpoint folder into `folder` and write the member list (and weights) last:
-    written beside it (`stage_ensemble`) and swapped in complete (`swap_in`), so a failure midway
-    leaves an ensemble already in `folder` as it was."""
-    return swap_in(stage_ensemble(folder, members, sources, weights), folder)
-
-
-def staging_folder(folder: str | Path, what: str = "tmp") -> Path:
-    """A fresh hidden sibling of `folder` (same file system: renamed into place in one step)."""
-    folder = Path(folder)
-    return folder.with_name(f".{folder.name}.{what}-{secrets.token_hex(4)}")
+    written beside it (`stage_ensemble`) and swapped in complete (`itmatch.files.replace_folder`), so
+    a failure midway leaves an ensemble already in `folder` as it was."""
+    return replace_folder(stage_ensemble(folder, members, sources, weights), folder)
 
 
 def stage_ensemble(folder: str | Path, members: Sequence[str | Path], sources: Sequence[str] = (),
                    weights: Optional[Sequence[float]] = None) -> Path:
     """The ensemble `save_ensemble` writes, in a staging sibling of `folder` (removed on failure):
-    returns it, for `swap_in` once whatever else belongs in it (a hubness bank) is there too."""
+    returns it, for `itmatch.files.replace_folder` once whatever else belongs in it (a hubness bank) is there too."""
     weights = member_weights(len(members), weights)
     staged = staging_folder(folder)
     staged.parent.mkdir(parents=True, exist_ok=True)
@@ -129,19 +123,6 @@ def stage_ensemble(folder: str | Path, members: Sequence[str | Path], sources: S
         shutil.rmtree(staged, ignore_errors=True)
         raise
     return staged
-
-
-def swap_in(staged: str | Path, folder: str | Path) -> Path:
-    """Put the complete folder `staged` in place of `folder` by renames: the old one moves aside
-    first and is deleted only once the new one is in place (a crash between the renames leaves it
-    whole as `.<name>.old-*`), as trainers/in_process.py swaps a checkpoint."""
-    staged, folder = Path(staged), Path(folder)
-    old = staging_folder(folder, "old")
-    if folder.exists():
-        folder.rename(old)
-    staged.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
 
 
 def save_hubness(folder: str | Path, correction: HubnessCorrection, reference: str) -> None:
@@ -187,5 +168,4 @@ def saved_weights(folder: str | Path) -> Optional[list[float]]:
 
 
 __all__ = ["ENSEMBLE_FILE", "HUBNESS_FILE", "Ensemble", "is_ensemble", "member_folders", "member_weights",
-           "save_ensemble", "save_hubness", "saved_hubness", "saved_weights", "stage_ensemble", "staging_folder",
-           "swap_in"]
+           "save_ensemble", "save_hubness", "saved_hubness", "saved_weights", "stage_ensemble"]

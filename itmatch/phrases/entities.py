@@ -283,6 +283,8 @@ class PhraseCorpus:
     """Phrases left out: {"notvisual": n, "no_box": n}."""
     proposals_file: Path | None = None
     """The proposals file read (None without one): what an error about the proposals names."""
+    annotations: Path | None = None
+    """The Annotations folder read: what an error about an image's <size> names."""
 
     @property
     def splits(self) -> list[str]:
@@ -303,7 +305,7 @@ class PhraseCorpus:
 
         return PhraseCorpus(keep(self.images), keep(self.captions), keep(self.phrases), keep(self.regions),
                             keep(self.proposals), f"{self.name}[{name}]", self.files, dict(self.dropped),
-                            self.proposals_file)
+                            self.proposals_file, self.annotations)
 
 
 def _image_list(root: Path, splits: list[str] | None,
@@ -345,21 +347,29 @@ def _image_paths(names: list[str], filenames: list[str | None], image_dir: Path 
     return pa.array([str(p.resolve()) for p in paths], pa.string())
 
 
-def _check_image_sizes(annotations: list[Path], sizes: list[tuple[int, int]], paths: list[str]) -> None:
-    """Each Annotations file's <size> against its image file's (read from the header only).
+def check_image_sizes(corpus: PhraseCorpus, splits: list[str] | None = None) -> None:
+    """Each Annotations file's <size> against its image file's (read from the header only), of the
+    pictures of `splits` (all by default).
     Flickr30K Entities' sizes are their JPEGs', so a mismatch means Annotations and images of
-    different sets: every box would be cropped from the wrong place."""
+    different sets: every box would be cropped from the wrong place. Without an image folder
+    there is nothing to compare."""
     from PIL import Image
 
-    for xml, size, path in zip(annotations, sizes, paths):
+    images = corpus.images
+    if splits is not None:
+        images = images.filter(pc.is_in(images.column("split"), value_set=pa.array(splits, pa.string())))
+    columns = (images.column(k).to_pylist() for k in ("name", "width", "height", "path"))
+    for name, width, height, path in zip(*columns):
+        if path is None:
+            continue
         try:
             with Image.open(path) as image:
                 real = image.size
         except (OSError, ValueError, SyntaxError):
             continue  # an undecodable picture is named where pictures are decoded (store.py, phrase_store.py)
-        if tuple(real) != tuple(size):
-            raise DataError(f"{xml}: <size> (<width>x<height>) = {size[0]}x{size[1]}, but its image {path} is "
-                            f"{real[0]}x{real[1]}")
+        if tuple(real) != (width, height):
+            raise DataError(f"{corpus.annotations / f'{name}.xml'}: <size> (<width>x<height>) = {width}x{height}, "
+                            f"but its image {path} is {real[0]}x{real[1]}")
 
 
 class _Tables:
@@ -441,10 +451,12 @@ def boxes_of(column) -> np.ndarray:
 
 
 def read_entities(root: str | Path, *, image_dir: str | Path | None = None, proposals: str | Path | None = None,
-                  splits: list[str] | None = None, default_split: str = "train") -> PhraseCorpus:
+                  splits: list[str] | None = None, default_split: str = "train",
+                  check_sizes: bool = True) -> PhraseCorpus:
     """Read a Flickr30K Entities folder (see the module docstring). `image_dir` defaults to
     `root/images` when that folder exists; `proposals` to `root/proposals.parquet` when it exists;
-    `splits` restricts to those split lists."""
+    `splits` restricts to those split lists. `check_sizes=False` leaves `check_image_sizes` (an
+    image header opened per picture) to the caller: the feature cache runs it when it is built."""
     root = Path(root)
     for sub in (SENTENCES_DIR, ANNOTATIONS_DIR):
         if not (root / sub).is_dir():
@@ -468,8 +480,6 @@ def read_entities(root: str | Path, *, image_dir: str | Path | None = None, prop
     if image_dir is None and (root / IMAGES_DIR).is_dir():
         image_dir = root / IMAGES_DIR
     paths = _image_paths([n for n, _ in listed], filenames, Path(image_dir) if image_dir is not None else None)
-    if image_dir is not None:
-        _check_image_sizes([root / ANNOTATIONS_DIR / f"{n}.xml" for n, _ in listed], sizes, paths.to_pylist())
     images, captions, phrases, regions = tables.tables(paths)
     proposal_path = Path(proposals) if proposals is not None else root / PROPOSALS_FILE
     proposal_table = None
@@ -477,8 +487,11 @@ def read_entities(root: str | Path, *, image_dir: str | Path | None = None, prop
         proposal_table = read_proposals(proposal_path, images.column("image_id"), sizes)
     files = lists + ([proposal_path] if proposal_table is not None else []) + [root / SENTENCES_DIR,
                                                                                root / ANNOTATIONS_DIR]
-    return PhraseCorpus(images, captions, phrases, regions, proposal_table, f"entities:{root}", files, tables.dropped,
-                        proposal_path if proposal_table is not None else None)
+    corpus = PhraseCorpus(images, captions, phrases, regions, proposal_table, f"entities:{root}", files, tables.dropped,
+                          proposal_path if proposal_table is not None else None, root / ANNOTATIONS_DIR)
+    if check_sizes:
+        check_image_sizes(corpus)
+    return corpus
 
 
 # --------------------------------------------------------------------------- proposals
@@ -601,5 +614,6 @@ def padded_proposals(proposals: pa.Table, image_ids) -> tuple[np.ndarray, np.nda
 
 __all__ = ["SENTENCES_DIR", "ANNOTATIONS_DIR", "IMAGES_DIR", "PROPOSALS_FILE", "SPLITS", "NOTVISUAL", "ENTITY_TYPES",
            "Mention", "Caption", "parse_caption", "read_captions", "ImageBoxes", "read_boxes", "outside_image",
+           "check_image_sizes",
            "PhraseCorpus", "read_entities", "boxes_column", "boxes_of", "write_proposals", "read_proposals",
            "padded_proposals"]

@@ -191,3 +191,42 @@ def test_some_pictures_without_proposals_are_named(root, tmp_path):
     message = str(err.value)
     assert str(path) in message and "'train'" in message and f"2 of {len(train)}" in message
     assert f"{train[1:3]}" in message
+
+
+def test_xml_size_is_checked_when_the_store_is_built_not_on_every_read(root, tmp_path, monkeypatch):
+    """The check opens one image header per picture (~31k on Flickr30K): prepare_phrases runs it for
+    the splits it builds, and a cache hit reads no header; a mismatch is refused before anything is
+    stored, in the split that has it only."""
+    import itmatch.data.phrase_store as phrase_store
+
+    test_id = split_ids(root, "test")[0]
+    edit(root / f"Annotations/{test_id}.xml", r"<width>\d+</width>\s*<height>\d+</height>",
+         "<width>640</width><height>480</height>")
+    with pytest.raises(DataError, match=rf"Annotations/{test_id}.xml: <size> .* = 640x480, but its image .* is "
+                                        rf"{SIZE}x{SIZE}"):
+        prepare(root, tmp_path, ["test"])
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    store = prepare(root, tmp_path, ["train"])  # a split without the mismatch builds
+    opened = []
+    monkeypatch.setattr(phrase_store, "check_image_sizes", lambda *a, **k: opened.append(a))
+    assert prepare(root, tmp_path, ["train"]).root == store.root and opened == []
+
+
+def test_an_annotation_edited_in_place_is_not_served_from_the_cache(root, tmp_path):
+    """The store's folder was named by the files' sizes and times and the folders': an XML rewritten
+    in place (same size, the folder's time unchanged) was served its old boxes. What was read names
+    the folder now."""
+    store = prepare(root, tmp_path, ["train"])
+    train_id = split_ids(root, "train")[0]
+    xml = root / f"Annotations/{train_id}.xml"
+    folder_time, text = (root / "Annotations").stat().st_mtime_ns, xml.read_text()
+    # a box's left edge one pixel further left, its last digit 1-9 one less: the file keeps its size
+    match = next(m for m in re.finditer(r"<xmin>\d*([1-9])</xmin>", text))
+    with open(xml, "r+") as handle:
+        handle.write(text[:match.start(1)] + str(int(match.group(1)) - 1) + text[match.end(1):])
+    assert (root / "Annotations").stat().st_mtime_ns == folder_time and len(xml.read_text()) == len(text)
+    fresh = prepare(root, tmp_path, ["train"])
+    assert fresh.root != store.root
+    boxes = lambda s: pq.read_table(Path(s.root) / "train_regions.parquet").column("box").to_pylist()  # noqa: E731
+    assert boxes(fresh) != boxes(store)
+    assert prepare(root, tmp_path, ["train"]).root == fresh.root  # and unchanged again: a hit

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from itmatch.config import load_config, save_config
-from itmatch.files import atomic_write, atomic_write_text
+from itmatch.files import atomic_write, atomic_write_text, replace_folder, staging_folder
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
@@ -73,3 +73,33 @@ def test_a_run_folder_that_is_a_file_or_cannot_be_created_is_named_before_anythi
             pass
     with exclusive(tmp_path / "runs" / "x", "run 'x'"):  # a fresh place is created
         assert (tmp_path / "runs").is_dir()
+
+
+def _folder(path: Path, text: str) -> Path:
+    path.mkdir()
+    (path / "weights.pt").write_text(text)
+    return path
+
+
+def test_a_folder_is_replaced_whole_and_a_crash_between_the_renames_keeps_the_old_one(tmp_path, monkeypatch):
+    """Checkpoints of the same epoch and ensembles are swapped in by one helper: the new folder takes
+    the name, nothing staged stays behind; a crash after the old one moved aside leaves it whole."""
+    target = _folder(tmp_path / "best", "old")
+    replace_folder(_folder(staging_folder(target), "new"), target)
+    assert (target / "weights.pt").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["best"]
+    replace_folder(_folder(tmp_path / "staged", "first"), tmp_path / "fresh")  # nothing there before
+    assert (tmp_path / "fresh" / "weights.pt").read_text() == "first"
+
+    real_rename, calls = Path.rename, []
+
+    def crash_on_second(self, new):
+        calls.append(self)
+        if len(calls) == 2:
+            raise OSError(5, "Input/output error")
+        return real_rename(self, new)
+
+    monkeypatch.setattr(Path, "rename", crash_on_second)
+    with pytest.raises(OSError):
+        replace_folder(_folder(staging_folder(target), "newer"), target)
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith(".best.old-")]
+    assert len(aside) == 1 and (aside[0] / "weights.pt").read_text() == "new"

@@ -173,6 +173,33 @@ def test_precomp_one_caption_per_image_is_not_read_as_repeated_rows(tmp_path):
     assert read_source(f"precomp:{tmp_path}").images.num_rows == 4
 
 
+def test_repeated_rows_are_checked_a_chunk_at_a_time_as_a_whole_file_check_would(tmp_path):
+    """COCO's per-caption file is ~4.6 GB memory-mapped: compared in chunks of runs, the result, the
+    first differing run and the count of differing ones are those of one comparison over the file
+    (a loop over the runs here), whatever the chunk size, NaN rows included."""
+    from itmatch.data.readers import _repeated_rows
+
+    rng = np.random.default_rng(0)
+    per, images = 3, rng.normal(size=(11, 4)).astype(np.float32)
+    images[2] = np.nan
+    rows = np.repeat(images, per, axis=0)
+    path = tmp_path / "train_ims.npy"
+    np.save(path, rows)
+    mapped = np.load(path, mmap_mode="r")
+    for chunk_bytes in (1, 48, 100, 1 << 26):  # one run per chunk, runs split unevenly, one chunk
+        assert np.array_equal(_repeated_rows(mapped, path, per, chunk_bytes), images, equal_nan=True)
+    rows[7 * per + 1, 0] += 1.0  # runs 7 and 9 differ
+    rows[9 * per + 2, 3] = np.nan
+    np.save(path, rows)
+    mapped = np.load(path, mmap_mode="r")
+    differ = [i for i in range(len(images)) if not all(
+        np.array_equal(rows[i * per + j], rows[i * per], equal_nan=True) for j in range(per))]
+    assert differ == [7, 9]
+    for chunk_bytes in (1, 48, 100, 1 << 26):
+        with pytest.raises(DataError, match=r"rows 21..23 are not one image's row .* \(2 of 11 runs differ\)"):
+            _repeated_rows(mapped, path, per, chunk_bytes)
+
+
 def test_precomp_captions_as_vsepp_reads_them(tmp_path):
     """Windows line ends and a byte-order mark are not caption text; a form feed or U+2028 inside a
     caption does not end it (str.splitlines would split there and shift every later caption)."""
