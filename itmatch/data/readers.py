@@ -514,6 +514,7 @@ def _image_file(value: Any, base: Path) -> Optional[Path]:
 
 
 def _image_bytes(value: Any, where: str, row: int, base: Path) -> bytes:
+    given = value
     if isinstance(value, dict):  # datasets.Image stores {bytes, path}
         if value.get("bytes"):
             return value["bytes"]
@@ -523,7 +524,7 @@ def _image_bytes(value: Any, where: str, row: int, base: Path) -> bytes:
     file = _image_file(value, base)
     if file is not None:
         return file.read_bytes()
-    raise DataError(f"{where}: row {row}: image column value {str(value)[:80]!r} is not image bytes or a file "
+    raise DataError(f"{where}: row {row}: image column value {str(given)[:80]!r} is not image bytes or a file "
                     f"(relative paths are looked up under {base} and the working directory)")
 
 
@@ -603,9 +604,10 @@ def read_parquet(source: Source, **_: Any) -> LazyCorpus:
     image_files: list = []
     schemas = [_parquet_schema(file) for file in files]
     table_columns(list(dict.fromkeys(n for schema in schemas for n in schema.names)), options, name)
+    _check_image_kinds(files, schemas, image_col, path)
     for file, schema in zip(files, schemas):
         if split_col in schema.names:
-            splits |= _split_names(_read_parquet_file(file, [split_col]).column(0))
+            splits |= _split_names(_read_parquet_file(file, [split_col]).column(0), f"{file}: field {split_col!r}")
         else:
             splits.add(_file_split(file, named, path) if named else _split(options.get("split", "train")))
         if _holds_paths(schema, image_col):
@@ -617,9 +619,26 @@ def read_parquet(source: Source, **_: Any) -> LazyCorpus:
     return LazyCorpus(name, files, sorted(splits), load, image_files)
 
 
-def _split_names(column: pa.ChunkedArray) -> set[str]:
-    """The splits a split column names (a value that is no name is refused when the rows are read)."""
-    return {_split(v) for v in pc.unique(column).to_pylist() if isinstance(v, str) and v.strip()}
+def _split_names(column: pa.ChunkedArray, where: str) -> set[str]:
+    """The splits a split column names; a value that is no name (a number, null, blank) refused here,
+    else the run's splits were "not found" among none."""
+    values = pc.unique(column).to_pylist()
+    bad = next((v for v in values if not isinstance(v, str) or not v.strip()), "")
+    if bad != "":
+        raise DataError(f"{where} = {bad!r} (type {column.type}): expected split names (train, val, test)")
+    return {_split(v) for v in values}
+
+
+def _check_image_kinds(files: list[Path], schemas: list[pa.Schema], column: str, path: Path) -> None:
+    """Files of one folder hold their pictures one way: merged, a path column became bytes (the path's
+    text, then undecodable) or bytes became text."""
+    kinds = {file: _holds_paths(schema, column) for file, schema in zip(files, schemas) if column in schema.names}
+    if len(set(kinds.values())) > 1:
+        paths = next(f for f, is_path in kinds.items() if is_path)
+        other = next(f for f, is_path in kinds.items() if not is_path)
+        other_type = schemas[files.index(other)].field(column).type
+        raise DataError(f"parquet:{path}: field {column!r} holds file paths in {paths.relative_to(path)} but "
+                        f"{other_type} in {other.relative_to(path)}: write every file's images one way")
 
 
 def _holds_paths(schema: pa.Schema, column: str) -> bool:
@@ -656,7 +675,7 @@ def read_hf(source: Source, **_: Any) -> Corpus | LazyCorpus:
     table = _concat(tables, path)
     table_columns(table.column_names, source.options, str(source))
     files = sorted(p for p in path.rglob("*") if p.is_file())
-    splits = _split_names(table.column(split_col))
+    splits = _split_names(table.column(split_col), f"hf:{path}: field {split_col!r}")
     image_files = _named_files(table.column(image_col), path) if _holds_paths(table.schema, image_col) else []
     return LazyCorpus(str(source), files, sorted(splits),
                       lambda: corpus_from_table(table, source.options, str(source), files, path), image_files)

@@ -631,6 +631,36 @@ def test_parquet_a_list_id_or_a_misspelt_split_is_refused(tmp_path):
         read_table_source(f"parquet:{tmp_path / 'typo.parquet'}")
 
 
+@pytest.mark.parametrize("values, shown", [([1, 2], "1 (type int64)"), (["train", None], "None (type string)"),
+                                           (["train", "  "], "'  ' (type string)")])
+def test_parquet_a_split_column_without_names_is_named(tmp_path, values, shown):
+    """A numeric split column (an export's 0/1/2) was reported as the run's split "not found;
+    available: []"; a null or blank value among names was refused only once the rows were read."""
+    images = pa.array([png_bytes(COLORS[0]), png_bytes(COLORS[1])], pa.binary())
+    pq.write_table(pa.table({"image": images, "caption": ["a", "b"], "split": values}), tmp_path / "s.parquet")
+    with pytest.raises(DataError, match=re.escape(f"s.parquet: field 'split' = {shown}: expected split names")):
+        read_source(f"parquet:{tmp_path / 's.parquet'}")
+
+
+def test_parquet_files_holding_pictures_two_ways_are_refused(tmp_path):
+    """One file of paths and one of bytes were merged into bytes: every path's text then failed to
+    decode as a picture, with a message naming a BytesIO object."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "0.png").write_bytes(png_bytes(COLORS[0]))
+    pq.write_table(pa.table({"image": ["images/0.png"], "caption": ["a"]}), tmp_path / "train-0.parquet")
+    pq.write_table(pa.table({"image": pa.array([png_bytes(COLORS[1])], pa.binary()), "caption": ["b"]}),
+                   tmp_path / "train-1.parquet")
+    with pytest.raises(DataError, match=r"field 'image' holds file paths in train-0.parquet but binary in "
+                                        r"train-1.parquet"):
+        read_source(f"parquet:{tmp_path}")
+
+
+def test_a_struct_image_without_bytes_or_path_is_shown_as_it_is(tmp_path):
+    pq.write_table(pa.table({"image": [{"bytes": None, "path": None}], "caption": ["x"]}), tmp_path / "s.parquet")
+    with pytest.raises(DataError, match=re.escape("row 0: image column value \"{'bytes': None, 'path': None}\"")):
+        read_table_source(f"parquet:{tmp_path / 's.parquet'}")
+
+
 def test_parquet_ids_restarting_per_split_stay_apart(tmp_path):
     table = pa.table({
         "image": pa.array([png_bytes(COLORS[i]) for i in (0, 0, 1, 1)], pa.binary()),
