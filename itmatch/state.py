@@ -243,6 +243,23 @@ def checkpoint_candidates(latest: Optional[str | Path], run_folder: Optional[str
     return [latest, *sorted(others, key=_checkpoint_order, reverse=True)]
 
 
+DAMAGED_DIR = "damaged"
+
+
+def set_aside(damaged: list[Path], run_folder: Path) -> Path:
+    """Move checkpoints that failed their checksums into `run_folder/damaged/<n>/` (renames, same
+    file system) before a run starts over: left in place, the new run's checkpoints of the same
+    epochs and its pruning would delete them, and the best weights travelling inside them, which
+    may be intact. A later resume does not look there."""
+    folder = Path(run_folder) / DAMAGED_DIR
+    folder.mkdir(exist_ok=True)
+    target = folder / str(sum(1 for _ in folder.iterdir()) + 1)
+    target.mkdir()
+    for path in damaged:
+        path.rename(target / path.name)
+    return target
+
+
 def pick_resume_checkpoint(candidates: list[Path]) -> tuple[Path, list[tuple[Path, str]]]:
     """The first candidate (newest first) whose files pass their checksums, and the ones skipped
     with why. Raises CheckpointError naming every candidate when none is intact."""

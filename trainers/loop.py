@@ -417,7 +417,7 @@ def _resume(trainer: Trainer, checkpoint, run_dir: Optional[Path]) -> None:
 
 def _restore_newest(trainer: Trainer, listed: Optional[Path], run_folder: Optional[Path]) -> bool:
     """True if a checkpoint was restored."""
-    from itmatch.state import CheckpointError, checkpoint_candidates, pick_resume_checkpoint
+    from itmatch.state import CheckpointError, checkpoint_candidates, pick_resume_checkpoint, set_aside
 
     candidates = [p for p in checkpoint_candidates(listed, run_folder)
                   if p == listed or (p / "state.pt").is_file()]  # a folder Ray made but never filled
@@ -428,7 +428,10 @@ def _restore_newest(trainer: Trainer, listed: Optional[Path], run_folder: Option
     except CheckpointError as exc:
         if listed is not None:
             raise
-        log.warning("rank %d: starting over: %s", trainer.ctx.rank, exc)  # e.g. killed in its first save
+        # e.g. killed in its first save; rank 0 moves them aside (one rename each), the others read on
+        kept = set_aside(candidates, run_folder) if trainer.ctx.rank == 0 and run_folder is not None else None
+        log.warning("rank %d: starting over: %s%s", trainer.ctx.rank, exc,
+                    f" (those checkpoints are kept in {kept})" if kept else "")
         return False
     for bad, why in skipped:
         log.warning("rank %d: checkpoint %s is unusable (%s); resuming from %s instead",

@@ -68,6 +68,30 @@ def test_killed_after_a_checkpoint_then_started_again_equals_a_plain_uninterrupt
         torch.testing.assert_close(got[key], value, rtol=0, atol=0, msg=key)
 
 
+def test_a_run_whose_checkpoints_are_all_damaged_starts_over_and_keeps_them_aside(store, tmp_path, monkeypatch):
+    """Started over with them in place, the new run's checkpoints of the same epochs replaced them and
+    its pruning deleted the rest, with the best weights inside them that were intact."""
+    monkeypatch.setenv("ITMATCH_FAIL_AT_EPOCH", "2")
+    with pytest.raises(RuntimeError, match="injected failure after epoch 2"):
+        _fit(store, tmp_path / "run")
+    monkeypatch.delenv("ITMATCH_FAIL_AT_EPOCH")
+    damaged = {}
+    for folder in in_process.checkpoints(tmp_path / "run"):
+        state = folder / "state.pt"
+        data = bytearray(state.read_bytes())
+        data[len(data) // 2] ^= 0xFF  # one flipped byte: its checksum fails
+        state.write_bytes(bytes(data))
+        damaged[folder.name] = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert sorted(damaged) == ["checkpoint_000001", "checkpoint_000002"]
+    result, reports = _fit(store, tmp_path / "run")
+    assert [int(m["epoch"]) for m, _ in reports] == [1, 2, 3]  # started over
+    kept = tmp_path / "run" / "damaged" / "1"
+    assert sorted(p.name for p in kept.iterdir()) == sorted(damaged)
+    for name, files in damaged.items():
+        assert {p.relative_to(kept / name): p.read_bytes() for p in (kept / name).rglob("*") if p.is_file()} == files
+    assert pick_resume_checkpoint(checkpoint_candidates(None, tmp_path / "run"))[0].name == "checkpoint_000003"
+
+
 def test_a_half_written_checkpoint_never_takes_a_checkpoints_name(tmp_path):
     def dies(folder: Path) -> None:
         (folder / "state.pt").write_bytes(b"half")
