@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from itmatch.data.sources import PHRASE_SCHEMES
 from itmatch.files import atomic_write_text, read_utf8
@@ -42,6 +42,32 @@ class _Section(BaseModel):
     # No float setting means anything at inf or nan (YAML reads `.inf` and `inf` strings parse).
     model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True,
                               allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_others(cls, value: Any, info: ValidationInfo) -> Any:
+        """YAML 1.1 reads yes/no/on/off as booleans, and pydantic's lax mode takes a boolean as 1/0
+        for a number: `epochs: yes` trained one epoch, `optim.lr=true` at 1.0."""
+        annotation = cls.model_fields[info.field_name].annotation if info.field_name else bool
+        if isinstance(value, bool) and not _takes_bool(annotation):
+            quote = "; quote it to mean the text" if _takes_text_annotation(annotation) else ""
+            raise ValueError(f"a boolean (YAML reads yes/no/on/off/true/false as one), where this key takes "
+                             f"{_annotation_name(annotation)}{quote}")
+        return value
+
+
+def _takes_bool(annotation: Any) -> bool:
+    return annotation is bool or annotation is Any or bool in typing.get_args(annotation)
+
+
+def _annotation_name(annotation: Any) -> str:
+    """`int`, `int or null`, `one of 'a', 'b'`: what a key takes, for a message."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if args:
+        return " or ".join("null" if a is type(None) else _annotation_name(a) for a in args)
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -774,11 +800,14 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def _override_value(text: str) -> tuple[str, Any]:
-    """`parse_override`, except that a text setting keeps the text as typed: YAML reads `007` as 7,
-    `010` as 8 and `2024.10` as 2024.1, and run.name=1.10 and run.name=1.1 would share a folder."""
+    """`parse_override`, except that a text setting keeps the text as typed (unless quoted, or a YAML
+    null for an optional one): YAML reads `007` as 7, `2024.10` as 2024.1 (run.name=1.10 and
+    run.name=1.1 would share a folder), `yes` as True, `my run #2` as 'my run' (a comment) and
+    `precomp:` as a mapping."""
     key, value = parse_override(text)
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and _takes_text(key):
-        value = text.split("=", 1)[1].strip()
+    raw = text.split("=", 1)[1].strip()
+    if value is not None and _takes_text(key) and raw[:1] not in ("'", '"'):
+        value = raw
     return key, value
 
 
@@ -791,6 +820,10 @@ def _takes_text(key: str) -> bool:
         if fields is None or part not in fields:
             return False
         annotation = schema = fields[part].annotation
+    return _takes_text_annotation(annotation)
+
+
+def _takes_text_annotation(annotation: Any) -> bool:
     return annotation is str or str in typing.get_args(annotation)
 
 
@@ -805,6 +838,9 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any, where: str) -> None:
             raise ConfigError(f"{where}: unknown config key {key!r} (at {part!r}; valid here: {known})")
         annotation = fields[part].annotation
         if i == len(parts) - 1:
+            if getattr(annotation, "model_fields", None) is not None and not isinstance(value, dict):
+                raise ConfigError(f"{where}: {key} = {value!r}: {key} is a section (keys "
+                                  f"{', '.join(annotation.model_fields)}), not a value")
             node[part] = value
         else:
             if getattr(annotation, "model_fields", None) is None:  # a leaf: nothing below it
@@ -871,4 +907,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 def read_saved_config(path: str | Path) -> Config:
     """A config save_config wrote (a run's, a checkpoint's, a search's). Raises OSError or
     yaml.YAMLError if the file cannot be read, ConfigError naming it if it no longer validates."""
-    return validate(yaml.safe_load(Path(path).read_text()) or {}, where=str(path))
+    tree = yaml.safe_load(Path(path).read_text())
+    if not isinstance(tree, dict) or not tree:  # read as {}, an empty file was every default
+        raise ConfigError(f"{path}: not a saved config (a mapping of sections), got {str(tree)[:60]!r}")
+    return validate(tree, where=str(path))

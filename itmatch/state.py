@@ -84,7 +84,8 @@ def save_checkpoint(
 ) -> Path:
     """Write state.pt and config.yaml atomically. optimizer/scheduler: objects or their state dicts
     (None where a backend keeps them elsewhere, e.g. DeepSpeed shards); extra: backend notes;
-    rank_sums: every rank's `write_rank_sums` file (relative), which the checkpoint needs whole."""
+    rank_sums: every rank's `write_rank_sums` file (relative), and any other checksum file inside it
+    (the best weights' folder), which the checkpoint needs whole."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -163,7 +164,8 @@ def verify_checkpoint(folder: str | Path) -> None:
     for name, expected in _read_sums(sidecar).items():
         if expected is None:  # a rank's sidecar: it must be there, and so must every file it lists
             if not (folder / name).is_file():
-                raise CheckpointError(f"{folder / name}: missing: a rank's files did not all reach the checkpoint")
+                raise CheckpointError(f"{folder / name}: missing: a rank's files (or the best weights) did not all "
+                                      "reach the checkpoint")
             for inner, sha in _read_sums(folder / name).items():
                 _check_file((folder / name).parent / inner, sha, folder / name)
         else:
@@ -189,6 +191,16 @@ def _load_state(path: Path) -> dict:
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for a bad file
         first = (str(exc).splitlines() or [""])[0]
         raise CheckpointError(f"{path}: cannot load ({type(exc).__name__}: {first})") from exc
+
+
+def checkpoint_dims(folder: str | Path) -> Optional[tuple[int, int]]:
+    """The feature widths a checkpoint's network takes, read without loading its tensors (mapped);
+    None where its state.pt cannot be read (what a resume then does with it is its own business)."""
+    try:
+        payload = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+        return tuple(int(d) for d in payload["dims"])  # type: ignore[return-value]
+    except Exception:  # damaged or foreign: named when it is loaded
+        return None
 
 
 def load_checkpoint(folder: str | Path) -> tuple[dict, Config]:

@@ -29,6 +29,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -39,6 +40,7 @@ from itmatch.data.sources import DataError  # noqa: E402
 from itmatch.files import atomic_write_text  # noqa: E402
 from itmatch.state import CheckpointError  # noqa: E402
 from trainers import preflight  # noqa: E402
+from trainers.job import read_summary  # noqa: E402
 from trainers.logs import setup_logging  # noqa: E402
 
 log = logging.getLogger("itmatch.ensemble")
@@ -52,17 +54,25 @@ BEST_DIR, CCA_DIR = "best_model", "cca_member"
 # Rows of each modality in a hubness bank: a seeded subset of a larger training split (the bank is
 # saved with the model, rows x the joined width in float16).
 BANK_ROWS = 5000
+# What a config key (or section) looks like: `loss.margin`, `loss`; a path has `/` or other signs.
+DOTTED_KEY = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 
 def member_checkpoint(ref: str) -> Path:
     """A run folder's best checkpoint (from its summary.json), or the checkpoint folder itself."""
     folder = Path(ref)
-    summary = folder / "summary.json"
-    if summary.is_file():
-        best = json.loads(summary.read_text()).get("best_checkpoint")
-        if not best:
-            raise CheckpointError(f"{summary}: no best_checkpoint (the run did not finish)")
+    if not folder.exists():
+        raise CheckpointError(f"member {ref}: no such folder")
+    summary_path = folder / "summary.json"
+    summary = read_summary(summary_path)
+    if summary is not None:
+        best = summary.get("best_checkpoint")
+        if not best or not isinstance(best, str):
+            raise CheckpointError(f"{summary_path}: no best_checkpoint (the run did not finish)")
         folder = Path(best)
+        if not folder.is_dir():  # else reported as "not a run folder", though the summary is there
+            raise CheckpointError(f"member {ref}: {summary_path} names best_checkpoint {best}, which is missing "
+                                  "(moved or deleted); give a checkpoint folder of the run instead")
     if (folder / "ensemble.json").is_file() and not (folder / "state.pt").is_file():
         raise CheckpointError(f"member {ref}: an ensemble ({folder}), not one model; give its members instead")
     if not (folder / "state.pt").is_file():
@@ -71,10 +81,10 @@ def member_checkpoint(ref: str) -> Path:
     return folder
 
 
-def check_members(configs: list[Config], refs: list[str]) -> None:
+def check_members(configs: list[Config], refs: list[str], dims: list[tuple[int, int]]) -> None:
     """One line naming the first member whose task or inputs differ from the first member's."""
     first = configs[0].flat()
-    for cfg, ref in zip(configs[1:], refs[1:]):
+    for cfg, ref, width in zip(configs[1:], refs[1:], dims[1:]):
         flat = cfg.flat()
         if cfg.data.task != configs[0].data.task:  # not a key of flat(): inferred from the source's scheme
             raise ConfigError(f"member {ref}: a {cfg.data.task} model (data.source={cfg.data.source!r}), but "
@@ -86,6 +96,11 @@ def check_members(configs: list[Config], refs: list[str]) -> None:
             if flat[key] != first[key]:
                 raise ConfigError(f"member {ref}: {key}={flat[key]!r}, but {refs[0]} has {first[key]!r}; an "
                                   "ensemble's members must take the same inputs")
+        # the same encoder names can still give other widths (other precomp files): the members
+        # would then fail on the first member's data with a shape error mid-evaluation
+        if tuple(width) != tuple(dims[0]):
+            raise ConfigError(f"member {ref}: takes (image, caption) features {tuple(width)} wide, but {refs[0]} "
+                              f"takes {tuple(dims[0])}; an ensemble's members must take the same inputs")
 
 
 def check_output(folder: Path, refs: list[str], checkpoints: list[Path]) -> None:
@@ -123,16 +138,17 @@ def _not_ours(folder: Path) -> str:
 
 
 def build(refs: list[str], name: str, overrides: list[str], min_members: int = 2) -> tuple[Config, list[Path]]:
-    from itmatch.state import load_checkpoint
+    from itmatch.state import CONFIG_FILE, load_checkpoint
     from trainers.job import run_dir
 
     if len(refs) < min_members:
         raise ConfigError(f"an ensemble needs at least {min_members} member(s), got {len(refs)}")
     folders = [member_checkpoint(r) for r in refs]
-    configs = [load_checkpoint(f)[1] for f in folders]
-    check_members(configs, refs)
-    cfg = load_config(None, {**configs[0].flat(), "run.name": name, "run.start_from": None,
-                             **dict(o.split("=", 1) for o in overrides)})
+    loaded = [load_checkpoint(f) for f in folders]
+    check_members([c for _, c in loaded], refs, [tuple(p["dims"]) for p, _ in loaded])
+    # the first member's config as the preset: its overrides are read as trainers.train reads them
+    cfg = load_config(folders[0] / CONFIG_FILE, overrides)
+    cfg = load_config(None, {**cfg.flat(), "run.name": name, "run.start_from": None})
     check_output(run_dir(cfg), refs, folders)
     return cfg, folders
 
@@ -140,7 +156,9 @@ def build(refs: list[str], name: str, overrides: list[str], min_members: int = 2
 def in_search(cfg: Config, search_dir: Path) -> list[str]:
     """`build` overrides for a search's ensemble: saved in the search's folder, logged where the
     search logs (its members' own tracking settings may differ), registered by the search, not here."""
-    where = [f"tracking.{k}={v}" for k, v in cfg.tracking.model_dump().items() if k != "registered_model"]
+    # as JSON, which the overrides' YAML reads back as it was (None as null, text quoted whole)
+    where = [f"tracking.{k}={json.dumps(v)}" for k, v in cfg.tracking.model_dump().items()
+             if k != "registered_model"]
     return [f"run.storage_path={search_dir}", *where, "tracking.registered_model="]
 
 
@@ -322,6 +340,19 @@ def evaluate_and_log(cfg: Config, folders: list[Path], refs: list[str], tags: Op
     return summary
 
 
+def split_members(args: list[str]) -> tuple[list[str], list[str]]:
+    """The members (folders) and the key=value overrides among the positional arguments. A folder
+    may hold `=` (runs/lr=0.1/best_model): an existing path is a member, and so is text whose part
+    before `=` is no dotted name (a config key's shape), so that a missing one is named as a member;
+    a misspelt key stays an override, which load_config refuses listing the valid keys."""
+    refs, overrides = [], []
+    for arg in args:
+        key = arg.split("=", 1)[0].strip()
+        is_override = "=" in arg and not Path(arg).exists() and DOTTED_KEY.fullmatch(key) is not None
+        (overrides if is_override else refs).append(arg)
+    return refs, overrides
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     setup_logging()
     p = argparse.ArgumentParser(prog="trainers.ensemble", description=__doc__,
@@ -335,9 +366,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="off | auto: a hubness correction (CSLS against the training split) if it helps on "
                         "validation | K,W: that one (K reference neighbours, weight W)")
     args = p.parse_intermixed_args(argv)
-    refs = [m for m in args.members if "=" not in m]
-    overrides = [m for m in args.members if "=" in m]
     try:
+        refs, overrides = split_members(args.members)
         if not 0 <= args.cca_weight < 1 or args.cca_dim < 1:
             raise ConfigError(f"--cca-weight must be in [0, 1) and --cca-dim >= 1, got {args.cca_weight} and {args.cca_dim}")
         alone_ok = args.cca_weight > 0 or hubness_setting(args.hubness) is not None  # one run + CCA or a correction

@@ -22,6 +22,7 @@ import yaml
 from itmatch.config import Config, read_saved_config, save_config, validate
 from itmatch.data.store import FeatureStore, stored_splits
 from itmatch.files import atomic_write_text
+from itmatch.state import CheckpointError
 from trainers import placement
 
 if TYPE_CHECKING:
@@ -112,15 +113,35 @@ def run_job(cfg: Config, store: FeatureStore, *, tags: Optional[dict[str, str]] 
     return summary
 
 
+def read_summary(path: Path) -> Optional[dict[str, Any]]:
+    """A run folder's summary.json, None where there is none. One that is not a JSON object (cut
+    short, hand-edited: invalid JSON, `[]`, `null`) raises CheckpointError naming the file: its
+    readers (finished_summary, trainers.ensemble, tuning.rerun) failed on `.get` with a traceback."""
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError: their text names no file
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(summary, dict):
+        raise CheckpointError(f"{path}: not a JSON object (got {type(summary).__name__} {summary!r:.60})")
+    return summary
+
+
 def finished_summary(cfg: Config, store: FeatureStore) -> Optional[dict[str, Any]]:
     """The summary of this run if it finished already with this very config and data: running the
     same command again must not log and register the same model a second time. None otherwise (a
     run told to train longer resumes and is finalized again)."""
     folder = run_dir(cfg)
     try:
-        summary = json.loads((folder / SUMMARY_FILE).read_text())
+        summary = read_summary(folder / SUMMARY_FILE)
         saved = read_saved_config(folder / CONFIG_FILE)
+    except CheckpointError as exc:  # a damaged summary: finalizing the run again rewrites it
+        log.warning("%s; finalizing the run again", exc)
+        return None
     except (OSError, ValueError, yaml.YAMLError):  # not finished, or not readable: run as usual
+        return None
+    if summary is None:  # not finished
         return None
     found = {"run.name", "run.storage_path"}  # they found this folder, written either way
     same = {k: v for k, v in saved.flat().items() if k not in found} == \

@@ -30,7 +30,8 @@ from itmatch.losses import build_objective
 from itmatch.models import build_model, is_closed_form
 from itmatch.models.towers import cache_views
 from itmatch.optim import build_optimizer, build_scheduler
-from itmatch.state import TrainState, epoch_seed, load_checkpoint, rank_sums_name, save_checkpoint, write_rank_sums
+from itmatch.state import (CHECKSUM_FILE, TrainState, epoch_seed, load_checkpoint, rank_sums_name, save_checkpoint,
+                           write_rank_sums)
 from trainers.dist import WorkerContext, worker_context
 from trainers.logs import quiet_ray_reports, setup_logging
 from trainers.strategies import build_strategy
@@ -121,12 +122,14 @@ class Trainer:
         if not self.ctx.is_main:
             return
         rank_sums = tuple(f"{shards}/{rank_sums_name(r)}" for r in range(self.ctx.world_size)) if shards else ()
+        if self.best_weights is not None:  # first, and listed by the checkpoint's checksums: one without
+            # it is damaged (a resume would take the epoch's weights for the best ones)
+            save_checkpoint(folder / BEST_DIR, model=self.best_weights, cfg=self.cfg,
+                            train_state=self.state, dims=self.dims)
+            rank_sums += (f"{BEST_DIR}/{CHECKSUM_FILE}",)
         save_checkpoint(folder, model=self.epoch_weights, cfg=self.cfg, train_state=self.state, dims=self.dims,
                         optimizer=extra.pop("optimizer"), scheduler=extra.pop("scheduler"),
                         sampler=self.sampler.state_dict(), extra=extra, rank_sums=rank_sums)
-        if self.best_weights is not None:
-            save_checkpoint(folder / BEST_DIR, model=self.best_weights, cfg=self.cfg,
-                            train_state=self.state, dims=self.dims)
 
     # -- one epoch ---------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:

@@ -47,9 +47,14 @@ def _logged_through(folder: Path, run_id: str) -> int:
 
 
 def _record(line: str) -> Optional[dict[str, Any]]:
+    """The line's record, or None unless it is one: an int epoch and metrics of numbers (a value
+    MLflow refuses was taken for the server being down, and retried every epoch)."""
     try:
         record = json.loads(line)
-        return record if isinstance(record["epoch"], int) and isinstance(record["metrics"], dict) else None
+        metrics = record["metrics"]
+        numbers = isinstance(metrics, dict) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())
+        return record if isinstance(record["epoch"], int) and numbers else None
     except (ValueError, KeyError, TypeError):
         return None
 

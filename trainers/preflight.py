@@ -31,7 +31,7 @@ from itmatch.config import Config, ConfigError, read_saved_config
 from itmatch.data.batching import NeighborhoodBatchSampler, shards_per_rank
 from itmatch.data.sources import DataError
 from itmatch.data.store import FeatureStore, stored_splits
-from itmatch.state import CONFIG_FILE
+from itmatch.state import CONFIG_FILE, checkpoint_candidates, checkpoint_dims
 from trainers import in_process
 
 log = logging.getLogger("itmatch.preflight")
@@ -56,6 +56,7 @@ def check(cfg: Config, store: FeatureStore) -> None:
     """Raise ConfigError/DataError (one line) if this run cannot start or must not resume."""
     check_resume_config(cfg)
     check_start_from(cfg)
+    check_checkpoint_dims(cfg, store)
     check_batch(cfg, store)
     check_cca(cfg, store)
     check_tracking(cfg)
@@ -120,9 +121,13 @@ def _one_line(exc: BaseException) -> str:
 def check_resume_config(cfg: Config) -> None:
     """A run that has a checkpoint resumes with the config it was started with, or not at all."""
     folder = Path(cfg.run.storage_path).resolve() / cfg.run.name  # Ray Train's folder of this run
-    saved_path = folder / CONFIG_FILE
-    if not saved_path.is_file() or not any(p.is_dir() for p in folder.glob("checkpoint_*")):
+    checkpoints = checkpoint_candidates(None, folder)  # newest first
+    if not checkpoints:
         return  # nothing to resume: a fresh start may use any config
+    # the run's own, else (deleted, lost) the config the newest checkpoint was written with
+    saved_path = next((p for p in [folder, *checkpoints] if (p / CONFIG_FILE).is_file()), folder) / CONFIG_FILE
+    if not saved_path.is_file():
+        return
     try:
         saved = read_saved_config(saved_path)
     except (yaml.YAMLError, OSError) as exc:
@@ -168,6 +173,21 @@ def check_start_from(cfg: Config) -> None:
     if diffs:
         raise ConfigError(f"run.start_from = {folder!r} holds another network or optimizer, whose weights cannot "
                           f"be loaded into this one: {'; '.join(diffs)} (use the checkpoint's values)")
+
+
+def check_checkpoint_dims(cfg: Config, store: FeatureStore) -> None:
+    """The checkpoint a run resumes (its newest) or starts from takes features as wide as the data's:
+    features of another width (the source's files replaced, another encoder's) failed to load in
+    the workers, retried run.max_failures times, with a size-mismatch traceback."""
+    folder = Path(cfg.run.storage_path).resolve() / cfg.run.name
+    newest = next((p for p in checkpoint_candidates(None, folder) if (p / "state.pt").is_file()), None)
+    for what, checkpoint in (("resumes", newest), ("run.start_from", cfg.run.start_from)):
+        dims = checkpoint_dims(checkpoint) if checkpoint else None
+        if dims is not None and dims != tuple(store.dims):
+            raise DataError(f"{checkpoint}: takes features {dims[0]} (image) x {dims[1]} (caption) wide, but "
+                            f"{cfg.data.source} gives {store.dims[0]} x {store.dims[1]} "
+                            f"({'the run ' + what + ' it' if what == 'resumes' else what}): the same data, or "
+                            f"{'a new run.name' if what == 'resumes' else 'another checkpoint'}")
 
 
 def check_batch(cfg: Config, store: FeatureStore) -> None:

@@ -67,12 +67,9 @@ def load_table(path: str | Path, extra: list[str]) -> tuple[Config, dict[str, di
         raise ConfigError(f"{path}: seeds: {seeds!r} repeats a seed (its runs would share one folder)")
     if not isinstance(common, dict):
         raise ConfigError(f"{path}: overrides: expected a mapping of dotted key -> value, got {common!r}")
-    folders: dict[str, str] = {}
-    for row in rows:
-        other = folders.setdefault(slug(str(row)), str(row))
-        if other != str(row):
-            raise ConfigError(f"{path}: rows {other!r} and {row!r} would share the run folders "
-                              f"{slug(str(row))}-seed*; rename one")
+    if not isinstance(spec.get("config"), (str, type(None))):
+        raise ConfigError(f"{path}: config: expected the path of a preset YAML file, got {spec['config']!r}")
+    _check_row_names(path, rows)
     if "train.seed" in common:
         raise ConfigError(f"{path}: overrides: train.seed is set by seeds: for every run; leave it out")
     base = load_config(spec.get("config"), [*(f"{k}={json.dumps(v)}" for k, v in common.items()), *extra])
@@ -80,6 +77,20 @@ def load_table(path: str | Path, extra: list[str]) -> tuple[Config, dict[str, di
     for row, overrides in rows.items():
         _check_row(path, base, row, overrides)
     return base, rows, seeds
+
+
+def _check_row_names(path: str | Path, rows: dict) -> None:
+    """Row names are text, one folder each. YAML reads `on`, `no`, `2`, `null` as a boolean, a number,
+    None: refused here (quoted, they are names), since plan() slugs them after Ray has started."""
+    folders: dict[str, str] = {}
+    for row in rows:
+        if not isinstance(row, str):
+            raise ConfigError(f"{path}: rows: the row name {row!r} is read by YAML as {type(row).__name__}, not "
+                              "text; quote it as the table spells it (e.g. 'on': or '2':)")
+        other = folders.setdefault(slug(row), row)
+        if other != row:
+            raise ConfigError(f"{path}: rows {other!r} and {row!r} would share the run folders "
+                              f"{slug(row)}-seed*; rename one")
 
 
 def _check_row(path: str | Path, base: Config, row: str, overrides: dict) -> None:
@@ -156,9 +167,10 @@ def _overrides(line: dict[str, Any]) -> str:
     return ", ".join(f"`{k}={v}`" for k, v in line["overrides"].items()) or "(the preset)"
 
 
-def prepare_table(base: Config, rows: dict[str, dict], name: str) -> tuple[Config, Any]:
+def prepare_table(base: Config, rows: dict[str, dict], name: str, table: str | Path) -> tuple[Config, Any]:
     """The table's own config and feature store, checked as a job's are before anything starts
-    (ConfigError / DataError in one line): the name, every row's batch, the MLflow store and names."""
+    (ConfigError / DataError in one line): the name, every row's batch (an error names the `table`
+    file and the row), the MLflow store and names."""
     from trainers import preflight
     from trainers.job import absolute_paths
     from trainers.train import prepare_store
@@ -166,8 +178,11 @@ def prepare_table(base: Config, rows: dict[str, dict], name: str) -> tuple[Confi
     cfg = absolute_paths(load_config(None, {**base.flat(), "run.name": name, "eval.pictures": False,
                                             "tracking.registered_model": None}))
     store = prepare_store(cfg)
-    for overrides in rows.values():
-        preflight.check_batch(load_config(None, {**cfg.flat(), **overrides}), store)
+    for row, overrides in rows.items():
+        try:
+            preflight.check_batch(load_config(None, {**cfg.flat(), **overrides}), store)
+        except DataError as exc:
+            raise DataError(f"{table}: row {row!r}: {exc}") from exc
     preflight.check_tracking(cfg)
     return cfg, store
 
@@ -233,7 +248,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     try:
         base, rows, seeds = load_table(args.table, args.overrides)
-        cfg, store = prepare_table(base, rows, name)
+        cfg, store = prepare_table(base, rows, name, args.table)
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

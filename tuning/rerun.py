@@ -11,11 +11,10 @@ CPUs. A re-run whose summary.json exists (a killed search run again) is read bac
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from itmatch.config import Config, load_config
 
@@ -111,11 +110,17 @@ def _record(item: dict, summary, error, wall) -> dict[str, Any]:
             "wall_s": wall}
 
 
-def _summary(cfg: Config):
-    from trainers.job import SUMMARY_FILE, run_dir
+def _summary(cfg: Config) -> Optional[dict[str, Any]]:
+    """The summary of a re-run that finished before; None where there is none, or where it is damaged
+    (not a JSON object): the re-run then goes again, and its job's finalization rewrites it."""
+    from itmatch.state import CheckpointError
+    from trainers.job import SUMMARY_FILE, read_summary, run_dir
 
-    path = run_dir(cfg) / SUMMARY_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    try:
+        return read_summary(run_dir(cfg) / SUMMARY_FILE)
+    except CheckpointError as exc:
+        log.warning("%s; running it again", exc)
+        return None
 
 
 def _rerun_task(setup: dict, item: dict[str, Any]) -> tuple[dict, float]:

@@ -15,7 +15,8 @@ import functools
 import json
 import math
 import re
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -38,6 +39,9 @@ class Corpus:
     name: str
     files: list[Path]
     """Files the corpus was read from (their sizes and times key the feature cache)."""
+    missing_caption_features: dict[str, Path] = field(default_factory=dict)
+    """precomp: split -> the caption-feature file it lacks while other splits have theirs (named
+    when the text encoder cannot encode that split live)."""
 
     @property
     def splits(self) -> list[str]:
@@ -130,10 +134,14 @@ def text_lines(text: str) -> list[str]:
     return lines[:-1] if lines and lines[-1] == "" else lines
 
 
-def _load_npy(path: Path) -> np.ndarray:
+def _load_npy(path: Path, what: str) -> np.ndarray:
+    """A [rows, width] real-valued array, memory-mapped; `what` (e.g. "image features of split 'val'")
+    names it in the messages of the value check."""
+    if path.stat().st_size == 0:  # np.load raises EOFError, which no caller expects
+        raise DataError(f"{path}: empty file (0 bytes), not an .npy array")
     try:
         array = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:  # EOFError: a header cut short
         raise DataError(f"{path}: cannot read as .npy ({exc})") from exc
     if not isinstance(array, np.ndarray):  # np.savez's archive under an .npy name
         raise DataError(f"{path}: is an .npz archive, not one .npy array (save it with np.save)")
@@ -141,7 +149,49 @@ def _load_npy(path: Path) -> np.ndarray:
         raise DataError(f"{path}: expected a 2-D array [rows, dim], got shape {array.shape}")
     if array.dtype.kind not in "biuf":  # complex would lose its imaginary part, strings parse or not
         raise DataError(f"{path}: expected real numbers, got dtype {array.dtype}")
+    if array.shape[1] < 1:  # Arrow has no zero-size list column; a model no zero-size input
+        raise DataError(f"{path}: shape {array.shape}: {what} are 0 wide (each row needs at least one value)")
+    _check_values(array, path, what)
     return array
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _check_values(array: np.ndarray, path: Path, what: str, chunk_bytes: int = 1 << 26) -> None:
+    """Refuse rows holding NaN/inf, or values so large that the row's squared length overflows
+    float32: the features are cast to float32 and the model takes dot products and norms of them
+    (3e38 passed as finite and the loss turned non-finite a few steps into training). Checked a
+    chunk of rows at a time, as float64: VSE++ files reach GBs, memory-mapped."""
+    step = max(1, chunk_bytes // (8 * array.shape[1]))
+    first, count = -1, 0
+    for start in range(0, len(array), step):
+        bad = _overflowing_rows(array[start:start + step])
+        if bad.size and first < 0:
+            first = start + int(bad[0])
+        count += bad.size
+    if count:
+        raise DataError(f"{path}: {what}: row {first} {_describe_row(np.asarray(array[first], np.float64))} "
+                        f"({count} bad row{'s' if count > 1 else ''})")
+
+
+def _overflowing_rows(rows: np.ndarray) -> np.ndarray:
+    """Indices of the rows whose squared L2 norm is not a finite float32 (NaN compares false)."""
+    rows = np.asarray(rows, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        squared = np.einsum("ij,ij->i", rows, rows)
+    return np.flatnonzero(~(squared <= _F32_MAX))
+
+
+def _describe_row(row: np.ndarray) -> str:
+    """Why a row `_overflowing_rows` found is refused, with the value to look for."""
+    odd = row[~np.isfinite(row)]
+    if odd.size:
+        return f"holds the non-finite value {odd[0]}"
+    value = row[np.argmax(np.abs(row))]
+    if abs(value) > _F32_MAX:  # finite in the file; the float32 cast makes it inf
+        return f"holds {value:g}: finite, but beyond the range of float32 (max {_F32_MAX:.3g}), read as inf"
+    return f"holds {value:g}: too large, the row's squared length overflows float32 (max {_F32_MAX:.3g})"
 
 
 def _repeated_rows(ims: np.ndarray, path: Path, per: int, chunk_bytes: int = 1 << 26) -> np.ndarray:
@@ -169,12 +219,20 @@ def _differing_runs(runs: np.ndarray) -> np.ndarray:
     return np.flatnonzero(~same.all(axis=(1, 2)))
 
 
+def _is_file(path: Path) -> bool:
+    """Whether `path` is a file; something else under that name (a folder) is refused, naming it,
+    rather than read as missing (a split's caption features were then encoded live, unseen)."""
+    if path.exists() and not path.is_file():
+        raise DataError(f"{path}: not a file (a {'folder' if path.is_dir() else 'special file'})")
+    return path.is_file()
+
+
 def _precomp_split(root: Path, prefix: str, caps_per_image: int, caption_features: str | None):
     ims_path, caps_path = root / f"{prefix}_ims.npy", root / f"{prefix}_caps.txt"
     for path in (ims_path, caps_path):
-        if not path.is_file():
+        if not _is_file(path):
             raise DataError(f"precomp:{root}: missing file {path.name}")
-    ims = _load_npy(ims_path)
+    ims = _load_npy(ims_path, f"image features of split {_split(prefix)!r}")
     if ims.shape[0] == 0:  # else its split was "not found" further on, though its files are there
         raise DataError(f"{ims_path}: no rows (shape {ims.shape}): split {_split(prefix)!r} has no images")
     texts = text_lines(read_utf8(caps_path))
@@ -195,8 +253,8 @@ def _precomp_split(root: Path, prefix: str, caps_per_image: int, caption_feature
     cap_feats, used = None, [ims_path, caps_path]
     if caption_features:
         feat_path = root / f"{prefix}_caps_{caption_features}.npy"
-        if feat_path.is_file():
-            cap_feats = _load_npy(feat_path)
+        if _is_file(feat_path):
+            cap_feats = _load_npy(feat_path, f"caption features of split {_split(prefix)!r}")
             if cap_feats.shape[0] != n_caps:
                 raise DataError(
                     f"{feat_path}: {cap_feats.shape[0]} rows but {caps_path.name} has {n_caps} captions"
@@ -221,39 +279,54 @@ def read_precomp(source: Source, *, caption_features: str | None = None) -> Corp
         if other != prefix:
             raise DataError(f"precomp:{root}: {other}_ims.npy and {prefix}_ims.npy are both split {_split(prefix)!r}; "
                             "keep one (or rename the other to a split of its own)")
+    parts = [_precomp_split(root, prefix, per, caption_features) for prefix in prefixes]
+    _same_width("image", [(rows.shape[1], used[0]) for rows, _, _, used in parts])
+    _same_width("caption", [(feats.shape[1], used[-1]) for _, _, feats, used in parts if feats is not None])
     image_parts, caption_parts, files = [], [], []
-    next_image, next_caption = 0, 0
-    widths: dict[str, tuple[int, Path]] = {}
-    for prefix in prefixes:
-        rows, texts, cap_feats, used = _precomp_split(root, prefix, per, caption_features)
-        _same_width(widths, "image", rows.shape[1], used[0])
-        if cap_feats is not None:
-            _same_width(widths, "caption", cap_feats.shape[1], used[-1])
-        split = _split(prefix)
-        n_img, n_cap = rows.shape[0], len(texts)
-        image_ids = np.arange(next_image, next_image + n_img, dtype=np.int64)
-        image_parts.append(pa.table({
-            "image_id": image_ids, "split": pa.array([split] * n_img), "feature": features_column(rows),
-        }))
-        caption = {
-            "caption_id": np.arange(next_caption, next_caption + n_cap, dtype=np.int64),
-            "image_id": np.repeat(image_ids, per), "split": pa.array([split] * n_cap),
-            "text": pa.array(texts, pa.string()),
-        }
-        if cap_feats is not None:
-            caption["feature"] = features_column(np.asarray(cap_feats))
-        caption_parts.append(pa.table(caption))
+    for prefix, (rows, texts, cap_feats, used) in zip(prefixes, parts):
+        first_image = sum(len(t) for t in image_parts)
+        image_parts.append(_image_table(_split(prefix), rows, first_image))
+        caption_parts.append(_caption_table(image_parts[-1], texts, cap_feats, per,
+                                            sum(len(t) for t in caption_parts)))
         files += used
-        next_image += n_img
-        next_caption += n_cap
-    return Corpus(_concat(image_parts, root), _concat(caption_parts, root), str(source), files)
+    corpus = Corpus(_concat(image_parts, root), _concat(caption_parts, root), str(source), files)
+    if any(feats is not None for _, _, feats, _ in parts):  # some splits have them: name the files the others lack
+        corpus.missing_caption_features = {_split(prefix): root / f"{prefix}_caps_{caption_features}.npy"
+                                           for prefix, part in zip(prefixes, parts) if part[2] is None}
+    return corpus
 
 
-def _same_width(seen: dict[str, tuple[int, Path]], kind: str, width: int, path: Path) -> None:
-    """Every split's features must have one width (a model takes one input size)."""
-    first = seen.setdefault(kind, (width, path))
-    if first[0] != width:
-        raise DataError(f"{path}: {kind} features are {width} wide but {first[1].name} has width {first[0]}")
+def _image_table(split: str, rows: np.ndarray, first_id: int) -> pa.Table:
+    ids = np.arange(first_id, first_id + rows.shape[0], dtype=np.int64)
+    return pa.table({"image_id": ids, "split": pa.array([split] * len(ids)), "feature": features_column(rows)})
+
+
+def _caption_table(images: pa.Table, texts: list[str], cap_feats: np.ndarray | None, per: int,
+                   first_id: int) -> pa.Table:
+    """One split's captions, `per` to each of its `images` in order."""
+    split = images.column("split")[0].as_py()
+    caption = {
+        "caption_id": np.arange(first_id, first_id + len(texts), dtype=np.int64),
+        "image_id": np.repeat(images.column("image_id").to_numpy(), per), "split": pa.array([split] * len(texts)),
+        "text": pa.array(texts, pa.string()),
+    }
+    if cap_feats is not None:
+        caption["feature"] = features_column(np.asarray(cap_feats))
+    return pa.table(caption)
+
+
+def _same_width(kind: str, widths: list[tuple[int, Path]]) -> None:
+    """Every split's features must have one width (a model takes one input size). The odd file is
+    one that differs from the most common width (on a tie, from the first file's): blaming the first
+    file, right or not, named the right one when only one split was off."""
+    if not widths:
+        return
+    usual = Counter(width for width, _ in widths).most_common(1)[0][0]  # ties: the first seen
+    odd = next(((width, path) for width, path in widths if width != usual), None)
+    if odd is not None:
+        others = [path.name for width, path in widths if width == usual]
+        raise DataError(f"{odd[1]}: {kind} features are {odd[0]} wide but {', '.join(others)} "
+                        f"{'has' if len(others) == 1 else 'have'} width {usual}")
 
 
 def _concat(tables: list[pa.Table], where: Path) -> pa.Table:
@@ -607,7 +680,7 @@ def read_parquet(source: Source, **_: Any) -> LazyCorpus:
     _check_image_kinds(files, schemas, image_col, path)
     for file, schema in zip(files, schemas):
         if split_col in schema.names:
-            splits |= _split_names(_read_parquet_file(file, [split_col]).column(0), f"{file}: field {split_col!r}")
+            splits |= _split_names(_read_parquet_file(file, [split_col]).column(0), str(file), split_col)
         else:
             splits.add(_file_split(file, named, path) if named else _split(options.get("split", "train")))
         if _holds_paths(schema, image_col):
@@ -619,13 +692,14 @@ def read_parquet(source: Source, **_: Any) -> LazyCorpus:
     return LazyCorpus(name, files, sorted(splits), load, image_files)
 
 
-def _split_names(column: pa.ChunkedArray, where: str) -> set[str]:
+def _split_names(column: pa.ChunkedArray, where: str, field: str) -> set[str]:
     """The splits a split column names; a value that is no name (a number, null, blank) refused here,
     else the run's splits were "not found" among none."""
     values = pc.unique(column).to_pylist()
-    bad = next((v for v in values if not isinstance(v, str) or not v.strip()), "")
-    if bad != "":
-        raise DataError(f"{where} = {bad!r} (type {column.type}): expected split names (train, val, test)")
+    if any(not isinstance(v, str) or not v.strip() for v in values):
+        row = next(i for i, v in enumerate(column.to_pylist()) if not isinstance(v, str) or not v.strip())
+        raise DataError(f"{where}: row {row}: field {field!r} = {column[row].as_py()!r} (type {column.type}): "
+                        "expected split names (train, val, test)")
     return {_split(v) for v in values}
 
 
@@ -675,7 +749,7 @@ def read_hf(source: Source, **_: Any) -> Corpus | LazyCorpus:
     table = _concat(tables, path)
     table_columns(table.column_names, source.options, str(source))
     files = sorted(p for p in path.rglob("*") if p.is_file())
-    splits = _split_names(table.column(split_col), f"hf:{path}: field {split_col!r}")
+    splits = _split_names(table.column(split_col), f"hf:{path}", split_col)
     image_files = _named_files(table.column(image_col), path) if _holds_paths(table.schema, image_col) else []
     return LazyCorpus(str(source), files, sorted(splits),
                       lambda: corpus_from_table(table, source.options, str(source), files, path), image_files)

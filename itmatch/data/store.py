@@ -383,6 +383,12 @@ def check_encoder_names(corpus: Corpus, image_encoder: str, text_encoder: str) -
         if not known or image_encoder in ARCH_PREFIXES:
             raise DataError(f"data.image_encoder = {image_encoder!r}: unknown image encoder; "
                             f"choices: {', '.join(image_encoder_choices())}")
+    missing = getattr(corpus, "missing_caption_features", {})  # table sources have none to miss
+    if missing and text_encoder not in TEXT_ENCODERS:  # the others have the files: this is no misspelt name
+        split, path = next(iter(missing.items()))
+        raise DataError(f"{path}: missing: split {split!r} has no caption features named {text_encoder!r}, though "
+                        f"other splits of {corpus.name} have them, and data.text_encoder = {text_encoder!r} is no "
+                        "text encoder that could encode its captions live; add the file")
     if not corpus.has_caption_features() and text_encoder not in TEXT_ENCODERS:
         raise DataError(f"data.text_encoder = {text_encoder!r}: unknown text encoder and {corpus.name} has no "
                         f"precomputed caption features of that name; choices: {', '.join(sorted(TEXT_ENCODERS))}")

@@ -80,6 +80,39 @@ def test_the_command_refuses_before_ray(tmp_path, capsys, extra, needles):
     assert not ray.is_initialized() and not (tmp_path / "runs" / "t").exists()
 
 
+@pytest.mark.parametrize("row, kind", [("on", "bool"), ("no", "bool"), ("2", "int"), ("null", "NoneType")])
+def test_a_row_name_yaml_reads_as_no_text_is_refused(tmp_path, row, kind):
+    """It passed as str(row), then plan()'s slug(row) failed with a TypeError after Ray had started."""
+    path = _table(tmp_path, f"rows:\n  full: {{}}\n  {row}: {{loss.top_k: 1}}\n")
+    with pytest.raises(ConfigError, match=rf"t\.yaml: rows: the row name .* is read by YAML as {kind}, not text; "
+                                          "quote it"):
+        load_table(path, [])
+    assert [j["run"] for j in plan(load_table(_table(tmp_path, f"rows: {{'{row}': {{}}}}\n"), [])[1], [0])] == \
+        [f"{row}-seed0"]  # quoted, it is a name
+
+
+def test_a_config_that_is_no_path_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=re.escape("t.yaml: config: expected the path of a preset YAML file, "
+                                                    "got [1]")):
+        load_table(_table(tmp_path, "config: [1]\nrows: {x: {}}\n"), [])  # a TypeError before
+
+
+def test_a_rows_batch_too_large_for_the_data_names_the_table_and_row(tmp_path, capsys):
+    import ray
+    from test_readers import write_precomp
+
+    from tuning import ablation
+
+    write_precomp(tmp_path / "p", {"train": 6, "dev": 2, "test": 2})
+    table = _table(tmp_path, "seeds: [0]\nrows:\n  full: {}\n  big: {data.batch_size: 600}\n")
+    assert ablation.main([str(table), f"data.source=precomp:{tmp_path / 'p'}", "data.text_encoder=foo",
+                          "data.batch_size=10", f"data.cache_dir={tmp_path / 'cache'}",
+                          f"run.storage_path={tmp_path / 'runs'}", "tracking.enabled=false"]) == 2
+    said = capsys.readouterr().err.strip()
+    assert said.startswith(f"error: {table}: row 'big': data.batch_size=600 is larger than the 30"), said
+    assert not ray.is_initialized()
+
+
 def test_one_job_per_row_and_seed_with_the_table_and_command_line_overrides(tmp_path):
     path = _table(tmp_path, "config: configs/debug.yaml\nseeds: [3, 4]\noverrides: {train.epochs: 2}\n"
                             "rows:\n  full model: {}\n  linear / K=1: {model.branch: linear, loss.top_k: 1}\n")

@@ -89,13 +89,13 @@ class Env:
         return folder / "d.json"
 
     # ---- preflight with a fake Ray cluster
-    def preflight(self, cfg: Config, sizes=None) -> None:
+    def preflight(self, cfg: Config, sizes=None, **precomp) -> None:
         import ray
 
         import trainers.train
         from trainers import placement, preflight
 
-        store = self.prepare(f"precomp:{self.precomp(sizes)}")
+        store = self.prepare(f"precomp:{self.precomp(sizes, **precomp)}")
         self.monkeypatch.setattr(trainers.train, "init_ray", lambda cfg: None)
         self.monkeypatch.setattr(ray, "cluster_resources", lambda: dict(self.cluster))
         self.monkeypatch.setattr(placement, "nodes", lambda: [dict(self.cluster)])
@@ -300,6 +300,13 @@ CASES: list[tuple[str, Callable[[Env], Any], type, list[str], bool]] = [
      lambda e: e.preflight(e.config("scaling.use_gpu=true", "run.name=fresh")),
      ConfigError, ["scaling.use_gpu=true", "needs 2 GPUs", "has 0"], True),
     ("truncated-checkpoint", _truncated_checkpoint, CheckpointError, ["copy/state.pt", "sha256 differs"], True),
+    ("resume-with-features-of-another-width",  # a size-mismatch traceback in the workers, retried
+     lambda e: e.preflight(e.config(), dim=6),
+     DataError, ["r1/checkpoint_000000: takes features 4 (image) x 3 (caption) wide", "gives 6 x 3",
+                 "the run resumes it"], True),
+    ("start-from-features-of-another-width",
+     lambda e: e.preflight(e.config("run.name=fresh", f"run.start_from={e.run / 'checkpoint_000000'}"), cap_dim=5),
+     DataError, ["takes features 4 (image) x 3 (caption) wide", "gives 4 x 5", "(run.start_from)"], True),
 ]
 
 
@@ -314,6 +321,19 @@ def test_bad_input_is_refused_naming_the_culprit(tmp_path, monkeypatch, action, 
     assert ("\n" not in message) or not one_line, message
     assert "Traceback" not in message
     assert env.snapshot() == env.before  # the run folder, its checkpoint and the MLflow store are untouched
+
+
+def test_a_run_that_lost_its_config_is_checked_against_its_newest_checkpoints(tmp_path, monkeypatch):
+    """Without <run>/config.yaml the check was skipped: the run resumed with another margin, silently.
+    An empty saved config read as every default: "a different config" listing the defaults."""
+    env = Env(tmp_path, monkeypatch)
+    (env.run / "config.yaml").unlink()
+    with pytest.raises(ConfigError, match=r"r1 was started with a different config .*loss.margin: 0.05 -> 0.2"):
+        env.preflight(env.config("loss.margin=0.2"))
+    env.preflight(env.config())  # the same config resumes
+    (env.run / "config.yaml").write_text("")
+    with pytest.raises(ConfigError, match=r"r1/config.yaml: not a saved config"):
+        env.preflight(env.config())
 
 
 def test_at_least_twenty_kinds():

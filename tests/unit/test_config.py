@@ -87,9 +87,39 @@ def test_numeric_looking_strings_stay_strings(tmp_path):
     # YAML reads 2024 as an int and 1.5 as a float; string fields still take them as text
     cfg = load_config(_preset(tmp_path, "run:\n  name: 2024\n"), ["tracking.experiment=7", "data.source=1.5"])
     assert (cfg.run.name, cfg.tracking.experiment, cfg.data.source) == ("2024", "7", "1.5")
-    # but numbers do not become bools or the other way round
-    with pytest.raises(ConfigError, match="run.name"):
-        load_config(overrides=["run.name=true"])
+    # but a preset's boolean is not text (an override is: the next test)
+    with pytest.raises(ConfigError, match="run.name = True: .*boolean.* takes str; quote it"):
+        load_config(_preset(tmp_path, "run:\n  name: true\n"))
+
+
+@pytest.mark.parametrize("override, key, value", [
+    ("run.name=my run #2", "name", "my run #2"), ("run.name=yes", "name", "yes"), ("run.name=007", "name", "007"),
+    ("run.name='quoted #x'", "name", "quoted #x"), ("run.start_from=null", "start_from", None),
+    ("run.start_from=~", "start_from", None)])
+def test_an_override_of_a_text_setting_is_the_text_after_the_equals_sign(override, key, value):
+    """Read as YAML, `my run #2` lost its comment, `yes` became True (refused) and `precomp:` a
+    mapping (an unknown key data.source.precomp); a YAML null still clears an optional setting."""
+    assert getattr(load_config(overrides=[override]).run, key) == value
+    assert load_config(overrides=["data.source=precomp:/tmp/my data #1"]).data.source == "precomp:/tmp/my data #1"
+    assert load_config(overrides=["data.source=precomp:"]).data.source == "precomp:"
+
+
+@pytest.mark.parametrize("given", ["train.epochs=on", "optim.lr=true", "loss.top_k=yes", "optim.name=no"])
+def test_a_boolean_is_not_taken_for_a_number_or_a_choice(given, tmp_path):
+    """pydantic's lax mode took True as 1: `epochs: yes` trained one epoch, `optim.lr=true` at 1.0."""
+    key = given.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)} = (True|False): .*a boolean .* where this key takes"):
+        load_config(overrides=[given])
+    section, leaf = key.split(".")
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)} = (True|False): .*a boolean"):
+        load_config(_preset(tmp_path, f"{section}:\n  {leaf}: {given.split('=')[1]}\n"))
+    assert load_config(overrides=["model.augment=yes"]).model.augment is True  # a boolean key takes it
+
+
+def test_a_section_given_a_value_in_a_preset_is_blamed_on_the_preset(tmp_path):
+    preset = _preset(tmp_path, "train: 5\n")
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(preset))}: train = 5: train is a section \(keys epochs"):
+        load_config(preset, ["train.epochs=3"])
 
 
 def test_an_override_of_a_text_setting_keeps_the_text_as_typed():

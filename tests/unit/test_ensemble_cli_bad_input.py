@@ -70,7 +70,7 @@ def test_a_name_holding_a_training_run_is_refused_before_anything_is_written(set
     tmp, (a, b), where = setup
     run = tmp / "runs" / "trained"  # what a training run leaves: checkpoints, best_model/state.pt, summary.json
     save_checkpoint(run / "checkpoint_000001", model={"w": torch.ones(2)}, cfg=load_config(None, BASE),
-                    train_state=TrainState(), dims=(1, 1))
+                    train_state=TrainState(), dims=tuple(load_model(a)[0].dims))  # the members' widths
     (run / "best_model").mkdir()
     for name in ("state.pt", "config.yaml"):
         (run / "best_model" / name).write_bytes((run / "checkpoint_000001" / name).read_bytes())
@@ -143,3 +143,65 @@ def test_a_member_of_another_task_is_refused(setup, capsys, phrase_first):
     error = _refused(capsys, [*refs, "--name", "mixed", *where])
     assert f"member {refs[1]}" in error and "shapes-phrases:" in error and "phrases" in error
     assert not (tmp / "runs").exists()
+
+
+def test_overrides_are_read_as_trainers_train_reads_them(setup):
+    """`null` is None (it registered a model named 'null'), and a member folder holding `=` is a
+    member (it was taken as an override)."""
+    tmp, (a, b), where = setup
+    cfg, _ = ensemble.build([str(a), str(b)], "ens", [*where, "tracking.registered_model=null", "train.epochs=007"])
+    assert cfg.tracking.registered_model is None and cfg.train.epochs == 7 and cfg.run.name == "ens"
+    odd = tmp / "runs" / "lr=0.1"
+    shutil.copytree(a, odd)
+    assert ensemble.split_members([str(odd), str(b), *where]) == ([str(odd), str(b)], where)
+    assert ensemble.main([str(odd), str(b), "--name", "ens", *where]) == 0
+
+
+def test_a_missing_member_holding_an_equals_sign_is_named_as_a_member(setup, capsys):
+    tmp, (a, _), where = setup
+    error = _refused(capsys, [str(tmp / "lr=0.1" / "best_model"), str(a), "--name", "ens", *where])
+    assert error == f"error: member {tmp / 'lr=0.1' / 'best_model'}: no such folder"
+
+
+def test_members_taking_features_of_other_widths_are_refused(setup, capsys):
+    """The same encoder names but other precomp widths: a shape RuntimeError mid-evaluation before."""
+    tmp, (a, _), where = setup
+    wide = tuple(load_model(a)[0].dims)
+    other = (wide[0] + 1, wide[1])
+    cfg = load_config(None, [f"data.source={load_model(a)[1].data.source}", *BASE, "model.embed_dim=3"])
+    narrow = save_checkpoint(tmp / "wider", model={"w": torch.ones(2)}, cfg=cfg, train_state=TrainState(), dims=other)
+    error = _refused(capsys, [str(a), str(narrow), "--name", "ens", *where])
+    assert f"member {narrow}: takes (image, caption) features {other} wide, but {a} takes {wide}" in error
+    assert not (tmp / "runs").exists()
+
+
+@pytest.mark.parametrize("text, needle", [("[]", "not a JSON object (got list [])"),
+                                          ("null", "not a JSON object (got NoneType None)"),
+                                          ('{"a": "\t"}', "not valid JSON (Invalid control character")])
+def test_a_damaged_summary_is_named_by_every_reader(setup, capsys, caplog, text, needle):
+    """A run folder's summary.json that is no JSON object: the ensemble refuses the member naming the
+    file; trainers.train (finished_summary) and a search's or table's re-run run it again, saying so."""
+    from itmatch.config import save_config
+    from trainers.job import finished_summary
+    from tuning.rerun import _summary
+
+    tmp, (a, b), where = setup
+    cfg = load_config(None, [f"run.storage_path={tmp / 'runs'}", "run.name=done", *BASE])
+    run = tmp / "runs" / "done"
+    run.mkdir(parents=True)
+    save_config(cfg, run / "config.yaml")  # finished_summary reads it too: the summary alone is damaged
+    (run / "summary.json").write_text(text)
+    error = _refused(capsys, [str(run), str(b), "--name", "ens", *where])
+    assert error.startswith(f"error: {run / 'summary.json'}: {needle}")
+    caplog.clear()
+    assert finished_summary(cfg, store=None) is None and _summary(cfg) is None
+    assert [r.getMessage().split(": not")[0] for r in caplog.records] == [str(run / "summary.json")] * 2
+
+
+def test_a_summary_whose_best_checkpoint_is_gone_names_it(setup, capsys):
+    tmp, (a, b), where = setup
+    run = tmp / "done"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"best_checkpoint": str(run / "best_model")}))
+    error = _refused(capsys, [str(run), str(b), "--name", "ens", *where])
+    assert f"{run / 'summary.json'} names best_checkpoint {run / 'best_model'}, which is missing" in error

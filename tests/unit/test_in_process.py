@@ -5,6 +5,7 @@ that was never interrupted (checked against a plain Trainer loop with no checkpo
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -90,6 +91,22 @@ def test_a_run_whose_checkpoints_are_all_damaged_starts_over_and_keeps_them_asid
     for name, files in damaged.items():
         assert {p.relative_to(kept / name): p.read_bytes() for p in (kept / name).rglob("*") if p.is_file()} == files
     assert pick_resume_checkpoint(checkpoint_candidates(None, tmp_path / "run"))[0].name == "checkpoint_000003"
+
+
+def test_a_checkpoint_that_lost_its_best_weights_is_damaged(store, tmp_path):
+    """Its checksums did not cover best/: a resume took the checkpoint, and with no best weights
+    restored the epoch's own were saved, evaluated and registered as the best epoch's."""
+    import shutil
+
+    _fit(store, tmp_path / "run")
+    newest = tmp_path / "run" / "checkpoint_000003"
+    shutil.rmtree(newest / "best")
+    chosen, skipped = pick_resume_checkpoint(checkpoint_candidates(None, tmp_path / "run"))
+    assert chosen.name == "checkpoint_000002" and skipped[0][0] == newest
+    assert "best/checksums.json: missing" in skipped[0][1]
+    (newest / "best").mkdir()  # a best/ whose weights are gone or differ is damaged too
+    (newest / "best" / "checksums.json").write_text(json.dumps({"state.pt": "0" * 64}))
+    assert pick_resume_checkpoint(checkpoint_candidates(None, tmp_path / "run"))[0].name == "checkpoint_000002"
 
 
 def test_a_half_written_checkpoint_never_takes_a_checkpoints_name(tmp_path):

@@ -89,6 +89,23 @@ def test_a_record_cut_short_by_a_kill_does_not_stop_the_resumed_run(run, caplog)
     assert any(f"{LOCAL_FILE}: line 2 is not a whole metrics record" in r.getMessage() for r in caplog.records)
 
 
+def test_a_record_holding_no_number_is_skipped_not_taken_for_an_outage(run, caplog):
+    """MLflow refused its value, which was taken for the server being down: every later epoch
+    warned "MLflow unreachable" and was kept back, the run's metrics never logged again."""
+    tracking, client = run
+    MetricsLog(tracking)({"val_rsum": 1.0}, 1)
+    folder = Path(tracking["folder"])
+    with open(folder / LOCAL_FILE, "a") as f:
+        f.write(json.dumps({"epoch": 2, "timestamp": 17, "metrics": {"val_rsum": "abc"}}) + "\n")
+    resumed = MetricsLog(tracking)
+    with caplog.at_level(logging.WARNING, logger="itmatch.tracking"):
+        resumed({"val_rsum": 2.5}, 2)
+        resumed({"val_rsum": 3.0}, 3)
+    assert _steps(client, tracking["run_id"]) == [(1, 1.0), (2, 2.5), (3, 3.0)] and not resumed.warned
+    assert not any("unreachable" in r.getMessage() for r in caplog.records)
+    assert any(f"{LOCAL_FILE}: line 2 is not a whole metrics record" in r.getMessage() for r in caplog.records)
+
+
 def test_the_driver_sends_what_the_workers_could_not(run):
     tracking, client = run
     flaky = Flaky(client)

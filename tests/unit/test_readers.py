@@ -305,6 +305,80 @@ def test_precomp_features_of_other_real_dtypes_are_read_as_float32(tmp_path):
     assert np.allclose(features, written["train"][0], atol=1e-2)
 
 
+@pytest.mark.parametrize("name", ["train_ims.npy", "train_caps_foo.npy"])
+def test_precomp_empty_npy_file_is_named(tmp_path, name):
+    write_precomp(tmp_path, {"train": 2})
+    (tmp_path / name).write_bytes(b"")  # np.load raised EOFError, a traceback
+    with pytest.raises(DataError, match=rf"{name}: empty file \(0 bytes\)"):
+        read_source(f"precomp:{tmp_path}", caption_features="foo")
+
+
+@pytest.mark.parametrize("name, shape, what", [("dev_ims.npy", (2, 0), "image features of split 'val'"),
+                                                ("dev_caps_foo.npy", (10, 0), "caption features of split 'val'")])
+def test_precomp_zero_width_features_are_refused(tmp_path, name, shape, what):
+    write_precomp(tmp_path, {"train": 2, "dev": 2})
+    np.save(tmp_path / name, np.zeros(shape, np.float32))  # pyarrow refused a zero-size list column
+    with pytest.raises(DataError, match=rf"{name}: shape \({shape[0]}, 0\): {what} are 0 wide"):
+        read_source(f"precomp:{tmp_path}", caption_features="foo")
+
+
+@pytest.mark.parametrize("dtype, value, shown, cause", [
+    (np.float32, 3e38, "3e+38", "squared length overflows float32"),  # finite, but training's loss was not
+    (np.float64, 1e300, "1e+300", "finite, but beyond the range of float32"),  # was "a non-finite value"
+    (np.float16, np.inf, "inf", "non-finite value inf"),
+])
+def test_precomp_values_float32_cannot_carry_name_file_row_and_value(tmp_path, dtype, value, shown, cause):
+    written = write_precomp(tmp_path, {"train": 3, "test": 2})
+    ims = written["train"][0].astype(dtype)
+    ims[1, 2] = ims[2, 0] = value
+    np.save(tmp_path / "train_ims.npy", ims)
+    with pytest.raises(DataError) as info:
+        read_source(f"precomp:{tmp_path}", caption_features="foo")
+    message = str(info.value)
+    assert "train_ims.npy: image features of split 'train': row 1 holds " in message
+    assert shown in message and cause in message and "(2 bad rows)" in message
+
+
+def test_precomp_large_but_usable_values_pass_and_the_check_goes_a_chunk_at_a_time(tmp_path):
+    from itmatch.data.readers import _check_values
+
+    written = write_precomp(tmp_path, {"train": 3})
+    ims = written["train"][0] * np.float32(1e18)  # squared norms ~1e36: below float32's 3.4e38
+    np.save(tmp_path / "train_ims.npy", ims)
+    np.testing.assert_array_equal(column_to_numpy(read_source(f"precomp:{tmp_path}").images.column("feature")), ims)
+    rows = np.ones((50, 4))
+    rows[[7, 31, 49], 1] = [np.nan, 1e30, -np.inf]
+    for chunk_bytes in (1, 64, 1 << 26):  # one row, two rows, the whole array per chunk: one answer
+        with pytest.raises(DataError, match=r"x\.npy: f: row 7 holds the non-finite value nan \(3 bad rows\)"):
+            _check_values(rows, Path("x.npy"), "f", chunk_bytes)
+
+
+def test_precomp_a_split_without_the_caption_features_others_have_is_named(tmp_path):
+    write_precomp(tmp_path / "p", {"train": 2, "dev": 1, "test": 1}, feature_name="custom")
+    (tmp_path / "p" / "dev_caps_custom.npy").unlink()  # was "unknown text encoder ... no features of that name"
+    with pytest.raises(DataError) as info:
+        _prepare(f"precomp:{tmp_path / 'p'}", tmp_path / "cache", text_encoder="custom")
+    message = str(info.value)
+    assert f"{tmp_path / 'p' / 'dev_caps_custom.npy'}: missing: split 'val'" in message
+    assert "unknown text encoder" not in message
+
+
+def test_precomp_a_folder_named_like_a_feature_file_is_refused(tmp_path):
+    write_precomp(tmp_path, {"train": 2, "dev": 1})
+    (tmp_path / "dev_caps_foo.npy").unlink()
+    (tmp_path / "dev_caps_foo.npy").mkdir()  # was skipped: that split's captions were encoded live
+    with pytest.raises(DataError, match=r"dev_caps_foo\.npy: not a file \(a folder\)"):
+        read_source(f"precomp:{tmp_path}", caption_features="foo")
+
+
+def test_precomp_width_mismatch_names_the_split_that_differs(tmp_path):
+    write_precomp(tmp_path, {"train": 2, "dev": 1, "test": 1}, cap_dim=3)
+    np.save(tmp_path / "dev_caps_foo.npy", np.zeros((5, 2), np.float32))  # dev sorts first: it was the reference
+    with pytest.raises(DataError, match=r"dev_caps_foo\.npy: caption features are 2 wide but "
+                                        r"test_caps_foo\.npy, train_caps_foo\.npy have width 3$"):
+        read_source(f"precomp:{tmp_path}", caption_features="foo")
+
+
 def test_precomp_not_a_directory(tmp_path):
     with pytest.raises(DataError, match="not a directory"):
         read_source(f"precomp:{tmp_path / 'absent'}")
@@ -631,14 +705,15 @@ def test_parquet_a_list_id_or_a_misspelt_split_is_refused(tmp_path):
         read_table_source(f"parquet:{tmp_path / 'typo.parquet'}")
 
 
-@pytest.mark.parametrize("values, shown", [([1, 2], "1 (type int64)"), (["train", None], "None (type string)"),
-                                           (["train", "  "], "'  ' (type string)")])
+@pytest.mark.parametrize("values, shown", [([1, 2], "row 0: field 'split' = 1 (type int64)"),
+                                           (["train", None], "row 1: field 'split' = None (type string)"),
+                                           (["train", "  "], "row 1: field 'split' = '  ' (type string)")])
 def test_parquet_a_split_column_without_names_is_named(tmp_path, values, shown):
     """A numeric split column (an export's 0/1/2) was reported as the run's split "not found;
     available: []"; a null or blank value among names was refused only once the rows were read."""
     images = pa.array([png_bytes(COLORS[0]), png_bytes(COLORS[1])], pa.binary())
     pq.write_table(pa.table({"image": images, "caption": ["a", "b"], "split": values}), tmp_path / "s.parquet")
-    with pytest.raises(DataError, match=re.escape(f"s.parquet: field 'split' = {shown}: expected split names")):
+    with pytest.raises(DataError, match=re.escape(f"s.parquet: {shown}: expected split names")):
         read_source(f"parquet:{tmp_path / 's.parquet'}")
 
 
@@ -938,7 +1013,8 @@ def test_prepare_nan_names_split_and_row(tmp_path, which):
     with pytest.raises(DataError) as info:
         _prepare(f"precomp:{tmp_path / 'p'}", tmp_path / "cache")
     message = str(info.value)
-    assert "split 'val'" in message and "row 2" in message
+    assert message.startswith(f"{path}: ")  # the file, not only the split, is named
+    assert "split 'val'" in message and "row 2 holds the non-finite value" in message
     assert ("image" if which == "ims" else "caption") in message
 
 
