@@ -155,6 +155,10 @@ def resolve_model(ref: str, tracking_uri: Optional[str] = None, key: str = "--mo
 
         if tracking_uri:
             check_tracking_uri(tracking_uri, key="--tracking-uri")  # else MLflow retries for minutes
+            database = Path(tracking_uri[len("sqlite:///"):]) if tracking_uri.startswith("sqlite:///") else None
+            if database is not None and not database.is_file():  # MLflow creates an empty store there
+                raise ModelRefError(f"--tracking-uri {tracking_uri}: no such file {database.resolve()}: reading "
+                                    f"{ref} needs the MLflow store it was logged to")
             mlflow.set_tracking_uri(resolve_uri(tracking_uri))
         try:
             wrapper = mlflow.pyfunc.load_model(ref).unwrap_python_model()
@@ -163,8 +167,8 @@ def resolve_model(ref: str, tracking_uri: Optional[str] = None, key: str = "--mo
             raise ModelRefError(f"{key} {ref}: cannot load from {mlflow.get_tracking_uri()} ({first})") from exc
         return wrapper.model, wrapper.cfg
     folder = Path(ref)
-    if (folder / "best").is_dir():
-        folder = folder / "best"
+    # a checkpoint's best weights, or a finished run's folder (its best_model/, as trainers.ensemble takes it)
+    folder = next((folder / sub for sub in ("best", "best_model") if (folder / sub).is_dir()), folder)
     from itmatch.models.ensemble import is_ensemble
 
     if not (folder / "state.pt").is_file() and not is_ensemble(folder):

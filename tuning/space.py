@@ -87,6 +87,9 @@ def _takes_fractions(path: str | Path, flat: dict[str, Any], key: str, kind: str
     try:
         load_config(None, {**flat, key: middle})
     except ConfigError:
+        if isinstance(flat.get(key), bool):  # 0 and 1 read as false and true; a fraction as neither
+            raise ConfigError(f"{path}: {key}.{kind}: {key} is true or false, and a {kind} range samples "
+                              f"fractions; use {{choice: [false, true]}}") from None
         raise ConfigError(f"{path}: {key}.{kind}: {key} takes whole numbers, and a {kind} range samples "
                           f"fractions (e.g. {middle:g}); use {{randint: {values}}} (both bounds included)") from None
 

@@ -68,7 +68,10 @@ def test_train_cli_refuses_in_one_line_before_ray(workspace, extra, needles):
 
 
 def test_evaluate_cli_unknown_registered_model_is_one_line(tmp_path):
+    from mlflow.tracking import MlflowClient
+
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    MlflowClient(uri).search_experiments()  # an existing (empty) store
     proc = run_module("trainers.evaluate", ["--model", "models:/no-such-model@champion", "--tracking-uri", uri],
                       cwd=tmp_path, timeout=120)
     # MLflow logs its creation of the fresh sqlite store at INFO; the refusal itself is one line
@@ -76,6 +79,16 @@ def test_evaluate_cli_unknown_registered_model_is_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert len(lines) == 1 and "models:/no-such-model@champion" in lines[0] and "not found" in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_evaluate_cli_a_misspelt_store_is_named_not_created(tmp_path):
+    """MLflow created an empty store at the misspelt path and said the model was "not found"."""
+    proc = run_module("trainers.evaluate", ["--model", "models:/m@champion", "--tracking-uri", "sqlite:///mlrun.db"],
+                      cwd=tmp_path, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1 and f"no such file {tmp_path / 'mlrun.db'}" in lines[0], lines
+    assert not (tmp_path / "mlrun.db").exists()
 
 
 def test_evaluate_cli_damaged_checkpoint_is_named(tmp_path):

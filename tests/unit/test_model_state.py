@@ -268,3 +268,14 @@ def test_a_newer_intact_checkpoint_than_the_listed_one_wins(tmp_path):
     assert load_checkpoint(pick_resume_checkpoint(candidates)[0])[0]["train_state"].epoch == 2
     assert checkpoint_candidates(None, tmp_path) == candidates
     assert checkpoint_candidates(None, tmp_path / "missing") == []
+
+
+def test_a_finished_runs_folder_is_read_as_its_best_model(tmp_path):
+    """`trainers.evaluate --model runs/NAME` was refused as no checkpoint; trainers.ensemble takes it."""
+    from trainers.results import resolve_model
+
+    _save_small(tmp_path / "run" / "best_model")
+    model, cfg = resolve_model(str(tmp_path / "run"))
+    assert cfg.model.hidden_dim == 8 and tuple(model.dims) == (6, 4)
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        resolve_model(str(tmp_path))

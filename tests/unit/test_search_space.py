@@ -53,6 +53,9 @@ def test_shipped_space_is_valid():
     # an integer setting under a continuous range: every trial failed once Ray had started
     ("model.hidden_dim: {uniform: [256, 1024]}\n", "model.hidden_dim takes whole numbers"),
     ("train.epochs: {loguniform: [2, 8]}\n", "use {randint: [2, 8]}"),
+    ("model.augment: {uniform: [0, 1]}\n", "model.augment is true or false, and a uniform range samples fractions; "
+                                          "use {choice: [false, true]}"),  # was "use {randint: [False, True]}"
+    ("loss.top_k: {choice: [yes, 2]}\n", "loss.top_k: value True is not valid"),  # yes was read as 1
     # keys the search sets for every trial, or a trial never reads: overwritten without a word
     ("run.name: {choice: [a, b]}\n", "the search sets this key"),
     ("tracking.registered_model: {choice: [a, b]}\n", "the search sets this key"),
