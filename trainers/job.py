@@ -150,6 +150,31 @@ def finished_summary(cfg: Config, store: FeatureStore) -> Optional[dict[str, Any
     return summary if same and data in (None, store.identity["digests"]) else None
 
 
+def restore_best_model(cfg: Config, summary: dict[str, Any]) -> None:
+    """A finished run whose best_model/ is gone (deleted, moved) gets it back from its newest intact
+    checkpoint's best weights, if they are the best epoch's the summary names: else a re-run said
+    "finished already" and evaluate/serve found nothing there."""
+    from itmatch.state import TrainState, checkpoint_candidates, load_checkpoint, pick_resume_checkpoint
+    from trainers.loop import BEST_DIR
+    from trainers.results import copy_folder
+
+    best = Path(str(summary.get("best_checkpoint") or ""))
+    if not summary.get("best_checkpoint") or (best / "state.pt").is_file():
+        return
+    try:
+        chosen, _ = pick_resume_checkpoint(checkpoint_candidates(None, run_dir(cfg)))
+        state: TrainState = load_checkpoint(chosen / BEST_DIR)[0]["train_state"]
+    except (CheckpointError, OSError, ValueError) as exc:
+        log.warning("%s is missing and no intact checkpoint holds it (%s)", best, exc)
+        return
+    if state.best_epoch != summary.get("best_epoch"):
+        log.warning("%s is missing; %s holds epoch %s's best weights, not epoch %s's: not restored", best,
+                    chosen, state.best_epoch, summary.get("best_epoch"))
+        return
+    copy_folder(chosen / BEST_DIR, best)
+    log.warning("%s was missing: restored from %s (epoch %s's best weights)", best, chosen / BEST_DIR, state.best_epoch)
+
+
 def run_job_in_task(cfg: Config, store: FeatureStore) -> dict[str, Any]:
     """`run_job` for one worker (trainers.in_process.can_run) inside one Ray task that holds the
     worker's CPUs (and GPU), where Ray schedules it like a Ray Train worker. A failed attempt is

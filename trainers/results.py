@@ -16,6 +16,7 @@ from itmatch.data.phrase_store import PhraseSplit, prepare_phrases
 from itmatch.data.sources import DataError
 from itmatch.data.store import FeatureSplit, SplitRows
 from itmatch.eval.evaluate import embed_split, evaluate_embeddings
+from itmatch.files import replace_folder, staging_folder
 from itmatch.state import CheckpointError, load_checkpoint, load_model
 
 log = logging.getLogger("itmatch.results")
@@ -31,12 +32,17 @@ def best_checkpoint_folder(result, dest: Path) -> Path:
         source = Path(folder) / BEST_DIR
         if not source.is_dir():
             raise RuntimeError(f"checkpoint {result.checkpoint.path} holds no {BEST_DIR}/ weights")
-        tmp = dest.with_name(dest.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(source, tmp)
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
-    return dest
+        return copy_folder(source, dest)
+
+
+def copy_folder(source: Path, dest: Path) -> Path:
+    """A copy of `source` at `dest`, swapped in whole (the old `dest` is never half gone)."""
+    staged = staging_folder(dest)
+    try:
+        shutil.copytree(source, staged)
+        return replace_folder(staged, dest)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)  # gone once swapped in
 
 
 def evaluate_folder(folder: Path, split: FeatureSplit, cfg: Config, plots_dir: Optional[Path] = None,

@@ -109,6 +109,23 @@ def test_a_checkpoint_that_lost_its_best_weights_is_damaged(store, tmp_path):
     assert pick_resume_checkpoint(checkpoint_candidates(None, tmp_path / "run"))[0].name == "checkpoint_000002"
 
 
+def test_a_finished_runs_missing_best_model_comes_back_from_its_checkpoint(store, tmp_path, caplog):
+    """Re-running a finished run said "finished already" with its best_model/ deleted; evaluate and
+    serve found nothing there. Restored only from the best weights of the epoch the summary names."""
+    from trainers.job import restore_best_model
+
+    _fit(store, tmp_path / "run")
+    cfg = load_config(None, [*BASE, f"run.storage_path={tmp_path}", "run.name=run"])
+    inner = tmp_path / "run" / "checkpoint_000003" / "best"
+    epoch = load_checkpoint(inner)[0]["train_state"].best_epoch
+    best = tmp_path / "run" / "best_model"
+    restore_best_model(cfg, {"best_checkpoint": str(best), "best_epoch": epoch + 1})  # another epoch's: kept out
+    assert not best.exists()
+    restore_best_model(cfg, {"best_checkpoint": str(best), "best_epoch": epoch})
+    assert (best / "state.pt").read_bytes() == (inner / "state.pt").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".")) == []
+
+
 def test_a_half_written_checkpoint_never_takes_a_checkpoints_name(tmp_path):
     def dies(folder: Path) -> None:
         (folder / "state.pt").write_bytes(b"half")
