@@ -29,6 +29,8 @@ from pydantic import ValidationError  # noqa: E402
 from itmatch.config import ConfigError, EvalConfig  # noqa: E402
 from itmatch.data.sources import DataError  # noqa: E402
 from itmatch.data.raw import prepare_inputs  # noqa: E402
+from itmatch.data.readers import split_name  # noqa: E402
+from itmatch.data.store import stored_splits  # noqa: E402
 from itmatch.eval.evaluate import embed_split, evaluate_embeddings  # noqa: E402
 from itmatch.eval.retrieval import format_metrics  # noqa: E402
 from itmatch.files import atomic_write_text  # noqa: E402
@@ -97,11 +99,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.json:  # found before the evaluation, not after it
             check_writable(args.json)
         model, cfg = resolve_model(args.model, args.tracking_uri)
+        args.split = split_name(args.split)  # `dev` is stored as val; a union reads its parts
         d = cfg.data
         eq8 = eq8_for(args, cfg)  # bad Eq. 8 flags fail before the evaluated data is read
         store = prepare_inputs(args.data or d.source, cache_dir=args.cache_dir or d.cache_dir,
                                raw_images=cfg.model.raw_images, image_encoder=d.image_encoder,
-                               text_encoder=d.text_encoder, splits=[args.split])
+                               text_encoder=d.text_encoder, splits=stored_splits(args.split))
         if tuple(store.dims) != tuple(model.dims):
             raise DataError(f"the model takes features of width {model.dims}, {args.data or d.source} gives {store.dims}")
         split = store.split(args.split)

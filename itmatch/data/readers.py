@@ -118,6 +118,11 @@ def _split(name: str, restval: str = "train") -> str:
     return SPLIT_ALIASES.get(name, name)
 
 
+def split_name(text: str) -> str:
+    """A split as a user may write it (`dev`, `Validation`, `train+dev`) as stored (`val`, `train+val`)."""
+    return "+".join(_split(part, "keep") for part in text.split("+"))
+
+
 # ---------------------------------------------------------------------------- precomp
 
 

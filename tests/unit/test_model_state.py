@@ -279,3 +279,23 @@ def test_a_finished_runs_folder_is_read_as_its_best_model(tmp_path):
     assert cfg.model.hidden_dim == 8 and tuple(model.dims) == (6, 4)
     with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
         resolve_model(str(tmp_path))
+
+
+def test_evaluate_takes_a_split_as_users_write_it(tmp_path, capsys):
+    """`--split dev` was refused (the data stores it as val), and a union such as train+dev too."""
+    import json
+
+    from tests.unit.test_readers import write_precomp
+    from trainers import evaluate
+
+    _save_small(tmp_path / "ckpt")
+    text_encoder = load_checkpoint(tmp_path / "ckpt")[1].data.text_encoder
+    write_precomp(tmp_path / "p", {"train": 4, "dev": 3, "test": 2}, dim=6, cap_dim=4, feature_name=text_encoder)
+    common = ["--model", str(tmp_path / "ckpt"), "--data", f"precomp:{tmp_path / 'p'}", "--cache-dir",
+              str(tmp_path / "cache")]
+    counts = {}
+    for split in ("dev", "Validation", "train+dev", "val"):
+        assert evaluate.main([*common, "--split", split, "--json", str(tmp_path / f"{split}.json")]) == 0, \
+            capsys.readouterr().err
+        counts[split] = json.loads((tmp_path / f"{split}.json").read_text())
+    assert counts["dev"] == counts["Validation"] == counts["val"] != counts["train+dev"]
