@@ -23,7 +23,7 @@ import logging
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -199,15 +199,29 @@ def check_batch(cfg: Config, store: FeatureStore) -> None:
     if d.batch_size > len(groups):
         raise DataError(f"data.batch_size={d.batch_size} is larger than the {len(groups)} training captions of "
                         f"{where}: lower data.batch_size")
+    def batches(size: int) -> int:
+        return len(NeighborhoodBatchSampler(groups, size, rank=0, world_size=workers, seed=cfg.train.seed,
+                                            neighborhood=d.neighborhood_sampling, drop_last=d.drop_last,
+                                            shard_by=shards, shards_per_rank=shards_per_rank(d.task)))
+
     try:
-        sampler = NeighborhoodBatchSampler(groups, d.batch_size, rank=0, world_size=workers, seed=cfg.train.seed,
-                                           neighborhood=d.neighborhood_sampling, drop_last=d.drop_last, shard_by=shards,
-                                           shards_per_rank=shards_per_rank(d.task))
+        full = batches(d.batch_size)
     except ValueError as exc:  # fewer images than workers
         raise DataError(f"{where}: {exc} (scaling.num_workers={workers})") from exc
-    if len(sampler) == 0:
+    if full == 0:
         raise DataError(f"data.batch_size={d.batch_size} leaves no full batch of {len(groups)} training captions "
-                        f"in {where} over scaling.num_workers={workers}: lower data.batch_size")
+                        f"in {where} over scaling.num_workers={workers} (a batch takes a few captions of each "
+                        f"image): the largest that does is {_largest(batches, d.batch_size)}")
+
+
+def _largest(batches: Callable[[int], int], too_big: int) -> int:
+    """The largest batch size below `too_big` that `batches` gives a full batch for (bisection:
+    a smaller batch never gives fewer), 0 if none."""
+    low, high = 0, too_big  # batches(low) > 0 or low == 0; batches(high) == 0
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if batches(mid) > 0 else (low, mid)
+    return low
 
 
 def check_cca(cfg: Config, store: FeatureStore) -> None:

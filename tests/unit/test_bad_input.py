@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import socket
 from pathlib import Path
 from typing import Any, Callable
@@ -334,6 +335,23 @@ def test_a_run_that_lost_its_config_is_checked_against_its_newest_checkpoints(tm
     (env.run / "config.yaml").write_text("")
     with pytest.raises(ConfigError, match=r"r1/config.yaml: not a saved config"):
         env.preflight(env.config())
+
+
+def test_a_batch_that_leaves_no_full_batch_names_the_largest_that_does(tmp_path, monkeypatch):
+    """It said only "lower data.batch_size": a batch takes a few captions of each image, so with
+    every caption asked for, the limit is well below the caption count."""
+    from trainers.preflight import check_batch
+
+    env = Env(tmp_path, monkeypatch)
+    store = env.prepare(f"precomp:{env.precomp({'train': 12, 'dev': 2, 'test': 2})}")
+    with pytest.raises(DataError, match=r"data.batch_size=60 leaves no full batch .* the largest that does is (\d+)"
+                       ) as err:
+        check_batch(env.config("data.batch_size=60"), store)
+    largest = int(re.search(r"the largest that does is (\d+)", str(err.value)).group(1))
+    assert 0 < largest < 60
+    check_batch(env.config(f"data.batch_size={largest}"), store)
+    with pytest.raises(DataError, match="leaves no full batch"):
+        check_batch(env.config(f"data.batch_size={largest + 1}"), store)
 
 
 def test_at_least_twenty_kinds():
