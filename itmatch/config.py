@@ -7,6 +7,7 @@ Sources, lowest priority first: defaults in code, a YAML preset (changes only), 
 
 from __future__ import annotations
 
+import os
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -48,12 +49,23 @@ class _Section(BaseModel):
     def _no_boolean_for_others(cls, value: Any, info: ValidationInfo) -> Any:
         """YAML 1.1 reads yes/no/on/off as booleans, and pydantic's lax mode takes a boolean as 1/0
         for a number: `epochs: yes` trained one epoch, `optim.lr=true` at 1.0."""
+        if info.field_name in PATH_FIELDS and isinstance(value, str) and value.startswith("~"):
+            # as a shell would (a quoted or an `a=~/x` override is not expanded): else a folder named `~`
+            # under the working directory took the run, or pyarrow expanded it and the write failed
+            return os.path.expanduser(value)
+        if info.field_name == "tracking_uri" and isinstance(value, str) and value.startswith("sqlite:///~"):
+            return "sqlite:///" + os.path.expanduser(value[len("sqlite:///"):])
         annotation = cls.model_fields[info.field_name].annotation if info.field_name else bool
         if isinstance(value, bool) and not _takes_bool(annotation):
             quote = "; quote it to mean the text" if _takes_text_annotation(annotation) else ""
             raise ValueError(f"a boolean (YAML reads yes/no/on/off/true/false as one), where this key takes "
                              f"{_annotation_name(annotation)}{quote}")
         return value
+
+
+# Settings that are a file or folder (a data source's paths are expanded where it is parsed)
+PATH_FIELDS = frozenset({"cache_dir", "image_weights", "word_vectors", "storage_path", "start_from",
+                         "artifact_location", "space", "region_phrase_model"})
 
 
 def _takes_bool(annotation: Any) -> bool:
@@ -481,7 +493,8 @@ class RunConfig(_Section):
 
 class TrackingConfig(_Section):
     enabled: bool = True
-    tracking_uri: str = "sqlite:///mlruns.db"
+    # MLflow's own variable where it is set, as every MLflow client (and trainers.evaluate) reads it
+    tracking_uri: str = Field(default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db")
     artifact_location: str = "mlartifacts"
     experiment: str = "itmatch"
     registered_model: Optional[str] = "itmatch-embedding"
@@ -630,7 +643,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     scaling: ScalingConfig = ScalingConfig()
     run: RunConfig = RunConfig()
-    tracking: TrackingConfig = TrackingConfig()
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)  # a factory: MLFLOW_TRACKING_URI read per config
     search: SearchConfig = SearchConfig()
     eval: EvalConfig = EvalConfig()
 

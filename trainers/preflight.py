@@ -20,6 +20,7 @@ step): a longer cosine schedule would change the learning rate of the epochs alr
 from __future__ import annotations
 
 import logging
+import os
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -257,7 +258,9 @@ def check_tracking(cfg: Config, timeout: float = TRACKING_TIMEOUT_S) -> None:
     (any HTTP status counts) within `timeout` seconds, a database's driver imports, any other URI
     builds as an MLflow store; and MLflow takes the experiment, model and alias names."""
     if cfg.tracking.enabled:
-        check_tracking_uri(cfg.tracking.tracking_uri, timeout, key="tracking.tracking_uri")
+        uri = cfg.tracking.tracking_uri
+        from_env = " (from MLFLOW_TRACKING_URI)" if uri == os.environ.get("MLFLOW_TRACKING_URI") else ""
+        check_tracking_uri(uri, timeout, key="tracking.tracking_uri" + from_env)
         check_tracking_names(cfg)
 
 

@@ -15,6 +15,8 @@ a phrase localization task (`PHRASE_SCHEMES`, `DataConfig.task`).
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
@@ -52,6 +54,8 @@ def parse_source(text: str) -> Source:
     location, _, query = rest.partition("?")
     if not location:
         raise DataError(f"data.source {text!r}: empty location after {scheme!r}:")
+    # `~/data` as a shell would read it (karpathy: holds two paths, JSON:IMAGES): "not a directory" before
+    location = ":".join(os.path.expanduser(part) if part.startswith("~") else part for part in location.split(":"))
     options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=False)) if query else {}
     return Source(scheme, location, options)
 

@@ -419,3 +419,28 @@ def test_a_bad_override_is_not_blamed_on_the_preset(tmp_path):
     assert "train.epochs = 'abc':" in str(info.value)  # the preset's own value: no "(an override)"
     with pytest.raises(ConfigError, match="is a folder, not a YAML file"):
         load_config(tmp_path, [])
+
+
+def test_a_home_relative_path_is_expanded_as_a_shell_would(monkeypatch, tmp_path):
+    """`~` was kept: a folder named `~` in the working directory took the run (run.storage_path), the
+    feature cache failed inside pyarrow (which expands it itself), and precomp:~/x was "not a directory"."""
+    from itmatch.data.sources import parse_source
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(overrides=["data.cache_dir=~/cache", "run.storage_path=~/runs", "tracking.artifact_location=~/a",
+                                 "tracking.tracking_uri=sqlite:///~/m.db", "run.name=~x"])
+    assert (cfg.data.cache_dir, cfg.run.storage_path, cfg.tracking.artifact_location, cfg.tracking.tracking_uri) == \
+        (f"{tmp_path}/cache", f"{tmp_path}/runs", f"{tmp_path}/a", f"sqlite:///{tmp_path}/m.db")
+    assert cfg.run.name == "~x"  # a name, not a path
+    assert parse_source("precomp:~/p").location == f"{tmp_path}/p"
+    assert parse_source("karpathy:~/d.json:~/images?restval=train").location == f"{tmp_path}/d.json:{tmp_path}/images"
+
+
+def test_mlflows_own_variable_sets_the_default_store(monkeypatch):
+    """trainers.train logged into ./mlruns.db with MLFLOW_TRACKING_URI set, where trainers.evaluate
+    (and every MLflow client) looked in the variable's store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert load_config().tracking.tracking_uri == "sqlite:///mlruns.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert load_config().tracking.tracking_uri == "http://mlflow:5000"
+    assert load_config(overrides=["tracking.tracking_uri=sqlite:///x.db"]).tracking.tracking_uri == "sqlite:///x.db"
