@@ -748,6 +748,13 @@ class Config(_Section):
                              "model with an image-sentence model (001 Eq. 8), but data.source="
                              f"{self.data.source!r} is phrase localization data: train the image-sentence model on "
                              "the sentences (karpathy:<root>/dataset_sentences.json)")
+        if self.eval.region_phrase_data and not self.eval.region_phrase_model:  # it was ignored without a word
+            raise ValueError(f"eval.region_phrase_data={self.eval.region_phrase_data!r} is the data of "
+                             "eval.region_phrase_model (001 Eq. 8), which is not set")
+        if self.data.task == "retrieval" and self.data.augment_positives != 1:
+            raise ValueError(f"data.augment_positives={self.data.augment_positives!r} draws region proposals for "
+                             "phrase localization batches (001 Algorithm 1), but data.source="
+                             f"{self.data.source!r} is image-caption data, where it has no effect")
         return self
 
     @model_validator(mode="before")

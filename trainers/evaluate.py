@@ -26,7 +26,7 @@ from typing import Optional  # noqa: E402
 
 from pydantic import ValidationError  # noqa: E402
 
-from itmatch.config import ConfigError, EvalConfig  # noqa: E402
+from itmatch.config import Config, ConfigError, EvalConfig  # noqa: E402
 from itmatch.data.sources import DataError  # noqa: E402
 from itmatch.data.raw import prepare_inputs  # noqa: E402
 from itmatch.data.readers import split_name  # noqa: E402
@@ -89,6 +89,17 @@ def eq8_for(args: argparse.Namespace, cfg):
     return eq8_setup(ev, args.split, tracking_uri=args.tracking_uri, cache_dir=args.cache_dir or cfg.data.cache_dir)
 
 
+def check_task(ref: str, cfg: Config, data: Optional[str]) -> None:
+    """A phrase localization model scored on image-caption data (or the other way round) gave the
+    other task's metrics without a word: the data's task must be the model's."""
+    if not data:
+        return
+    given = cfg.data.model_copy(update={"source": data}).task
+    if given != cfg.data.task:
+        raise DataError(f"--data {data}: {given} data, but {ref} is a {cfg.data.task} model (trained on "
+                        f"{cfg.data.source}): evaluate it on data of its own task")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     setup_logging()
     args = parse_args(argv)
@@ -102,6 +113,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.split = split_name(args.split)  # `dev` is stored as val; a union reads its parts
         d = cfg.data
         eq8 = eq8_for(args, cfg)  # bad Eq. 8 flags fail before the evaluated data is read
+        check_task(args.model, cfg, args.data)
         store = prepare_inputs(args.data or d.source, cache_dir=args.cache_dir or d.cache_dir,
                                raw_images=cfg.model.raw_images, image_encoder=d.image_encoder,
                                text_encoder=d.text_encoder, splits=stored_splits(args.split))

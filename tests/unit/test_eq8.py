@@ -178,6 +178,10 @@ def test_alpha_zero_is_the_plain_ranking_and_alpha_changes_it(sentence_store, ph
     (["eval.eq8_alpha=1.5"], ["eval.eq8_alpha", "1.5"]),
     (["eval.eq8_alpha=-0.1"], ["eval.eq8_alpha", "-0.1"]),
     (["eval.region_phrase_data=synthetic:/d"], ["eval.region_phrase_data", "synthetic:/d", "not region-phrase"]),
+    # keys a run of this data ignored without a word
+    (["eval.region_phrase_data=shapes-phrases:/d"], ["eval.region_phrase_data='shapes-phrases:/d'",
+                                                    "eval.region_phrase_model", "not set"]),
+    (["data.augment_positives=5"], ["data.augment_positives=5", "image-caption data"]),
     (["data.source=shapes-phrases:/d", "eval.region_phrase_model=/m"], ["eval.region_phrase_model='/m'",
                                                                         "phrase localization data"]),
 ])

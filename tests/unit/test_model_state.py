@@ -299,3 +299,16 @@ def test_evaluate_takes_a_split_as_users_write_it(tmp_path, capsys):
             capsys.readouterr().err
         counts[split] = json.loads((tmp_path / f"{split}.json").read_text())
     assert counts["dev"] == counts["Validation"] == counts["val"] != counts["train+dev"]
+
+
+def test_evaluate_refuses_data_of_the_other_task(tmp_path, capsys):
+    """A phrase localization model scored on image-caption data (or the reverse) gave the other
+    task's metrics without a word."""
+    from trainers import evaluate
+
+    _save_small(tmp_path / "ckpt")
+    assert evaluate.main(["--model", str(tmp_path / "ckpt"), "--data", f"shapes-phrases:{tmp_path / 'sp'}",
+                          "--cache-dir", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err
+    assert "phrases data, but" in err and "is a retrieval model" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "sp").exists()  # refused before the data was written or read
