@@ -912,7 +912,8 @@ def validate(tree: dict[str, Any], where: str = "config", given: Optional[dict[s
         lines = []
         for err in exc.errors():
             if not err["loc"]:  # a check across keys: its message names them (the input is the whole tree)
-                lines.append(f"  {err['msg']}")
+                named = [k for k in (given or {}) if k in err["msg"]]  # else the preset took the blame
+                lines.append(f"  {err['msg']}" + (f" ({', '.join(named)}: {given[named[0]]})" if named else ""))
                 continue
             key = ".".join(str(p) for p in err["loc"])
             origin = f" ({given[key]})" if given and key in given else ""

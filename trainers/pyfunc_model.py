@@ -107,9 +107,15 @@ def decode_images(values: list) -> list:
 
 
 def texts(values: list) -> list[str]:
+    """Caption strings, none missing or blank (training refuses empty captions: an embedding of
+    nothing would be served as if it were one)."""
     for row, value in enumerate(values):
+        if value is None or (isinstance(value, float) and value != value):  # pandas' missing value is NaN
+            raise invalid(f"text row {row}: missing (null): every row needs a caption")
         if not isinstance(value, str):
             raise invalid(f"text row {row}: expected a string, got {type(value).__name__}")
+        if not value.strip():
+            raise invalid(f"text row {row}: an empty caption {value!r}")
     return list(values)
 
 

@@ -444,3 +444,10 @@ def test_mlflows_own_variable_sets_the_default_store(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
     assert load_config().tracking.tracking_uri == "http://mlflow:5000"
     assert load_config(overrides=["tracking.tracking_uri=sqlite:///x.db"]).tracking.tracking_uri == "sqlite:///x.db"
+
+
+def test_a_check_across_keys_names_the_override_that_broke_it():
+    """It was blamed on the preset alone: configs/shapes_phrases.yaml: invalid config."""
+    with pytest.raises(ConfigError, match=r"configs/shapes_phrases.yaml: invalid config\n.*train.metric='rsum'.*"
+                                          r"\(train.metric: an override\)"):
+        load_config(Path(__file__).resolve().parents[2] / "configs" / "shapes_phrases.yaml", ["train.metric=rsum"])

@@ -101,3 +101,18 @@ def test_the_server_reads_wrapped_and_url_safe_base64():
     for text in (wrapped, url_safe, "data:image/png;base64," + wrapped):
         (image,) = server_images([text])
         assert np.array_equal(np.asarray(image), want)
+
+
+@pytest.mark.parametrize("value, message", [(None, "text row 1: missing (null)"), (float("nan"), "missing (null)"),
+                                            ("", "text row 1: an empty caption ''"), ("  ", "an empty caption"),
+                                            (7, "expected a string, got int")])
+def test_a_served_caption_that_is_missing_or_empty_is_a_client_error(value, message):
+    """A null caption (NaN in pandas) was "expected a string, got float"; an empty one was embedded,
+    though training refuses empty captions."""
+    from mlflow.exceptions import MlflowException
+
+    from trainers.pyfunc_model import texts
+
+    with pytest.raises(MlflowException, match=message.replace("(", r"\(").replace(")", r"\)")):
+        texts(["a dog", value])
+    assert texts(["a dog", "two cats"]) == ["a dog", "two cats"]
