@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import yaml
 
-from itmatch.config import Config, read_saved_config, save_config, validate
+from itmatch.config import Config, ConfigError, read_saved_config, save_config, validate
 from itmatch.data.store import FeatureStore, stored_splits
 from itmatch.files import atomic_write_text
 from itmatch.state import CheckpointError
@@ -42,6 +42,35 @@ class Stopped(Exception):
 def run_dir(cfg: Config) -> Path:
     """The run's folder: run.storage_path/run.name (Ray Train's storage for the same run)."""
     return Path(cfg.run.storage_path).resolve() / cfg.run.name
+
+
+# What marks a folder as a search's (tuning/search.py, tuning/restore.py) or a training run's (run_job,
+# Ray Train's checkpoint_* folders, trainers/metrics_log.py).
+SEARCH_MARKS = ("search.json", "search_config.yaml", "search_space.json", "tune")
+RUN_MARKS = (CONFIG_FILE, SUMMARY_FILE, "metrics.jsonl")
+
+
+def folder_marks(folder: Path, kind: str) -> list[str]:
+    """The entries of `folder` that mark it as a `kind` ("run" or "search") folder, sorted."""
+    if not folder.is_dir():
+        return []
+    names = SEARCH_MARKS if kind == "search" else RUN_MARKS
+    return sorted(p.name for p in folder.iterdir()
+                  if p.name in names or (kind == "run" and p.is_dir() and p.name.startswith("checkpoint_")))
+
+
+def refuse_other_kind(folder: Path, kind: str) -> None:
+    """Raise ConfigError where `folder`, about to be written as a `kind` ("run" or "search") folder,
+    holds the other kind: both written into one folder mix checkpoints, summary.json and Tune state,
+    and each reads the other's files back as its own (a finished-run check, a search restore)."""
+    other = "search" if kind == "run" else "run"
+    found = folder_marks(folder, other)
+    if found:
+        holder = "a search's (tuning.search)" if other == "search" else "a training run's (trainers.train)"
+        name = "run.name" if kind == "run" else "--name (search.name)"
+        listed = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise ConfigError(f"{folder}: holds {holder} files ({listed}), so it cannot be this {kind}'s "
+                          f"folder: pick another {name}")
 
 
 def absolute_paths(cfg: Config) -> Config:

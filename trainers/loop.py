@@ -10,14 +10,16 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
-from itmatch.config import Config, validate
+from itmatch.config import Config, ConfigError, validate
 from itmatch.accumulate import embed_rows
 from itmatch.data.batch import Batch, TowerCache, caption_items, make_batch
 from itmatch.data.batching import NeighborhoodBatchSampler, shards_per_rank
@@ -341,11 +343,71 @@ class Trainer:
                else None)
 
 
+@dataclass(frozen=True)
+class FaultInjection:
+    """The ITMATCH_* fault-injection settings (see `_maybe_inject_failure`, `_maybe_hold`), parsed."""
+    fail_at: Optional[int] = None
+    hold_at: frozenset[tuple[int, int]] = frozenset()
+    hold_dir: Optional[Path] = None
+    hold_timeout_s: float = 600.0
+
+
+def fault_injection() -> FaultInjection:
+    """Parse the ITMATCH_* variables, raising ConfigError naming the variable and its value. The
+    driver calls this before anything starts: parsed lazily in the loop, a typo failed an attempt
+    mid-run (and was retried as a crash) or, for ITMATCH_HOLD_AT, silently never held."""
+    env = os.environ
+    raw_fail = env.get("ITMATCH_FAIL_AT_EPOCH", "").strip()  # empty: unset, as before
+    fail_at = _positive_int("ITMATCH_FAIL_AT_EPOCH", raw_fail) if raw_fail else None
+    points = [p.strip() for p in env.get("ITMATCH_HOLD_AT", "").split(",") if p.strip()]
+    hold_at = frozenset(_hold_point(p, env["ITMATCH_HOLD_AT"]) for p in points)
+    hold_dir = env.get("ITMATCH_HOLD_DIR") or None
+    if hold_at and hold_dir is None:
+        raise ConfigError(f"ITMATCH_HOLD_AT={env['ITMATCH_HOLD_AT']!r} needs ITMATCH_HOLD_DIR (the folder for the "
+                          "hold's pid and .go files), which is not set")
+    return FaultInjection(fail_at, hold_at, Path(hold_dir) if hold_dir else None,
+                          _hold_timeout(env.get("ITMATCH_HOLD_TIMEOUT_S", "600")))
+
+
+def _hold_timeout(raw: str) -> float:
+    """ITMATCH_HOLD_TIMEOUT_S: seconds > 0 (nan or inf would hold forever or never)."""
+    try:
+        timeout = float(raw)
+    except ValueError:
+        timeout = math.nan
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ConfigError(f"ITMATCH_HOLD_TIMEOUT_S={raw!r}: not a number of seconds > 0")
+    return timeout
+
+
+def _positive_int(name: str, raw: str, whole: str = "") -> int:
+    """`raw` as an int >= 1, else ConfigError naming `name` and its value (`whole`, where `raw` is a
+    part of it)."""
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        said = f"{name}={whole!r}: {raw!r} is" if whole else f"{name}={raw!r}:"
+        raise ConfigError(f"{said} not a whole number >= 1 (epochs and steps count from 1)")
+    return value
+
+
+def _hold_point(point: str, raw: str) -> tuple[int, int]:
+    """One EPOCH:STEP of ITMATCH_HOLD_AT (both counted from 1, as the loop counts them)."""
+    epoch, sep, step = point.partition(":")
+    if not sep:
+        raise ConfigError(f"ITMATCH_HOLD_AT={raw!r}: {point!r} is not EPOCH:STEP (e.g. 2:1)")
+    return _positive_int("ITMATCH_HOLD_AT", epoch, raw), _positive_int("ITMATCH_HOLD_AT", step, raw)
+
+
 def _maybe_inject_failure(started_at: int, epoch: int) -> None:
     """Fault injection for tests and drills: ITMATCH_FAIL_AT_EPOCH=N kills a run that started before
     epoch N right after epoch N is checkpointed (a resumed run passes)."""
-    fail_at = os.environ.get("ITMATCH_FAIL_AT_EPOCH")
-    if fail_at and started_at < int(fail_at) == epoch:
+    if not os.environ.get("ITMATCH_FAIL_AT_EPOCH"):
+        return
+    fail_at = fault_injection().fail_at
+    if fail_at is not None and started_at < fail_at == epoch:
         raise RuntimeError(f"injected failure after epoch {epoch} (ITMATCH_FAIL_AT_EPOCH)")
 
 
@@ -355,10 +417,12 @@ def _maybe_hold(epoch: int, step: int, rank: int) -> None:
     until D/hold-E-S.go exists (at most ITMATCH_HOLD_TIMEOUT_S, default 600, then it fails), so a test
     can kill a worker or a node mid-epoch, or stop a service, at a known point. Once the .go file
     exists the point no longer holds: a restarted worker replaying the epoch passes it."""
-    points = os.environ.get("ITMATCH_HOLD_AT")
-    if not points or f"{epoch}:{step}" not in points.split(","):
+    if not os.environ.get("ITMATCH_HOLD_AT"):  # every step passes here: no parsing unless asked
         return
-    folder = Path(os.environ["ITMATCH_HOLD_DIR"])
+    faults = fault_injection()
+    if (epoch, step) not in faults.hold_at:
+        return
+    folder = faults.hold_dir
     go = folder / f"hold-{epoch}-{step}.go"
     if go.exists():
         return
@@ -366,7 +430,7 @@ def _maybe_hold(epoch: int, step: int, rank: int) -> None:
     pid_file = folder / f"hold-{epoch}-{step}.rank{rank}.pid"
     pid_file.with_suffix(".tmp").write_text(str(os.getpid()))
     pid_file.with_suffix(".tmp").replace(pid_file)  # the test never reads half a pid
-    deadline = time.monotonic() + float(os.environ.get("ITMATCH_HOLD_TIMEOUT_S", "600"))
+    deadline = time.monotonic() + faults.hold_timeout_s
     while not go.exists():
         if time.monotonic() > deadline:
             raise RuntimeError(f"held after step {step} of epoch {epoch} and {go} never appeared (ITMATCH_HOLD_AT)")

@@ -38,8 +38,8 @@ from itmatch.data.store import FeatureStore, stored_splits  # noqa: E402
 from itmatch.files import FolderError, exclusive  # noqa: E402
 from itmatch.models.towers import check_tower_names  # noqa: E402
 from trainers import in_process, preflight  # noqa: E402
-from trainers.job import (finished_summary, restore_best_model, run_dir, run_job, run_job_here,  # noqa: E402
-                          run_job_in_task)
+from trainers.job import (finished_summary, refuse_other_kind, restore_best_model, run_dir, run_job,  # noqa: E402
+                          run_job_here, run_job_in_task)
 from trainers.logs import setup_logging  # noqa: E402
 
 log = logging.getLogger("itmatch.train")
@@ -52,7 +52,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML preset (only the keys it changes)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. loss.margin=0.1 scaling.num_workers=4")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    return parser.parse_args(argv)
+    # intermixed: overrides may follow a flag (`a=1 --print-config b=2`), which plain parse_args refuses
+    return parser.parse_intermixed_args(argv)
 
 
 def prepare_store(cfg: Config) -> FeatureStore:
@@ -95,10 +96,27 @@ def init_ray(cfg: Config, worker_groups: Optional[bool] = None) -> None:
         if name in os.environ:  # fault injection (trainers/loop.py), for tests and drills
             env[name] = os.environ[name]
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env})
+        attach_ray(address, "run.ray_address" if cfg.run.ray_address else "RAY_ADDRESS", env)
     else:  # a private in-process cluster on this machine; gloo over loopback
         env["GLOO_SOCKET_IFNAME"] = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
         ray.init(address="local", runtime_env={"env_vars": env}, include_dashboard=wants_dashboard(cfg, worker_groups))
+
+
+def attach_ray(address: str, setting: str, env: dict[str, str]) -> None:
+    """ray.init on an existing cluster; an address Ray cannot parse or reach is the user's input, so
+    it becomes a ConfigError naming the address and where it came from (`setting`: run.ray_address or
+    the RAY_ADDRESS variable), not a traceback (an unreachable one after Ray's ~25 s of retries)."""
+    import ray
+
+    try:
+        ray.init(address=address, runtime_env={"env_vars": env})
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        ray.shutdown()  # a half-made connection must not make the next ray.init a no-op
+        said = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        where = " (environment variable)" if setting == "RAY_ADDRESS" else ""
+        raise ConfigError(f"{setting}={address!r}{where}: cannot attach to a Ray cluster there ({said}); give the "
+                          "address of a running cluster's head (HOST:6379, or auto), or unset it to start "
+                          "a private cluster here") from None
 
 
 def thread_wait_env(cfg: Config) -> dict[str, str]:
@@ -171,6 +189,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             if args.print_config:
                 print(json.dumps(cfg.model_dump(), indent=2))
                 return 0
+            from trainers.loop import fault_injection  # the workers' module: not loaded before it is needed
+
+            fault_injection()  # a malformed ITMATCH_* variable failed mid-run; refused before anything starts
+            refuse_other_kind(run_dir(cfg), "run")  # checkpoints written into a search's folder
             cfg, store = prepare(cfg)
             # Held to the end: a second driver of the same run (a double submit, a retry by hand)
             # would interleave checkpoints and MLflow logging with this one. Taken once the checks
@@ -190,7 +212,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         elif in_process.in_driver(cfg):  # one worker on this machine: no Ray to start
             summary = run_job_here(cfg, store)
         else:
-            init_ray(cfg)
+            try:  # attached by the preflight already, unless scaling.check_resources=false skipped it
+                init_ray(cfg)
+            except ConfigError as exc:  # the cluster's address (run.ray_address, RAY_ADDRESS)
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
             exit_on_sigterm()  # again: Ray's driver installs its own SIGTERM handler, which aborts
             summary = run_job_in_task(cfg, store) if in_process.can_run(cfg) else run_job(cfg, store)
     print(json.dumps(summary, indent=2, default=str))

@@ -252,7 +252,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    table = run_table(cfg, store, rows, seeds, name, args.max_concurrent)
+    try:
+        table = run_table(cfg, store, rows, seeds, name, args.max_concurrent)
+    except ConfigError as exc:  # a Ray address that cannot be attached to (init_ray), before any row runs
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(markdown(table, base.train.metric))
     return 0 if all(t["failed"] == 0 for t in table) else 1
 

@@ -10,8 +10,9 @@ started with, apart from how it runs (concurrency, re-runs and ensembles after i
 from __future__ import annotations
 
 import json
+import pickletools
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -39,17 +40,77 @@ def check(cfg: Config, space: dict[str, dict], search_dir: Path) -> None:
     config_path, space_path = search_dir / CONFIG_FILE, search_dir / SPACE_FILE
     if not config_path.is_file() or not space_path.is_file():
         return
-    try:
-        saved = read_saved_config(config_path)
-        saved_space = json.loads(space_path.read_text())
-    except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{search_dir}: cannot read the search's saved settings ({exc})") from exc
+    saved = _read(config_path, read_saved_config)
+    saved_space = _read(space_path, lambda path: json.loads(path.read_text()))
     diffs = differences(saved, saved_space, cfg, space)
     if diffs:
         listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in diffs)
         raise ConfigError(f"{search_dir} holds a search started with other settings, which re-running its command "
                           f"would restore, mixing both: {listed}. Re-run with the saved settings ({config_path.name}, "
                           f"{space_path.name} there), or start a new search with another --name")
+
+
+def _read(path: Path, read: Callable[[Path], Any]) -> Any:
+    """`read(path)`, a file the search saved; a damaged one is a ConfigError naming it, in one line
+    (YAML's own message spans several, quoting the text)."""
+    try:
+        return read(path)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        if isinstance(exc, ConfigError):
+            raise  # names the file already
+        raise ConfigError(f"{path}: cannot read the search's saved settings ({_one_line(exc)}); restore the file, "
+                          f"or start a new search with another --name") from None
+
+
+def _one_line(exc: Exception) -> str:
+    """What went wrong reading a file, in one line: a YAML error's problem and position only."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+TUNE_DIR = "tune"
+TUNER_FILE = "tuner.pkl"  # Tune's own names (ray.tune: _TUNER_PKL, TuneController.CKPT_FILE_TMPL)
+STATE_GLOB = "experiment_state-*.json"
+
+
+def check_tune_state(search_dir: Path) -> None:
+    """Raise ConfigError naming the file where the Tune state a restore reads is damaged: a
+    truncated tuner.pkl failed with an UnpicklingError traceback, and a garbled experiment state made
+    Tune restart the experiment without its param space (a KeyError in every trial). Nothing is
+    deleted: the user decides whether the search's results can go."""
+    tune_dir = search_dir / TUNE_DIR
+    _check_pickle(tune_dir / TUNER_FILE, search_dir)
+    states = sorted(tune_dir.glob(STATE_GLOB))
+    if states:  # Tune restores the newest, by name (a timestamp)
+        _check_state(states[-1], search_dir)
+
+
+def _check_pickle(path: Path, search_dir: Path) -> None:
+    """Walks the pickle's opcodes to its STOP without running any of them (nothing is imported)."""
+    try:
+        for _ in pickletools.genops(path.read_bytes()):
+            pass
+    except (OSError, ValueError) as exc:
+        raise _damaged(path, search_dir, _one_line(exc)) from None
+
+
+def _check_state(path: Path, search_dir: Path) -> None:
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise _damaged(path, search_dir, _one_line(exc)) from None
+    missing = [k for k in ("runner_data", "trial_data") if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise _damaged(path, search_dir, f"no {' or '.join(missing)}")
+
+
+def _damaged(path: Path, search_dir: Path, why: str) -> ConfigError:
+    return ConfigError(f"{path}: damaged Tune state ({why}), so the search cannot be resumed: start a new search "
+                       f"with another --name, or delete {search_dir} to start this one over (its trials go with it)")
 
 
 def differences(saved: Config, saved_space: dict, cfg: Config, space: dict[str, dict]) -> list[tuple[str, Any, Any]]:

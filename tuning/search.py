@@ -245,7 +245,7 @@ def _search(cfg: Config, space: dict[str, dict], store: FeatureStore, search_dir
     # time a queued clone started ("does not exist on storage anymore")
     if _restorable(search_dir):
         log.info("resuming the search in %s", path)
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+        tuner = _restore(path, trainable)
     else:
         rungs_path(search_dir).unlink(missing_ok=True)  # an earlier search's rungs, its Tune folder gone
         tuner = tune.Tuner(trainable, param_space={"params": registry.params_space(cfg, space)},
@@ -257,6 +257,22 @@ def _search(cfg: Config, space: dict[str, dict], store: FeatureStore, search_dir
     reruns = _rerun_top(cfg, rows, setup)
     _finish(cfg, store, rows, reruns, setup, parent, search_dir)
     return rows
+
+
+def _restore(path: str, trainable: Any) -> Any:
+    """Tuner.restore; Tune state that cannot be read back is the user's to decide about (restore.
+    check_tune_state catches the damage it can see without unpickling; this, the rest)."""
+    import pickle
+
+    from ray import tune
+
+    try:
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, KeyError, TypeError, ValueError) as exc:
+        said = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise ConfigError(f"{path}/{restore.TUNER_FILE}: cannot restore the search's Tune state ({said}): start a "
+                          f"new search with another --name, or delete {Path(path).parent} to start this one over") \
+            from None
 
 
 def _trial_failures(cfg: Config):
@@ -450,7 +466,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     setup_logging()
     exit_on_sigterm()
-    args = build_parser().parse_args(argv)
+    # intermixed: overrides may follow a flag (`--name s a=1 --num-samples 2 b=2`), which parse_args refuses
+    args = build_parser().parse_intermixed_args(argv)
     with contextlib.ExitStack() as held:
         try:
             cfg, space = resolve(args)
@@ -459,23 +476,34 @@ def main(argv: Optional[list[str]] = None) -> int:
             if args.print_config:
                 print(json.dumps({"config": cfg.model_dump(), "space": space}, indent=2, default=str))
                 return 0
+            search_dir = Path(cfg.run.storage_path) / cfg.search.name
+            _check_before_start(search_dir)
             store = prepare_store(cfg)
             preflight.check_batch(hardest_trial(cfg, space), store)
             preflight.check_tracking(cfg)
-            search_dir = Path(cfg.run.storage_path) / cfg.search.name
             held.enter_context(exclusive(search_dir, f"search {cfg.search.name!r}"))  # one driver per search
             if _restorable(search_dir):
                 restore.check(cfg, space, search_dir)
+                restore.check_tune_state(search_dir)
         except (ConfigError, DataError, FolderError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         restore.save(cfg, space, search_dir)
         try:
             rows = run_search(cfg, space, store, search_dir)
-        except ConfigError as exc:  # the cluster cannot place a trial's workers
+        except ConfigError as exc:  # the cluster: unreachable, or cannot place a trial's workers; damaged Tune state
             print(f"error: {exc}", file=sys.stderr)
             return 2
     return 0 if any(r["summary"] for r in rows) else 1
+
+
+def _check_before_start(search_dir: Path) -> None:
+    """What the environment and the folder must be before data is featurised or Ray starts."""
+    from trainers.job import refuse_other_kind
+    from trainers.loop import fault_injection
+
+    fault_injection()  # the trials read ITMATCH_*: a malformed one would fail every trial mid-run
+    refuse_other_kind(search_dir, "search")  # Tune state and trials written beside a run's checkpoints
 
 
 def _restorable(search_dir: Path) -> bool:

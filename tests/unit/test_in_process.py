@@ -495,3 +495,38 @@ def test_deterministic_kernels_train_and_resume_to_the_same_weights(store, tmp_p
     a, b = _weights(tmp_path / "a" / "checkpoint_000003"), _weights(tmp_path / "b" / "checkpoint_000003")
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("env, named", [
+    ({"ITMATCH_FAIL_AT_EPOCH": "abc"}, "ITMATCH_FAIL_AT_EPOCH='abc'"),  # was a ValueError after an epoch, retried
+    ({"ITMATCH_HOLD_AT": "1:1"}, "needs ITMATCH_HOLD_DIR"),  # was a KeyError after step 1
+    ({"ITMATCH_HOLD_AT": "0:1", "ITMATCH_HOLD_DIR": "/tmp"}, "ITMATCH_HOLD_AT='0:1'"),  # never held, silently
+    ({"ITMATCH_HOLD_AT": "1-1", "ITMATCH_HOLD_DIR": "/tmp"}, "ITMATCH_HOLD_AT='1-1'"),
+])
+def test_malformed_fault_injection_is_a_config_error_naming_the_variable_in_the_loop_too(env, named, monkeypatch):
+    from trainers.loop import _maybe_hold, _maybe_inject_failure
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    hook = (lambda: _maybe_inject_failure(0, 1)) if "ITMATCH_FAIL_AT_EPOCH" in env else (lambda: _maybe_hold(1, 1, 0))
+    with pytest.raises(ConfigError, match=named):
+        hook()
+
+
+def test_well_formed_fault_injection_still_fails_and_holds_where_asked(tmp_path, monkeypatch):
+    from trainers.loop import _maybe_hold, _maybe_inject_failure
+
+    monkeypatch.setenv("ITMATCH_FAIL_AT_EPOCH", "2")
+    _maybe_inject_failure(0, 1)
+    _maybe_inject_failure(2, 2)  # a run resumed at epoch 2 passes
+    with pytest.raises(RuntimeError, match="injected failure after epoch 2"):
+        _maybe_inject_failure(0, 2)
+    monkeypatch.setenv("ITMATCH_HOLD_AT", " 1:3, 2:1")
+    monkeypatch.setenv("ITMATCH_HOLD_DIR", str(tmp_path))
+    monkeypatch.setenv("ITMATCH_HOLD_TIMEOUT_S", "0.01")
+    _maybe_hold(1, 2, 0)  # not a hold point
+    with pytest.raises(RuntimeError, match="never appeared"):
+        _maybe_hold(2, 1, 0)
+    assert (tmp_path / "hold-2-1.rank0.pid").read_text() == str(os.getpid())
+    (tmp_path / "hold-1-3.go").touch()
+    _maybe_hold(1, 3, 0)  # released already

@@ -220,3 +220,17 @@ def test_rerun_flags_override_their_keys(tmp_path):
     assert load_config(None, {}).search.rerun_top == 0  # default: no re-runs, the best single trial
     with pytest.raises(ConfigError):
         load_config(None, ["search.rerun_seeds=0"])
+
+
+def test_overrides_may_follow_a_flag(tmp_path, capsys):
+    """`--name sx search.num_samples=3 --num-samples 2` was `unrecognized arguments: search.num_samples=3`."""
+    import json
+
+    from tuning import search
+
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: {uniform: [0.001, 0.01]}\n")
+    assert search.main(["--space", str(space), "--name", "sx", "search.num_samples=3", "--num-samples", "2",
+                        "loss.top_k=4", "--print-config", f"run.storage_path={tmp_path}"]) == 0
+    config = json.loads(capsys.readouterr().out)["config"]
+    assert config["search"]["num_samples"] == 2 and config["loss"]["top_k"] == 4 and config["search"]["name"] == "sx"
