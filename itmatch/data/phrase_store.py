@@ -72,7 +72,7 @@ def read_phrase_source(text: str) -> PhraseCorpus:
         options = typed_options(source, _SHAPES_OPTIONS)
         try:
             root = write_shapes_entities(source.location, **options)
-        except ValueError as exc:  # the writer's own argument checks
+        except ValueError as exc:  # the writer's own checks: option ranges (named), a file where the folder goes
             raise DataError(f"data.source {text!r}: {exc}") from None
         corpus = read_entities(root, check_sizes=False)  # as below
     elif source.scheme == "entities":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -644,19 +645,28 @@ def corpus_from_table(table: pa.Table, options: dict[str, str], name: str, files
         caps = texts[row] if isinstance(texts[row], list) else [texts[row]]
         if not caps:  # an image without captions has no positive to retrieve
             raise DataError(f"{name}: row {row}: field {text_col!r} is an empty list: every image needs a caption")
-        for text in caps:
-            if isinstance(text, dict):  # e.g. [{"raw": ...}]
-                text = text.get("raw")
-            if not isinstance(text, str):
-                raise DataError(f"{name}: row {row}: field {text_col!r} holds {text!r}, not caption text")
-            if not text.strip():
-                raise DataError(f"{name}: row {row}: field {text_col!r} has an empty caption {text!r}")
+        for item in caps:
+            text = _caption_text(item, f"{name}: row {row}: field {text_col!r}")
             captions["caption_id"].append(len(captions["caption_id"]))
             captions["image_id"].append(seen[key])
             captions["split"].append(split)
             captions["text"].append(text.strip())
     image_table = pa.table(images, schema=pa.schema([("image_id", pa.int64()), ("split", pa.string()), ("image", pa.binary())]))
     return Corpus(image_table, pa.table(captions), name, files)
+
+
+def _caption_text(item: Any, where: str) -> str:
+    """One caption of a text column: a string, or Karpathy's {"raw": string, ...}. The message shows
+    the value as the table holds it (a dict without "raw" was shown as the None it gave)."""
+    text = item.get("raw") if isinstance(item, dict) else item
+    if isinstance(item, dict) and not isinstance(text, str):
+        raise DataError(f"{where} holds {str(item)[:120]}: a dict without a \"raw\" caption string "
+                        "(a caption is a string, or a dict holding one under \"raw\" as Karpathy's sentences do)")
+    if not isinstance(text, str):
+        raise DataError(f"{where} holds {str(item)[:120]}, not caption text")
+    if not text.strip():
+        raise DataError(f"{where} has an empty caption {text!r}")
+    return text
 
 
 def table_columns(names: list[str], options: dict[str, str], name: str) -> tuple[str, str, Optional[str]]:
@@ -738,12 +748,13 @@ def read_hf(source: Source, **_: Any) -> Corpus | LazyCorpus:
         raise DataError(f"hf:{path}: no such folder (hf: reads a datasets.save_to_disk folder offline)")
     import datasets  # lazy: heavy, and only this reader needs it
 
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except (FileNotFoundError, ValueError, OSError) as exc:  # no dataset_info.json / state.json, or bad arrow
-        raise DataError(f"hf:{path}: not a datasets.save_to_disk folder nor Parquet "
-                        f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
-    parts = loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(source.options.get("split", "train"), loaded)]
+    loaded = _load_from_disk(path)
+    if isinstance(loaded, datasets.DatasetDict):
+        _check_dict_options(source, loaded)
+        parts = list(loaded.items())
+    else:
+        parts = [(source.options.get("split", "train"), loaded)]
+    _check_same_columns(parts, path)
     split_col, image_col = source.options.get("split_column", "split"), source.options.get("image", "image")
     tables = []
     for split, ds in parts:
@@ -760,11 +771,125 @@ def read_hf(source: Source, **_: Any) -> Corpus | LazyCorpus:
                       lambda: corpus_from_table(table, source.options, str(source), files, path), image_files)
 
 
+# What datasets.load_from_disk raises on a damaged folder: besides missing files and unparsable
+# JSON or Arrow (OSError, ValueError), JSON of the wrong shape fails as it is indexed (TypeError,
+# KeyError, AttributeError).
+_LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, AttributeError, pa.ArrowException)
+
+
+def _load_from_disk(path: Path) -> Any:
+    """datasets.load_from_disk(path); a damaged folder a DataError naming the file at fault where
+    one is found (the library's messages name none, or only the folder)."""
+    import datasets
+
+    try:
+        return datasets.load_from_disk(str(path))
+    except _LOAD_ERRORS as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        if isinstance(exc, KeyError) or not detail:  # str(KeyError('x')) is just "'x'"
+            detail = f"{type(exc).__name__}: {detail}".rstrip(": ")
+        culprit = _damaged_hf_file(path) if _looks_saved(path) else None
+        if culprit is not None:
+            file, why = culprit
+            raise DataError(f"hf:{path}: damaged datasets.save_to_disk folder: {os.path.relpath(file, path)}: {why}") from exc
+        raise DataError(f"hf:{path}: not a datasets.save_to_disk folder nor Parquet ({detail})") from exc
+
+
+def _looks_saved(path: Path) -> bool:
+    """Whether `path` holds one of the files save_to_disk writes at its top (else it is some other folder)."""
+    return any((path / name).is_file() for name in ("dataset_dict.json", "state.json", "dataset_info.json"))
+
+
+def _damaged_hf_file(path: Path) -> Optional[tuple[Path, str]]:
+    """The first file of a save_to_disk folder that does not read as the library expects, and why;
+    None where each looks whole (run only after loading failed, so its cost never matters)."""
+    folders = [path]
+    listing = path / "dataset_dict.json"
+    if listing.is_file():
+        doc, error = _json_file(listing)
+        if error:
+            return listing, error
+        splits = doc.get("splits") if isinstance(doc, dict) else None
+        if not isinstance(splits, list) or not all(isinstance(s, str) for s in splits):
+            return listing, f"expected {{\"splits\": [names]}}, got {str(doc)[:80]}"
+        folders = [path / s for s in splits]
+    for folder in folders:
+        culprit = _damaged_hf_split(folder)
+        if culprit is not None:
+            return culprit
+    return None
+
+
+def _damaged_hf_split(folder: Path) -> Optional[tuple[Path, str]]:
+    """`_damaged_hf_file` for one split's folder: state.json, dataset_info.json, the Arrow files."""
+    import datasets
+
+    state_file, info_file = folder / "state.json", folder / "dataset_info.json"
+    for file in (state_file, info_file):
+        if not file.is_file():
+            return file, "missing"
+    state, error = _json_file(state_file)
+    if error:
+        return state_file, error
+    data_files = state.get("_data_files") if isinstance(state, dict) else None
+    if not isinstance(data_files, list) or not all(isinstance(f, dict) and isinstance(f.get("filename"), str)
+                                                   for f in data_files):
+        return state_file, f"expected \"_data_files\": [{{\"filename\": ...}}], got {str(state)[:80]}"
+    info, error = _json_file(info_file)
+    if error:
+        return info_file, error
+    try:
+        datasets.DatasetInfo.from_dict(info)
+    except _LOAD_ERRORS as exc:
+        return info_file, f"not a dataset_info ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})"
+    for entry in data_files:
+        arrow = folder / entry["filename"]
+        try:
+            with pa.memory_map(str(arrow)) as source:
+                pa.ipc.open_stream(source).read_all()
+        except (OSError, pa.ArrowException) as exc:
+            return arrow, f"not a readable Arrow stream ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    return None
+
+
+def _json_file(file: Path) -> tuple[Any, Optional[str]]:
+    """A JSON file's (value, None), or (None, why it has none)."""
+    try:
+        return json.loads(file.read_text(encoding="utf-8")), None
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None, f"not valid JSON ({exc})"
+
+
+def _check_dict_options(source: Source, loaded: Any) -> None:
+    """?split= names the split of the rows of a source that does not say it (a single Dataset, a
+    Parquet table without a split column); a DatasetDict says it for every row, so the option would
+    be silently ignored: refused. The splits a run reads are chosen by data.train_split and co."""
+    if "split" in source.options:
+        raise DataError(f"data.source {str(source)!r}: option split={source.options['split']!r}: hf:{source.location} "
+                        f"is a DatasetDict whose splits ({', '.join(loaded)}) name its rows' splits; ?split= names "
+                        "the split of a single Dataset's rows: drop it (data.train_split, val_split and test_split "
+                        "choose the splits a run uses)")
+
+
+def _check_same_columns(parts: list[tuple[str, Any]], path: Path) -> None:
+    """Refuse splits with different columns: concatenated, the missing ones were filled with nulls
+    and a caption column named otherwise in one split read as "holds None" at a row counted over
+    all splits."""
+    first, columns = parts[0][0], set(parts[0][1].column_names)
+    for split, ds in parts[1:]:
+        if set(ds.column_names) != columns:
+            raise DataError(f"hf:{path}: split {split!r} has columns {sorted(ds.column_names)} but split {first!r} "
+                            f"has {sorted(columns)}: every split needs the same columns (rename them)")
+
+
 def read_synthetic(source: Source, **_: Any) -> Corpus:
     from itmatch.data.synthetic import make_shapes
 
     kwargs = {k: int(v) for k, v in source.options.items() if k in ("n_images", "seed", "image_size")}
-    json_path = make_shapes(source.location, **kwargs)
+    try:
+        json_path = make_shapes(source.location, **kwargs)
+    except ValueError as exc:  # the generator's own checks: option ranges, a file where the folder goes
+        raise DataError(f"data.source {str(source)!r}: {exc}") from None
     return read_karpathy(Source("karpathy", str(json_path)))
 
 

@@ -280,6 +280,32 @@ def _captions(rng: np.random.Generator, objects: list[dict[str, Any]], n: int = 
 
 # --------------------------------------------------------------------------- files
 
+# Upper bounds on the generator's options, so that a slip (an extra zero, 1e9) is refused up front
+# rather than spending minutes building a permutation and a list of a billion entries before the
+# first image, or failing deep in PIL with a MemoryError: a million images is hours of rendering and
+# GBs of PNGs, already far beyond what a synthetic check needs; 4096 px is drawn at twice that side
+# (_SUPERSAMPLE), 8192^2 RGB = 200 MB per image, and encoders take 224 px anyway.
+MAX_IMAGES = 1_000_000
+MAX_IMAGE_SIZE = 4096
+
+
+def _check_range(option: str, value: int, low: int, high: int | None = None) -> None:
+    """A ValueError naming `option` and `value` when it is outside [low, high] (callers name the source)."""
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ValueError(f"{option}={value}: must be {bound}")
+
+
+def _check_folder(out_dir: Path) -> None:
+    """Refuse an `out_dir` that is, or lies under, a file: mkdir would raise NotADirectoryError
+    (or FileExistsError) naming only the images folder below it."""
+    for folder in (out_dir, *out_dir.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"{folder} is a file, not a folder (the generated images and "
+                                 f"{JSON_NAME} are written into a folder)")
+            return
+
 
 def _existing_params(json_path: Path) -> dict[str, Any] | None:
     try:
@@ -307,16 +333,16 @@ def make_shapes(out_dir: str | Path, n_images: int = 1200, *, seed: int = 0, ima
     temporary file and `os.replace`, so an interrupted run never leaves a JSON naming missing images.
     """
     n_images, seed, image_size = int(n_images), int(seed), int(image_size)
-    if n_images < 1:
-        raise ValueError(f"make_shapes: n_images must be >= 1, got {n_images}")
-    if image_size < 16:
-        raise ValueError(f"make_shapes: image_size must be >= 16, got {image_size}")
+    _check_range("n_images", n_images, 1, MAX_IMAGES)
+    _check_range("image_size", image_size, 16, MAX_IMAGE_SIZE)
+    _check_range("seed", seed, 0)  # numpy's seeds are non-negative (it says only "expected non-negative integer")
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
-        raise ValueError(f"make_shapes: need 0 <= val_fraction, test_fraction and val+test < 1, "
-                         f"got {val_fraction}, {test_fraction}")
+        raise ValueError(f"val_fraction={val_fraction}, test_fraction={test_fraction}: need each >= 0 and "
+                         "their sum < 1 (the rest is the training split)")
     params = {"version": FORMAT_VERSION, "n_images": n_images, "seed": seed, "image_size": image_size,
               "val_fraction": float(val_fraction), "test_fraction": float(test_fraction)}
     out_dir = Path(out_dir)
+    _check_folder(out_dir)
     json_path = out_dir / JSON_NAME
     if json_path.is_file() and _existing_params(json_path) == params and _all_images_present(json_path):
         return json_path
@@ -329,7 +355,8 @@ def make_shapes(out_dir: str | Path, n_images: int = 1200, *, seed: int = 0, ima
     n_val = int(round(n_images * val_fraction))
     n_test = int(round(n_images * test_fraction))
     if n_val + n_test >= n_images and n_images > 1:
-        raise ValueError(f"make_shapes: n_images={n_images} leaves no training images")
+        raise ValueError(f"n_images={n_images} leaves no training images at val_fraction={val_fraction}, "
+                         f"test_fraction={test_fraction}")
     order = np.random.default_rng([seed, 0]).permutation(n_images)
     splits = ["train"] * n_images
     for i in order[:n_val]:

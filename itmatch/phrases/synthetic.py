@@ -38,7 +38,7 @@ from xml.sax.saxutils import escape
 import numpy as np
 
 from itmatch.files import atomic_write_text
-from itmatch.data.synthetic import POSITIONS, SHAPE_PLURALS, _noun_phrase, _render, make_shapes
+from itmatch.data.synthetic import POSITIONS, SHAPE_PLURALS, _check_range, _noun_phrase, _render, make_shapes
 from itmatch.phrases.boxes import clip_boxes, enclosing_box, to_inclusive
 from itmatch.phrases.entities import ANNOTATIONS_DIR, PROPOSALS_FILE, SENTENCES_DIR, write_proposals
 from itmatch.phrases.sentences import SENTENCES_JSON, write_sentences_json
@@ -47,6 +47,9 @@ FORMAT_VERSION = 1
 MARKER = "shapes_entities.json"
 _POSITION_WORDS = {name: words for name, words in POSITIONS.values()}
 _COUNTS = {2: "two", 3: "three"}
+MAX_PER_IMAGE = 1000
+"""Bound on captions and proposals per image: a slip (an extra zero or three) is refused up front
+rather than writing millions of boxes per picture (the proposals table grows as images x this)."""
 
 
 def shape_box(obj: dict[str, Any], image_size: int) -> np.ndarray:
@@ -150,9 +153,9 @@ def write_shapes_entities(out_dir: str | Path, n_images: int = 200, *, seed: int
     """Write (once) the shapes scenes as a Flickr30K Entities folder at `out_dir` and return it;
     `read_entities(out_dir)` reads it (images included: `out_dir/images`)."""
     out_dir = Path(out_dir)
-    if n_captions < 1 or jitter_per_region < 0 or random_proposals < 0:
-        raise ValueError(f"write_shapes_entities: need n_captions >= 1 and non-negative proposal counts, got "
-                         f"{n_captions}, {jitter_per_region}, {random_proposals}")
+    for option, value, low in (("n_captions", n_captions, 1), ("jitter_per_region", jitter_per_region, 0),
+                               ("random_proposals", random_proposals, 0)):
+        _check_range(option, value, low, MAX_PER_IMAGE)
     json_path = make_shapes(out_dir, n_images, seed=seed, image_size=image_size, val_fraction=val_fraction,
                             test_fraction=test_fraction)
     doc = json.loads(json_path.read_text(encoding="utf-8"))

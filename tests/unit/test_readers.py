@@ -7,6 +7,7 @@ import json
 import re
 import os
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -864,6 +865,81 @@ def test_hf_single_dataset_and_parquet_export(tmp_path):
 def test_hf_missing_folder(tmp_path):
     with pytest.raises(DataError, match="no such folder"):
         read_source(f"hf:{tmp_path / 'absent'}")
+
+
+def _hf_dict(root: Path, **splits) -> Path:
+    """The `_hf_dataset`s given, saved at root as a DatasetDict."""
+    datasets = pytest.importorskip("datasets")
+    _silence_datasets()
+    datasets.DatasetDict(splits).save_to_disk(str(root))
+    return root
+
+
+def _hf_three_splits(root: Path) -> Path:
+    return _hf_dict(root, train=_hf_dataset([0, 1], ["r", "g"]), validation=_hf_dataset([2], ["b"]),
+                    test=_hf_dataset([3], ["y"]))
+
+
+def _overwrite(name: str, text: str) -> Callable[[Path], str]:
+    """A damage: the file `name` of a saved folder replaced by `text`; returns `name`."""
+    return lambda root: ((root / name).write_text(text), name)[1]
+
+
+def _truncate_arrow(root: Path) -> str:
+    arrow = next((root / "train").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[: arrow.stat().st_size // 2])
+    return f"train/{arrow.name}"
+
+
+@pytest.mark.parametrize("damage, why", [
+    (_overwrite("train/state.json", '{"_data_files": 7, "_fingerprint": "x"}'), '"_data_files"'),  # was TypeError
+    (_overwrite("train/state.json", "{}"), '"_data_files"'),  # was KeyError
+    (_overwrite("train/state.json", '{"_data_files": [\n'), "not valid JSON"),
+    (_overwrite("dataset_dict.json", '{"splits": 5}'), '"splits"'),  # was TypeError
+    (_overwrite("train/dataset_info.json", '{"features": {"image": {"_type": "Nope"}}}'), "Nope"),
+    (_truncate_arrow, "not a readable Arrow stream"),
+])
+def test_hf_a_damaged_save_to_disk_folder_names_the_file(tmp_path, damage, why):
+    """Valid JSON of the wrong shape was a TypeError/KeyError traceback; other damage named only the folder."""
+    root = _hf_three_splits(tmp_path / "dd")
+    file = damage(root)
+    with pytest.raises(DataError) as info:
+        read_source(f"hf:{root}")
+    message = str(info.value)
+    assert message.startswith(f"hf:{root}: damaged datasets.save_to_disk folder: {file}: ") and why in message
+    assert "\n" not in message
+
+
+def test_hf_split_option_on_a_dataset_dict_is_refused(tmp_path):
+    """?split= names the split of a bare Dataset's rows; on a DatasetDict it was silently ignored."""
+    root = _hf_three_splits(tmp_path / "dd")
+    with pytest.raises(DataError, match=r"option split='test': .*DatasetDict whose splits \(train, validation, "
+                                        r"test\).*drop it"):
+        read_source(f"hf:{root}?split=test")
+    assert read_source(f"hf:{root}").splits == ["test", "train", "val"]
+
+
+def test_hf_splits_with_different_columns_are_named(tmp_path):
+    """A caption column named `text` in one split was read as nulls: "row 40: field 'caption' holds None"."""
+    validation = _hf_dataset([2], ["b"]).rename_column("caption", "text")
+    root = _hf_dict(tmp_path / "dd", train=_hf_dataset([0, 1], ["r", "g"]), validation=validation)
+    with pytest.raises(DataError) as info:
+        read_source(f"hf:{root}")
+    assert str(info.value) == (f"hf:{root}: split 'validation' has columns ['image', 'image_key', 'text'] but split "
+                               "'train' has ['caption', 'image', 'image_key']: every split needs the same columns "
+                               "(rename them)")
+
+
+def test_a_caption_dict_without_raw_is_shown_as_it_is(tmp_path):
+    """[{"text": ...}] was reported as "holds None": the value the dict's missing "raw" gave."""
+    pq.write_table(pa.table({"image": pa.array([png_bytes(COLORS[0])], pa.binary()),
+                             "sentences": [[{"text": "a red square", "sentid": 0}]]}), tmp_path / "d.parquet")
+    with pytest.raises(DataError, match=r"row 0: field 'sentences' holds \{'text': 'a red square', 'sentid': 0\}: "
+                                        r"a dict without a \"raw\" caption string"):
+        read_table_source(f"parquet:{tmp_path / 'd.parquet'}")
+    pq.write_table(pa.table({"image": pa.array([png_bytes(COLORS[0])], pa.binary()),
+                             "sentences": [[{"raw": "a red square", "sentid": 0}]]}), tmp_path / "ok.parquet")
+    assert read_table_source(f"parquet:{tmp_path / 'ok.parquet'}").captions.column("text").to_pylist() == ["a red square"]
 
 
 # --------------------------------------------------------------------------- store.prepare

@@ -156,6 +156,51 @@ def test_read_by_the_synthetic_source(tmp_path):
     assert set(corpus.splits) == {"train", "val", "test"}
 
 
+@pytest.mark.parametrize("option, value, bound", [
+    ("n_images", "0", "between 1 and 1000000"), ("n_images", "-1", "between 1 and 1000000"),
+    ("n_images", "1000000000", "between 1 and 1000000"),  # spent minutes building lists before the first image
+    ("image_size", "1", "between 16 and 4096"), ("image_size", "1000000000", "between 16 and 4096"),  # MemoryError
+    ("seed", "-1", "at least 0"),  # numpy: "expected non-negative integer", no option named
+])
+@pytest.mark.parametrize("scheme", ["synthetic", "shapes-phrases"])
+def test_out_of_range_generator_options_name_option_and_value(tmp_path, scheme, option, value, bound):
+    """These were ValueError/MemoryError tracebacks (synthetic:) or a message without the option (seed)."""
+    from itmatch.data.phrase_store import read_phrase_source
+    from itmatch.data.readers import read_source
+    from itmatch.data.sources import DataError
+
+    text = f"{scheme}:{tmp_path / 'out'}?{option}={value}"
+    with pytest.raises(DataError) as info:
+        (read_source if scheme == "synthetic" else read_phrase_source)(text)
+    assert str(info.value) == f"data.source {text!r}: {option}={value}: must be {bound}"
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize("scheme", ["synthetic", "shapes-phrases"])
+@pytest.mark.parametrize("under", ["", "/sub"])
+def test_a_generator_location_that_is_a_file_is_named(tmp_path, scheme, under):
+    """A file where the folder goes (or above it) was a NotADirectoryError traceback from mkdir."""
+    from itmatch.data.phrase_store import read_phrase_source
+    from itmatch.data.readers import read_source
+    from itmatch.data.sources import DataError
+
+    (tmp_path / "afile").write_text("x")
+    text = f"{scheme}:{tmp_path / 'afile'}{under}?n_images=20"
+    with pytest.raises(DataError, match=re.escape(f"data.source {text!r}: {tmp_path / 'afile'} is a file, not a folder")):
+        (read_source if scheme == "synthetic" else read_phrase_source)(text)
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_shapes_phrases_proposal_options_are_named(tmp_path):
+    """One message named three values ("got 3, -1, 24") without saying which option was wrong."""
+    from itmatch.data.phrase_store import read_phrase_source
+    from itmatch.data.sources import DataError
+
+    text = f"shapes-phrases:{tmp_path / 'sp'}?n_images=20&jitter_per_region=-1"
+    with pytest.raises(DataError, match=re.escape("jitter_per_region=-1: must be between 0 and 1000")):
+        read_phrase_source(text)
+
+
 def test_make_shapes_speed(tmp_path):
     import time
 
