@@ -491,10 +491,15 @@ class RunConfig(_Section):
         return folder_name(value)
 
 
+# MLflow's own variable as the process started with it (mlflow.set_tracking_uri sets it too, later,
+# in a process that has logged somewhere: a config made after that must not follow it there)
+ENV_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
 class TrackingConfig(_Section):
     enabled: bool = True
-    # MLflow's own variable where it is set, as every MLflow client (and trainers.evaluate) reads it
-    tracking_uri: str = Field(default_factory=lambda: os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db")
+    # the variable where it is set, as every MLflow client (and trainers.evaluate) reads it
+    tracking_uri: str = Field(default_factory=lambda: ENV_TRACKING_URI or "sqlite:///mlruns.db")
     artifact_location: str = "mlartifacts"
     experiment: str = "itmatch"
     registered_model: Optional[str] = "itmatch-embedding"

@@ -20,7 +20,6 @@ step): a longer cosine schedule would change the learning rate of the epochs alr
 from __future__ import annotations
 
 import logging
-import os
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any, Callable
 
 import yaml
 
-from itmatch.config import Config, ConfigError, read_saved_config
+from itmatch.config import ENV_TRACKING_URI, Config, ConfigError, read_saved_config
 from itmatch.data.batching import NeighborhoodBatchSampler, shards_per_rank
 from itmatch.data.sources import DataError
 from itmatch.data.store import FeatureStore, stored_splits
@@ -259,7 +258,7 @@ def check_tracking(cfg: Config, timeout: float = TRACKING_TIMEOUT_S) -> None:
     builds as an MLflow store; and MLflow takes the experiment, model and alias names."""
     if cfg.tracking.enabled:
         uri = cfg.tracking.tracking_uri
-        from_env = " (from MLFLOW_TRACKING_URI)" if uri == os.environ.get("MLFLOW_TRACKING_URI") else ""
+        from_env = " (from MLFLOW_TRACKING_URI)" if uri == ENV_TRACKING_URI else ""
         check_tracking_uri(uri, timeout, key="tracking.tracking_uri" + from_env)
         check_tracking_names(cfg)
 

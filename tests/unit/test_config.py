@@ -439,10 +439,15 @@ def test_a_home_relative_path_is_expanded_as_a_shell_would(monkeypatch, tmp_path
 def test_mlflows_own_variable_sets_the_default_store(monkeypatch):
     """trainers.train logged into ./mlruns.db with MLFLOW_TRACKING_URI set, where trainers.evaluate
     (and every MLflow client) looked in the variable's store."""
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    import itmatch.config
+
+    monkeypatch.setattr(itmatch.config, "ENV_TRACKING_URI", None)
     assert load_config().tracking.tracking_uri == "sqlite:///mlruns.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    monkeypatch.setattr(itmatch.config, "ENV_TRACKING_URI", "http://mlflow:5000")  # as the process started
     assert load_config().tracking.tracking_uri == "http://mlflow:5000"
+    monkeypatch.setattr(itmatch.config, "ENV_TRACKING_URI", None)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")  # set later (mlflow.set_tracking_uri)
+    assert load_config().tracking.tracking_uri == "sqlite:///mlruns.db"
     assert load_config(overrides=["tracking.tracking_uri=sqlite:///x.db"]).tracking.tracking_uri == "sqlite:///x.db"
 
 
