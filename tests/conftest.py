@@ -10,6 +10,7 @@ start no Ray, a file at a time (its module fixtures run once)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,13 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
             return "integration" if runs_with_ray(nodeid) else super()._split_scope(nodeid)
 
     return IntegrationTogether(config, log)
+
+
+@pytest.fixture(autouse=True)
+def _no_inherited_mlflow_store():
+    """mlflow.set_tracking_uri sets MLFLOW_TRACKING_URI in this process, and the commands a test starts
+    take their default store from it (itmatch.config.ENV_TRACKING_URI): one test's store must not
+    become the next one's default. Removed before and after every test."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)

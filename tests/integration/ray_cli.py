@@ -16,5 +16,7 @@ def run_module(module: str, args: list[str], cwd: Path, env_extra: dict | None =
                timeout: int = TIMEOUT) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "GLOO_SOCKET_IFNAME": "lo", **(env_extra or {})}
     env.pop("RAY_ADDRESS", None)  # always a private local cluster
+    if "MLFLOW_TRACKING_URI" not in (env_extra or {}):  # set by an mlflow.set_tracking_uri in this process
+        env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
