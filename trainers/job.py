@@ -22,8 +22,9 @@ import yaml
 from itmatch.config import Config, ConfigError, read_saved_config, save_config, validate
 from itmatch.data.store import FeatureStore, stored_splits
 from itmatch.files import atomic_write_text
-from itmatch.state import CheckpointError
+from itmatch.state import CHECKPOINT_PREFIX, CheckpointError
 from trainers import placement
+from trainers.metrics_log import LOCAL_FILE as METRICS_FILE
 
 if TYPE_CHECKING:
     from trainers.in_process import Forward
@@ -47,7 +48,7 @@ def run_dir(cfg: Config) -> Path:
 # What marks a folder as a search's (tuning/search.py, tuning/restore.py) or a training run's (run_job,
 # Ray Train's checkpoint_* folders, trainers/metrics_log.py).
 SEARCH_MARKS = ("search.json", "search_config.yaml", "search_space.json", "tune")
-RUN_MARKS = (CONFIG_FILE, SUMMARY_FILE, "metrics.jsonl")
+RUN_MARKS = (CONFIG_FILE, SUMMARY_FILE, METRICS_FILE)
 
 
 def folder_marks(folder: Path, kind: str) -> list[str]:
@@ -56,7 +57,7 @@ def folder_marks(folder: Path, kind: str) -> list[str]:
         return []
     names = SEARCH_MARKS if kind == "search" else RUN_MARKS
     return sorted(p.name for p in folder.iterdir()
-                  if p.name in names or (kind == "run" and p.is_dir() and p.name.startswith("checkpoint_")))
+                  if p.name in names or (kind == "run" and p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)))
 
 
 def refuse_other_kind(folder: Path, kind: str) -> None:
