@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from itmatch.data.sources import PHRASE_SCHEMES
-from itmatch.files import atomic_write_text, read_utf8
+from itmatch.files import atomic_write_text, read_problem, read_utf8
 
 
 class ConfigError(ValueError):
@@ -116,10 +116,8 @@ def read_yaml(path: str | Path) -> Any:
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
-        mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
-        if mark is None or not problem:
-            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
-        raise ConfigError(f"{path}: line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {problem}") from exc
+        problem = read_problem(exc)
+        raise ConfigError(f"{path}: {problem if 'not valid YAML' in problem else 'not valid YAML: ' + problem}") from exc
 
 
 class DataConfig(_Section):

@@ -50,6 +50,18 @@ def replace_folder(staged: str | Path, folder: str | Path) -> Path:
     return folder
 
 
+def read_problem(exc: BaseException) -> str:
+    """What went wrong reading a file, in one line for an error message that names the file: a YAML
+    error's problem and place (its own text spans several lines, quoting the file), an OS error's
+    reason, else the message with its line breaks folded."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is not None and problem:
+        return f"line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {problem}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def read_utf8(path: str | Path, error: type[Exception] = ValueError) -> str:
     """A user's text file (captions, JSON, YAML); a byte-order mark (Windows editors write one) is not
     content. An unreadable file or bytes that are not UTF-8 raise `error` naming the file (and line)."""

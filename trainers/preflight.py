@@ -31,6 +31,7 @@ from itmatch.config import ENV_TRACKING_URI, Config, ConfigError, read_saved_con
 from itmatch.data.batching import NeighborhoodBatchSampler, shards_per_rank
 from itmatch.data.sources import DataError
 from itmatch.data.store import FeatureStore, stored_splits
+from itmatch.files import read_problem
 from itmatch.state import CONFIG_FILE, checkpoint_candidates, checkpoint_dims
 from trainers import in_process
 
@@ -113,11 +114,6 @@ def changed_keys(saved: Config, new: Config) -> list[tuple[str, Any, Any]]:
     return out
 
 
-def _one_line(exc: BaseException) -> str:
-    """A YAML error's text (a few lines: the problem, the place, a caret) as one line."""
-    return " ".join(str(exc).split())
-
-
 def check_resume_config(cfg: Config) -> None:
     """A run that has a checkpoint resumes with the config it was started with, or not at all."""
     folder = Path(cfg.run.storage_path).resolve() / cfg.run.name  # Ray Train's folder of this run
@@ -131,7 +127,7 @@ def check_resume_config(cfg: Config) -> None:
     try:
         saved = read_saved_config(saved_path)
     except (yaml.YAMLError, OSError) as exc:
-        raise ConfigError(f"{saved_path}: cannot read the run's saved config ({_one_line(exc)})") from exc
+        raise ConfigError(f"{saved_path}: cannot read the run's saved config ({read_problem(exc)})") from exc
     diffs = changed_keys(saved, cfg)
     if diffs:
         listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in diffs)
@@ -166,7 +162,7 @@ def check_start_from(cfg: Config) -> None:
     try:
         saved = read_saved_config(path).flat()
     except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise ConfigError(f"run.start_from = {folder!r}: cannot read its {CONFIG_FILE} ({_one_line(exc)})") from exc
+        raise ConfigError(f"run.start_from = {folder!r}: cannot read its {CONFIG_FILE} ({read_problem(exc)})") from exc
     now = cfg.flat()
     shaped = [k for k in now if shapes_weights(k)]
     diffs = [f"{k}: {saved.get(k)!r} there, {now[k]!r} here" for k in shaped if saved.get(k) != now[k]]

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import yaml
 
 from itmatch.config import Config, ConfigError, read_saved_config, save_config
-from itmatch.files import atomic_write_text
+from itmatch.files import atomic_write_text, read_problem
 from trainers.preflight import changed_keys
 
 CONFIG_FILE = "search_config.yaml"
@@ -58,18 +58,8 @@ def _read(path: Path, read: Callable[[Path], Any]) -> Any:
     except (OSError, ValueError, yaml.YAMLError) as exc:
         if isinstance(exc, ConfigError):
             raise  # names the file already
-        raise ConfigError(f"{path}: cannot read the search's saved settings ({_one_line(exc)}); restore the file, "
+        raise ConfigError(f"{path}: cannot read the search's saved settings ({read_problem(exc)}); restore the file, "
                           f"or start a new search with another --name") from None
-
-
-def _one_line(exc: Exception) -> str:
-    """What went wrong reading a file, in one line: a YAML error's problem and position only."""
-    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
-        mark = exc.problem_mark
-        return f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
-    if isinstance(exc, OSError):
-        return exc.strerror or type(exc).__name__
-    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 TUNE_DIR = "tune"
@@ -95,14 +85,14 @@ def _check_pickle(path: Path, search_dir: Path) -> None:
         for _ in pickletools.genops(path.read_bytes()):
             pass
     except (OSError, ValueError) as exc:
-        raise _damaged(path, search_dir, _one_line(exc)) from None
+        raise _damaged(path, search_dir, read_problem(exc)) from None
 
 
 def _check_state(path: Path, search_dir: Path) -> None:
     try:
         state = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise _damaged(path, search_dir, _one_line(exc)) from None
+        raise _damaged(path, search_dir, read_problem(exc)) from None
     missing = [k for k in ("runner_data", "trial_data") if not isinstance(state, dict) or k not in state]
     if missing:
         raise _damaged(path, search_dir, f"no {' or '.join(missing)}")

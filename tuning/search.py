@@ -47,7 +47,7 @@ from itmatch.config import Config, ConfigError, load_config  # noqa: E402
 from itmatch.data.sources import DataError  # noqa: E402
 from itmatch.data.raw import open_store  # noqa: E402
 from itmatch.data.store import FeatureStore  # noqa: E402
-from itmatch.files import FolderError, atomic_write_text, exclusive  # noqa: E402
+from itmatch.files import FolderError, atomic_write_text, exclusive, read_problem  # noqa: E402
 from trainers import in_process, placement, preflight  # noqa: E402
 from trainers.logs import setup_logging  # noqa: E402
 from tuning import refit, registry, report, rerun, restore, select  # noqa: E402
@@ -269,7 +269,7 @@ def _restore(path: str, trainable: Any) -> Any:
     try:
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, KeyError, TypeError, ValueError) as exc:
-        said = " ".join(str(exc).split())[:300] or type(exc).__name__
+        said = read_problem(exc)[:300]
         raise ConfigError(f"{path}/{restore.TUNER_FILE}: cannot restore the search's Tune state ({said}): start a "
                           f"new search with another --name, or delete {Path(path).parent} to start this one over") \
             from None

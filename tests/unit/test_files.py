@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from itmatch.config import load_config, save_config
-from itmatch.files import atomic_write, atomic_write_text, replace_folder, staging_folder
+from itmatch.files import atomic_write, atomic_write_text, read_problem, replace_folder, staging_folder
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
@@ -103,3 +103,18 @@ def test_a_folder_is_replaced_whole_and_a_crash_between_the_renames_keeps_the_ol
         replace_folder(_folder(staging_folder(target), "newer"), target)
     aside = [p for p in tmp_path.iterdir() if p.name.startswith(".best.old-")]
     assert len(aside) == 1 and (aside[0] / "weights.pt").read_text() == "new"
+
+
+def test_read_problem_is_one_line_with_yaml_s_place_or_the_os_reason(tmp_path):
+    import yaml
+
+    with pytest.raises(yaml.YAMLError) as info:
+        yaml.safe_load("train:\n  epochs: [3\n")
+    assert "\n" in str(info.value)  # PyYAML's own text: the problem, the place, the quoted line, a caret
+    problem = read_problem(info.value)
+    assert problem.startswith("line 3, column 1: not valid YAML: ") and "\n" not in problem, problem
+    with pytest.raises(OSError) as info:
+        (tmp_path / "missing.yaml").read_text()
+    assert read_problem(info.value) == "No such file or directory"
+    assert read_problem(ValueError("two\n  lines")) == "two lines"
+    assert read_problem(ValueError()) == "ValueError"
