@@ -4,9 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
-# Two pytest workers: the integration tests one after another on one, the other test files on the
-# other (tests/conftest.py says why). TEST_WORKERS=0 runs everything in one process.
-TEST_WORKERS ?= 2
+# Three pytest workers: the Ray integration tests in two lanes, one on each of two, the other test
+# files on the third (tests/conftest.py says why). TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 3
 
 .PHONY: train test eval clean
 

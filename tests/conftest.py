@@ -1,12 +1,13 @@
-"""How `make test` shares the machine between its two pytest-xdist workers (`-n 2 --dist loadscope`).
+"""How `make test` shares the machine between its three pytest-xdist workers (`-n 3 --dist loadscope`).
 
-The integration tests that start Ray run one after another on one worker, first, as without xdist:
-each starts its own Ray cluster or Ray job and sizes it to the whole machine. Two of them at once on
-2 cores (tried once) failed a DeepSpeed crash-and-resume run and a PBT search; the DeepSpeed test
-passed when re-run beside another Ray test, so the failures depend on load, cause not established.
-They still leave about half of the CPU idle while clusters start and poll (53 % busy, measured),
-which the other worker fills with the unit and multi-process tests and the integration tests that
-start no Ray, a file at a time (its module fixtures run once)."""
+The integration tests that start Ray run in two lanes, each on a worker of its own, one test after
+another within a lane: each starts its own Ray cluster or Ray job (a private one: `ray.init(address=
+"local")`, or heads on free ports, tests/integration/ray_head.py). One lane alone left the CPU idle
+two thirds of the time (clusters start, poll, wait for actors: 23 CPU-minutes in a 35-minute suite),
+so the two lanes are balanced by their measured times and run side by side, both handed out first.
+The third worker takes the unit and multi-process tests and the integration tests that start no
+Ray, a file at a time (its module fixtures run once); the lane workers take such files too once
+their lane is done. With `-n 2` the lanes still go first, one on each worker."""
 
 from __future__ import annotations
 
@@ -25,9 +26,26 @@ WITHOUT_RAY = ("test_bad_input_cli.py", "test_ensemble_cli.py", "test_method_reg
                "test_serving.py")
 
 
+# The Ray integration files of the first lane (the rest make the second): ~930 s and ~960 s of the
+# suite's 1923 s at 37c9148, measured one lane alone beside the unit tests (--durations).
+LANE_A = ("test_end_to_end_ray.py", "test_train_ray.py", "test_phrases_ray.py", "test_ablation_ray.py",
+          "test_featurize_ray.py", "test_sigterm.py")
+
+
 def runs_with_ray(nodeid: str) -> bool:
-    """An integration test that may start Ray: these run one after another on one worker."""
-    return nodeid.startswith(INTEGRATION_IDS) and nodeid[len(INTEGRATION_IDS):].split("::")[0] not in WITHOUT_RAY
+    """An integration test that may start Ray: these run one after another within their lane."""
+    return nodeid.startswith(INTEGRATION_IDS) and _file(nodeid) not in WITHOUT_RAY
+
+
+def ray_lane(nodeid: str) -> str | None:
+    """The Ray lane of a test (a unit of work of its own), None for a test that starts no Ray."""
+    if not runs_with_ray(nodeid):
+        return None
+    return "ray-lane-a" if _file(nodeid) in LANE_A else "ray-lane-b"
+
+
+def _file(nodeid: str) -> str:
+    return nodeid[len(INTEGRATION_IDS):].split("::")[0]
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -36,18 +54,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """--dist loadscope with every integration test in one unit of work (else a file is one).
-    xdist's own --dist loadgroup cannot be used: it renames items through `Item._nodeid`, which
-    pytest 9 no longer reads, so its groups are ignored."""
+    """--dist loadscope with each Ray lane one unit of work (else a file is one), handed out in the
+    order above: xdist would otherwise reorder the units by their number of tests, and the Ray lanes,
+    the longest by far, started after the larger unit files. xdist's own --dist loadgroup cannot be
+    used: it renames items through `Item._nodeid`, which pytest 9 no longer reads."""
     if config.getvalue("dist") != "loadscope":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    class IntegrationTogether(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            return "integration" if runs_with_ray(nodeid) else super()._split_scope(nodeid)
+    config.option.loadscopereorder = False
 
-    return IntegrationTogether(config, log)
+    class RayLanes(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return ray_lane(nodeid) or super()._split_scope(nodeid)
+
+    return RayLanes(config, log)
 
 
 @pytest.fixture(autouse=True)

@@ -25,3 +25,12 @@ def test_only_the_listed_integration_files_leave_the_ray_worker():
         nodeid = f"{conftest.INTEGRATION_IDS}{path.name}::test_x"
         assert conftest.runs_with_ray(nodeid) == (path.name not in conftest.WITHOUT_RAY), path.name
     assert not conftest.runs_with_ray("tests/unit/test_config.py::test_x")
+
+
+def test_both_ray_lanes_hold_real_ray_files():
+    names = {path.name for path in (TESTS / "integration").glob("test_*.py")}
+    assert set(conftest.LANE_A) <= names  # a renamed file would leave lane A silently
+    lanes = {conftest.ray_lane(f"{conftest.INTEGRATION_IDS}{name}::test_x") for name in names}
+    assert lanes == {"ray-lane-a", "ray-lane-b", None}
+    assert all(conftest.runs_with_ray(f"{conftest.INTEGRATION_IDS}{name}::test_x") for name in conftest.LANE_A)
+    assert conftest.ray_lane("tests/unit/test_config.py::test_x") is None
