@@ -29,7 +29,7 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Optional  # noqa: E402
+from typing import Any, Optional  # noqa: E402
 
 from itmatch.config import Config, ConfigError, load_config  # noqa: E402
 from itmatch.data.sources import DataError  # noqa: E402
@@ -37,7 +37,7 @@ from itmatch.data.raw import prepare_inputs  # noqa: E402
 from itmatch.data.store import FeatureStore, stored_splits  # noqa: E402
 from itmatch.files import FolderError, exclusive  # noqa: E402
 from itmatch.models.towers import check_tower_names  # noqa: E402
-from trainers import in_process, preflight  # noqa: E402
+from trainers import in_process, preflight, ray_worker  # noqa: E402
 from trainers.job import (finished_summary, refuse_other_kind, restore_best_model, run_dir, run_job,  # noqa: E402
                           run_job_here, run_job_in_task)
 from trainers.logs import setup_logging  # noqa: E402
@@ -95,21 +95,22 @@ def init_ray(cfg: Config, worker_groups: Optional[bool] = None) -> None:
     for name in ("ITMATCH_FAIL_AT_EPOCH", "ITMATCH_HOLD_AT", "ITMATCH_HOLD_DIR", "ITMATCH_HOLD_TIMEOUT_S"):
         if name in os.environ:  # fault injection (trainers/loop.py), for tests and drills
             env[name] = os.environ[name]
+    runtime_env = {"env_vars": env, "worker_process_setup_hook": ray_worker.HOOK}
     if address:
-        attach_ray(address, "run.ray_address" if cfg.run.ray_address else "RAY_ADDRESS", env)
+        attach_ray(address, "run.ray_address" if cfg.run.ray_address else "RAY_ADDRESS", runtime_env)
     else:  # a private in-process cluster on this machine; gloo over loopback
         env["GLOO_SOCKET_IFNAME"] = os.environ.get("GLOO_SOCKET_IFNAME", "lo")
-        ray.init(address="local", runtime_env={"env_vars": env}, include_dashboard=wants_dashboard(cfg, worker_groups))
+        ray.init(address="local", runtime_env=runtime_env, include_dashboard=wants_dashboard(cfg, worker_groups))
 
 
-def attach_ray(address: str, setting: str, env: dict[str, str]) -> None:
+def attach_ray(address: str, setting: str, runtime_env: dict[str, Any]) -> None:
     """ray.init on an existing cluster; an address Ray cannot parse or reach is the user's input, so
     it becomes a ConfigError naming the address and where it came from (`setting`: run.ray_address or
     the RAY_ADDRESS variable), not a traceback (an unreachable one after Ray's ~25 s of retries)."""
     import ray
 
     try:
-        ray.init(address=address, runtime_env={"env_vars": env})
+        ray.init(address=address, runtime_env=runtime_env)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         ray.shutdown()  # a half-made connection must not make the next ray.init a no-op
         said = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
