@@ -29,6 +29,10 @@ class Gather(Protocol):
     def sum(self, t: Tensor) -> Tensor:
         """Sum of a (detached) tensor over workers."""
 
+    def layout(self, *n_local: int) -> tuple["Gather", ...]:
+        """One `Gather` per local row count (e.g. images, captions), each for the tensors of that many
+        rows, with every worker's counts exchanged once for all of them."""
+
 
 class LocalGather:
     """One process holds the whole batch."""
@@ -46,6 +50,9 @@ class LocalGather:
 
     def sum(self, t: Tensor) -> Tensor:
         return t
+
+    def layout(self, *n_local: int) -> tuple["LocalGather", ...]:
+        return tuple(self for _ in n_local)
 
 
 LOCAL = LocalGather()

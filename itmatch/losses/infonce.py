@@ -58,8 +58,9 @@ def infonce_loss(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    img_all, txt_all = gather.cat(img), gather.cat(txt)
-    img_gid_all, txt_gid_all = gather.cat_nograd(img_gid), gather.cat_nograd(txt_gid)
+    images, texts = gather.layout(img.shape[0], txt.shape[0])  # every worker's counts, exchanged once
+    img_all, txt_all = images.cat(img), texts.cat(txt)
+    img_gid_all, txt_gid_all = images.cat_nograd(img_gid), texts.cat_nograd(txt_gid)
     scale = reduction_scale(img_gid, txt_gid_all, reduction, gather, img)
     out = {
         "i2t": _direction(img, img_gid, txt_all, txt_gid_all, temperature) * scale,

@@ -20,8 +20,9 @@ def ranking_negatives(batch: Batch, gather: Gather) -> Optional[dict[str, Tensor
     b = batch.boxes
     if b is None:
         return None
-    return {"t2i": region_negatives(b.text_picture, b.text_box, gather.cat_nograd(b.image_picture),
-                                    gather.cat_nograd(b.image_box))}
+    (regions,) = gather.layout(b.image_picture.shape[0])  # one exchange of counts for both tensors
+    return {"t2i": region_negatives(b.text_picture, b.text_box, regions.cat_nograd(b.image_picture),
+                                    regions.cat_nograd(b.image_box))}
 
 
 def pair_negatives(batch: Batch) -> Optional[Tensor]:

@@ -202,9 +202,10 @@ def ranking_loss(
         {"loss": λ-weighted total, "i2t", "t2i", "i2i", "t2t": unweighted reduced terms}.
     """
     _check_args(img, img_gid, txt, txt_gid, lambdas, top_k, metric, reduction, negatives)
-    img_all, txt_all = gather.cat(img), gather.cat(txt)
-    img_gid_all, txt_gid_all = gather.cat_nograd(img_gid), gather.cat_nograd(txt_gid)
-    img_off, txt_off = gather.offset(img.shape[0]), gather.offset(txt.shape[0])
+    images, texts = gather.layout(img.shape[0], txt.shape[0])  # every worker's counts, exchanged once
+    img_all, txt_all = images.cat(img), texts.cat(txt)
+    img_gid_all, txt_gid_all = images.cat_nograd(img_gid), texts.cat_nograd(txt_gid)
+    img_off, txt_off = images.offset(img.shape[0]), texts.offset(txt.shape[0])
 
     # (anchor, anchor_gid, candidates, candidate_gid, self offset or None for cross-modal)
     setups = {

@@ -12,6 +12,7 @@ loss terms and the gradients it ends up with.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -81,11 +82,28 @@ def embedding_case(case: dict, rank: int, gather: DistGather) -> dict:
     img = _mine(case["img"], case["img_bounds"], rank).clone().requires_grad_(True)
     txt = _mine(case["txt"], case["txt_bounds"], rank).clone().requires_grad_(True)
     img_gid, txt_gid = _mine(case["img_gid"], case["img_bounds"], rank), _mine(case["txt_gid"], case["txt_bounds"], rank)
-    out = LOSSES[case["loss"]](img, img_gid, txt, txt_gid, gather=gather, **case["kwargs"])
+    with _counted(dist, "all_gather") as gathers:
+        out = LOSSES[case["loss"]](img, img_gid, txt, txt_gid, gather=gather, **case["kwargs"])
     out["loss"].backward()
     zero_if_unused = lambda t: torch.zeros_like(t) if t.grad is None else t.grad  # noqa: E731 (a term may skip a side)
-    return {"terms": {k: v.detach().cpu() for k, v in out.items()},
+    return {"terms": {k: v.detach().cpu() for k, v in out.items()}, "all_gathers": gathers[0],
             "img_grad": zero_if_unused(img).cpu(), "txt_grad": zero_if_unused(txt).cpu()}
+
+
+@contextlib.contextmanager
+def _counted(module, name: str):
+    """How many times `module.name` is called inside the block (yields a one-item list)."""
+    real, calls = getattr(module, name), [0]
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    setattr(module, name, counting)
+    try:
+        yield calls
+    finally:
+        setattr(module, name, real)
 
 
 def model_case(case: dict, rank: int, gather: DistGather) -> dict:

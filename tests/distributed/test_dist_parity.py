@@ -153,6 +153,9 @@ def test_loss_and_embedding_grads_equal_single_process(distributed, name):
         got = torch.cat([o[name][f"{side}_grad"] for o in outs]) / world  # DDP averages over ranks
         torch.testing.assert_close(got, grad, **TOL, msg=f"{name} {side} grad")
         assert len(got) == bounds[-1]
+    # the four gathers of rows (embeddings and group ids) and one exchange of both row counts before
+    # them, not one per gather: each is a collective and, on CUDA, a host sync
+    assert [o[name]["all_gathers"] for o in outs] == [5] * world
 
 
 def _reference_model_loss(case: dict, bf16: bool = False):
