@@ -27,6 +27,7 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import socket  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Optional  # noqa: E402
@@ -109,15 +110,31 @@ def attach_ray(address: str, setting: str, runtime_env: dict[str, Any]) -> None:
     the RAY_ADDRESS variable), not a traceback (an unreachable one after Ray's ~25 s of retries)."""
     import ray
 
+    said = unreachable(address)  # at once, not after Ray's ~25 s of retries
+    if said is None:
+        try:
+            ray.init(address=address, runtime_env=runtime_env)
+            return
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            ray.shutdown()  # a half-made connection must not make the next ray.init a no-op
+            said = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    where = " (environment variable)" if setting == "RAY_ADDRESS" else ""
+    raise ConfigError(f"{setting}={address!r}{where}: cannot attach to a Ray cluster there ({said}); give the "
+                      "address of a running cluster's head (HOST:6379, or auto), or unset it to start "
+                      "a private cluster here")
+
+
+def unreachable(address: str, timeout_s: float = 5.0) -> Optional[str]:
+    """Why nothing answers at a HOST:PORT address (refused, no such host, timed out), else None.
+    Other forms (auto, ray://, http://) are left to Ray, which knows what they mean."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return None
     try:
-        ray.init(address=address, runtime_env=runtime_env)
-    except (ConnectionError, ValueError, RuntimeError) as exc:
-        ray.shutdown()  # a half-made connection must not make the next ray.init a no-op
-        said = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        where = " (environment variable)" if setting == "RAY_ADDRESS" else ""
-        raise ConfigError(f"{setting}={address!r}{where}: cannot attach to a Ray cluster there ({said}); give the "
-                          "address of a running cluster's head (HOST:6379, or auto), or unset it to start "
-                          "a private cluster here") from None
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=timeout_s):
+            return None
+    except OSError as exc:  # socket.gaierror and TimeoutError are OSErrors too
+        return f"nothing answers at {host}:{port}: {exc.strerror or exc}"
 
 
 def thread_wait_env(cfg: Config) -> dict[str, str]:

@@ -53,10 +53,32 @@ def test_a_ray_address_that_does_not_attach_is_one_line_naming_where_it_came_fro
         monkeypatch.setenv(key, value)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", fails)
+    monkeypatch.setattr("trainers.train.unreachable", lambda address: None)  # as if a head answered there
     with pytest.raises(ConfigError) as info:
         init_ray(load_config(None, overrides))
     message = str(info.value)
     assert message.startswith(setting) and str(error).splitlines()[0] in message and "\n" not in message
+
+
+@pytest.mark.parametrize("address, said", [("127.0.0.1:{port}", "refused"), ("no-such-host.invalid:6379", "")])
+def test_a_ray_address_where_nothing_answers_is_refused_at_once_without_rays_retries(address, said, monkeypatch):
+    import socket
+
+    import ray
+
+    from trainers.train import init_ray
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        address = address.format(port=s.getsockname()[1])
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", _unreached)
+    with pytest.raises(ConfigError) as info:
+        init_ray(load_config(None, [f"run.ray_address={address}"]))
+    message = str(info.value)
+    assert message.startswith(f"run.ray_address={address!r}: cannot attach") and "nothing answers at" in message
+    assert said in message.lower() and "\n" not in message
 
 
 # ---- C: ITMATCH_* fault injection, checked by the driver before anything starts
