@@ -7,6 +7,7 @@ Sources, lowest priority first: defaults in code, a YAML preset (changes only), 
 
 from __future__ import annotations
 
+import functools
 import os
 import typing
 from pathlib import Path
@@ -16,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from itmatch.data.sources import PHRASE_SCHEMES
-from itmatch.files import atomic_write_text, read_problem, read_utf8
+from itmatch.files import atomic_write_text, read_utf8, yaml_problem
 
 
 class ConfigError(ValueError):
@@ -114,10 +115,24 @@ def read_yaml(path: str | Path) -> Any:
     path = Path(path)
     text = read_utf8(path, ConfigError)
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)
+        return _load_yaml(text)
     except yaml.YAMLError as exc:
-        problem = read_problem(exc)
-        raise ConfigError(f"{path}: {problem if 'not valid YAML' in problem else 'not valid YAML: ' + problem}") from exc
+        raise ConfigError(f"{path}: {yaml_problem(exc)}") from exc
+    except _TooDeep as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
+class _TooDeep(Exception):
+    """YAML nested deeper than Python's recursion allows (PyYAML composes and builds recursively)."""
+
+
+def _load_yaml(text: str) -> Any:
+    """`text` read as YAML by the loader every user file goes through. `[[[[...]]]]` thousands deep
+    made PyYAML raise RecursionError, a traceback; no setting nests more than a few levels."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except RecursionError:
+        raise _TooDeep("nested too deeply (lists or mappings inside each other thousands of levels down)") from None
 
 
 class DataConfig(_Section):
@@ -506,6 +521,12 @@ class TrackingConfig(_Section):
     """Log the best weights as an MLflow pyfunc model when the run ends (always, when it registers).
     A search's trials and seed re-runs run without it: the search logs only the model it registers,
     into that model's own run."""
+    system_metrics: bool = False
+    """Log each node's CPU, memory, disk and network use (and its GPUs', where nvidia-ml-py is
+    installed) to the run as `system/...` metrics (`system/node<N>/...` when the job spans nodes):
+    MLflow's system metrics monitor, one per node, while the job trains."""
+    system_metrics_interval_s: float = Field(10.0, ge=1.0)
+    """Seconds between two samples of the system metrics."""
 
 
 class SearchConfig(_Section):
@@ -808,15 +829,31 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def flatten_once(tree: dict[str, Any], where: str, prefix: str = "") -> dict[str, Any]:
+    """`flatten` for a file, refusing a setting it gives twice: as a dotted key and inside its
+    section (`train.epochs: 3` beside `train: {epochs: 40}`), one of them was dropped without a word
+    (the YAML loader sees two different keys). On the command line the last one wins, as documented."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        for dotted, leaf in (flatten_once(value, where, path + ".") if isinstance(value, dict) else {path: value}).items():
+            if dotted in out:
+                raise ConfigError(f"{where}: {dotted} is given twice (as a dotted key and inside its section, "
+                                  f"values {out[dotted]!r} and {leaf!r}); keep one")
+            out[dotted] = leaf
+    return out
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """`a.b=value` -> ("a.b", value), the value read as YAML (so 3 is int, null is None)."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key=value (e.g. loss.margin=0.1)")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw != "" else ""
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {exc}") from exc
+        value = _load_yaml(raw) if raw != "" else ""
+    except (yaml.YAMLError, _TooDeep) as exc:  # one line: PyYAML's own text quotes the value under a caret
+        said = yaml_problem(exc) if isinstance(exc, yaml.YAMLError) else f"not valid YAML: {exc}"
+        raise ConfigError(f"override {key}: value {raw!r}: {said}") from None
     if isinstance(value, (int, float)) and not isinstance(value, bool) and "_" in raw:
         value = raw  # YAML 1.1 reads 92334_00000 (a Tune trial id, a date-like name) as a number
     return key.strip(), value
@@ -858,7 +895,9 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any, where: str) -> None:
         fields = getattr(schema, "model_fields", None)
         if fields is None or part not in fields:
             known = ", ".join(sorted(fields)) if fields else "(none: a leaf value)"
-            raise ConfigError(f"{where}: unknown config key {key!r} (at {part!r}; valid here: {known})")
+            close = closest_key(key)
+            hint = f"; did you mean {close!r}?" if close else ""
+            raise ConfigError(f"{where}: unknown config key {key!r}{hint} (at {part!r}; valid here: {known})")
         annotation = fields[part].annotation
         if i == len(parts) - 1:
             if getattr(annotation, "model_fields", None) is not None and not isinstance(value, dict):
@@ -874,6 +913,39 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any, where: str) -> None:
             if not isinstance(node, dict):
                 raise ConfigError(f"{where}: {'.'.join(parts[:i + 1])} is a section, not a value")
             schema = annotation
+
+
+def check_key(key: str, where: str) -> None:
+    """ConfigError (naming `where`, the key and the closest valid one) unless `key` is a setting or
+    a section of the config: for files that name keys without setting them (search spaces)."""
+    _set_dotted({}, str(key), {}, where)
+
+
+@functools.lru_cache(maxsize=1)
+def _setting_keys() -> tuple[str, ...]:
+    """Every setting's dotted key (the leaves of the config tree)."""
+    def leaves(schema: Any, prefix: str) -> list[str]:
+        out = []
+        for name, field in schema.model_fields.items():
+            below = getattr(field.annotation, "model_fields", None)
+            out += leaves(field.annotation, f"{prefix}{name}.") if below is not None else [f"{prefix}{name}"]
+        return out
+    return tuple(leaves(Config, ""))
+
+
+def closest_key(key: str) -> Optional[str]:
+    """The setting a misspelt dotted key most likely meant, for a "did you mean": one with the same
+    last part in another section (optim.margin -> loss.margin), else the nearest spelling; None when
+    nothing is close (a list of all ~150 keys would bury the answer)."""
+    import difflib
+
+    keys = _setting_keys()
+    leaf = str(key).strip().split(".")[-1]
+    same_leaf = [k for k in keys if k.split(".")[-1] == leaf]
+    if len(same_leaf) == 1 and same_leaf[0] != key:
+        return same_leaf[0]
+    close = difflib.get_close_matches(str(key).strip(), keys, n=1, cutoff=0.75)
+    return close[0] if close and close[0] != key else None
 
 
 def _merge_flat(tree: dict[str, Any], flat: dict[str, Any], where: str) -> None:
@@ -898,7 +970,7 @@ def load_config(
         raw = read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
-        _merge_flat(tree, flatten(raw), str(path))
+        _merge_flat(tree, flatten_once(raw, str(path)), str(path))
     flat = overrides if isinstance(overrides, dict) else dict(_override_value(o) for o in overrides or [])
     _merge_flat(tree, flat, "override")
     # a bad value named with where it came from: the preset was blamed for the command line's

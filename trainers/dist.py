@@ -15,10 +15,16 @@ class WorkerContext:
     world_size: int
     local_rank: int
     device: torch.device
+    node_rank: int = 0
+    local_world_size: int = 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def spans_nodes(self) -> bool:
+        return self.local_world_size < self.world_size
 
 
 def worker_context(use_gpu: bool = False) -> WorkerContext:
@@ -29,8 +35,9 @@ def worker_context(use_gpu: bool = False) -> WorkerContext:
 
         ctx = ray.train.get_context()
         rank, world, local = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
+        node, on_node = ctx.get_node_rank(), ctx.get_local_world_size()
     except (ImportError, RuntimeError, AttributeError):
-        rank, world, local = 0, 1, 0
+        rank, world, local, node, on_node = 0, 1, 0, 0, 1
     if torch.cuda.is_available():
         import ray.train.torch
 
@@ -40,7 +47,7 @@ def worker_context(use_gpu: bool = False) -> WorkerContext:
     if use_gpu and device.type != "cuda":
         raise RuntimeError(f"scaling.use_gpu=true but Ray Train worker {rank} sees no GPU "
                            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
-    return WorkerContext(rank, world, local, device)
+    return WorkerContext(rank, world, local, device, node, on_node)
 
 
 def local_context(use_gpu: bool) -> WorkerContext:

@@ -94,6 +94,7 @@ class Trainer:
         self.eval_model: Optional[torch.nn.Module] = None  # fp32, unsharded copy for evaluation
         self.tower_cache: Optional[TowerCache] = None  # Stage I's frozen tower outputs (model.tower_cache_stage_one)
         self.tracker = _tracker(tracking) if ctx.is_main and tracking else None
+        self.monitor = _system_monitor(cfg, ctx, tracking)
 
     # -- resume / checkpoint ------------------------------------------------------------------
     def restore(self, folder: Path) -> None:
@@ -300,6 +301,13 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self, report) -> None:
+        try:
+            self._fit(report)
+        finally:
+            if self.monitor is not None:  # its last samples reach the run before the driver ends it
+                self.monitor.finish()
+
+    def _fit(self, report) -> None:
         started_at = self.state.epoch
         if started_at >= self.epochs and self.state.history:
             self.report_restored(report)
@@ -441,6 +449,17 @@ def _tracker(tracking: dict):
     from trainers.metrics_log import MetricsLog
 
     return MetricsLog(tracking)
+
+
+def _system_monitor(cfg: Config, ctx: WorkerContext, tracking: Optional[dict]):
+    """This node's system metrics into the run (tracking.system_metrics): one monitor per node, in
+    its first worker; named by node when the job spans nodes, so nodes do not overwrite each other."""
+    if not (cfg.tracking.system_metrics and tracking and ctx.local_rank == 0):
+        return None
+    from trainers.tracking import start_system_metrics
+
+    return start_system_metrics(tracking, cfg.tracking.system_metrics_interval_s,
+                                f"node{ctx.node_rank}" if ctx.spans_nodes else None)
 
 
 def _ray_report(metrics: dict[str, Any], save) -> None:

@@ -117,6 +117,22 @@ def epoch_logger(tracking: dict[str, Any]) -> Callable[[dict[str, float], int], 
     return log_epoch
 
 
+def start_system_metrics(tracking: dict[str, Any], interval_s: float, node_id: Optional[str]):
+    """MLflow's system metrics monitor on this node, logging into the run every `interval_s` until
+    `finish()` or the run ends; None (with a warning) where it cannot start: a job does not stop for
+    its system metrics."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    try:  # resume_logging: a resumed run's samples go on from its last step
+        monitor = SystemMetricsMonitor(tracking["run_id"], sampling_interval=interval_s, resume_logging=True,
+                                       node_id=node_id, tracking_uri=tracking["tracking_uri"])
+    except Exception as exc:  # noqa: BLE001 (psutil missing, the tracking server unreachable, ...)
+        log.warning("system metrics are not logged: %s", exc)
+        return None
+    monitor.start()
+    return monitor
+
+
 def log_folder(tracking: dict[str, Any], folder: Path, artifact_path: str) -> None:
     """Log a folder's files (the run's plots) as artifacts of the run."""
     if Path(folder).is_dir():

@@ -45,3 +45,15 @@ def small_precomp(tmp_path) -> str:
     """`write_small_precomp` in this test's tmp_path/data."""
     (tmp_path / "data").mkdir()
     return write_small_precomp(tmp_path / "data")
+
+
+@pytest.fixture
+def mlflow_run(tmp_path):
+    """A RUNNING MLflow run on a fresh SQLite store: (the job's `tracking` dict, a client on the store)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'ml.db'}"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    return {"tracking_uri": uri, "run_id": run_id, "folder": str(tmp_path / "run")}, client

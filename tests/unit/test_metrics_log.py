@@ -8,7 +8,6 @@ import logging
 from pathlib import Path
 
 import mlflow
-import pytest
 from mlflow.tracking import MlflowClient
 
 from trainers.metrics_log import LOCAL_FILE, MetricsLog, flush_pending
@@ -27,21 +26,12 @@ class Flaky:
         self.real.log_batch(run_id, metrics=metrics)
 
 
-@pytest.fixture
-def run(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'ml.db'}"
-    client = MlflowClient(uri)
-    experiment = client.create_experiment("t", artifact_location=(tmp_path / "art").as_uri())
-    run_id = client.create_run(experiment).info.run_id
-    return {"tracking_uri": uri, "run_id": run_id, "folder": str(tmp_path / "run")}, client
-
-
 def _steps(client: MlflowClient, run_id: str, key: str = "val_rsum") -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)]
 
 
-def test_an_outage_keeps_training_and_every_epoch_arrives_once(run, caplog):
-    tracking, client = run
+def test_an_outage_keeps_training_and_every_epoch_arrives_once(mlflow_run, caplog):
+    tracking, client = mlflow_run
     flaky = Flaky(client)
     logger = MetricsLog(tracking, client=flaky)
     logger({"val_rsum": 1.0}, 1)
@@ -59,8 +49,8 @@ def test_an_outage_keeps_training_and_every_epoch_arrives_once(run, caplog):
     assert [r["epoch"] for r in lines] == [1, 2, 3, 4]
 
 
-def test_replayed_epochs_after_a_restart_are_not_logged_twice(run):
-    tracking, client = run
+def test_replayed_epochs_after_a_restart_are_not_logged_twice(mlflow_run):
+    tracking, client = mlflow_run
     MetricsLog(tracking)({"val_rsum": 1.0}, 1)
     MetricsLog(tracking)({"val_rsum": 2.0}, 2)
     restarted = MetricsLog(tracking)  # a worker restarted from the epoch-1 checkpoint replays epoch 2
@@ -69,11 +59,11 @@ def test_replayed_epochs_after_a_restart_are_not_logged_twice(run):
     assert [s for s, _ in _steps(client, tracking["run_id"])] == [1, 2, 3]
 
 
-def test_a_record_cut_short_by_a_kill_does_not_stop_the_resumed_run(run, caplog):
+def test_a_record_cut_short_by_a_kill_does_not_stop_the_resumed_run(mlflow_run, caplog):
     """A kill (or a full disk) mid-append leaves a partial last line and, maybe, a torn marker: the
     resumed run skips the partial line with a warning, writes its next record on a line of its own,
     and every epoch still reaches MLflow once."""
-    tracking, client = run
+    tracking, client = mlflow_run
     MetricsLog(tracking)({"val_rsum": 1.0}, 1)
     folder = Path(tracking["folder"])
     with open(folder / LOCAL_FILE, "a") as f:
@@ -89,10 +79,10 @@ def test_a_record_cut_short_by_a_kill_does_not_stop_the_resumed_run(run, caplog)
     assert any(f"{LOCAL_FILE}: line 2 is not a whole metrics record" in r.getMessage() for r in caplog.records)
 
 
-def test_a_record_holding_no_number_is_skipped_not_taken_for_an_outage(run, caplog):
+def test_a_record_holding_no_number_is_skipped_not_taken_for_an_outage(mlflow_run, caplog):
     """MLflow refused its value, which was taken for the server being down: every later epoch
     warned "MLflow unreachable" and was kept back, the run's metrics never logged again."""
-    tracking, client = run
+    tracking, client = mlflow_run
     MetricsLog(tracking)({"val_rsum": 1.0}, 1)
     folder = Path(tracking["folder"])
     with open(folder / LOCAL_FILE, "a") as f:
@@ -106,8 +96,8 @@ def test_a_record_holding_no_number_is_skipped_not_taken_for_an_outage(run, capl
     assert any(f"{LOCAL_FILE}: line 2 is not a whole metrics record" in r.getMessage() for r in caplog.records)
 
 
-def test_the_driver_sends_what_the_workers_could_not(run):
-    tracking, client = run
+def test_the_driver_sends_what_the_workers_could_not(mlflow_run):
+    tracking, client = mlflow_run
     flaky = Flaky(client)
     flaky.down = True
     MetricsLog(tracking, client=flaky)({"val_rsum": 5.0}, 1)  # the last epoch, while MLflow is down
@@ -116,14 +106,14 @@ def test_the_driver_sends_what_the_workers_could_not(run):
     assert _steps(client, tracking["run_id"]) == [(1, 5.0)]
 
 
-def test_while_the_server_is_down_an_epoch_costs_one_short_look_not_a_request(run, monkeypatch):
+def test_while_the_server_is_down_an_epoch_costs_one_short_look_not_a_request(mlflow_run, monkeypatch):
     """A server that is down (here: nothing listens on the port) is probed with one short request
     per epoch; the full logging request, with its timeout and retries, waits until it answers."""
     import socket
 
     import trainers.metrics_log as ml
 
-    tracking, client = run
+    tracking, client = mlflow_run
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: connection refused
