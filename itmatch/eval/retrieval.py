@@ -146,10 +146,13 @@ def coco_protocols(img: Tensor, txt: Tensor, txt_img: Tensor, *, fold_size: int 
 
 
 def sentence_retrieval(txt: Tensor, txt_gid: Tensor, *, chunk: int = 1024) -> dict[str, float]:
-    """001 Table 4: a caption retrieves the other captions of its image (itself excluded)."""
+    """001 Table 4: a caption retrieves the other captions of its image (itself excluded). {} where
+    no image has two captions: nothing to retrieve, and NaN recalls would be invalid JSON."""
     txt_gid = txt_gid.long()
     itself = torch.arange(len(txt), device=txt.device)
     cols, valid = group_columns(txt_gid, txt_gid, exclude=itself)
+    if not bool(valid.any()):
+        return {}
     rows = _block_rows(chunk, len(txt), txt.dtype)
     blocks, ranks = _Blocks(rows, len(txt), txt), []
     for start in range(0, len(txt), rows):

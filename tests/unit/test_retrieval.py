@@ -172,6 +172,12 @@ def test_sentence_retrieval_reference():
     assert m["s2s_meanr"] == pytest.approx(np.mean(ranks))
 
 
+def test_sentence_retrieval_with_one_caption_an_image_has_no_metrics_not_nan(recwarn):
+    txt = torch.nn.functional.normalize(torch.randn(6, 4), dim=1)
+    assert sentence_retrieval(txt, torch.arange(6)) == {}  # every caption alone: nothing to retrieve
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]  # no mean of nothing
+
+
 def test_overlap_indicator_orders_separation():
     img, txt, txt_img = _data(100, 5, seed=6)
     near = overlap_indicator(img.float(), txt.float(), txt_img)
