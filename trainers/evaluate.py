@@ -109,6 +109,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.json:  # found before the evaluation, not after it
             check_writable(args.json)
+        if args.pictures:  # likewise: a file there was a traceback once every metric had been computed
+            check_folder_writable(args.pictures)
         model, cfg = resolve_model(args.model, args.tracking_uri)
         args.split = split_name(args.split)  # `dev` is stored as val; a union reads its parts
         d = cfg.data
@@ -149,18 +151,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-def check_writable(path: str) -> None:
+def check_writable(path: str, flag: str = "--json") -> None:
     """--json's file can be written (its folder made if missing), tried with a temporary file beside
     it before anything is evaluated; raise ConfigError naming the path otherwise."""
     target = Path(path)
     if target.is_dir():
-        raise ConfigError(f"--json {path}: is a folder; give a file name (e.g. {target / 'test.json'})")
+        raise ConfigError(f"{flag} {path}: is a folder; give a file name (e.g. {target / 'test.json'})")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}."):
             pass
     except OSError as exc:
-        raise ConfigError(f"--json {path}: cannot write there ({exc.strerror or exc})") from exc
+        where = target.parent if flag == "--pictures" else path
+        raise ConfigError(f"{flag} {where}: cannot write there ({exc.strerror or exc})") from exc
+
+
+def check_folder_writable(path: str) -> None:
+    """--pictures' folder can hold files (made if missing: what check_writable does for --json)."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--pictures {path}: is a file; give a folder (the pictures are written into it)")
+    check_writable(str(folder / "embedding_map.png"), flag="--pictures")
 
 
 if __name__ == "__main__":

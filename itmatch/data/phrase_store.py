@@ -46,8 +46,8 @@ from itmatch.data.phrase_batch import phrase_batch
 from itmatch.data.readers import Corpus, column_to_numpy, features_column
 from itmatch.data.sources import DataError, parse_source, typed_options
 from itmatch.data.store import (FeatureSplit, FeatureStore, _atomic_write_table, _cache_key, _check_finite, _digest,
-                                _drop_bad_images, check_encoder_names, decode_images, image_bytes)
-from itmatch.files import atomic_write_text
+                                _drop_bad_images, check_encoder_names, decode_images, image_bytes, make_cache_folder,
+                                write_manifest)
 from itmatch.phrases.entities import PhraseCorpus, boxes_column, boxes_of, check_image_sizes, read_entities
 
 SCHEMA_VERSION = 1
@@ -74,6 +74,9 @@ def read_phrase_source(text: str) -> PhraseCorpus:
             root = write_shapes_entities(source.location, **options)
         except ValueError as exc:  # the writer's own checks: option ranges (named), a file where the folder goes
             raise DataError(f"data.source {text!r}: {exc}") from None
+        except OSError as exc:  # its region files (the scenes' own errors are ValueErrors above): not a traceback
+            raise DataError(f"data.source {text!r}: {source.location}: cannot write the region-phrase data there "
+                            f"({exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''})") from None
         corpus = read_entities(root, check_sizes=False)  # as below
     elif source.scheme == "entities":
         typed_options(source, dict.fromkeys(_ENTITIES_OPTIONS, str))
@@ -268,7 +271,7 @@ def prepare_phrases(source: str, *, cache_dir: str | Path, image_encoder: str, t
     have = manifest["splits"] if manifest else []  # kept: a worker may be reading them
     # once per build, not per read (a header per picture, ~31k on Flickr30K): the name changes with the files
     check_image_sizes(corpus, [s for s in wanted if s not in have])
-    root.mkdir(parents=True, exist_ok=True)
+    make_cache_folder(root)
     write = (lambda s: _write_raw_split(corpus, s, root)) if raw_images else \
         (lambda s: _ingest_split(corpus, s, root, image_encoder, text_encoder, progress))
     stats = {s: write(s) for s in wanted if s not in have}
@@ -285,7 +288,7 @@ def prepare_phrases(source: str, *, cache_dir: str | Path, image_encoder: str, t
                                        for s, v in stats.items()}},
         "dropped_phrases": corpus.dropped,
     }
-    atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
+    write_manifest(manifest_path, manifest)
     return PhraseStore(root, manifest)
 
 

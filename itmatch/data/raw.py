@@ -27,7 +27,7 @@ from itmatch.data.phrase_store import PhraseStore, prepare_phrases
 from itmatch.data.readers import Corpus, read_source
 from itmatch.data.sources import PHRASE_SCHEMES, DataError, parse_source
 from itmatch.data.store import (BAD_IMAGE_POLICIES, FeatureStore, SplitRows, _atomic_write_table, _cache_key,
-                                _drop_bad_images, atomic_write_text, image_bytes, split_tables)
+                                _drop_bad_images, image_bytes, make_cache_folder, split_tables, write_manifest)
 
 SCHEMA_VERSION = 1
 KIND = "raw"
@@ -98,7 +98,7 @@ def prepare_raw(source: str, *, cache_dir: str | Path, splits: Optional[list[str
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
     if manifest and all(s in manifest["splits"] for s in wanted):
         return RawStore(root, manifest)
-    root.mkdir(parents=True, exist_ok=True)
+    make_cache_folder(root)
     have = manifest["splits"] if manifest else []
     stats = {s: _write_split(corpus, s, root, bad_images) for s in wanted if s not in have}
     manifest = {
@@ -108,7 +108,7 @@ def prepare_raw(source: str, *, cache_dir: str | Path, splits: Optional[list[str
         "counts": {**(manifest["counts"] if manifest else {}),
                    **{s: {"images": v["images"], "captions": v["captions"]} for s, v in stats.items()}},
     }
-    atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
+    write_manifest(manifest_path, manifest)
     return RawStore(root, manifest)
 
 

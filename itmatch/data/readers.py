@@ -16,6 +16,8 @@ import json
 import math
 import os
 import re
+import stat
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,9 +230,10 @@ def _differing_runs(runs: np.ndarray) -> np.ndarray:
 def _is_file(path: Path) -> bool:
     """Whether `path` is a file; something else under that name (a folder) is refused, naming it,
     rather than read as missing (a split's caption features were then encoded live, unseen)."""
-    if path.exists() and not path.is_file():
-        raise DataError(f"{path}: not a file (a {'folder' if path.is_dir() else 'special file'})")
-    return path.is_file()
+    kind = _path_kind(path, f"precomp:{path.parent}")  # a link loop is named as one, not reported missing
+    if kind in ("folder", "other"):
+        raise DataError(f"{path}: not a file (a {'folder' if kind == 'folder' else 'special file'})")
+    return kind == "file"
 
 
 def _precomp_split(root: Path, prefix: str, caps_per_image: int, caption_features: str | None):
@@ -242,9 +245,10 @@ def _precomp_split(root: Path, prefix: str, caps_per_image: int, caption_feature
     if ims.shape[0] == 0:  # else its split was "not found" further on, though its files are there
         raise DataError(f"{ims_path}: no rows (shape {ims.shape}): split {_split(prefix)!r} has no images")
     texts = text_lines(read_utf8(caps_path))
-    empty = next((i for i, t in enumerate(texts) if not t.strip()), None)
+    empty = next((i for i, t in enumerate(texts) if is_blank(t)), None)
     if empty is not None:
-        raise DataError(f"{caps_path}: line {empty + 1} is an empty caption")
+        last = " (the file's last line: a blank line at its end)" if empty == len(texts) - 1 else ""
+        raise DataError(f"{caps_path}: line {empty + 1} is an empty caption {texts[empty]!r}{last}")
     n_caps = len(texts)
     if ims.shape[0] * caps_per_image == n_caps:
         image_rows = np.asarray(ims)
@@ -279,6 +283,9 @@ def read_precomp(source: Source, *, caption_features: str | None = None) -> Corp
     prefixes = sorted(p.name[: -len("_ims.npy")] for p in root.glob("*_ims.npy"))
     if not prefixes:
         raise DataError(f"precomp:{root}: no {{split}}_ims.npy files found")
+    if "" in prefixes:  # read as a split named "", which no run can choose: its files were read for nothing
+        raise DataError(f"{root / '_ims.npy'}: no split name before _ims.npy; name it {{split}}_ims.npy "
+                        "(train_ims.npy, dev_ims.npy, test_ims.npy) with its _caps.txt, or move it away")
     named: dict[str, str] = {}
     for prefix in prefixes:  # dev_* and val_* are both the validation split: merged, it would hold both
         other = named.setdefault(_split(prefix), prefix)
@@ -361,12 +368,19 @@ def _karpathy_str(entry: dict, key: str, where: str) -> str:
     return value
 
 
+_JSON_TYPES = {str: "string", int: "number", float: "number", bool: "boolean", list: "list", type(None): "null"}
+
+
 def _karpathy_caption(sentence: Any, where: str) -> str:
-    raw = sentence.get("raw") if isinstance(sentence, dict) else None
-    tokens = sentence.get("tokens") if isinstance(sentence, dict) else None
+    if not isinstance(sentence, dict):  # a bare string was shown as "raw = None", hiding what the file holds
+        kind = _JSON_TYPES.get(type(sentence), type(sentence).__name__)
+        shown = json.dumps(sentence, ensure_ascii=False)[:80]
+        raise DataError(f"{where}: no caption text: it is {shown} (a JSON {kind}), expected a sentence object "
+                        "{\"raw\": caption, ...}")
+    raw, tokens = sentence.get("raw"), sentence.get("tokens")
     if raw is None and isinstance(tokens, list) and all(isinstance(t, str) for t in tokens):
         raw = " ".join(tokens)
-    if not isinstance(raw, str) or not raw.strip():
+    if not isinstance(raw, str) or is_blank(raw):
         shown = raw if raw is not None or tokens is None else tokens
         raise DataError(f"{where}: no caption text (raw = {shown!r})")
     try:
@@ -376,7 +390,8 @@ def _karpathy_caption(sentence: Any, where: str) -> str:
     return raw.strip()
 
 
-def _karpathy_entry(entry: Any, index: int, json_path: Path) -> tuple[int, str, str, list[tuple[int, str]]]:
+def _karpathy_entry(entry: Any, index: int, json_path: Path) -> tuple[Optional[int], str, str,
+                                                                      list[tuple[Optional[int], str]]]:
     where = f"{json_path}: images[{index}]"
     if not isinstance(entry, dict):
         raise DataError(f"{where} is a {type(entry).__name__}, expected an object")
@@ -390,7 +405,8 @@ def _karpathy_entry(entry: Any, index: int, json_path: Path) -> tuple[int, str, 
     for j, sentence in enumerate(sentences):
         text = _karpathy_caption(sentence, f"{where}.sentences[{j}]")
         sentid = sentence.get("sentid")  # absent or null: numbered in file order
-        caps.append((-1 if sentid is None else _karpathy_int(sentid, f"{where}.sentences[{j}].sentid"), text))
+        # None, not -1, for "absent": a sentid of -1 in the file was taken for a missing one
+        caps.append((None if sentid is None else _karpathy_int(sentid, f"{where}.sentences[{j}].sentid"), text))
     folder = entry.get("filepath") or ""
     if not isinstance(folder, str):
         raise DataError(f"{where}.filepath = {folder!r}: expected a string")
@@ -461,13 +477,20 @@ def _check_split_name(where: str, split: str) -> None:
 def read_karpathy(source: Source, **_: Any) -> Corpus:
     json_text, _, image_dir = source.location.partition(":")
     json_path = Path(json_text)
-    if not json_path.is_file():
-        raise DataError(f"karpathy:{json_path}: file does not exist")
+    kind = _path_kind(json_path, f"karpathy:{json_path}")  # a link loop is named as one
+    if kind != "file":
+        raise DataError(f"karpathy:{json_path}: " + ("file does not exist" if kind == "missing" else
+                                                     f"is a {'folder' if kind == 'folder' else 'special file'}, "
+                                                     "not the dataset's JSON file"))
     image_root = Path(image_dir) if image_dir else json_path.parent / "images"
     doc = _json_document(json_path)
-    entries = doc.get("images") if isinstance(doc, dict) else None
+    if not isinstance(doc, dict):  # "field 'images' must be..." sent users looking for a field the file has
+        raise DataError(f"{json_path}: the top level is a JSON {type(doc).__name__}, expected an object "
+                        "{\"images\": [...]} (the Karpathy split format)")
+    entries = doc.get("images")
     if not isinstance(entries, list) or not entries:
         raise DataError(f"{json_path}: field 'images' must be a non-empty list")
+    _check_image_root(image_root, json_path, bool(image_dir))
     restval = source.options.get("restval", "train")
     images: dict[str, list] = {"image_id": [], "split": [], "path": []}
     captions: dict[str, list] = {"caption_id": [], "image_id": [], "split": [], "text": []}
@@ -477,15 +500,16 @@ def read_karpathy(source: Source, **_: Any) -> Corpus:
         image_id, split, filename, caps = _karpathy_entry(entry, index, json_path)
         imgids.add(image_id, f"images[{index}]")
         for j, (sentid, _) in enumerate(caps):
-            sentids.add(None if sentid < 0 else sentid, f"images[{index}].sentences[{j}]")
+            sentids.add(sentid, f"images[{index}].sentences[{j}]")
         image_id = index if image_id is None else image_id
         split = _split(split, restval)
         _check_split_name(f"{json_path}: images[{index}] field 'split'", split)
         path = image_root / filename
-        if path.is_dir():
-            raise DataError(f"{json_path}: images[{index}] field 'filename' = {filename!r} is a folder ({path}), "
-                            "not an image file")
-        if not path.is_file():
+        kind = _path_kind(path, f"{json_path}: images[{index}] field 'filename' = {filename!r}")
+        if kind in ("folder", "other"):  # a fifo or device would block or stream forever once read
+            raise DataError(f"{json_path}: images[{index}] field 'filename' = {filename!r} is a "
+                            f"{'folder' if kind == 'folder' else 'special file'} ({path}), not an image file")
+        if kind == "missing":
             missing.append(str(path))
         elif seen.setdefault(path.resolve(), (index, split)) != (index, split):
             # one picture under two entries: in two splits a test image would be trained on
@@ -496,20 +520,60 @@ def read_karpathy(source: Source, **_: Any) -> Corpus:
         images["split"].append(split)
         images["path"].append(str(path.resolve()))
         for sentid, text in caps:
-            captions["caption_id"].append(sentid if sentid >= 0 else len(captions["caption_id"]))
+            captions["caption_id"].append(len(captions["caption_id"]) if sentid is None else sentid)
             captions["image_id"].append(image_id)
             captions["split"].append(split)
             captions["text"].append(text)
     if missing:
         raise DataError(
             f"{json_path}: {len(missing)} image file(s) named in field 'filename' are missing under "
-            f"{image_root}, e.g. {missing[:3]}"
+            f"{image_root}, e.g. {missing[:3]}{_near_miss(Path(missing[0]))}"
         )
     table = pa.table(images, schema=pa.schema([("image_id", pa.int64()), ("split", pa.string()), ("path", pa.string())]))
     _check_unique(table, "image_id", json_path)
     cap_table = pa.table(captions)
     _check_unique(cap_table, "caption_id", json_path)
     return Corpus(table, cap_table, str(source), [json_path])
+
+
+def _near_miss(path: Path) -> str:
+    """Why a missing image may look present to the user: its folder has a file whose name differs only
+    in letter case or Unicode normalization (macOS writes names decomposed, "e" + U+0301 for "é"),
+    which prints the same. "" where there is none."""
+    try:
+        names = os.listdir(path.parent)
+    except (OSError, ValueError):
+        return ""
+    want = unicodedata.normalize("NFC", path.name).casefold()
+    near = next((n for n in names if unicodedata.normalize("NFC", n).casefold() == want), None)
+    return "" if near is None else (f"; {str(path.parent / near)!r} is there, its name written with other letter "
+                                    "case or Unicode normalization (NFC/NFD): rename the file or fix the JSON")
+
+
+def _check_image_root(image_root: Path, json_path: Path, given: bool) -> None:
+    """The image folder exists: else every image was reported missing under it, the folder's own
+    absence (or a file in its place) left for the user to spot."""
+    kind = _path_kind(image_root, f"{json_path}: image folder {str(image_root)!r}")
+    if kind != "folder":
+        how = ("given after the JSON path" if given
+               else "the default: <json dir>/images; give another as karpathy:JSON:IMAGE_DIR")
+        raise DataError(f"{json_path}: image folder {image_root} ({how}) "
+                        f"{'does not exist' if kind == 'missing' else 'is not a folder'}")
+
+
+def _path_kind(path: Path, where: str) -> str:
+    """"file", "folder", "missing" or "other" (a fifo, a device), following links. A path that cannot
+    be looked up (a name too long, a NUL byte, a link loop, no permission) is a DataError naming
+    `where` and the reason: pathlib's is_file() raises some of those and calls others missing."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    except OSError as exc:
+        raise DataError(f"{where}: cannot look up {path} ({exc.strerror or exc})") from None
+    except ValueError as exc:  # "embedded null byte"
+        raise DataError(f"{where}: not a usable file name ({exc})") from None
+    return "folder" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "other"
 
 
 def _check_unique(table: pa.Table, column: str, where: Path | str) -> None:
@@ -529,17 +593,29 @@ def _parquet_files(path: Path) -> list[Path]:
         if not files:
             raise DataError(f"parquet:{path}: folder holds no .parquet files")
         return files
-    if not path.is_file():
-        raise DataError(f"parquet:{path}: file does not exist")
+    kind = _path_kind(path, f"parquet:{path}")  # a link loop is named as one
+    if kind != "file":
+        raise DataError(f"parquet:{path}: {'file does not exist' if kind == 'missing' else 'is a special file'}")
     return [path]
 
 
 def _name_splits(files: list[Path], path: Path) -> dict[Path, str]:
     """Each file's split by its name's leading word (`train-00000-of-00002`, `val2014`, `validation_0`)
-    in a folder whose file names say splits; {} where none does (shards of one split: ?split=,
-    default train)."""
-    named = {file: _split(re.match(r"[A-Za-z]*", file.stem).group(0)) for file in files}
-    return named if path.is_dir() and any(split in KNOWN_SPLITS for split in named.values()) else {}
+    or its folder's, in a folder whose file names say splits; {} where none does (shards of one split:
+    ?split=, default train)."""
+    if not path.is_dir():
+        return {}
+    named = {file: _named_split(file, path) for file in files}
+    return named if any(split in KNOWN_SPLITS for split in named.values()) else {}
+
+
+def _named_split(file: Path, root: Path) -> str:
+    """The split a file's name says, else the nearest folder under `root` whose name says one: the
+    Hub's Parquet export is `default/train/0000.parquet`, `default/test/0000.parquet`, and with the
+    file names alone its test and validation rows were read as training rows, without a word."""
+    words = [_split(re.match(r"[A-Za-z]*", name).group(0))
+             for name in (file.stem, *reversed(file.relative_to(root).parts[:-1]))]
+    return next((word for word in words if word in KNOWN_SPLITS), words[0])
 
 
 def _file_split(file: Path, named: dict[Path, str], folder: Path) -> str:
@@ -547,8 +623,8 @@ def _file_split(file: Path, named: dict[Path, str], folder: Path) -> str:
     named otherwise would join the default split unseen: refused, naming it."""
     if named[file] not in KNOWN_SPLITS:
         raise DataError(f"parquet:{folder}: {file.relative_to(folder)} has no split column and its name does not start "
-                        "with a split (train, val/validation/dev, test), beside files whose names do: add a split "
-                        "column or rename it")
+                        "with a split (train, val/validation/dev, test), nor does its folder's, beside files whose "
+                        "names do: add a split column or rename it")
     return named[file]
 
 
@@ -566,7 +642,11 @@ def _table_from_parquet(path: Path, split_col: str) -> pa.Table:
 
 def _parquet(path: Path, read: Callable[[Path], Any]) -> Any:
     """`read(path)` (its schema, some columns, the table), an empty or unreadable file a DataError."""
-    if path.stat().st_size == 0:
+    try:
+        empty = path.stat().st_size == 0  # a link to nothing or to itself fails here, in a folder's listing
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({files.read_problem(exc)})") from None
+    if empty:
         raise DataError(f"{path}: empty file (0 bytes), not Parquet")
     try:
         return read(path)
@@ -630,6 +710,10 @@ def corpus_from_table(table: pa.Table, options: dict[str, str], name: str, files
         if raw_ids is not None and (not isinstance(raw_ids[row], (int, float, str, bytes))
                                     or isinstance(raw_ids[row], bool)):  # a list or struct: no image's id
             raise DataError(f"{name}: row {row}: field {id_col!r} = {raw_ids[row]!r}: not an id (a number or text)")
+        if raw_ids is not None and isinstance(raw_ids[row], float) and not math.isfinite(raw_ids[row]):
+            # NaN equals nothing, itself included: each row of an image became an image of its own
+            raise DataError(f"{name}: row {row}: field {id_col!r} = {raw_ids[row]!r}: not an id "
+                            "(a finite number or text)")
         # Keyed by split too: ids restart per split in many exports, and an image repeated in two
         # splits must become two images, else one split's captions point at the other's image.
         key = (split, raw_ids[row] if raw_ids is not None else data)
@@ -664,9 +748,15 @@ def _caption_text(item: Any, where: str) -> str:
                         "(a caption is a string, or a dict holding one under \"raw\" as Karpathy's sentences do)")
     if not isinstance(text, str):
         raise DataError(f"{where} holds {str(item)[:120]}, not caption text")
-    if not text.strip():
+    if is_blank(text):
         raise DataError(f"{where} has an empty caption {text!r}")
     return text
+
+
+def is_blank(text: str) -> bool:
+    """No character a reader sees: spaces, and also zero-width, control and format characters only
+    ('\u200b', '\x00'), which `str.strip` keeps and a tokenizer turns into an empty caption."""
+    return not any(ch.isprintable() and not ch.isspace() for ch in text)
 
 
 def table_columns(names: list[str], options: dict[str, str], name: str) -> tuple[str, str, Optional[str]]:
@@ -773,8 +863,8 @@ def read_hf(source: Source, **_: Any) -> Corpus | LazyCorpus:
 
 # What datasets.load_from_disk raises on a damaged folder: besides missing files and unparsable
 # JSON or Arrow (OSError, ValueError), JSON of the wrong shape fails as it is indexed (TypeError,
-# KeyError, AttributeError).
-_LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, AttributeError, pa.ArrowException)
+# KeyError, AttributeError), and a split saved without rows (no Arrow file) as an IndexError.
+_LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError, pa.ArrowException)
 
 
 def _load_from_disk(path: Path) -> Any:
@@ -835,6 +925,9 @@ def _damaged_hf_split(folder: Path) -> Optional[tuple[Path, str]]:
     if not isinstance(data_files, list) or not all(isinstance(f, dict) and isinstance(f.get("filename"), str)
                                                    for f in data_files):
         return state_file, f"expected \"_data_files\": [{{\"filename\": ...}}], got {str(state)[:80]}"
+    if not data_files:  # datasets writes none for a split without rows, then cannot load it
+        return state_file, ("lists no Arrow files: the split was saved without rows, which datasets cannot load; "
+                            "leave empty splits out of the DatasetDict before save_to_disk")
     info, error = _json_file(info_file)
     if error:
         return info_file, error
@@ -919,4 +1012,7 @@ def read_source(text: str, *, caption_features: str | None = None) -> Corpus | L
         raise DataError(f"data.source {text!r}: {source.scheme}: holds region-phrase data (a phrase localization "
                         "task), not image-caption pairs; prepare it with itmatch.data.raw.prepare_inputs")
     typed_options(source, OPTIONS[source.scheme])
-    return READERS[source.scheme](source, caption_features=caption_features)
+    try:
+        return READERS[source.scheme](source, caption_features=caption_features)
+    except OSError as exc:  # a location the system cannot look up (a name too long, a link loop): one line
+        raise DataError(f"data.source {text!r}: {exc.filename or source.location}: {files.read_problem(exc)}") from None

@@ -173,7 +173,29 @@ def _image_files(corpus) -> list:
 
 
 def _atomic_write_table(table: pa.Table, path: Path) -> None:
-    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+    _cache_io(path, lambda: atomic_write(path, lambda tmp: pq.write_table(table, tmp)))
+
+
+def make_cache_folder(root: Path) -> None:
+    """A store's folder under data.cache_dir."""
+    _cache_io(root, lambda: root.mkdir(parents=True, exist_ok=True))
+
+
+def write_manifest(path: Path, manifest: dict) -> None:
+    """A store's manifest.json, written last: its presence says the splits it lists are complete."""
+    _cache_io(path, lambda: atomic_write_text(path, json.dumps(manifest, indent=2)))
+
+
+def _cache_io(path: Path, action: Callable[[], object]) -> None:
+    """`action()`, a write into the data cache; an OS error (a file where the cache folder goes, no
+    permission, a full disk) a DataError naming the path and the setting, not a traceback from
+    pathlib or pyarrow. atomic_write leaves no partial file, and no manifest lists the split."""
+    try:
+        action()
+    except OSError as exc:
+        culprit = f": {exc.filename}" if exc.filename and str(exc.filename) != str(path) else ""
+        raise DataError(f"{path}: cannot write the data cache ({exc.strerror or exc}{culprit}); data.cache_dir "
+                        "(trainers.evaluate: --cache-dir) says where it goes") from None
 
 
 # (images table with an "image" bytes or "path" column, encoder name, progress) -> [rows, dim] features
@@ -215,6 +237,9 @@ def _drop_bad_images(images: pa.Table, caps: pa.Table, policy: str, where: str) 
     if policy != "skip":
         raise DataError(f"{where}: {len(bad)} of {len(values)} images cannot be decoded, first {name}: {why} "
                         "(add ?bad_images=skip to data.source to train without them)")
+    if len(bad) == len(values):  # skipped, the split would be empty: refused as an empty split is
+        raise DataError(f"{where}: none of its {len(values)} images can be decoded (bad_images=skip would leave "
+                        f"no images), first {name}: {why}")
     keep = np.ones(len(values), dtype=bool)
     keep[[r for r, _ in bad]] = False
     images = images.filter(pa.array(keep))
@@ -279,6 +304,9 @@ def split_tables(corpus: Corpus, split: str) -> tuple[pa.Table, pa.Table]:
     """(images, captions) of one split; a caption of an image the split lacks is a DataError."""
     images = corpus.images.filter(pc.equal(corpus.images.column("split"), split))
     caps = corpus.captions.filter(pc.equal(corpus.captions.column("split"), split))
+    if len(images) == 0:  # a table without rows (a file named train-*.parquet, or the default split, holds
+        # none): features of no rows failed as a shape error, and the raw store kept an empty split
+        raise DataError(f"{corpus.name}: split {split!r} has no images (the source holds no rows for it)")
     known = set(images.column("image_id").to_pylist())
     orphans = [i for i in caps.column("image_id").to_pylist() if i not in known]
     if orphans:
@@ -344,7 +372,7 @@ def prepare(
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
     if manifest and all(s in manifest["splits"] for s in wanted):
         return FeatureStore(root, manifest)
-    root.mkdir(parents=True, exist_ok=True)
+    make_cache_folder(root)
     # Splits already in the store stay in it (a worker or evaluator may be reading them): add the rest.
     have = manifest["splits"] if manifest else []
     todo = [s for s in wanted if s not in have]
@@ -363,7 +391,7 @@ def prepare(
         "skipped_images": {**(manifest.get("skipped_images", {}) if manifest else {}),
                            **{s: v["skipped_images"] for s, v in stats.items()}},
     }
-    atomic_write_text(manifest_path, json.dumps(manifest, indent=2))
+    write_manifest(manifest_path, manifest)
     return FeatureStore(root, manifest)
 
 

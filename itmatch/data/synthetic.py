@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -296,23 +297,53 @@ def _check_range(option: str, value: int, low: int, high: int | None = None) -> 
         raise ValueError(f"{option}={value}: must be {bound}")
 
 
-def _check_folder(out_dir: Path) -> None:
+def _check_folder(out_dir: Path) -> Path | None:
     """Refuse an `out_dir` that is, or lies under, a file: mkdir would raise NotADirectoryError
-    (or FileExistsError) naming only the images folder below it."""
+    (or FileExistsError) naming only the images folder below it. Returns the topmost folder of
+    `out_dir`'s path that does not exist yet (what a failed first generation removes), or None."""
+    missing = None
     for folder in (out_dir, *out_dir.parents):
         if folder.exists():
             if not folder.is_dir():
                 raise ValueError(f"{folder} is a file, not a folder (the generated images and "
                                  f"{JSON_NAME} are written into a folder)")
-            return
+            return missing
+        missing = folder
+    return missing
+
+
+# What an interrupted make_shapes leaves in its folder: images/ with the images, and the
+# temporaries of itmatch.files.atomic_write (".<name>.<16 hex digits>") a kill can leave. Its JSON
+# is checked by content (_existing_params): a dataset_shapes.json of someone else's is theirs.
+_OWN_IMAGE = re.compile(r"\.?shapes_\d{6}\.png(\.[0-9a-f]{16})?")
+_OWN_TOP = re.compile(rf"{IMAGE_DIR}|\.{re.escape(JSON_NAME)}\.[0-9a-f]{{16}}")
+
+
+def _foreign_files(out_dir: Path) -> list[str]:
+    """Entries of an existing `out_dir` that no earlier make_shapes wrote (a few, for the message):
+    generated into a user's folder, the dataset would mix with its files, overwrite any named like
+    the generated ones and delete a dataset_shapes.json of theirs. A folder whose JSON make_shapes
+    wrote (params inside) is ours whatever else it holds (shapes-phrases adds its files to it)."""
+    if _existing_params(out_dir / JSON_NAME) is not None or not out_dir.is_dir():
+        return []
+    foreign = [entry.name for entry in sorted(out_dir.iterdir()) if not _OWN_TOP.fullmatch(entry.name)]
+    images = out_dir / IMAGE_DIR
+    if images.is_dir():
+        foreign += [f"{IMAGE_DIR}/{entry.name}" for entry in sorted(images.iterdir())
+                    if not (_OWN_IMAGE.fullmatch(entry.name) and entry.is_file())]
+    elif images.exists():
+        foreign.append(IMAGE_DIR)  # a file where the images folder goes
+    return foreign[:3]
 
 
 def _existing_params(json_path: Path) -> dict[str, Any] | None:
+    """The `params` of a dataset_shapes.json that make_shapes wrote; None for any other file."""
     try:
         doc = json.loads(json_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return doc.get("params") if isinstance(doc, dict) else None
+    params = doc.get("params") if isinstance(doc, dict) and doc.get("dataset") == "shapes" else None
+    return params if isinstance(params, dict) else None
 
 
 def _all_images_present(json_path: Path) -> bool:
@@ -331,6 +362,9 @@ def make_shapes(out_dir: str | Path, n_images: int = 1200, *, seed: int = 0, ima
     Idempotent: when `out_dir/dataset_shapes.json` exists with the same parameters (and its images
     are present) nothing is written. Atomic: images are written first and the JSON last, each via a
     temporary file and `os.replace`, so an interrupted run never leaves a JSON naming missing images.
+    Only its own: an existing folder holding anything an earlier run did not write (a user's files, a
+    dataset_shapes.json of theirs) is refused, naming some. OS errors (not writable, no space) are
+    ValueErrors naming `out_dir`; a folder this call created is removed again.
     """
     n_images, seed, image_size = int(n_images), int(seed), int(image_size)
     _check_range("n_images", n_images, 1, MAX_IMAGES)
@@ -341,17 +375,28 @@ def make_shapes(out_dir: str | Path, n_images: int = 1200, *, seed: int = 0, ima
                          "their sum < 1 (the rest is the training split)")
     params = {"version": FORMAT_VERSION, "n_images": n_images, "seed": seed, "image_size": image_size,
               "val_fraction": float(val_fraction), "test_fraction": float(test_fraction)}
-    out_dir = Path(out_dir)
-    _check_folder(out_dir)
-    json_path = out_dir / JSON_NAME
-    if json_path.is_file() and _existing_params(json_path) == params and _all_images_present(json_path):
-        return json_path
+    out_dir, created = Path(out_dir), None
+    try:
+        created = _check_folder(out_dir)
+        json_path = out_dir / JSON_NAME
+        if json_path.is_file() and _existing_params(json_path) == params and _all_images_present(json_path):
+            return json_path
+        foreign = _foreign_files(out_dir)
+        if foreign:
+            raise ValueError(f"{out_dir}: holds files that no earlier synthetic run wrote (e.g. {', '.join(foreign)}): "
+                             f"the generated images/ and {JSON_NAME} would be mixed with them or replace them; "
+                             "give a new or empty folder")
+        _write_shapes(out_dir, params, splits=_split_names(n_images, seed, val_fraction, test_fraction))
+    except OSError as exc:  # not writable, no space, a name too long: one line naming the folder, not a traceback
+        if created is not None:  # a first generation that failed leaves no half-written folder behind
+            shutil.rmtree(created, ignore_errors=True)
+        where = f": {exc.filename}" if exc.filename and str(exc.filename) != str(out_dir) else ""
+        raise ValueError(f"{out_dir}: cannot write the synthetic data there ({exc.strerror or exc}{where})") from None
+    return json_path
 
-    image_dir = out_dir / IMAGE_DIR
-    image_dir.mkdir(parents=True, exist_ok=True)
-    if json_path.exists():  # other parameters: never leave it pointing at half-rewritten images
-        json_path.unlink()
 
+def _split_names(n_images: int, seed: int, val_fraction: float, test_fraction: float) -> list[str]:
+    """Each image's split, drawn from `seed`."""
     n_val = int(round(n_images * val_fraction))
     n_test = int(round(n_images * test_fraction))
     if n_val + n_test >= n_images and n_images > 1:
@@ -363,9 +408,18 @@ def make_shapes(out_dir: str | Path, n_images: int = 1200, *, seed: int = 0, ima
         splits[int(i)] = "val"
     for i in order[n_val:n_val + n_test]:
         splits[int(i)] = "test"
+    return splits
 
+
+def _write_shapes(out_dir: Path, params: dict[str, Any], splits: list[str]) -> None:
+    """The images, then the JSON naming them (make_shapes)."""
+    image_dir, json_path = out_dir / IMAGE_DIR, out_dir / JSON_NAME
+    seed, image_size = params["seed"], params["image_size"]
+    image_dir.mkdir(parents=True, exist_ok=True)
+    if json_path.exists():  # other parameters: never leave it pointing at half-rewritten images
+        json_path.unlink()
     entries = []
-    for i in range(n_images):
+    for i in range(len(splits)):
         rng = np.random.default_rng([seed, 1, i])
         scene = _sample_scene(rng)
         filename = f"shapes_{i:06d}.png"
@@ -386,4 +440,3 @@ def make_shapes(out_dir: str | Path, n_images: int = 1200, *, seed: int = 0, ima
         })
     doc = {"dataset": "shapes", "images": entries, "params": params}
     atomic_write_bytes(json_path, json.dumps(doc, separators=(",", ":")).encode("utf-8"))
-    return json_path
