@@ -90,6 +90,34 @@ def _positive_mib(text: str) -> float:
     return value
 
 
+def _seconds(text: str) -> float:
+    """stop --timeout: finite seconds above 0, the rule of --limit-mib. NaN made the wait's deadline
+    never pass (a hang once the job outlived the stop request); a negative one gave up before looking."""
+    try:
+        return _positive_mib(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: seconds, a finite number above 0") from None
+
+
+def _address(text: str) -> str:
+    """--address: not empty. `--address "$CLUSTER"` with the variable unset fell back to RAY_ADDRESS
+    or the local default without a word: another cluster than the one meant."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty (leave --address out for $RAY_ADDRESS, else "
+                                         f"{DEFAULT_ADDRESS})")
+    return text
+
+
+def _job_id(text: str) -> str:
+    """A job id as it goes into the job server's URLs (/api/jobs/<id>): Ray takes an empty
+    --job-id as none given and picks its own (the id the user meant to follow never exists), and
+    an empty, spaced or '/'-holding id for follow/logs/stop asks for another endpoint."""
+    if not text or any(c.isspace() or c in "/?#%" for c in text):
+        raise argparse.ArgumentTypeError(f"invalid job id {text!r}: not empty, without spaces or '/?#%' "
+                                         "(`python -m cluster.jobs list` shows the ids)")
+    return text
+
+
 def _probe(address: str) -> None:
     """Fail fast, in one line, when nothing listens at an http(s) address."""
     url = urlparse(address if "://" in address else f"http://{address}")
@@ -329,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cluster.jobs", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     server = argparse.ArgumentParser(add_help=False)
-    server.add_argument("--address", help=f"job server (default: $RAY_ADDRESS, else {DEFAULT_ADDRESS})")
+    server.add_argument("--address", type=_address, help=f"job server (default: $RAY_ADDRESS, else {DEFAULT_ADDRESS})")
     upload = argparse.ArgumentParser(add_help=False)
     upload.add_argument("--working-dir", type=Path, default=ROOT, help="uploaded to the job (default: this repo)")
     upload.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
@@ -337,14 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("submit", parents=[server, upload], help="submit a training run or a Tune search")
     s.add_argument("kind", choices=sorted(ENTRYPOINTS), help="train: trainers.train; search: tuning.search")
-    s.add_argument("--job-id", help="submission id (default: Ray picks one)")
+    s.add_argument("--job-id", type=_job_id, help="submission id (default: Ray picks one)")
     s.add_argument("--no-wait", action="store_true", help="return after submitting instead of following")
     s.add_argument("--no-check", action="store_true",
                    help="submit without first checking the job's arguments here (--print-config)")
     for name, text in (("follow", "stream logs until the job ends"), ("logs", "print the logs so far"),
                        ("stop", "stop a job and wait until it has ended")):
-        sub.add_parser(name, parents=[server], help=text).add_argument("job_id")
-    sub.choices["stop"].add_argument("--timeout", type=float, default=60, help="seconds to wait (default 60)")
+        sub.add_parser(name, parents=[server], help=text).add_argument("job_id", type=_job_id)
+    sub.choices["stop"].add_argument("--timeout", type=_seconds, default=60, help="seconds to wait (default 60)")
     sub.add_parser("list", parents=[server], help="submitted jobs")
     c = sub.add_parser("check", parents=[upload], help="what submit would upload, against Ray's limit")
     c.add_argument("--limit-mib", type=_positive_mib, help="another limit (default: this Ray version's)")

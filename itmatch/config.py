@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -36,6 +37,8 @@ def folder_name(value: str) -> str:
     its checkpoints beside or outside the others (and an empty name into run.storage_path itself)."""
     if not value or value in (".", "..") or "/" in value or "\\" in value or "\0" in value:
         raise ValueError("must be one folder name (no '/', not '.' or '..', not empty)")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):  # a quoted "a\nb": a folder name that splits log lines
+        raise ValueError("must be one folder name without control characters (a line break, a tab)")
     return value
 
 
@@ -61,12 +64,45 @@ class _Section(BaseModel):
             quote = "; quote it to mean the text" if _takes_text_annotation(annotation) else ""
             raise ValueError(f"a boolean (YAML reads yes/no/on/off/true/false as one), where this key takes "
                              f"{_annotation_name(annotation)}{quote}")
+        if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()) and _takes_int(annotation):
+            # YAML 1.1 reads `1e3` as text: `train.epochs=1e3` was "unable to parse string as an integer",
+            # where `optim.lr=1e-3` is a float. As a number it is 1000, and 1.5e0 is refused as a fraction
+            value = float(value)
+        if info.field_name in NOT_EMPTY and isinstance(value, str) and not value.strip():
+            # `data.cache_dir=` put the features, `run.storage_path=` the run, in the working directory,
+            # and `tracking.tracking_uri=` passed the store check, then failed the run's start in MLflow
+            raise ValueError(f"empty: give {NOT_EMPTY[info.field_name]}")
         return value
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _fits_64_bits(cls, value: Any) -> Any:
+        """A whole number numpy, torch and Tune's sampling can hold (`epochs: 1e30` is an int to
+        pydantic; `randint: [1, 1e23]` failed once Ray had started sampling trials)."""
+        if isinstance(value, int) and not isinstance(value, bool) and not -2**63 < value < 2**63 - 1:
+            raise ValueError(f"{value} is beyond 64-bit integers, which numpy, torch and Tune cannot hold")
+        return value
+
+
+# Text settings an empty value cannot mean: what to give instead (optional paths take '' as unset)
+NOT_EMPTY = {"cache_dir": "a folder ('.' for the working directory)",
+             "storage_path": "a folder ('.' for the working directory)",
+             "artifact_location": "a folder ('.' for the working directory) or an artifact store URI",
+             "tracking_uri": "an MLflow store URI (e.g. sqlite:///mlruns.db, http://host:5000)"}
 
 # Settings that are a file or folder (a data source's paths are expanded where it is parsed)
 PATH_FIELDS = frozenset({"cache_dir", "image_weights", "word_vectors", "storage_path", "start_from",
                          "artifact_location", "space", "region_phrase_model"})
+
+
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+"""A number in exponent notation, which YAML 1.1 reads as text unless it has a dot and a signed exponent."""
+
+
+def _takes_int(annotation: Any) -> bool:
+    """A whole-number setting (`int` or `int or null`), not one that also takes a float or text."""
+    args = typing.get_args(annotation) or (annotation,)
+    return int in args and float not in args and str not in args
 
 
 def _takes_bool(annotation: Any) -> bool:
@@ -101,6 +137,37 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             seen.add(key)
         return super().construct_mapping(node, deep)
 
+    def construct_document(self, node: yaml.Node) -> Any:
+        """Aliases build shared objects, so `&t {x: *t}` (itself inside itself) made `flatten` recurse
+        until RecursionError, and aliases of aliases (`[*a, *a, ...]` nine deep: a billion values)
+        would hang whatever walks them. Both are refused before anything is built."""
+        _check_expansion(node, {}, set())
+        return super().construct_document(node)
+
+
+YAML_MAX_VALUES = 100_000
+"""Values a settings file may hold once its aliases are expanded (the shipped ones hold ~100)."""
+
+
+def _check_expansion(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
+    """The values `node` stands for with its aliases expanded (memoised by node: an alias is the
+    same node object), or a ConstructorError at a node inside itself or past YAML_MAX_VALUES."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_:
+        raise yaml.constructor.ConstructorError(None, None, "an alias refers to the mapping or list it is in "
+                                                "(it would contain itself)", node.start_mark)
+    open_.add(id(node))
+    children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else \
+        node.value if isinstance(node, yaml.SequenceNode) else []
+    size = 1 + sum(_check_expansion(child, sizes, open_) for child in children)
+    if size > YAML_MAX_VALUES:
+        raise yaml.constructor.ConstructorError(None, None, f"its aliases expand to over {YAML_MAX_VALUES:,} "
+                                                "values", node.start_mark)
+    open_.discard(id(node))
+    sizes[id(node)] = size
+    return size
+
 
 # No timestamps: YAML 1.1 reads `2024-12-02` as a date, which no setting takes (a run named by its date
 # was refused as "not a valid string"); every setting is a string, number, bool or null.
@@ -109,11 +176,15 @@ _UniqueKeyLoader.yaml_implicit_resolvers = {
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
 
+YAML_LIMIT = 16 * 2**20
+"""Bytes a preset, search space or ablation table may hold: the shipped ones are a few KiB."""
+
+
 def read_yaml(path: str | Path) -> Any:
     """A user's YAML file (preset, search space, ablation table): UTF-8 (a byte-order mark allowed),
     no key twice in a mapping; anything else is a ConfigError naming the file and the place."""
     path = Path(path)
-    text = read_utf8(path, ConfigError)
+    text = read_utf8(path, ConfigError, limit=YAML_LIMIT)
     try:
         return _load_yaml(text)
     except yaml.YAMLError as exc:
@@ -297,6 +368,18 @@ class ModelConfig(_Section):
             raise ValueError(f"model.residual='cca' needs model.name='embedding' on cached features "
                              f"(image_tower/text_tower 'features'): got name={self.name!r}, "
                              f"image_tower={self.image_tower!r}, text_tower={self.text_tower!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _check_weights_apply(self) -> "ModelConfig":
+        """A weights file for a tower that takes none was ignored without a word (the run trained
+        on cached features, or from random word vectors, while the log looked as asked)."""
+        if self.image_weights and self.image_tower in ("features", "convnet"):
+            raise ValueError(f"model.image_weights={self.image_weights!r} has no effect with model.image_tower="
+                             f"{self.image_tower!r}: it loads efficientnet_lite0, torchvision:<arch> or timm:<arch>")
+        if self.word_vectors and self.text_tower not in ("textcnn", "gru") and self.name != "single":
+            raise ValueError(f"model.word_vectors={self.word_vectors!r} has no effect with model.text_tower="
+                             f"{self.text_tower!r}: it initialises textcnn, gru or model.name='single'")
         return self
 
     @model_validator(mode="after")
@@ -836,7 +919,8 @@ def flatten_once(tree: dict[str, Any], where: str, prefix: str = "") -> dict[str
     out: dict[str, Any] = {}
     for key, value in tree.items():
         path = f"{prefix}{key}"
-        for dotted, leaf in (flatten_once(value, where, path + ".") if isinstance(value, dict) else {path: value}).items():
+        below = flatten_once(value, where, path + ".") if isinstance(value, dict) else {path: value}
+        for dotted, leaf in below.items():
             if dotted in out:
                 raise ConfigError(f"{where}: {dotted} is given twice (as a dotted key and inside its section, "
                                   f"values {out[dotted]!r} and {leaf!r}); keep one")
@@ -849,6 +933,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key=value (e.g. loss.margin=0.1)")
     key, raw = text.split("=", 1)
+    if not key.strip():  # `=3`, or a shell that ate the key (`$KEY=3` with KEY unset): was "unknown config key ''"
+        raise ConfigError(f"override {text!r} has no key before '=' (e.g. loss.margin=0.1)")
     try:
         value = _load_yaml(raw) if raw != "" else ""
     except (yaml.YAMLError, _TooDeep) as exc:  # one line: PyYAML's own text quotes the value under a caret
@@ -857,6 +943,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and "_" in raw:
         value = raw  # YAML 1.1 reads 92334_00000 (a Tune trial id, a date-like name) as a number
     return key.strip(), value
+
+
+def read_overrides(texts: list[str]) -> dict[str, Any]:
+    """Command-line `a.b=value` overrides as {dotted key: value}, read as load_config reads them
+    (the last of a key given twice wins)."""
+    return dict(_override_value(text) for text in texts)
 
 
 def _override_value(text: str) -> tuple[str, Any]:
@@ -958,23 +1050,25 @@ def _merge_flat(tree: dict[str, Any], flat: dict[str, Any], where: str) -> None:
 def load_config(
     preset: Optional[str | Path] = None,
     overrides: Optional[list[str] | dict[str, Any]] = None,
+    origins: Optional[dict[str, str]] = None,
 ) -> Config:
-    """Defaults, then the YAML preset, then overrides (`["a.b=v", ...]` or `{"a.b": v}`)."""
+    """Defaults, then the YAML preset, then overrides (`["a.b=v", ...]` or `{"a.b": v}`); `origins`:
+    {dotted key: what set it}, for a refused value given otherwise than as an override (a flag)."""
     tree: dict[str, Any] = {}
     if preset is not None:
         path = Path(preset)
         if path.is_dir():
             raise ConfigError(f"config preset {str(path)!r} is a folder, not a YAML file")
-        if not path.is_file():
+        if not path.exists():  # a pipe (`--config <(sed ... preset.yaml)`) exists and is read, not a file
             raise ConfigError(f"config preset {str(path)!r} does not exist")
         raw = read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
         _merge_flat(tree, flatten_once(raw, str(path)), str(path))
-    flat = overrides if isinstance(overrides, dict) else dict(_override_value(o) for o in overrides or [])
+    flat = overrides if isinstance(overrides, dict) else read_overrides(overrides or [])
     _merge_flat(tree, flat, "override")
     # a bad value named with where it came from: the preset was blamed for the command line's
-    given = {key: "an override" for key in flatten(flat)} if preset else {}
+    given = {**({key: "an override" for key in flatten(flat)} if preset else {}), **(origins or {})}
     return validate(tree, where=str(preset) if preset else "config", given=given)
 
 

@@ -54,22 +54,44 @@ def read_problem(exc: BaseException) -> str:
     """What went wrong reading a file, in one line for an error message that names the file: a YAML
     error's problem and place (its own text spans several lines, quoting the file), an OS error's
     reason, else the message with its line breaks folded."""
-    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
-    if mark is not None and problem:
-        return f"line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {problem}"
+    placed = _yaml_place(exc)
+    if placed is not None:
+        return f"{placed[0]}: not valid YAML: {placed[1]}"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def read_utf8(path: str | Path, error: type[Exception] = ValueError) -> str:
+def yaml_problem(exc: BaseException) -> str:
+    """A YAML error (yaml.YAMLError) in one line that says "not valid YAML" once: with its place
+    where PyYAML knows it, else its folded text. Decided by the error's structure (a problem mark),
+    not by reading back what read_problem wrote."""
+    problem = read_problem(exc)
+    return problem if _yaml_place(exc) is not None else f"not valid YAML: {problem}"
+
+
+def _yaml_place(exc: BaseException) -> tuple[str, str] | None:
+    """("line L, column C", problem) for a YAML error that knows where its problem is, else None."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is None or not problem:
+        return None
+    return f"line {mark.line + 1}, column {mark.column + 1}", problem
+
+
+def read_utf8(path: str | Path, error: type[Exception] = ValueError, limit: int | None = None) -> str:
     """A user's text file (captions, JSON, YAML); a byte-order mark (Windows editors write one) is not
-    content. An unreadable file or bytes that are not UTF-8 raise `error` naming the file (and line)."""
+    content. An unreadable file or bytes that are not UTF-8 raise `error` naming the file (and line);
+    so does one over `limit` bytes, read no further (a settings file given as /dev/zero, or a
+    data file by mistake, would fill the memory first)."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read() if limit is None else f.read(limit + 1)
     except OSError as exc:
         raise error(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    if limit is not None and len(data) > limit:
+        raise error(f"{path}: over {limit:,} bytes, too large for this kind of file (a data file or a device "
+                    "given in its place?)")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

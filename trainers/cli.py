@@ -15,8 +15,17 @@ COMMANDS = {
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS:
-        print(f"usage: itm {{{'|'.join(COMMANDS)}}} [args...]", file=sys.stderr)
+    usage = f"usage: itm {{{'|'.join(COMMANDS)}}} [args...]"
+    if argv[:1] in (["-h"], ["--help"]):  # asked for: not an error
+        print(usage)
+        return 0
+    if not argv or argv[0] not in COMMANDS:  # a bare usage line did not say what was wrong
+        import difflib
+
+        close = difflib.get_close_matches(argv[0], COMMANDS, n=1) if argv else []
+        said = f"unknown command {argv[0]!r}" + (f" (did you mean {close[0]!r}?)" if close else "") if argv else \
+            "no command given"
+        print(f"error: {said}; {usage}", file=sys.stderr)
         return 2
     import importlib
 

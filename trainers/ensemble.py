@@ -289,7 +289,7 @@ def stage(cfg: Config, store: Any, folders: list[Path], refs: list[str], cca_wei
 
 def evaluate_and_log(cfg: Config, folders: list[Path], refs: list[str], tags: Optional[dict[str, str]] = None,
                      cca_weight: float = 0.0, cca_dim: int = 128, hubness: str = "off",
-                     selection: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+                     selection: Optional[dict[str, Any]] = None, cca_key: str = "--cca-dim") -> dict[str, Any]:
     """Save, evaluate (val, test), log and maybe register the ensemble; `tags` for its MLflow run.
     `cca_weight` > 0 adds CCA fitted on the training split (`cca_member`) at that weight, the
     trained members sharing the rest equally; `hubness` ("auto" or "K,W") attaches the correction
@@ -302,6 +302,8 @@ def evaluate_and_log(cfg: Config, folders: list[Path], refs: list[str], tags: Op
     from trainers.train import prepare_store
 
     store = prepare_store(cfg)
+    if cca_weight > 0:  # before anything is staged; `cca_key` names the setting that gave cca_dim
+        preflight.check_cca_dim(store, cca_dim, cca_key)
     staged: list[tuple[Path, Path]] = []
     try:
         model, folders, weights, hub_record = stage(cfg, store, folders, refs, cca_weight, cca_dim, hubness, staged)

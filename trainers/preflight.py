@@ -223,11 +223,19 @@ def _largest(batches: Callable[[int], int], too_big: int) -> int:
 def check_cca(cfg: Config, store: FeatureStore) -> None:
     """CCA keeps at most as many canonical dimensions as the narrower feature set has: say so here,
     naming the key, rather than in a Ray worker after start-up."""
-    widest = min(store.dims) if cfg.model.name == "cca" else None
-    if widest is not None and cfg.model.embed_dim > widest:
-        raise ConfigError(f"model.embed_dim={cfg.model.embed_dim} with model.name='cca': at most {widest} canonical "
-                          f"dimensions (features of {store.manifest['source']} are {store.dims[0]}-d image, "
-                          f"{store.dims[1]}-d text); lower model.embed_dim")
+    if cfg.model.name == "cca":
+        check_cca_dim(store, cfg.model.embed_dim, "model.embed_dim", " with model.name='cca'")
+
+
+def check_cca_dim(store: FeatureStore, dim: int, key: str, context: str = "") -> None:
+    """`dim` canonical dimensions fit `store`'s features, else a ConfigError naming `key`: an
+    ensemble's CCA member (--cca-dim, search.ensemble_cca_dim) was refused only after its members
+    were staged, or at the end of a whole search, and a dim beyond 64 bits was a torch traceback."""
+    widest = min(store.dims)
+    if dim > widest:
+        raise ConfigError(f"{key}={dim}{context}: at most {widest} canonical dimensions (features of "
+                          f"{store.manifest['source']} are {store.dims[0]}-d image, {store.dims[1]}-d text); "
+                          f"lower {key}")
 
 
 def check_eq8(cfg: Config, store: FeatureStore) -> None:

@@ -35,15 +35,19 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Optional  # noqa: E402
 
-from itmatch.config import Config, ConfigError, load_config, read_yaml  # noqa: E402
+from itmatch.config import Config, ConfigError, flatten_once, load_config, read_overrides, read_yaml  # noqa: E402
 from itmatch.data.sources import DataError  # noqa: E402
 from trainers.logs import setup_logging  # noqa: E402
 from tuning import rerun, select  # noqa: E402
 from tuning.space import check_same_store  # noqa: E402
 
-ROWS_MAY_NOT_SET = ("train.seed", "run.name", "run.storage_path", "tracking.registered_model",
-                    "tracking.log_model", "eval.plots")
-"""What tuning.rerun.rerun_config sets for every (row, seed) run."""
+TABLE_SETS = {"train.seed": "seeds:", "run.name": "the table (--name names its folder and runs)",
+              "tracking.registered_model": "the table (an ablation registers nothing)",
+              "tracking.log_model": "the table (its runs log no model)", "eval.plots": "the table (its runs draw none)"}
+"""What tuning.rerun.rerun_config sets for every (row, seed) run, and who: given for every row (the
+table's overrides:, the command line) it was dropped without a word."""
+ROWS_MAY_NOT_SET = (*TABLE_SETS, "run.storage_path")
+"""A row may not set these either; for every row run.storage_path places the table's folder."""
 RECALLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10")
 
 
@@ -69,14 +73,30 @@ def load_table(path: str | Path, extra: list[str]) -> tuple[Config, dict[str, di
         raise ConfigError(f"{path}: overrides: expected a mapping of dotted key -> value, got {common!r}")
     if not isinstance(spec.get("config"), (str, type(None))):
         raise ConfigError(f"{path}: config: expected the path of a preset YAML file, got {spec['config']!r}")
+    preset = spec.get("config")
+    if preset is not None and not (preset.strip() and Path(preset).exists() and not Path(preset).is_dir()):
+        # load_config said "config preset '...' does not exist" (or "'.' is a folder" for ''), naming
+        # neither the table nor where a relative path is looked for
+        raise ConfigError(f"{path}: config: {preset!r} is no preset file (a relative path is read from the working "
+                          f"directory, {Path.cwd()}, not from the table's folder)")
     _check_row_names(path, rows)
-    if "train.seed" in common:
-        raise ConfigError(f"{path}: overrides: train.seed is set by seeds: for every run; leave it out")
-    base = load_config(spec.get("config"), [*(f"{k}={json.dumps(v)}" for k, v in common.items()), *extra])
-    rows = {row: overrides or {} for row, overrides in rows.items()}
+    common = flatten_once(common, f"{path}: overrides")
+    cli = read_overrides(extra)
+    _check_not_table_set(f"{path}: overrides", common)
+    _check_not_table_set("command line", cli)
+    # as a mapping, not re-read from text: a JSON round trip failed on `!!binary`/`!!set` values
+    # (TypeError) and made `experiment: yes` the name 'true' where a preset refuses the boolean
+    base = load_config(spec.get("config"), {**common, **cli})
+    rows = {row: flatten_once(overrides or {}, f"{path}: row {row!r}") for row, overrides in rows.items()}
     for row, overrides in rows.items():
         _check_row(path, base, row, overrides)
     return base, rows, seeds
+
+
+def _check_not_table_set(where: str, overrides: dict[str, Any]) -> None:
+    owned = next((key for key in overrides if key in TABLE_SETS), None)
+    if owned:
+        raise ConfigError(f"{where}: {owned} is set by {TABLE_SETS[owned]} for every run; leave it out")
 
 
 def _check_row_names(path: str | Path, rows: dict) -> None:
@@ -242,7 +262,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--max-concurrent", type=int, default=1, help="jobs at once")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every row (after the table's own)")
     args = p.parse_intermixed_args(argv)  # the table, flags and overrides in any order
-    name = args.name or Path(args.table).stem
+    name = Path(args.table).stem if args.name is None else args.name  # `--name ""` is refused below, not the stem
     if args.max_concurrent < 1:
         print(f"error: --max-concurrent {args.max_concurrent}: must be at least 1", file=sys.stderr)
         return 2

@@ -66,6 +66,7 @@ def refit_ensemble(cfg: Config, runs: list[dict], before: dict[str, Any], setup:
     metric = cfg.train.metric
     summary = evaluate_and_log(ens_cfg, folders, members, tags={"mlflow.parentRunId": parent["run_id"]},
                                cca_weight=cfg.search.ensemble_cca, cca_dim=cfg.search.ensemble_cca_dim,
+                               cca_key="search.ensemble_cca_dim",
                                hubness=f"{hub['k']},{hub['weight']}" if hub.get("weight") else "off",
                                selection={"score": before[f"val_{metric}"], "run_id": before.get("run_id")})
     log.info("refitted on %s: test %s %.2f (before the refit %.2f)", union(cfg), metric,

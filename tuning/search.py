@@ -43,7 +43,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable, Optional  # noqa: E402
 
-from itmatch.config import Config, ConfigError, load_config  # noqa: E402
+from itmatch.config import Config, ConfigError, load_config, read_overrides  # noqa: E402
 from itmatch.data.sources import DataError  # noqa: E402
 from itmatch.data.raw import open_store  # noqa: E402
 from itmatch.data.store import FeatureStore  # noqa: E402
@@ -383,6 +383,7 @@ def ensemble_model(cfg: Config, choice: dict, candidates: list[dict], search_dir
     ens_cfg, folders = build(members, f"{cfg.search.name}-ensemble", in_search(cfg, search_dir))
     summary = evaluate_and_log(ens_cfg, folders, members, tags={"mlflow.parentRunId": parent["run_id"]},
                                cca_weight=cfg.search.ensemble_cca, cca_dim=cfg.search.ensemble_cca_dim,
+                               cca_key="search.ensemble_cca_dim",
                                hubness=cfg.search.ensemble_hubness)
     metric = cfg.train.metric
     one = len({s["trial_id"] for s in runs}) == 1  # the chosen configuration's seeds: named by seed
@@ -447,9 +448,15 @@ def resolve(args: argparse.Namespace) -> tuple[Config, dict[str, dict]]:
     from trainers.job import absolute_paths
     from trainers.train import warn_relative_paths
 
-    flags = [f"search.{key}={json.dumps(getattr(args, flag))}" for flag, key in FLAGS.items()
-             if getattr(args, flag) is not None]
-    cfg = load_config(args.config, [*args.overrides, *flags])
+    named = read_overrides(args.overrides).get("run.name")
+    if named is not None:  # replaced by search.name below, without a word
+        raise ConfigError(f"run.name={named!r}: a search's folder and MLflow run are named by --name (search.name), "
+                          "its trials' by Tune; use --name")
+    given = [(flag, key) for flag, key in FLAGS.items() if getattr(args, flag) is not None]
+    flags = [f"search.{key}={json.dumps(getattr(args, flag))}" for flag, key in given]
+    # a refused flag named as typed: `--num-samples 0` was "search.num_samples = 0 (an override)"
+    origins = {f"search.{key}": "--" + flag.replace("_", "-") for flag, key in given}
+    cfg = load_config(args.config, [*args.overrides, *flags], origins)
     cfg = load_config(None, {**cfg.flat(), "run.name": cfg.search.name,
                              "scaling.num_workers": cfg.search.trial_workers or cfg.scaling.num_workers})
     warn_relative_paths(cfg)
@@ -479,6 +486,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             search_dir = Path(cfg.run.storage_path) / cfg.search.name
             _check_before_start(search_dir)
             store = prepare_store(cfg)
+            if cfg.search.ensemble and cfg.search.ensemble_cca > 0:  # else refused after every trial had run
+                preflight.check_cca_dim(store, cfg.search.ensemble_cca_dim, "search.ensemble_cca_dim")
             preflight.check_batch(hardest_trial(cfg, space), store)
             preflight.check_tracking(cfg)
             held.enter_context(exclusive(search_dir, f"search {cfg.search.name!r}"))  # one driver per search

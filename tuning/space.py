@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from itmatch.config import Config, ConfigError, load_config, read_yaml
+from itmatch.config import Config, ConfigError, check_key, load_config, read_yaml
 from itmatch.data.store import stored_splits
 
 KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
@@ -61,6 +61,8 @@ def load_space(path: str | Path, base: Config) -> dict[str, dict]:
         if key not in flat and inside:
             raise ConfigError(f"{path}: {key}: a section, not a setting; give its keys their own entries "
                               f"(e.g. {inside[0]}: {{choice: [...]}})")
+        if key not in flat:  # else named as "value 0.1 is not valid: override: unknown config key"
+            check_key(key, str(path))
         kind, values = _entry(path, key, spec)
         space[key] = {kind: _bounded(path, key, kind, [_typed(path, flat, key, value) for value in values])}
         for value in space[key][kind]:
@@ -101,6 +103,11 @@ def _bounded(path: str | Path, key: str, kind: str, values: list) -> list:
         raise ConfigError(f"{path}: {key}.{kind}: the low bound must be below the high one, got {values}")
     if kind == "loguniform" and values[0] <= 0:
         raise ConfigError(f"{path}: {key}.loguniform: bounds must be above 0, got {values}")
+    if kind == "grid":  # every point runs num_samples trials: a repeat trains the same configuration again
+        repeated = [v for i, v in enumerate(values) if v in values[:i]]
+        if repeated:
+            raise ConfigError(f"{path}: {key}.grid: the value {repeated[0]!r} is listed twice (as the config reads "
+                              f"them: {values}); each grid point is run num_samples times already")
     return values
 
 

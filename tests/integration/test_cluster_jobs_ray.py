@@ -19,11 +19,11 @@ STEPS: list[str] = []  # seconds per command, printed with -s
 TOKEN = uuid.uuid4().hex
 
 
-def _keys(tmp: Path, name: str) -> list[str]:
+def _keys(tmp: Path, name: str | None) -> list[str]:
     """Tiny and fast: 1 worker, 1 epoch, no MLflow; everything written goes to tmp (absolute: the
-    job runs in a temporary copy of the repo)."""
+    job runs in a temporary copy of the repo). No run.name for a search (--name names it)."""
     return [f"data.source=synthetic:{tmp / 'shapes'}?n_images=120", f"data.cache_dir={tmp / 'cache'}",
-            f"run.storage_path={tmp / 'runs'}", f"run.name={name}", "run.max_failures=0",
+            f"run.storage_path={tmp / 'runs'}", *([f"run.name={name}"] if name else []), "run.max_failures=0",
             "tracking.enabled=false", "train.epochs=1", "scaling.num_workers=1"]
 
 
@@ -59,7 +59,7 @@ def session(tmp_path_factory):
         # --no-check: the train submission above ran the argument check (a few seconds per command)
         out["submit_search"] = _jobs("submit", "search", *a, "--no-wait", "--no-check", "--job-id", search_id, "--",
                                      "--config", "configs/debug.yaml", "--space", str(tmp / "space.yaml"),
-                                     "--num-samples", "50", "--name", "s2", *_keys(tmp, "unused"))
+                                     "--num-samples", "50", "--name", "s2", *_keys(tmp, None))
         out["search_started"] = _wait_for(tmp / "runs" / "s2", timeout=120)
         out["stop"] = _jobs("stop", search_id, *a, timeout=120)
         # The older entry point (README): `cluster.submit` still submits a training run; stop it at once.
