@@ -38,20 +38,34 @@ from itmatch.state import CheckpointError  # noqa: E402
 from trainers.logs import setup_logging  # noqa: E402
 
 
+def _given(what: str):
+    """An argparse type that refuses a blank value: `--data "$DATA"` with the variable unset silently
+    meant the default (the model's own data, cache or store), an evaluation of something else."""
+    def check(value: str) -> str:
+        if not value.strip():
+            raise argparse.ArgumentTypeError(f"empty: give {what}, or leave the flag out for its default")
+        return value
+    return check
+
+
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="trainers.evaluate", description=__doc__)
-    p.add_argument("--model", required=True, help="checkpoint folder or models:/NAME@ALIAS")
-    p.add_argument("--data", help="data source (default: the one the model was trained on)")
-    p.add_argument("--split", default="test")
+    p.add_argument("--model", required=True, type=_given("a checkpoint folder or models:/NAME@ALIAS"),
+                   help="checkpoint folder or models:/NAME@ALIAS")
+    p.add_argument("--data", type=_given("a data source"), help="data source (default: the one the model was trained on)")
+    p.add_argument("--split", default="test", type=_given("a split (train, val, test)"))
     p.add_argument("--protocol", choices=["full", "coco"], default="full",
                    help="coco adds 1K (5-fold mean) and 5K keys")
-    p.add_argument("--json", help="write the metrics here")
-    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlruns.db"))
-    p.add_argument("--cache-dir", help="feature cache (default: the model config's data.cache_dir)")
-    p.add_argument("--pictures", metavar="DIR", help="also write embedding_map.png and queries.html here")
-    p.add_argument("--region-phrase-model", metavar="REF",
+    p.add_argument("--json", type=_given("a file name"), help="write the metrics here")
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlruns.db"),
+                   type=_given("an MLflow store URI"))
+    p.add_argument("--cache-dir", type=_given("a folder"),
+                   help="feature cache (default: the model config's data.cache_dir)")
+    p.add_argument("--pictures", metavar="DIR", type=_given("a folder"),
+                   help="also write embedding_map.png and queries.html here")
+    p.add_argument("--region-phrase-model", metavar="REF", type=_given("a checkpoint folder or models:/NAME@ALIAS"),
                    help="001 Eq. 8: also rank by the combination with this region-phrase model (eq8_* metrics)")
-    p.add_argument("--region-phrase-data", metavar="SOURCE",
+    p.add_argument("--region-phrase-data", metavar="SOURCE", type=_given("a data source"),
                    help="its phrases and proposals (entities: or shapes-phrases:; default: its training data)")
     p.add_argument("--eq8-alpha", type=float, default=EvalConfig.model_fields["eq8_alpha"].default,
                    help="Eq. 8's weight of the region-phrase distance (default %(default)s, 001 §5.6)")

@@ -30,6 +30,9 @@ def _asha(cfg: Config, space: dict[str, dict], folder: Optional[Path] = None):
         return None
     max_t = last - 1
     grace = min(cfg.search.grace_period or max(1, last // 8), max_t)
+    if cfg.search.grace_period and cfg.search.grace_period > max_t:  # else read as asked, and the log says nothing
+        log.warning("search.grace_period=%d: ASHA's last rung is epoch %d (train.epochs=%d less one, where a trial "
+                    "still reaches its end): its one rung is there", cfg.search.grace_period, max_t, last)
     return RestorableASHA(rungs_path(folder) if folder else None, time_attr="epoch", max_t=max_t,
                           grace_period=grace, reduction_factor=cfg.search.reduction_factor, stop_last_trials=False)
 
@@ -57,6 +60,7 @@ def _pbt(cfg: Config, space: dict[str, dict], folder: Optional[Path] = None):
         raise ConfigError(f"search.scheduler=pbt clones trials by their checkpoints every search.perturbation_interval="
                           f"{cfg.search.perturbation_interval} epochs, but run.checkpoint_every="
                           f"{cfg.run.checkpoint_every} does not divide it")
+    _unused_asha_keys(cfg)
     return PopulationBasedTraining(time_attr="epoch", perturbation_interval=cfg.search.perturbation_interval,
                                    hyperparam_mutations={"params": to_tune(space, grid=False)})
 
@@ -67,7 +71,17 @@ def needs_checkpoints(cfg: Config) -> bool:
 
 
 def _fifo(cfg: Config, space: dict[str, dict], folder: Optional[Path] = None) -> None:
+    _unused_asha_keys(cfg)
     return None  # Tune's default: every trial runs to the end
+
+
+def _unused_asha_keys(cfg: Config) -> None:
+    """ASHA's settings given (a preset's search section, say) under a scheduler that reads none."""
+    defaults = type(cfg.search).model_fields  # a search's config is rebuilt from its flat keys: all "set"
+    given = [key for key in ("grace_period", "reduction_factor") if getattr(cfg.search, key) != defaults[key].default]
+    if given:
+        log.warning("search.scheduler=%s: %s only shape(s) ASHA's rungs; ignored", cfg.search.scheduler,
+                    ", ".join(f"search.{key}" for key in given))
 
 
 def _random(cfg: Config, space: dict[str, dict]):

@@ -228,3 +228,16 @@ def test_a_search_folder_and_a_run_folder_each_pass_as_their_own_kind(tmp_path):
     refuse_other_kind(tmp_path / "s", "search")
     refuse_other_kind(tmp_path / "r", "run")
     refuse_other_kind(tmp_path / "new", "run")
+
+
+# ---- trainers.evaluate: a blank flag is not its default
+
+@pytest.mark.parametrize("flag", ["--data", "--cache-dir", "--tracking-uri", "--split", "--json", "--pictures",
+                                  "--region-phrase-data"])
+def test_evaluate_refuses_a_blank_flag_rather_than_taking_its_default(flag, capsys):
+    from trainers.evaluate import parse_args
+
+    with pytest.raises(SystemExit) as info:
+        parse_args(["--model", "runs/x/best_model", flag, " "])
+    assert info.value.code == 2
+    assert f"argument {flag}: empty: give " in capsys.readouterr().err

@@ -132,6 +132,22 @@ def test_asha_rungs_lie_before_the_last_epoch():
     assert max(m for m, _ in searched._brackets[0]._rungs) < 4  # before the shortest trial's last epoch
 
 
+@pytest.mark.parametrize("keys, scheduler, warned", [
+    ({"search.grace_period": 30}, "asha", "search.grace_period=30: ASHA's last rung is epoch 19"),
+    ({"search.grace_period": 4}, "asha", None),
+    ({"search.grace_period": 4}, "fifo", "search.scheduler=fifo: search.grace_period only"),
+    ({"search.reduction_factor": 2.0}, "pbt", "search.scheduler=pbt: search.reduction_factor only"),
+    ({}, "fifo", None),
+])
+def test_asha_settings_that_cannot_act_as_given_are_said(keys, scheduler, warned, caplog):
+    cfg = load_config(None, {"train.epochs": 20, "search.scheduler": scheduler, **keys})
+    cfg = load_config(None, cfg.flat())  # as tuning.search rebuilds it: every key then counts as given
+    with caplog.at_level("WARNING", logger="itmatch.tune"):
+        registry.scheduler(cfg, SPACE)
+    said = [r.getMessage() for r in caplog.records]
+    assert [m for m in said if warned and m.startswith(warned)] if warned else not said, said
+
+
 def test_pbt_mutates_the_searched_params_per_epoch():
     from ray.tune.schedulers import PopulationBasedTraining
 
