@@ -79,8 +79,9 @@ def load_space(path: str | Path, base: Config) -> dict[str, dict]:
 def _typed(path: str | Path, flat: dict[str, Any], key: str, value: Any) -> Any:
     try:
         return load_config(None, {**flat, key: value}).flat()[key]
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {key}: value {value!r} is not valid: {exc}") from exc
+    except ConfigError as exc:  # the config's own message, one line per refused key: folded into this one
+        detail = "; ".join(line.strip() for line in str(exc).splitlines()[1:]) or str(exc)
+        raise ConfigError(f"{path}: {key}: value {value!r} is not valid ({detail})") from None
 
 
 def _takes_fractions(path: str | Path, flat: dict[str, Any], key: str, kind: str, values: list) -> None:

@@ -69,7 +69,7 @@ def test_bad_space_names_file_key_and_value(tmp_path, text, needle):
     path = _space(tmp_path, text)
     with pytest.raises(ConfigError) as info:
         load_space(path, load_config(None, []))
-    assert str(path) in str(info.value) and needle in str(info.value)
+    assert str(path) in str(info.value) and needle in str(info.value) and "\n" not in str(info.value)
 
 
 def test_trial_config_applies_params_over_preset_and_overrides(tmp_path):
