@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import urllib.error
+import warnings
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable
@@ -59,6 +60,7 @@ def check(cfg: Config, store: FeatureStore) -> None:
     check_start_from(cfg)
     check_checkpoint_dims(cfg, store)
     check_batch(cfg, store)
+    check_model_size(cfg, store)
     check_cca(cfg, store)
     check_tracking(cfg)
     check_eq8(cfg, store)
@@ -208,6 +210,63 @@ def check_batch(cfg: Config, store: FeatureStore) -> None:
         raise DataError(f"data.batch_size={d.batch_size} leaves no full batch of {len(groups)} training captions "
                         f"in {where} over scaling.num_workers={workers} (a batch takes a few captions of each "
                         f"image): the largest that does is {_largest(batches, d.batch_size)}")
+
+
+# fp32 bytes a parameter costs a worker: weights, gradient, Adam's two moments, and the epoch's and
+# the best epoch's consolidated copies (trainers/loop.py)
+TRAINING_BYTES_PER_PARAMETER = 24
+
+
+def check_model_size(cfg: Config, store: FeatureStore) -> None:
+    """A network whose training state cannot fit this machine's memory (`model.hidden_dim=100000000`
+    typed for 1000) failed as an allocator traceback in a worker, or was killed by the kernel while it
+    was built: counted here on the meta device (no memory), refused in one line. Only where the job
+    trains on this machine (no cluster address) and on its CPUs; ZeRO shards it, so not under DeepSpeed;
+    and for heads on features only: a tower is of a fixed size, and building one (MiniLM's) takes seconds."""
+    import os
+
+    s, m = cfg.scaling, cfg.model
+    if s.use_gpu or s.strategy == "deepspeed" or cfg.run.ray_address or os.environ.get("RAY_ADDRESS") or \
+            (m.image_tower, m.text_tower) != ("features", "features"):
+        return
+    count = _parameters(cfg, store)
+    have = _memory_bytes()
+    need = (count or 0) * TRAINING_BYTES_PER_PARAMETER * s.num_workers  # every DDP worker holds a copy
+    if have is None or need <= have:
+        return
+    raise ConfigError(f"the network has {count:,} parameters (model.hidden_dim={m.hidden_dim}, model.embed_dim="
+                      f"{m.embed_dim}): training it on {s.num_workers} worker(s) takes ~{need / 2**30:,.0f} GiB for "
+                      f"weights, gradients and optimizer state, over this machine's {have / 2**30:,.0f} GiB of "
+                      "memory; lower model.hidden_dim or model.embed_dim")
+
+
+def _parameters(cfg: Config, store: FeatureStore) -> int | None:
+    """The network's parameter count, built on the meta device (no memory, no init); None where it
+    cannot be built there (a tower that loads its weights as it is made: of a fixed size anyway)."""
+    import numpy as np
+    import torch
+
+    from itmatch.models import build_model
+
+    # one class a training image (an estimate on phrase data); from the ids alone, not the features
+    n_classes = len(np.unique(store.caption_groups(cfg.data.train_split)[0])) if cfg.loss.heads else 0
+    try:
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. a state dict copied into meta tensors: nothing for the user
+            model = build_model(*store.dims, cfg.model, n_classes=n_classes, heads=cfg.loss.heads)
+    except Exception:  # noqa: BLE001 (whatever a model's construction does on meta tensors)
+        return None
+    return sum(p.numel() for p in model.parameters())
+
+
+def _memory_bytes() -> int | None:
+    """This machine's physical memory, where the system says."""
+    import os
+
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _largest(batches: Callable[[int], int], too_big: int) -> int:

@@ -391,3 +391,34 @@ def test_itm_says_what_is_wrong_with_its_command(argv, said, capsys):
     assert cli.main(argv) == 2
     assert capsys.readouterr().err.startswith(said)
     assert cli.main(["--help"]) == 0 and capsys.readouterr().out.startswith("usage: itm ")
+
+
+# ---- a network too large for this machine's memory
+
+def test_a_network_whose_training_state_cannot_fit_this_machine_is_refused_before_it_is_built(
+        small_precomp, tmp_path, monkeypatch):
+    """Was an allocator traceback ("DefaultCPUAllocator: can't allocate memory") from the worker, or
+    a kill by the kernel: counted on the meta device, refused naming the sizes; a network that fits,
+    a GPU job or one attached to a cluster (other nodes' memory) is not judged here."""
+    from itmatch.data.store import prepare
+    from itmatch.models import build_model
+    from trainers import preflight
+
+    store = prepare(small_precomp, cache_dir=tmp_path / "cache", image_encoder="pixels", text_encoder="hashing",
+                    splits=["train", "val", "test"], progress=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    base = ["data.source=x", "data.text_encoder=hashing", "scaling.num_workers=2"]
+    said = _refused(preflight.check_model_size, load_config(None, [*base, "model.hidden_dim=100000000"]), store)
+    assert said.startswith("the network has ") and "model.hidden_dim=100000000" in said and "GiB" in said
+    # 24 B a parameter on each of 2 workers: refused where the machine has less, whatever it has
+    cfg = load_config(None, [*base, "model.hidden_dim=64", "model.embed_dim=16", "loss.instance_weight=1"])
+    count = preflight._parameters(cfg, store)  # with the instance loss's classifier: one class an image
+    built = build_model(*store.dims, cfg.model, n_classes=len(store.split("train").image_ids), heads=cfg.loss.heads)
+    assert count == sum(p.numel() for p in built.parameters())
+    monkeypatch.setattr(preflight, "_memory_bytes", lambda: count * 24 * 2 - 1)
+    assert "on 2 worker(s)" in _refused(preflight.check_model_size, cfg, store)
+    monkeypatch.setattr(preflight, "_memory_bytes", lambda: count * 24 * 2)
+    preflight.check_model_size(cfg, store)
+    monkeypatch.setattr(preflight, "_memory_bytes", lambda: 1)
+    for elsewhere in (["scaling.use_gpu=true"], ["run.ray_address=10.0.0.1:6379"], ["scaling.strategy=deepspeed"]):
+        preflight.check_model_size(load_config(None, [*base, "model.hidden_dim=64", *elsewhere]), store)
