@@ -246,13 +246,33 @@ def checkpoint_candidates(latest: Optional[str | Path], run_folder: Optional[str
     run = Path(run_folder) if run_folder is not None and Path(run_folder).is_dir() else None
     found = [] if run is None else [p for p in run.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()]
     if latest is None:
-        return sorted(found, key=_checkpoint_order, reverse=True)
+        return sorted(found, key=_resume_order, reverse=True)
     latest = Path(latest)
     inside = run is not None and latest.parent.resolve() == run.resolve()
     others = [p for p in found if p.name != latest.name]
     if inside:
-        return sorted([latest, *others], key=_checkpoint_order, reverse=True)
-    return [latest, *sorted(others, key=_checkpoint_order, reverse=True)]
+        return sorted([latest, *others], key=_resume_order, reverse=True)
+    return [latest, *sorted(others, key=_resume_order, reverse=True)]
+
+
+def _resume_order(folder: Path) -> tuple:
+    """Newest = most epochs trained, then by name. Names alone mislead in a run folder that holds
+    both kinds: Ray Train names checkpoints by timestamp (`checkpoint_2026-...`), one worker trained
+    in process by epoch (`checkpoint_000003`), and scaling.worker_group may change on resume; by
+    name, a worker group's epoch-2 checkpoint outranked the in-process epoch-3 one for good (prune
+    keeps the numbered ones only), and every resume trained epoch 3 again."""
+    return (_stored_epoch(folder), _checkpoint_order(folder))
+
+
+def _stored_epoch(folder: Path) -> float:
+    """Epochs completed by the checkpoint's TrainState, read without loading its tensors (mapped).
+    One whose state.pt cannot be read ranks first, as the newest did when it was cut short: the
+    resume then names it as skipped (pick_resume_checkpoint) rather than passing it over unsaid."""
+    try:
+        payload = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+        return int(payload["train_state"]["epoch"])
+    except Exception:  # noqa: BLE001 - missing, truncated, foreign
+        return float("inf")
 
 
 DAMAGED_DIR = "damaged"

@@ -19,6 +19,7 @@ step): a longer cosine schedule would change the learning rate of the epochs alr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import urllib.error
 import warnings
@@ -128,7 +129,7 @@ def check_resume_config(cfg: Config) -> None:
         return
     try:
         saved = read_saved_config(saved_path)
-    except (yaml.YAMLError, OSError) as exc:
+    except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:  # bytes that are not text: a traceback before
         raise ConfigError(f"{saved_path}: cannot read the run's saved config ({read_problem(exc)})") from exc
     diffs = changed_keys(saved, cfg)
     if diffs:
@@ -362,6 +363,7 @@ def check_tracking_uri(uri: str, timeout: float = TRACKING_TIMEOUT_S, key: str =
         folder = Path(uri[len("sqlite:///"):]).resolve().parent
         if not folder.is_dir():
             raise ConfigError(f"{key} = {uri!r}: folder {folder} does not exist")
+        _check_sqlite_file(Path(uri[len("sqlite:///"):]).resolve(), uri, key, timeout)
     elif not uri.startswith(("http://", "https://")):
         _check_store_kind(uri, key)
     else:
@@ -373,6 +375,27 @@ def check_tracking_uri(uri: str, timeout: float = TRACKING_TIMEOUT_S, key: str =
             reason = getattr(exc, "reason", exc)
             raise ConfigError(f"{key} = {uri!r}: no answer within {timeout:g}s ({reason}); "
                               "start the MLflow server or set tracking.enabled=false") from exc
+
+
+def _check_sqlite_file(path: Path, uri: str, key: str, timeout: float) -> None:
+    """An existing SQLite store opens and reads (read-only: nothing is created or migrated here). A
+    file that is not a database, or one another process keeps locked, failed the run's first attempt
+    after featurisation and its retries, with an SQLAlchemy traceback."""
+    import sqlite3
+
+    if not path.is_file() or path.stat().st_size == 0:  # none yet, or empty: MLflow creates its tables
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=timeout)) as db:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.OperationalError as exc:
+        if "locked" not in str(exc):
+            raise ConfigError(f"{key} = {uri!r}: {path} cannot be read ({exc})") from None
+        raise ConfigError(f"{key} = {uri!r}: {path} is locked by another process (still after {timeout:g} s); "
+                          "wait for it to end, or stop it") from None
+    except sqlite3.Error as exc:  # DatabaseError: "file is not a database"
+        raise ConfigError(f"{key} = {uri!r}: {path} is not an SQLite database ({exc}); point tracking.tracking_uri "
+                          "at the MLflow database, or move the file aside") from None
 
 
 # ---------------------------------------------------------------------------- cluster

@@ -116,11 +116,28 @@ def _summary(cfg: Config) -> Optional[dict[str, Any]]:
     from itmatch.state import CheckpointError
     from trainers.job import SUMMARY_FILE, read_summary, run_dir
 
+    path = run_dir(cfg) / SUMMARY_FILE
     try:
-        return read_summary(run_dir(cfg) / SUMMARY_FILE)
+        summary = read_summary(path)
     except CheckpointError as exc:
         log.warning("%s; running it again", exc)
         return None
+    problem = summary is not None and _unusable(summary, cfg.train.metric)
+    if problem:
+        log.warning("%s: %s; running it again", path, problem)
+        return None
+    return summary
+
+
+def _unusable(summary: dict[str, Any], metric: str) -> str:
+    """What the selection (tuning/select.py) could not read in a re-run's summary, or "": a hand-edited
+    or foreign one failed there with a KeyError once every trial and re-run had trained."""
+    val = summary.get(f"val_{metric}")
+    if isinstance(val, bool) or not isinstance(val, (int, float)):
+        return f"val_{metric} is {val!r:.60}, not a number"
+    if not isinstance(summary.get("test"), dict):
+        return f"test is {summary.get('test')!r:.60}, not a mapping of metrics"
+    return ""
 
 
 def _rerun_task(setup: dict, item: dict[str, Any]) -> tuple[dict, float]:

@@ -38,8 +38,9 @@ def check(cfg: Config, space: dict[str, dict], search_dir: Path) -> None:
     """Raise ConfigError listing what differs from the settings the search in `search_dir` was started
     with. Nothing to compare (a new search, or one recorded before this check existed): no check."""
     config_path, space_path = search_dir / CONFIG_FILE, search_dir / SPACE_FILE
-    if not config_path.is_file() or not space_path.is_file():
+    if not config_path.is_file() and not space_path.is_file():
         return
+    _refuse_half_recorded(config_path, space_path)
     saved = _read(config_path, read_saved_config)
     saved_space = _read(space_path, lambda path: json.loads(path.read_text()))
     diffs = differences(saved, saved_space, cfg, space)
@@ -48,6 +49,17 @@ def check(cfg: Config, space: dict[str, dict], search_dir: Path) -> None:
         raise ConfigError(f"{search_dir} holds a search started with other settings, which re-running its command "
                           f"would restore, mixing both: {listed}. Re-run with the saved settings ({config_path.name}, "
                           f"{space_path.name} there), or start a new search with another --name")
+
+
+def _refuse_half_recorded(*paths: Path) -> None:
+    """Both settings files, or a ConfigError naming the one that is gone. `save` writes them together
+    before the first trial, so one alone is damage (deleted, moved): skipping the check then let the
+    restore run with any space or config, and `save` recorded the new one as if the search began so."""
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise ConfigError(f"{missing[0]}: missing, though the search saved it beside "
+                          f"{next(p for p in paths if p not in missing).name}: the restore cannot check what the "
+                          "search was started with; restore the file, or start a new search with another --name")
 
 
 def _read(path: Path, read: Callable[[Path], Any]) -> Any:

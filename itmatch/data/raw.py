@@ -27,7 +27,8 @@ from itmatch.data.phrase_store import PhraseStore, prepare_phrases
 from itmatch.data.readers import Corpus, read_source
 from itmatch.data.sources import PHRASE_SCHEMES, DataError, parse_source
 from itmatch.data.store import (BAD_IMAGE_POLICIES, FeatureStore, SplitRows, _atomic_write_table, _cache_key,
-                                _drop_bad_images, image_bytes, make_cache_folder, split_tables, write_manifest)
+                                _drop_bad_images, image_bytes, make_cache_folder, read_cached_manifest, split_tables,
+                                write_manifest)
 
 SCHEMA_VERSION = 1
 KIND = "raw"
@@ -95,7 +96,7 @@ def prepare_raw(source: str, *, cache_dir: str | Path, splits: Optional[list[str
         raise DataError(f"{source}: split(s) {missing} not found; available: {corpus.splits}")
     root = Path(cache_dir) / ("raw-" + _cache_key(corpus, KIND, KIND))  # the files' sizes and times key it
     manifest_path = root / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    manifest = read_cached_manifest(manifest_path, ("images", "captions"))  # damaged parts: written again
     if manifest and all(s in manifest["splits"] for s in wanted):
         return RawStore(root, manifest)
     make_cache_folder(root)

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from itmatch.data.images import to_rgb
 from itmatch.data.readers import Corpus, column_to_numpy, features_column, read_source
 from itmatch.data.sources import DataError, parse_source
-from itmatch.files import atomic_write, atomic_write_text
+from itmatch.files import atomic_write, atomic_write_text, read_problem
 
 log = logging.getLogger("itmatch.data")
 
@@ -80,7 +80,10 @@ class FeatureStore:
         path = Path(root) / "manifest.json"
         if not path.is_file():
             raise DataError(f"feature store {root}: missing manifest.json (run prepare() first)")
-        return cls(Path(root), json.loads(path.read_text()))
+        manifest, problem = _parse_manifest(path)
+        if manifest is None:  # a worker or evaluator given a damaged store: prepare() rebuilds it
+            raise DataError(f"{path}: {problem}; re-running the training command rebuilds the cached store")
+        return cls(Path(root), manifest)
 
     @property
     def identity(self) -> dict:
@@ -184,6 +187,59 @@ def make_cache_folder(root: Path) -> None:
 def write_manifest(path: Path, manifest: dict) -> None:
     """A store's manifest.json, written last: its presence says the splits it lists are complete."""
     _cache_io(path, lambda: atomic_write_text(path, json.dumps(manifest, indent=2)))
+
+
+MANIFEST_FIELDS = {"splits": list, "dims": list, "digests": dict, "counts": dict}
+
+
+def _parse_manifest(path: Path) -> tuple[Optional[dict], str]:
+    """(the manifest, "") or (None, what is wrong with it): a cache folder outlives the runs that
+    wrote it, and a kill, a full disk or a hand edit can leave its manifest.json cut short or odd."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # JSONDecodeError, UnicodeDecodeError: their text names no file
+        return None, f"unreadable ({read_problem(exc)})"
+    if not isinstance(manifest, dict):
+        return None, f"not a JSON object (got {type(manifest).__name__})"
+    wrong = [k for k, kind in MANIFEST_FIELDS.items() if not isinstance(manifest.get(k), kind)]
+    if wrong:
+        return None, f"field {wrong[0]!r} is {manifest.get(wrong[0])!r:.60}, not a {MANIFEST_FIELDS[wrong[0]].__name__}"
+    return manifest, ""
+
+
+def read_cached_manifest(path: Path, tables: tuple[str, ...]) -> Optional[dict]:
+    """A cached store's manifest with only the splits whose `{split}_{table}.parquet` files are all
+    there and whole (their footer reads and their row counts are the manifest's); None where the
+    manifest itself is damaged. The cache is derived data, so what is damaged is featurised again
+    (with a warning naming it) instead of failing later with a pyarrow traceback mid-run."""
+    if not path.is_file():
+        return None
+    manifest, problem = _parse_manifest(path)
+    if manifest is None:
+        log.warning("%s: %s; featurising the data again", path, problem)
+        return None
+    intact = []
+    for split in manifest["splits"]:
+        problem = _split_problem(path.parent, split, tables, manifest["counts"].get(split))
+        if problem:
+            log.warning("%s lists split %r, but %s; featurising it again", path, split, problem)
+        else:
+            intact.append(split)
+    return {**manifest, "splits": intact}
+
+
+def _split_problem(root: Path, split: str, tables: tuple[str, ...], counts: Any) -> str:
+    """Why a listed split's Parquet files cannot be used as they are, or ""."""
+    for table in tables:
+        file = root / f"{split}_{table}.parquet"
+        try:
+            rows = pq.ParquetFile(file).metadata.num_rows  # the footer only: cheap on any size
+        except (OSError, pa.ArrowException) as exc:
+            return f"{file.name} cannot be read ({read_problem(exc)})"
+        want = counts.get(table) if isinstance(counts, dict) else None
+        if isinstance(want, int) and rows != want:
+            return f"{file.name} holds {rows} rows, not the {want} it lists"
+    return ""
 
 
 def _cache_io(path: Path, action: Callable[[], object]) -> None:
@@ -369,7 +425,7 @@ def prepare(
         raise DataError(f"{source}: split(s) {missing} not found; available: {available}")
     root = Path(cache_dir) / _cache_key(corpus, image_encoder, text_encoder)
     manifest_path = root / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    manifest = read_cached_manifest(manifest_path, ("images", "captions"))
     if manifest and all(s in manifest["splits"] for s in wanted):
         return FeatureStore(root, manifest)
     make_cache_folder(root)

@@ -8,11 +8,13 @@ and MLflow store were not modified. Ray is replaced by a fake cluster (no Ray st
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import re
 import socket
+import sqlite3
 from pathlib import Path
 from typing import Any, Callable
 
@@ -52,7 +54,9 @@ class Env:
         save_config(cfg, self.run / "config.yaml")
         save_checkpoint(self.run / "checkpoint_000000", model={"w": torch.zeros(2)}, cfg=cfg,
                         train_state=TrainState(epoch=1), dims=(4, 3))
-        self.db.write_bytes(b"SQLite format 3\x00 an existing MLflow store")
+        with contextlib.closing(sqlite3.connect(self.db)) as db:  # an existing store (the preflight reads it)
+            db.execute("CREATE TABLE experiments (name TEXT)")
+            db.commit()
         self.before = self.snapshot()
 
     def config(self, *overrides: str) -> Config:
