@@ -122,16 +122,16 @@ def _summary(cfg: Config) -> Optional[dict[str, Any]]:
     except CheckpointError as exc:
         log.warning("%s; running it again", exc)
         return None
-    problem = summary is not None and _unusable(summary, cfg.train.metric)
+    problem = summary is not None and unusable_summary(summary, cfg.train.metric)
     if problem:
         log.warning("%s: %s; running it again", path, problem)
         return None
     return summary
 
 
-def _unusable(summary: dict[str, Any], metric: str) -> str:
-    """What the selection (tuning/select.py) could not read in a re-run's summary, or "": a hand-edited
-    or foreign one failed there with a KeyError once every trial and re-run had trained."""
+def unusable_summary(summary: dict[str, Any], metric: str) -> str:
+    """What the search (tuning/select.py, a restored trial's report) could not read in a run's summary,
+    or "": a hand-edited or foreign one failed there with a KeyError once every trial had trained."""
     val = summary.get(f"val_{metric}")
     if isinstance(val, bool) or not isinstance(val, (int, float)):
         return f"val_{metric} is {val!r:.60}, not a number"

@@ -175,12 +175,20 @@ def _report_finished(cfg: Config) -> bool:
     summary instead of running, finalizing and logging its model again."""
     from ray import tune
 
-    from trainers.job import SUMMARY_FILE, run_dir
+    from itmatch.state import CheckpointError
+    from trainers.job import SUMMARY_FILE, read_summary, run_dir
+    from tuning.rerun import unusable_summary
 
     path = run_dir(cfg) / SUMMARY_FILE
-    if not path.is_file():
+    try:
+        summary = read_summary(path)
+        problem = summary is not None and unusable_summary(summary, cfg.train.metric)
+    except CheckpointError as exc:  # cut short, hand-edited: a traceback inside the trial before
+        summary, problem = None, str(exc)
+    if problem:
+        log.warning("%s: %s; the trial runs again (from its checkpoints)", path, problem)
+    if summary is None or problem:
         return False
-    summary = json.loads(path.read_text())
     log.info("trial %s finished before the search stopped: reporting its summary", cfg.run.name)
     tune.report({"epoch": cfg.train.epochs, "best_metric": summary[f"val_{cfg.train.metric}"]})
     return True

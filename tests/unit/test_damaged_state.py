@@ -211,3 +211,26 @@ def test_a_rerun_summary_the_selection_cannot_read_is_run_again_not_a_late_trace
     record = {**item, "status": "finished", "summary": summary}
     with pytest.raises((KeyError, TypeError, AttributeError)):
         select.select([trial], [record], "rsum", 1, {"a": 0})
+
+
+@pytest.mark.parametrize("text, said", [("garbage{", "not valid JSON"), ('{"test": {"rsum": 1}}', "val_rsum is None"),
+                                        ('{"val_rsum": 391.5, "test": {"rsum": 380.0}}', None)])
+def test_a_restored_trials_damaged_summary_runs_the_trial_again_instead_of_a_traceback(tmp_path, text, said,
+                                                                                       monkeypatch, caplog):
+    """A trial that finished before its search was killed reports its summary on the restore; one cut
+    short or hand-edited was a JSONDecodeError or KeyError inside the Tune trial."""
+    import ray.tune
+
+    from tuning.search import _report_finished
+
+    cfg = load_config(None, [f"run.storage_path={tmp_path}", "run.name=t1", "train.epochs=3"])
+    (tmp_path / "t1").mkdir()
+    (tmp_path / "t1" / "summary.json").write_text(text)
+    reported = []
+    monkeypatch.setattr(ray.tune, "report", reported.append)
+    with caplog.at_level(logging.WARNING, logger="itmatch.tune"):
+        assert _report_finished(cfg) is (said is None)
+    if said:
+        assert not reported and said in caplog.text and "the trial runs again" in caplog.text
+    else:
+        assert reported == [{"epoch": 3, "best_metric": 391.5}]
