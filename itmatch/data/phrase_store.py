@@ -29,7 +29,6 @@ a phrase's positive "image" is its ground-truth region. What differs is batch co
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +46,7 @@ from itmatch.data.readers import Corpus, column_to_numpy, features_column
 from itmatch.data.sources import DataError, parse_source, typed_options
 from itmatch.data.store import (FeatureSplit, FeatureStore, _atomic_write_table, _cache_key, _check_finite, _digest,
                                 _drop_bad_images, check_encoder_names, decode_images, image_bytes, make_cache_folder,
-                                write_manifest)
+                                read_cached_manifest, write_manifest)
 from itmatch.phrases.entities import PhraseCorpus, boxes_column, boxes_of, check_image_sizes, read_entities
 
 SCHEMA_VERSION = 1
@@ -265,7 +264,7 @@ def prepare_phrases(source: str, *, cache_dir: str | Path, image_encoder: str, t
     _check_proposals_cover(corpus, wanted)
     root = Path(cache_dir) / cache_name(corpus, image_encoder, text_encoder)
     manifest_path = root / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    manifest = read_cached_manifest(manifest_path, ())  # a damaged one: the store is written again
     if manifest and all(s in manifest["splits"] for s in wanted):
         return PhraseStore(root, manifest)
     have = manifest["splits"] if manifest else []  # kept: a worker may be reading them

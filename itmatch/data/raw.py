@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -27,8 +26,8 @@ from itmatch.data.phrase_store import PhraseStore, prepare_phrases
 from itmatch.data.readers import Corpus, read_source
 from itmatch.data.sources import PHRASE_SCHEMES, DataError, parse_source
 from itmatch.data.store import (BAD_IMAGE_POLICIES, FeatureStore, SplitRows, _atomic_write_table, _cache_key,
-                                _drop_bad_images, image_bytes, make_cache_folder, read_cached_manifest, split_tables,
-                                write_manifest)
+                                _drop_bad_images, _parse_manifest, image_bytes, make_cache_folder, read_cached_manifest,
+                                split_tables, write_manifest)
 
 SCHEMA_VERSION = 1
 KIND = "raw"
@@ -136,8 +135,9 @@ def prepare_inputs(source: str, *, cache_dir: str | Path, raw_images: bool, imag
 def open_store(root: str | Path) -> FeatureStore:
     """The feature store, the raw store or the region-phrase store written at `root` (its manifest
     says which)."""
-    manifest = json.loads((Path(root) / "manifest.json").read_text()) if (Path(root) / "manifest.json").is_file() \
-        else {}
+    path = Path(root) / "manifest.json"
+    # a damaged one (cut short, hand-edited) goes to FeatureStore.open, which names it in one line
+    manifest = (_parse_manifest(path)[0] if path.is_file() else None) or {}
     if manifest.get("kind") == PHRASES_KIND:
         return PhraseStore.open(root)
     return RawStore.open(root) if manifest.get("kind") == KIND else FeatureStore.open(root)

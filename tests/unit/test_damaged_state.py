@@ -234,3 +234,29 @@ def test_a_restored_trials_damaged_summary_runs_the_trial_again_instead_of_a_tra
         assert not reported and said in caplog.text and "the trial runs again" in caplog.text
     else:
         assert reported == [{"epoch": 3, "best_metric": 391.5}]
+
+
+def test_open_store_on_a_damaged_manifest_is_one_line_naming_it(store_files):
+    """Was a JSONDecodeError traceback (a worker or evaluator opening the store folder directly)."""
+    from itmatch.data.raw import open_store
+
+    tmp, store = store_files
+    (store.root / "manifest.json").write_text('{"kind": "raw", "spl')
+    with pytest.raises(DataError) as info:
+        open_store(store.root)
+    assert str(info.value).startswith(f"{store.root / 'manifest.json'}: unreadable") and "\n" not in str(info.value)
+
+
+def test_a_phrase_stores_damaged_manifest_is_named_and_the_store_written_again(tmp_path, caplog):
+    from itmatch.data.raw import prepare_inputs
+
+    def phrases():
+        return prepare_inputs(f"shapes-phrases:{tmp_path / 'shapes'}?n_images=12&seed=1", cache_dir=tmp_path / "cache",
+                              raw_images=False, image_encoder="pixels", text_encoder="hashing", splits=["train"])
+
+    store = phrases()
+    (store.root / "manifest.json").write_text("[1, 2")  # was a JSONDecodeError traceback
+    with caplog.at_level(logging.WARNING, logger="itmatch.data"):
+        again = phrases()
+    assert f"{store.root / 'manifest.json'}: unreadable" in caplog.text
+    assert again.manifest["counts"] == store.manifest["counts"] and again.manifest["splits"] == ["train"]
