@@ -158,6 +158,18 @@ def read_summary(path: Path) -> Optional[dict[str, Any]]:
     return summary
 
 
+def unusable_summary(summary: dict[str, Any], metric: str) -> str:
+    """What a search could not read in a finished run's summary (tuning/select.py, a restored trial's
+    report), or "": a hand-edited or foreign one failed there with a KeyError once every trial had
+    trained."""
+    val = summary.get(f"val_{metric}")
+    if isinstance(val, bool) or not isinstance(val, (int, float)):
+        return f"val_{metric} is {val!r:.60}, not a number"
+    if not isinstance(summary.get("test"), dict):
+        return f"test is {summary.get('test')!r:.60}, not a mapping of metrics"
+    return ""
+
+
 def finished_summary(cfg: Config, store: FeatureStore) -> Optional[dict[str, Any]]:
     """The summary of this run if it finished already with this very config and data: running the
     same command again must not log and register the same model a second time. None otherwise (a

@@ -114,7 +114,7 @@ def _summary(cfg: Config) -> Optional[dict[str, Any]]:
     """The summary of a re-run that finished before; None where there is none, or where it is damaged
     (not a JSON object): the re-run then goes again, and its job's finalization rewrites it."""
     from itmatch.state import CheckpointError
-    from trainers.job import SUMMARY_FILE, read_summary, run_dir
+    from trainers.job import SUMMARY_FILE, read_summary, run_dir, unusable_summary
 
     path = run_dir(cfg) / SUMMARY_FILE
     try:
@@ -127,17 +127,6 @@ def _summary(cfg: Config) -> Optional[dict[str, Any]]:
         log.warning("%s: %s; running it again", path, problem)
         return None
     return summary
-
-
-def unusable_summary(summary: dict[str, Any], metric: str) -> str:
-    """What the search (tuning/select.py, a restored trial's report) could not read in a run's summary,
-    or "": a hand-edited or foreign one failed there with a KeyError once every trial had trained."""
-    val = summary.get(f"val_{metric}")
-    if isinstance(val, bool) or not isinstance(val, (int, float)):
-        return f"val_{metric} is {val!r:.60}, not a number"
-    if not isinstance(summary.get("test"), dict):
-        return f"test is {summary.get('test')!r:.60}, not a mapping of metrics"
-    return ""
 
 
 def _rerun_task(setup: dict, item: dict[str, Any]) -> tuple[dict, float]:

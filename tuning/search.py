@@ -176,8 +176,7 @@ def _report_finished(cfg: Config) -> bool:
     from ray import tune
 
     from itmatch.state import CheckpointError
-    from trainers.job import SUMMARY_FILE, read_summary, run_dir
-    from tuning.rerun import unusable_summary
+    from trainers.job import SUMMARY_FILE, read_summary, run_dir, unusable_summary
 
     path = run_dir(cfg) / SUMMARY_FILE
     try:
