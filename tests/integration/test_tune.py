@@ -8,11 +8,14 @@ choice, by mean validation score over its seeds, is registered once and takes th
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
 from pathlib import Path
 
 import pytest
 import yaml
+from fault_tools import hold_env, release
 from ray_cli import ROOT, run_module
 from ray_head import ray_head
 
@@ -371,23 +374,38 @@ def test_a_failing_trial_is_retried_then_failed_and_the_search_goes_on(tmp_path)
     assert version.run_id == good["summary"]["run_id"]
 
 
+def _release_once_both_trained_an_epoch(trials: Path, hold: Path, timeout: float = 240) -> None:
+    """Release the trials held after step 1 of epoch 2 once both have recorded epoch 1 (their
+    metrics.jsonl), or after `timeout` (the test then fails on its own, never hangs)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        logs = [p for p in trials.glob("*/metrics.jsonl") if p.stat().st_size]
+        if len(logs) >= 2:
+            break
+        time.sleep(0.2)
+    hold.mkdir(parents=True, exist_ok=True)  # both may have recorded epoch 1 before either reached the hold
+    release(hold, 2, 1)
+
+
 def test_pbt_exploits_the_better_trials_checkpoint_with_its_own_params(tmp_path):
     """--scheduler pbt: the trial with a learning rate that cannot learn is cloned from the good one's
     checkpoint (a new generation of its run folder, `run.start_from`) and goes on from that epoch
     with a mutated learning rate, not from scratch and not with the donor's. The trials train in
     their own processes (search.trial_workers=1), two at once: every exploit restarts a trial, which
-    would otherwise start a Ray Train worker group each time. Six epochs on 240 images, so the two
-    trials overlap even when one starts seconds after the other (with four short epochs the bad one
-    once finished before the good one reported, and PBT had nobody to clone)."""
+    would otherwise start a Ray Train worker group each time. PBT clones only from a trial still
+    running, so each trial is held in its second epoch until both have trained their first: on a
+    loaded machine one trial once finished all its epochs before the other reported, and PBT had
+    nobody to clone (pbt_global.txt never written)."""
     space = tmp_path / "space.yaml"
     space.write_text(f"optim.lr: {{grid: [{GOOD_LR}, {BAD_LR}]}}\n")
     args = ["--config", "configs/debug.yaml", "--space", str(space), "--num-samples", "1", "--name", "sp",
             "--scheduler", "pbt", "--max-concurrent", "2", "search.perturbation_interval=1", "train.epochs=6",
             "search.trial_workers=1", f"data.source=synthetic:{tmp_path / 'shapes'}?n_images=240",
             "search.seed=0", *_paths(tmp_path), "tracking.registered_model="]
-    done = run_module("tuning.search", args, ROOT, timeout=600)
+    search, hold = tmp_path / "runs" / "sp", tmp_path / "hold"
+    threading.Thread(target=_release_once_both_trained_an_epoch, args=(search / "trials", hold), daemon=True).start()
+    done = run_module("tuning.search", args, ROOT, hold_env(hold, 2, 1), timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-4000:]
-    search = tmp_path / "runs" / "sp"
     # Tune's record of each exploit: [tag, donor's tag, iteration, donor's iteration, donor's config, new config]
     exploits = [json.loads(line) for line in (search / "tune" / "pbt_global.txt").read_text().splitlines()]
     assert exploits and all(e[0] != e[1] for e in exploits)
