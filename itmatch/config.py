@@ -189,21 +189,17 @@ def read_yaml(path: str | Path) -> Any:
         return _load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: {yaml_problem(exc)}") from exc
-    except _TooDeep as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-
-
-class _TooDeep(Exception):
-    """YAML nested deeper than Python's recursion allows (PyYAML composes and builds recursively)."""
 
 
 def _load_yaml(text: str) -> Any:
     """`text` read as YAML by the loader every user file goes through. `[[[[...]]]]` thousands deep
-    made PyYAML raise RecursionError, a traceback; no setting nests more than a few levels."""
+    made PyYAML raise RecursionError, a traceback: a YAMLError here (no setting nests more than a
+    few levels), so every caller names it as the YAML problem it is."""
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)
     except RecursionError:
-        raise _TooDeep("nested too deeply (lists or mappings inside each other thousands of levels down)") from None
+        raise yaml.YAMLError("nested too deeply (lists or mappings inside each other thousands of levels "
+                             "down)") from None
 
 
 class DataConfig(_Section):
@@ -901,27 +897,17 @@ def _fill_unset(data: dict[str, Any], defaults) -> dict[str, Any]:
     return out
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "", where: Optional[str] = None) -> dict[str, Any]:
+    """{dotted key: leaf value}. With `where` (a file), a setting given twice is refused: as a dotted
+    key and inside its section (`train.epochs: 3` beside `train: {epochs: 40}`), one of them was
+    dropped without a word (the YAML loader sees two different keys). Without it (the command line),
+    the last one wins, as documented."""
     out: dict[str, Any] = {}
     for key, value in tree.items():
         path = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, path + "."))
-        else:
-            out[path] = value
-    return out
-
-
-def flatten_once(tree: dict[str, Any], where: str, prefix: str = "") -> dict[str, Any]:
-    """`flatten` for a file, refusing a setting it gives twice: as a dotted key and inside its
-    section (`train.epochs: 3` beside `train: {epochs: 40}`), one of them was dropped without a word
-    (the YAML loader sees two different keys). On the command line the last one wins, as documented."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        below = flatten_once(value, where, path + ".") if isinstance(value, dict) else {path: value}
+        below = flatten(value, path + ".", where) if isinstance(value, dict) else {path: value}
         for dotted, leaf in below.items():
-            if dotted in out:
+            if where is not None and dotted in out:
                 raise ConfigError(f"{where}: {dotted} is given twice (as a dotted key and inside its section, "
                                   f"values {out[dotted]!r} and {leaf!r}); keep one")
             out[dotted] = leaf
@@ -937,9 +923,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r} has no key before '=' (e.g. loss.margin=0.1)")
     try:
         value = _load_yaml(raw) if raw != "" else ""
-    except (yaml.YAMLError, _TooDeep) as exc:  # one line: PyYAML's own text quotes the value under a caret
-        said = yaml_problem(exc) if isinstance(exc, yaml.YAMLError) else f"not valid YAML: {exc}"
-        raise ConfigError(f"override {key}: value {raw!r}: {said}") from None
+    except yaml.YAMLError as exc:  # one line: PyYAML's own text quotes the value under a caret
+        raise ConfigError(f"override {key}: value {raw!r}: {yaml_problem(exc)}") from None
     if isinstance(value, (int, float)) and not isinstance(value, bool) and "_" in raw:
         value = raw  # YAML 1.1 reads 92334_00000 (a Tune trial id, a date-like name) as a number
     return key.strip(), value
@@ -1064,7 +1049,7 @@ def load_config(
         raw = read_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
-        _merge_flat(tree, flatten_once(raw, str(path)), str(path))
+        _merge_flat(tree, flatten(raw, where=str(path)), str(path))
     flat = overrides if isinstance(overrides, dict) else read_overrides(overrides or [])
     _merge_flat(tree, flat, "override")
     # a bad value named with where it came from: the preset was blamed for the command line's

@@ -21,7 +21,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -193,14 +193,19 @@ def _load_state(path: Path) -> dict:
         raise CheckpointError(f"{path}: cannot load ({type(exc).__name__}: {first})") from exc
 
 
-def checkpoint_dims(folder: str | Path) -> Optional[tuple[int, int]]:
-    """The feature widths a checkpoint's network takes, read without loading its tensors (mapped);
-    None where its state.pt cannot be read (what a resume then does with it is its own business)."""
+def _peek_state(folder: str | Path, read: Callable[[dict], Any]) -> Any:
+    """`read` of a checkpoint's state.pt, loaded without its tensors (mapped); None where it cannot
+    be read or holds no such field (damaged or foreign: named when it is loaded)."""
     try:
-        payload = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
-        return tuple(int(d) for d in payload["dims"])  # type: ignore[return-value]
-    except Exception:  # damaged or foreign: named when it is loaded
+        return read(torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True, mmap=True))
+    except Exception:  # noqa: BLE001 - missing, truncated, foreign
         return None
+
+
+def checkpoint_dims(folder: str | Path) -> Optional[tuple[int, int]]:
+    """The feature widths a checkpoint's network takes; None where its state.pt cannot be read (what
+    a resume then does with it is its own business)."""
+    return _peek_state(folder, lambda payload: tuple(int(d) for d in payload["dims"]))
 
 
 def load_checkpoint(folder: str | Path) -> tuple[dict, Config]:
@@ -265,14 +270,11 @@ def _resume_order(folder: Path) -> tuple:
 
 
 def _stored_epoch(folder: Path) -> float:
-    """Epochs completed by the checkpoint's TrainState, read without loading its tensors (mapped).
-    One whose state.pt cannot be read ranks first, as the newest did when it was cut short: the
-    resume then names it as skipped (pick_resume_checkpoint) rather than passing it over unsaid."""
-    try:
-        payload = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
-        return int(payload["train_state"]["epoch"])
-    except Exception:  # noqa: BLE001 - missing, truncated, foreign
-        return float("inf")
+    """Epochs completed by the checkpoint's TrainState. One whose state.pt cannot be read ranks first,
+    as the newest did when it was cut short: the resume then names it as skipped
+    (pick_resume_checkpoint) rather than passing it over unsaid."""
+    epoch = _peek_state(folder, lambda payload: int(payload["train_state"]["epoch"]))
+    return float("inf") if epoch is None else epoch
 
 
 DAMAGED_DIR = "damaged"

@@ -165,27 +165,32 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-def check_writable(path: str, flag: str = "--json") -> None:
+def check_writable(path: str) -> None:
     """--json's file can be written (its folder made if missing), tried with a temporary file beside
     it before anything is evaluated; raise ConfigError naming the path otherwise."""
     target = Path(path)
     if target.is_dir():
-        raise ConfigError(f"{flag} {path}: is a folder; give a file name (e.g. {target / 'test.json'})")
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}."):
-            pass
-    except OSError as exc:
-        where = target.parent if flag == "--pictures" else path
-        raise ConfigError(f"{flag} {where}: cannot write there ({exc.strerror or exc})") from exc
+        raise ConfigError(f"--json {path}: is a folder; give a file name (e.g. {target / 'test.json'})")
+    _try_writing_in(target.parent, f"--json {path}", target.name)
 
 
 def check_folder_writable(path: str) -> None:
-    """--pictures' folder can hold files (made if missing: what check_writable does for --json)."""
+    """--pictures' folder can hold files (made if missing), as check_writable checks --json's."""
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--pictures {path}: is a file; give a folder (the pictures are written into it)")
-    check_writable(str(folder / "embedding_map.png"), flag="--pictures")
+    _try_writing_in(folder, f"--pictures {folder}", "embedding_map.png")
+
+
+def _try_writing_in(folder: Path, named: str, name: str) -> None:
+    """A temporary file named after `name` in `folder` (made if missing); a ConfigError starting with
+    `named` (the flag and its value) where the system refuses."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{name}."):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{named}: cannot write there ({exc.strerror or exc})") from exc
 
 
 if __name__ == "__main__":

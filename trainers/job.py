@@ -170,6 +170,22 @@ def unusable_summary(summary: dict[str, Any], metric: str) -> str:
     return ""
 
 
+def usable_summary(path: Path, metric: str, instead: str) -> Optional[dict[str, Any]]:
+    """A finished run's summary a search can read back (a seed re-run's, a restored trial's); None
+    where there is none, or, with a warning ending in `instead` (what happens then), where it is cut
+    short, not a JSON object or unusable (unusable_summary)."""
+    try:
+        summary = read_summary(path)
+    except CheckpointError as exc:
+        log.warning("%s; %s", exc, instead)
+        return None
+    problem = summary is not None and unusable_summary(summary, metric)
+    if problem:
+        log.warning("%s: %s; %s", path, problem, instead)
+        return None
+    return summary
+
+
 def finished_summary(cfg: Config, store: FeatureStore) -> Optional[dict[str, Any]]:
     """The summary of this run if it finished already with this very config and data: running the
     same command again must not log and register the same model a second time. None otherwise (a

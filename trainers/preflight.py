@@ -22,8 +22,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import urllib.error
-import warnings
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -360,10 +360,10 @@ def check_tracking_uri(uri: str, timeout: float = TRACKING_TIMEOUT_S, key: str =
         if not uri.startswith("sqlite:///") or uri == "sqlite:///":
             raise ConfigError(f"{key} = {uri!r}: an SQLite store is sqlite:///relative/path.db or "
                               "sqlite:////absolute/path.db")
-        folder = Path(uri[len("sqlite:///"):]).resolve().parent
-        if not folder.is_dir():
-            raise ConfigError(f"{key} = {uri!r}: folder {folder} does not exist")
-        _check_sqlite_file(Path(uri[len("sqlite:///"):]).resolve(), uri, key, timeout)
+        db = Path(uri[len("sqlite:///"):]).resolve()
+        if not db.parent.is_dir():
+            raise ConfigError(f"{key} = {uri!r}: folder {db.parent} does not exist")
+        _check_sqlite_file(db, uri, key, timeout)
     elif not uri.startswith(("http://", "https://")):
         _check_store_kind(uri, key)
     else:

@@ -35,7 +35,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Optional  # noqa: E402
 
-from itmatch.config import Config, ConfigError, flatten_once, load_config, read_overrides, read_yaml  # noqa: E402
+from itmatch.config import Config, ConfigError, flatten, load_config, read_overrides, read_yaml  # noqa: E402
 from itmatch.data.sources import DataError  # noqa: E402
 from trainers.logs import setup_logging  # noqa: E402
 from tuning import rerun, select  # noqa: E402
@@ -80,14 +80,14 @@ def load_table(path: str | Path, extra: list[str]) -> tuple[Config, dict[str, di
         raise ConfigError(f"{path}: config: {preset!r} is no preset file (a relative path is read from the working "
                           f"directory, {Path.cwd()}, not from the table's folder)")
     _check_row_names(path, rows)
-    common = flatten_once(common, f"{path}: overrides")
+    common = flatten(common, where=f"{path}: overrides")
     cli = read_overrides(extra)
     _check_not_table_set(f"{path}: overrides", common)
     _check_not_table_set("command line", cli)
     # as a mapping, not re-read from text: a JSON round trip failed on `!!binary`/`!!set` values
     # (TypeError) and made `experiment: yes` the name 'true' where a preset refuses the boolean
     base = load_config(spec.get("config"), {**common, **cli})
-    rows = {row: flatten_once(overrides or {}, f"{path}: row {row!r}") for row, overrides in rows.items()}
+    rows = {row: flatten(overrides or {}, where=f"{path}: row {row!r}") for row, overrides in rows.items()}
     for row, overrides in rows.items():
         _check_row(path, base, row, overrides)
     return base, rows, seeds

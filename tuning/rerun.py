@@ -113,20 +113,9 @@ def _record(item: dict, summary, error, wall) -> dict[str, Any]:
 def _summary(cfg: Config) -> Optional[dict[str, Any]]:
     """The summary of a re-run that finished before; None where there is none, or where it is damaged
     (not a JSON object): the re-run then goes again, and its job's finalization rewrites it."""
-    from itmatch.state import CheckpointError
-    from trainers.job import SUMMARY_FILE, read_summary, run_dir, unusable_summary
+    from trainers.job import SUMMARY_FILE, run_dir, usable_summary
 
-    path = run_dir(cfg) / SUMMARY_FILE
-    try:
-        summary = read_summary(path)
-    except CheckpointError as exc:
-        log.warning("%s; running it again", exc)
-        return None
-    problem = summary is not None and unusable_summary(summary, cfg.train.metric)
-    if problem:
-        log.warning("%s: %s; running it again", path, problem)
-        return None
-    return summary
+    return usable_summary(run_dir(cfg) / SUMMARY_FILE, cfg.train.metric, "running it again")
 
 
 def _rerun_task(setup: dict, item: dict[str, Any]) -> tuple[dict, float]:

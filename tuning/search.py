@@ -175,18 +175,12 @@ def _report_finished(cfg: Config) -> bool:
     summary instead of running, finalizing and logging its model again."""
     from ray import tune
 
-    from itmatch.state import CheckpointError
-    from trainers.job import SUMMARY_FILE, read_summary, run_dir, unusable_summary
+    from trainers.job import SUMMARY_FILE, run_dir, usable_summary
 
-    path = run_dir(cfg) / SUMMARY_FILE
-    try:
-        summary = read_summary(path)
-        problem = summary is not None and unusable_summary(summary, cfg.train.metric)
-    except CheckpointError as exc:  # cut short, hand-edited: a traceback inside the trial before
-        summary, problem = None, str(exc)
-    if problem:
-        log.warning("%s: %s; the trial runs again (from its checkpoints)", path, problem)
-    if summary is None or problem:
+    # cut short or hand-edited: a traceback inside the trial before
+    summary = usable_summary(run_dir(cfg) / SUMMARY_FILE, cfg.train.metric,
+                             "the trial runs again (from its checkpoints)")
+    if summary is None:
         return False
     log.info("trial %s finished before the search stopped: reporting its summary", cfg.run.name)
     tune.report({"epoch": cfg.train.epochs, "best_metric": summary[f"val_{cfg.train.metric}"]})

@@ -232,7 +232,7 @@ def _is_file(path: Path) -> bool:
     rather than read as missing (a split's caption features were then encoded live, unseen)."""
     kind = _path_kind(path, f"precomp:{path.parent}")  # a link loop is named as one, not reported missing
     if kind in ("folder", "other"):
-        raise DataError(f"{path}: not a file (a {'folder' if kind == 'folder' else 'special file'})")
+        raise DataError(f"{path}: not a file (a {KIND_NAMES[kind]})")
     return kind == "file"
 
 
@@ -480,7 +480,7 @@ def read_karpathy(source: Source, **_: Any) -> Corpus:
     kind = _path_kind(json_path, f"karpathy:{json_path}")  # a link loop is named as one
     if kind != "file":
         raise DataError(f"karpathy:{json_path}: " + ("file does not exist" if kind == "missing" else
-                                                     f"is a {'folder' if kind == 'folder' else 'special file'}, "
+                                                     f"is a {KIND_NAMES[kind]}, "
                                                      "not the dataset's JSON file"))
     image_root = Path(image_dir) if image_dir else json_path.parent / "images"
     doc = _json_document(json_path)
@@ -508,7 +508,7 @@ def read_karpathy(source: Source, **_: Any) -> Corpus:
         kind = _path_kind(path, f"{json_path}: images[{index}] field 'filename' = {filename!r}")
         if kind in ("folder", "other"):  # a fifo or device would block or stream forever once read
             raise DataError(f"{json_path}: images[{index}] field 'filename' = {filename!r} is a "
-                            f"{'folder' if kind == 'folder' else 'special file'} ({path}), not an image file")
+                            f"{KIND_NAMES[kind]} ({path}), not an image file")
         if kind == "missing":
             missing.append(str(path))
         elif seen.setdefault(path.resolve(), (index, split)) != (index, split):
@@ -559,6 +559,10 @@ def _check_image_root(image_root: Path, json_path: Path, given: bool) -> None:
                else "the default: <json dir>/images; give another as karpathy:JSON:IMAGE_DIR")
         raise DataError(f"{json_path}: image folder {image_root} ({how}) "
                         f"{'does not exist' if kind == 'missing' else 'is not a folder'}")
+
+
+KIND_NAMES = {"folder": "folder", "other": "special file"}
+"""How a message names what `_path_kind` found in place of a file."""
 
 
 def _path_kind(path: Path, where: str) -> str:
