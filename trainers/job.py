@@ -201,6 +201,10 @@ def finished_summary(cfg: Config, store: FeatureStore) -> Optional[dict[str, Any
         return None
     if summary is None:  # not finished
         return None
+    problem = unusable_summary(summary, cfg.train.metric)
+    if problem:  # hand-edited or foreign: finalizing again rewrites it (as for a damaged one)
+        log.warning("%s: %s; finalizing the run again", folder / SUMMARY_FILE, problem)
+        return None
     found = {"run.name", "run.storage_path"}  # they found this folder, written either way
     same = {k: v for k, v in saved.flat().items() if k not in found} == \
         {k: v for k, v in cfg.flat().items() if k not in found}

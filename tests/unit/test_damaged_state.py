@@ -260,3 +260,29 @@ def test_a_phrase_stores_damaged_manifest_is_named_and_the_store_written_again(t
         again = phrases()
     assert f"{store.root / 'manifest.json'}: unreadable" in caplog.text
     assert again.manifest["counts"] == store.manifest["counts"] and again.manifest["splits"] == ["train"]
+
+
+@pytest.mark.parametrize("summary, said", [
+    ({}, "val_rsum is None, not a number"),
+    ({"val_rsum": True, "test": {"rsum": 1.0}}, "val_rsum is True, not a number"),
+    ({"val_rsum": 390.0, "test": None}, "test is None, not a mapping of metrics"),
+    ({"val_rsum": 390.0, "test": {"rsum": 380.0}}, None),
+])
+def test_a_hand_edited_summary_is_not_taken_for_a_finished_run(cached, tmp_path, summary, said, caplog):
+    """Re-running a finished run reads its summary.json back and logs, serves and registers nothing
+    new; one hand-edited to `{}` was taken for finished, and the job printed a summary without a
+    test score (a search's selection then failed on it)."""
+    from itmatch.config import save_config
+    from trainers.job import finished_summary
+
+    store = _prepare(tmp_path)
+    cfg = load_config(None, [f"run.storage_path={tmp_path}", "run.name=r", "train.epochs=3"])
+    (tmp_path / "r").mkdir()
+    save_config(cfg, tmp_path / "r" / "config.yaml")
+    (tmp_path / "r" / "summary.json").write_text(json.dumps(summary))
+    with caplog.at_level(logging.WARNING, logger="itmatch"):
+        found = finished_summary(cfg, store)
+    if said:
+        assert found is None and f"{tmp_path / 'r' / 'summary.json'}: {said}; finalizing the run again" in caplog.text
+    else:
+        assert found == summary
