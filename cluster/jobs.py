@@ -121,8 +121,11 @@ def _job_id(text: str) -> str:
 def _probe(address: str) -> None:
     """Fail fast, in one line, when nothing listens at an http(s) address."""
     url = urlparse(address if "://" in address else f"http://{address}")
-    if url.scheme not in ("http", "https") or not url.hostname:
+    if url.scheme not in ("http", "https"):
+        _check_module_address(address, url.scheme)
         return  # a module address (e.g. anyscale://): Ray resolves it
+    if not url.hostname:  # Ray's "Invalid address format" traceback
+        raise BadArgs(f"address {address!r}: no host name in it (e.g. http://head-node:8265)")
     try:
         port = url.port or (443 if url.scheme == "https" else 80)
     except ValueError as exc:  # "Port out of range 0-65535", a port that is not a number
@@ -132,6 +135,20 @@ def _probe(address: str) -> None:
     except OSError as exc:
         raise JobsError(f"cannot reach the Ray job server at {address} ({exc.strerror or exc}): is the "
                         "cluster up and its dashboard port reachable (`ray dashboard ray_cluster.yaml`)?") from None
+
+
+def _check_module_address(address: str, scheme: str) -> None:
+    """Ray reads `<module>://...` as a cluster provider's address (anyscale://): a scheme no module
+    answers to (ftp://, a typo of http) was "Module: ftp does not exist", exit 1, as if the cluster failed."""
+    import importlib
+
+    try:  # Ray imports it next anyway
+        module = importlib.import_module(scheme) if scheme.isidentifier() else None
+    except Exception:  # noqa: BLE001 - any failure to import is "no such provider"
+        module = None
+    if not hasattr(module, "get_job_submission_client_cluster_info"):
+        raise BadArgs(f"address {address!r}: not an http(s) address, and no installed Python module {scheme!r} "
+                      "provides a Ray cluster there (e.g. http://head-node:8265)")
 
 
 def _first_line(exc: BaseException) -> str:

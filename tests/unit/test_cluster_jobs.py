@@ -119,6 +119,13 @@ def test_unreachable_address_is_one_line(argv, capsys, monkeypatch):
 
 @pytest.mark.parametrize("argv, needle", [
     (["list", "--address", "http://127.0.0.1:99999"], "error: address 'http://127.0.0.1:99999': Port out of range"),
+    # Ray's "Invalid address format" traceback; "Module: ftp does not exist" and an AssertionError
+    # traceback for a module that is no cluster provider, exit 1 as if the cluster had failed
+    (["list", "--address", ":::"], "error: address ':::': no host name in it"),
+    (["logs", "x", "--address", "http://:8265"], "error: address 'http://:8265': no host name in it"),
+    (["list", "--address", "ftp://x:1"], "error: address 'ftp://x:1': not an http(s) address, and no installed"),
+    (["list", "--address", "json://x"], "error: address 'json://x': not an http(s) address"),
+    (["list", "--address", "a-b://x"], "error: address 'a-b://x': not an http(s) address"),
     (["check", "--limit-mib", "nan"], "argument --limit-mib: invalid"),
     (["check", "--limit-mib", "-1"], "argument --limit-mib: invalid"),  # was "over Ray's -1024.0 KiB limit"
 ])
