@@ -44,8 +44,8 @@ from itmatch.data.images import to_rgb
 from itmatch.data.phrase_batch import phrase_batch
 from itmatch.data.readers import Corpus, column_to_numpy, features_column
 from itmatch.data.sources import DataError, parse_source, typed_options
-from itmatch.data.store import (FeatureSplit, FeatureStore, _atomic_write_table, _cache_key, _check_finite, _digest,
-                                _drop_bad_images, check_encoder_names, decode_images, image_bytes, make_cache_folder,
+from itmatch.data.store import (FeatureSplit, FeatureStore, atomic_write_table, cache_key, _check_finite, _digest,
+                                drop_bad_images, check_encoder_names, decode_images, image_bytes, make_cache_folder,
                                 read_cached_manifest, write_manifest)
 from itmatch.phrases.entities import PhraseCorpus, boxes_column, boxes_of, check_image_sizes, read_entities
 
@@ -186,11 +186,11 @@ def _write_tables(part: PhraseCorpus, split: str, root: Path, rows: tuple, regio
     """The split's region and phrase tables (with their feature columns where features are given)."""
     image_id, gid, proposal_index, boxes = rows
     feature = lambda x: {} if x is None else {"feature": features_column(x)}  # noqa: E731
-    _atomic_write_table(pa.table({"region_gid": gid, "image_id": image_id, "proposal_index": proposal_index,
+    atomic_write_table(pa.table({"region_gid": gid, "image_id": image_id, "proposal_index": proposal_index,
                                   "box": boxes_column(boxes), **feature(region_feats)}),
                         root / f"{split}_regions.parquet")
     phrases = part.phrases
-    _atomic_write_table(pa.table({
+    atomic_write_table(pa.table({
         "phrase_id": phrases.column("phrase_id"), "caption_id": phrases.column("caption_id"),
         "image_id": phrases.column("image_id"), "region_gid": phrases.column("region_id"),
         "text": phrases.column("text"), "box": phrases.column("box"), **feature(phrase_feats),
@@ -224,8 +224,8 @@ def _write_raw_split(corpus: PhraseCorpus, split: str, root: Path) -> dict[str, 
     not), stored as its encoded bytes, beside the region and phrase tables without features."""
     part = corpus.split(split)
     pictures = part.images.select(["image_id", "path"]).sort_by("image_id")
-    _drop_bad_images(pictures, part.phrases, "fail", f"{corpus.name}: split {split!r}")
-    _atomic_write_table(pa.table({"image_id": pictures.column("image_id"), "image": image_bytes(pictures)}),
+    drop_bad_images(pictures, part.phrases, "fail", f"{corpus.name}: split {split!r}")
+    atomic_write_table(pa.table({"image_id": pictures.column("image_id"), "image": image_bytes(pictures)}),
                         root / f"{split}_pictures.parquet")
     rows = image_id, gid, _, boxes = region_rows(part)
     _write_tables(part, split, root, rows, None, None)
@@ -238,7 +238,7 @@ def cache_name(corpus: PhraseCorpus, image_encoder: str, text_encoder: str) -> s
     """The store folder's name: the source's files (sizes, times) and the encoders, as for captions,
     and what was read from them: an Annotations or Sentences file edited in place leaves its
     folder's time as it was, and would be served the boxes and phrases it had before."""
-    digest = hashlib.sha256(_cache_key(corpus, image_encoder, text_encoder).encode())
+    digest = hashlib.sha256(cache_key(corpus, image_encoder, text_encoder).encode())
     for table in (corpus.images, corpus.captions, corpus.phrases, corpus.regions):
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, table.schema) as writer:

@@ -25,8 +25,8 @@ from itmatch.data.phrase_store import KIND as PHRASES_KIND
 from itmatch.data.phrase_store import PhraseStore, prepare_phrases
 from itmatch.data.readers import Corpus, read_source
 from itmatch.data.sources import PHRASE_SCHEMES, DataError, parse_source
-from itmatch.data.store import (BAD_IMAGE_POLICIES, FeatureStore, SplitRows, _atomic_write_table, _cache_key,
-                                _drop_bad_images, _parse_manifest, image_bytes, make_cache_folder, read_cached_manifest,
+from itmatch.data.store import (BAD_IMAGE_POLICIES, FeatureStore, SplitRows, atomic_write_table, cache_key,
+                                drop_bad_images, parse_manifest, image_bytes, make_cache_folder, read_cached_manifest,
                                 split_tables, write_manifest)
 
 SCHEMA_VERSION = 1
@@ -66,11 +66,11 @@ class RawStore(FeatureStore):
 
 
 def _write_split(corpus: Corpus, split: str, root: Path, bad_images: str) -> dict:
-    images, caps, skipped = _drop_bad_images(*split_tables(corpus, split), bad_images, f"{corpus.name}: split {split!r}")
+    images, caps, skipped = drop_bad_images(*split_tables(corpus, split), bad_images, f"{corpus.name}: split {split!r}")
     payload = image_bytes(images)
-    _atomic_write_table(pa.table({"image_id": images.column("image_id"), "image": payload}),
+    atomic_write_table(pa.table({"image_id": images.column("image_id"), "image": payload}),
                         root / f"{split}_images.parquet")
-    _atomic_write_table(pa.table({"caption_id": caps.column("caption_id"), "image_id": caps.column("image_id"),
+    atomic_write_table(pa.table({"caption_id": caps.column("caption_id"), "image_id": caps.column("image_id"),
                                   "text": caps.column("text")}), root / f"{split}_captions.parquet")
     h = hashlib.sha256()
     for value in (images.column("image_id").to_numpy(), caps.column("image_id").to_numpy()):
@@ -93,7 +93,7 @@ def prepare_raw(source: str, *, cache_dir: str | Path, splits: Optional[list[str
     missing = [s for s in wanted if s not in corpus.splits]
     if missing:
         raise DataError(f"{source}: split(s) {missing} not found; available: {corpus.splits}")
-    root = Path(cache_dir) / ("raw-" + _cache_key(corpus, KIND, KIND))  # the files' sizes and times key it
+    root = Path(cache_dir) / ("raw-" + cache_key(corpus, KIND, KIND))  # the files' sizes and times key it
     manifest_path = root / "manifest.json"
     manifest = read_cached_manifest(manifest_path, ("images", "captions"))  # damaged parts: written again
     if manifest and all(s in manifest["splits"] for s in wanted):
@@ -137,7 +137,7 @@ def open_store(root: str | Path) -> FeatureStore:
     says which)."""
     path = Path(root) / "manifest.json"
     # a damaged one (cut short, hand-edited) goes to FeatureStore.open, which names it in one line
-    manifest = (_parse_manifest(path)[0] if path.is_file() else None) or {}
+    manifest = (parse_manifest(path)[0] if path.is_file() else None) or {}
     if manifest.get("kind") == PHRASES_KIND:
         return PhraseStore.open(root)
     return RawStore.open(root) if manifest.get("kind") == KIND else FeatureStore.open(root)

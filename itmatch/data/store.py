@@ -80,7 +80,7 @@ class FeatureStore:
         path = Path(root) / "manifest.json"
         if not path.is_file():
             raise DataError(f"feature store {root}: missing manifest.json (run prepare() first)")
-        manifest, problem = _parse_manifest(path)
+        manifest, problem = parse_manifest(path)
         if manifest is None:  # a worker or evaluator given a damaged store: prepare() rebuilds it
             raise DataError(f"{path}: {problem}; re-running the training command rebuilds the cached store")
         return cls(Path(root), manifest)
@@ -150,7 +150,7 @@ def _disjoint(image_ids: np.ndarray, where: str) -> None:
         raise DataError(f"{where}: image_id {int(values[counts > 1][0])} is in more than one of its splits")
 
 
-def _cache_key(corpus: Corpus, image_encoder: str, text_encoder: str) -> str:
+def cache_key(corpus: Corpus, image_encoder: str, text_encoder: str) -> str:
     h = hashlib.sha256(f"v{SCHEMA_VERSION}|{corpus.name}|{image_encoder}|{text_encoder}".encode())
     for path in corpus.files:
         stat = path.stat()
@@ -175,7 +175,7 @@ def _image_files(corpus) -> list:
     return images.column("path").to_pylist() if isinstance(images, pa.Table) and "path" in images.column_names else []
 
 
-def _atomic_write_table(table: pa.Table, path: Path) -> None:
+def atomic_write_table(table: pa.Table, path: Path) -> None:
     _cache_io(path, lambda: atomic_write(path, lambda tmp: pq.write_table(table, tmp)))
 
 
@@ -192,7 +192,7 @@ def write_manifest(path: Path, manifest: dict) -> None:
 MANIFEST_FIELDS = {"splits": list, "dims": list, "digests": dict, "counts": dict}
 
 
-def _parse_manifest(path: Path) -> tuple[Optional[dict], str]:
+def parse_manifest(path: Path) -> tuple[Optional[dict], str]:
     """(the manifest, "") or (None, what is wrong with it): a cache folder outlives the runs that
     wrote it, and a kill, a full disk or a hand edit can leave its manifest.json cut short or odd."""
     try:
@@ -214,7 +214,7 @@ def read_cached_manifest(path: Path, tables: tuple[str, ...]) -> Optional[dict]:
     (with a warning naming it) instead of failing later with a pyarrow traceback mid-run."""
     if not path.is_file():
         return None
-    manifest, problem = _parse_manifest(path)
+    manifest, problem = parse_manifest(path)
     if manifest is None:
         log.warning("%s: %s; featurising the data again", path, problem)
         return None
@@ -280,7 +280,7 @@ def _undecodable(value: Any, column: str) -> Optional[str]:
     return None
 
 
-def _drop_bad_images(images: pa.Table, caps: pa.Table, policy: str, where: str) -> tuple[pa.Table, pa.Table, int]:
+def drop_bad_images(images: pa.Table, caps: pa.Table, policy: str, where: str) -> tuple[pa.Table, pa.Table, int]:
     """Check every image decodes before any is encoded; `policy` fail: a DataError naming the first
     bad one and the count; skip: drop the bad images and their captions, and return how many."""
     column = pixel_column(images)
@@ -375,14 +375,14 @@ def _ingest_split(corpus: Corpus, split: str, root: Path, image_encoder: str, te
     images, caps = split_tables(corpus, split)
     skipped = 0
     if "feature" not in images.column_names:
-        images, caps, skipped = _drop_bad_images(images, caps, bad_images, f"{corpus.name}: split {split!r}")
+        images, caps, skipped = drop_bad_images(images, caps, bad_images, f"{corpus.name}: split {split!r}")
     img_feats = _image_features(images, image_encoder, progress, featurizer)
     cap_feats = _caption_features(caps, text_encoder, progress)
     _check_finite(img_feats, f"{corpus.name}: split {split!r}: image features")
     _check_finite(cap_feats, f"{corpus.name}: split {split!r}: caption features")
-    _atomic_write_table(pa.table({"image_id": images.column("image_id"), "feature": features_column(img_feats)}),
+    atomic_write_table(pa.table({"image_id": images.column("image_id"), "feature": features_column(img_feats)}),
                         root / f"{split}_images.parquet")
-    _atomic_write_table(pa.table({
+    atomic_write_table(pa.table({
         "caption_id": caps.column("caption_id"), "image_id": caps.column("image_id"),
         "text": caps.column("text"), "feature": features_column(cap_feats),
     }), root / f"{split}_captions.parquet")
@@ -423,7 +423,7 @@ def prepare(
     missing = [s for s in wanted if s not in available]
     if missing:
         raise DataError(f"{source}: split(s) {missing} not found; available: {available}")
-    root = Path(cache_dir) / _cache_key(corpus, image_encoder, text_encoder)
+    root = Path(cache_dir) / cache_key(corpus, image_encoder, text_encoder)
     manifest_path = root / "manifest.json"
     manifest = read_cached_manifest(manifest_path, ("images", "captions"))
     if manifest and all(s in manifest["splits"] for s in wanted):

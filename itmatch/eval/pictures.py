@@ -318,7 +318,7 @@ def split_image_loader(split: Any, store: Any) -> Optional[ImageLoader]:
 
     from itmatch.data.readers import read_karpathy, read_source
     from itmatch.data.sources import Source, parse_source
-    from itmatch.data.store import _cache_key
+    from itmatch.data.store import cache_key
     from itmatch.data.synthetic import JSON_NAME
 
     manifest = store.manifest
@@ -331,7 +331,7 @@ def split_image_loader(split: Any, store: Any) -> Optional[ImageLoader]:
     else:
         corpus = read_source(manifest["source"])
     if corpus is None or corpus.payload() == "feature" or \
-            _cache_key(corpus, manifest["image_encoder"], manifest["text_encoder"]) != Path(store.root).name:
+            cache_key(corpus, manifest["image_encoder"], manifest["text_encoder"]) != Path(store.root).name:
         log.warning("queries page without pictures: %s as read from %s is not the data the store %s was built "
                     "from", manifest["source"], Path.cwd(), store.root)
         return None

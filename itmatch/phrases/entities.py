@@ -56,7 +56,7 @@ import pyarrow.parquet as pq
 
 from itmatch.data.readers import column_to_numpy, features_column, read_utf8, text_lines
 from itmatch.data.sources import DataError
-from itmatch.data.store import _atomic_write_table
+from itmatch.data.store import atomic_write_table
 from itmatch.phrases.boxes import from_inclusive, merge_boxes
 
 SENTENCES_DIR = "Sentences"
@@ -508,7 +508,7 @@ def write_proposals(path: str | Path, image_ids, boxes: list) -> Path:
         np.zeros((0, 4), np.float32)
     table = pa.table({"image_id": ids, **{c: rows[:, k] for k, c in enumerate(PROPOSAL_COLUMNS[1:])}})
     path = Path(path)
-    _atomic_write_table(table, path)
+    atomic_write_table(table, path)
     return path
 
 

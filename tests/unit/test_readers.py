@@ -1162,13 +1162,13 @@ def test_a_split_is_read_whatever_its_case_or_padding(written, meant):
 
 def test_an_image_file_replaced_in_place_is_a_cache_miss(tmp_path):
     """The cache was keyed by the JSON alone: a repaired or re-downloaded image kept its old features."""
-    from itmatch.data.store import _cache_key
+    from itmatch.data.store import cache_key
 
     json_path = write_json(tmp_path / "d.json", karpathy_doc(tmp_path / "images"))
-    key = _cache_key(read_source(f"karpathy:{json_path}"), "enc", "txt")
-    assert _cache_key(read_source(f"karpathy:{json_path}"), "enc", "txt") == key  # nothing changed: a hit
+    key = cache_key(read_source(f"karpathy:{json_path}"), "enc", "txt")
+    assert cache_key(read_source(f"karpathy:{json_path}"), "enc", "txt") == key  # nothing changed: a hit
     (tmp_path / "images" / "b.png").write_bytes(png_bytes((9, 9, 9)) + b"\0")
-    assert _cache_key(read_source(f"karpathy:{json_path}"), "enc", "txt") != key
+    assert cache_key(read_source(f"karpathy:{json_path}"), "enc", "txt") != key
 
 
 def test_an_npz_archive_under_an_npy_name_is_named(tmp_path):
