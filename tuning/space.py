@@ -3,11 +3,14 @@ config before Ray starts, and turned into Tune's sampling domains."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from itmatch.config import Config, ConfigError, check_key, load_config, read_yaml
 from itmatch.data.store import stored_splits
+
+log = logging.getLogger("itmatch.tune")
 
 KINDS = ("uniform", "loguniform", "randint", "choice", "grid")
 RANGES = ("uniform", "loguniform", "randint")
@@ -104,11 +107,13 @@ def _bounded(path: str | Path, key: str, kind: str, values: list) -> list:
         raise ConfigError(f"{path}: {key}.{kind}: the low bound must be below the high one, got {values}")
     if kind == "loguniform" and values[0] <= 0:
         raise ConfigError(f"{path}: {key}.loguniform: bounds must be above 0, got {values}")
-    if kind == "grid":  # every point runs num_samples trials: a repeat trains the same configuration again
-        repeated = [v for i, v in enumerate(values) if v in values[:i]]
-        if repeated:
-            raise ConfigError(f"{path}: {key}.grid: the value {repeated[0]!r} is listed twice (as the config reads "
-                              f"them: {values}); each grid point is run num_samples times already")
+    repeated = [v for i, v in enumerate(values) if v in values[:i]] if kind in ("grid", "choice") else []
+    if repeated and kind == "grid":  # every point runs num_samples trials: a repeat trains the same configuration again
+        raise ConfigError(f"{path}: {key}.grid: the value {repeated[0]!r} is listed twice (as the config reads "
+                          f"them: {values}); each grid point is run num_samples times already")
+    if repeated:  # a weighting some mean, a typo others (1e-3 beside 0.001): said either way
+        log.warning("%s: %s.choice: the value %r is listed more than once (as the config reads them: %s), so "
+                    "it is sampled that many times as often", path, key, repeated[0], values)
     return values
 
 

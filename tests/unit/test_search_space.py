@@ -113,6 +113,19 @@ def test_space_values_take_the_configs_types(tmp_path):
     assert all(isinstance(v, float) for v in space["optim.lr"]["loguniform"])
 
 
+@pytest.mark.parametrize("text, repeated", [("optim.lr: {choice: [0.001, 1e-3, 0.01]}\n", 0.001),
+                                            ("loss.top_k: {choice: [5, 5, 10]}\n", 5),
+                                            ("loss.top_k: {choice: [5, 10]}\n", None)])
+def test_a_choice_listing_a_value_twice_is_said_it_is_sampled_twice_as_often(tmp_path, text, repeated, caplog):
+    """1e-3 beside 0.001 is one value as the config reads them: Tune samples it 2 times in 3, unsaid."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="itmatch.tune"):
+        space = load_space(_space(tmp_path, text), load_config(None, []))
+    assert len(next(iter(space.values()))["choice"]) == 3 - (repeated is None)  # kept: a weighting is allowed
+    assert (f"the value {repeated!r} is listed more than once" in caplog.text) is (repeated is not None)
+
+
 @pytest.mark.parametrize("per, ok", [("model.branch", True), ("optim.lr", False), ("loss.margin", False)])
 def test_rerun_per_must_be_a_choice_key_of_the_space(tmp_path, per, ok):
     """Trials are grouped by the value of search.rerun_per: a continuous key would put every trial
