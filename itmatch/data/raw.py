@@ -107,6 +107,9 @@ def prepare_raw(source: str, *, cache_dir: str | Path, splits: Optional[list[str
         "digests": {**(manifest["digests"] if manifest else {}), **{s: v["digest"] for s, v in stats.items()}},
         "counts": {**(manifest["counts"] if manifest else {}),
                    **{s: {"images": v["images"], "captions": v["captions"]} for s, v in stats.items()}},
+        # as the feature store's: what ?bad_images=skip left out (README), else unseen once the warning scrolled by
+        "skipped_images": {**(manifest.get("skipped_images", {}) if manifest else {}),
+                           **{s: v["skipped_images"] for s, v in stats.items()}},
     }
     write_manifest(manifest_path, manifest)
     return RawStore(root, manifest)

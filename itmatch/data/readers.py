@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import re
@@ -30,6 +31,8 @@ import pyarrow.parquet as pq
 
 from itmatch import files
 from itmatch.data.sources import DataError, Source, parse_source, typed_options
+
+log = logging.getLogger("itmatch.data")
 
 KNOWN_SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"dev": "val", "validation": "val", "valid": "val", "training": "train", "testing": "test"}
@@ -494,7 +497,8 @@ def read_karpathy(source: Source, **_: Any) -> Corpus:
     restval = source.options.get("restval", "train")
     images: dict[str, list] = {"image_id": [], "split": [], "path": []}
     captions: dict[str, list] = {"caption_id": [], "image_id": [], "split": [], "text": []}
-    missing, seen = [], {}
+    missing: list[str] = []
+    seen: dict[Any, tuple[int, str, Path]] = {}
     imgids, sentids = _Ids(json_path, "imgid"), _Ids(json_path, "sentid")
     for index, entry in enumerate(entries):
         image_id, split, filename, caps = _karpathy_entry(entry, index, json_path)
@@ -505,17 +509,14 @@ def read_karpathy(source: Source, **_: Any) -> Corpus:
         split = _split(split, restval)
         _check_split_name(f"{json_path}: images[{index}] field 'split'", split)
         path = image_root / filename
-        kind = _path_kind(path, f"{json_path}: images[{index}] field 'filename' = {filename!r}")
+        where = f"{json_path}: images[{index}] field 'filename' = {filename!r}"
+        kind = _path_kind(path, where)
         if kind in ("folder", "other"):  # a fifo or device would block or stream forever once read
-            raise DataError(f"{json_path}: images[{index}] field 'filename' = {filename!r} is a "
-                            f"{KIND_NAMES[kind]} ({path}), not an image file")
+            raise DataError(f"{where} is a {KIND_NAMES[kind]} ({path}), not an image file")
         if kind == "missing":
             missing.append(str(path))
-        elif seen.setdefault(path.resolve(), (index, split)) != (index, split):
-            # one picture under two entries: in two splits a test image would be trained on
-            raise DataError(f"{json_path}: images[{index}] field 'filename' = {filename!r} is the same file as "
-                            f"images[{seen[path.resolve()][0]}]'s (splits {seen[path.resolve()][1]!r} and "
-                            f"{split!r}); give each image one entry")
+        else:
+            _check_listed_once(seen, path, (index, split), where)
         images["image_id"].append(image_id)
         images["split"].append(split)
         images["path"].append(str(path.resolve()))
@@ -525,15 +526,45 @@ def read_karpathy(source: Source, **_: Any) -> Corpus:
             captions["split"].append(split)
             captions["text"].append(text)
     if missing:
-        raise DataError(
-            f"{json_path}: {len(missing)} image file(s) named in field 'filename' are missing under "
-            f"{image_root}, e.g. {missing[:3]}{_near_miss(Path(missing[0]))}"
-        )
+        _report_missing(missing, image_root, json_path, source.options.get("bad_images") == "skip")
     table = pa.table(images, schema=pa.schema([("image_id", pa.int64()), ("split", pa.string()), ("path", pa.string())]))
     _check_unique(table, "image_id", json_path)
     cap_table = pa.table(captions)
     _check_unique(cap_table, "caption_id", json_path)
     return Corpus(table, cap_table, str(source), [json_path])
+
+
+def _check_listed_once(seen: dict[Any, tuple[int, str, Path]], path: Path, entry: tuple[int, str], where: str) -> None:
+    """Refuse a picture listed by two entries: in two splits a test image would be trained on; in one,
+    its captions would count as wrong answers for itself. Files are told apart by device and inode, not
+    by name: a hard link (or a name in other letter case on a case-insensitive disk) is the same
+    picture under another name, which a comparison of resolved paths let through."""
+    info, real = path.stat(), path.resolve()
+    key: Any = (info.st_dev, info.st_ino) if info.st_ino else real  # no inode numbers (some file systems): by name
+    index, split, first = seen.setdefault(key, (*entry, real))
+    if index != entry[0]:
+        splits = f"both in split {split!r}" if split == entry[1] else f"splits {split!r} and {entry[1]!r}"
+        other = "" if first == real else f", {str(first)!r}, under another name (a hard link, or other letter case)"
+        raise DataError(f"{where} is the same file as images[{index}]'s{other} ({splits}); give each image one entry")
+
+
+def _report_missing(missing: list[str], image_root: Path, json_path: Path, skip: bool) -> None:
+    """Missing image files: refused, naming them; under `?bad_images=skip` (README: it drops missing,
+    unreadable and truncated images) a warning, and the store drops them and their captions with
+    the others that cannot be read, counting them in its manifest."""
+    text = (f"{json_path}: {len(missing)} image file(s) named in field 'filename' are missing under "
+            f"{image_root}, e.g. {missing[:3]}{_missing_hint(Path(missing[0]))}")
+    if not skip:
+        raise DataError(text)
+    log.warning("%s; bad_images=skip drops them and their captions", text)
+
+
+def _missing_hint(path: Path) -> str:
+    """Why a missing image may look present to the user: the name is a link to nothing (listed, but
+    its target is gone), or its folder has a name that only looks the same (`_near_miss`)."""
+    if os.path.islink(path):  # a dangling link: its name matches exactly, so _near_miss would blame the name
+        return f"; {str(path)!r} is a link to {os.readlink(path)!r}, which does not exist"
+    return _near_miss(path)
 
 
 def _near_miss(path: Path) -> str:
