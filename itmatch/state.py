@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import yaml
 
-from itmatch.config import Config, validate
+from itmatch.config import Config, read_saved_config
 from itmatch.files import atomic_write, atomic_write_text
 
 STATE_FILE = "state.pt"
@@ -189,7 +189,7 @@ def _load_state(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for a bad file
-        first = (str(exc).splitlines() or [""])[0]
+        first = re.sub(r"\x1b\[[0-9;]*m", "", (str(exc).splitlines() or [""])[0])  # torch bolds its advice
         raise CheckpointError(f"{path}: cannot load ({type(exc).__name__}: {first})") from exc
 
 
@@ -213,19 +213,49 @@ def load_checkpoint(folder: str | Path) -> tuple[dict, Config]:
     state_path, config_path = folder / STATE_FILE, folder / CONFIG_FILE
     verify_checkpoint(folder)
     payload = _load_state(state_path)
-    cfg = validate(yaml.safe_load(config_path.read_text()), where=str(config_path))
+    _check_payload(payload, state_path)
+    cfg = _read_config(config_path)
     payload["train_state"] = TrainState(**payload["train_state"])
     return payload, cfg
+
+
+def _check_payload(payload: Any, path: Path) -> None:
+    """Refuse a state.pt that loads but is not a checkpoint (another program's tensors or dict,
+    e.g. written by hand with matching checksums): its missing fields were a KeyError traceback."""
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path}: not an itmatch checkpoint (holds a {type(payload).__name__}, not its fields)")
+    for name, kind in (("model", dict), ("dims", (list, tuple)), ("train_state", dict)):
+        if not isinstance(payload.get(name), kind):
+            raise CheckpointError(f"{path}: not an itmatch checkpoint: field {name!r} is "
+                                  f"{type(payload.get(name)).__name__ if name in payload else 'missing'}")
+    dims = payload["dims"]
+    if len(dims) != 2 or not all(isinstance(d, int) and d >= 0 for d in dims):  # 0: raw inputs, no features
+        raise CheckpointError(f"{path}: field 'dims' = {dims!r}: expected two feature widths (image, text)")
+    unknown = set(payload["train_state"]) - set(TrainState.__dataclass_fields__)
+    if unknown:
+        raise CheckpointError(f"{path}: field 'train_state' has unknown keys {sorted(unknown)}")
+
+
+def _read_config(path: Path) -> Config:
+    """The checkpoint's config.yaml: broken YAML was a traceback, and an empty mapping (`{}`) read
+    as every default -- a network other than the one its state.pt holds, evaluated without a word."""
+    try:
+        return read_saved_config(path)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        mark = getattr(exc, "problem_mark", None)  # YAML's own first line names no place
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        first = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {first}{where})") from exc
 
 
 def load_model(folder: str | Path) -> tuple[torch.nn.Module, Config]:
     """The model of a checkpoint (or of an ensemble folder: its members'), in eval mode, on CPU;
     an ensemble's config is its first member's."""
     from itmatch.models import build_model, heads_in
-    from itmatch.models.ensemble import Ensemble, is_ensemble, member_folders, saved_hubness, saved_weights
+    from itmatch.models.ensemble import Ensemble, is_ensemble, saved_hubness, saved_weights
 
     if is_ensemble(folder):
-        loaded = [load_model(member) for member in member_folders(folder)]
+        loaded = [load_model(member) for member in _members(Path(folder))]
         try:
             model = Ensemble([model for model, _ in loaded], saved_weights(folder), saved_hubness(folder))
         except (ValueError, OSError, KeyError, RuntimeError) as exc:
@@ -233,9 +263,39 @@ def load_model(folder: str | Path) -> tuple[torch.nn.Module, Config]:
         return model.eval(), loaded[0][1]
     payload, cfg = load_checkpoint(folder)
     n_classes, heads = heads_in(payload["model"])  # training heads (instance classifier, centers), if any
-    model = build_model(*payload["dims"], cfg.model, n_classes=n_classes, heads=heads)
-    model.load_state_dict(payload["model"])
+    try:
+        model = build_model(*payload["dims"], cfg.model, n_classes=n_classes, heads=heads)
+        model.load_state_dict(payload["model"])
+    except (KeyError, RuntimeError, TypeError, ValueError) as exc:  # weights of another network than config.yaml's
+        raise CheckpointError(_misfit(Path(folder), cfg, exc)) from exc
     return model.eval(), cfg
+
+
+def _misfit(folder: Path, cfg: Config, exc: Exception) -> str:
+    """One line for weights that do not fit the network config.yaml describes: the keys that name
+    the network, and torch's first concrete complaint (its first line is only a header)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    detail = next((line for line in lines if not line.startswith("Error(s) in loading")), type(exc).__name__)
+    m = cfg.model
+    return (f"{folder / STATE_FILE}: its weights do not fit the network {folder / CONFIG_FILE} describes "
+            f"(model.name={m.name!r}, model.branch={m.branch!r}, model.hidden_dim={m.hidden_dim}, "
+            f"model.embed_dim={m.embed_dim}): {detail[:300]}")
+
+
+def _members(folder: Path) -> list[Path]:
+    """An ensemble's member folders from its ensemble.json: a broken or hand-edited file (no
+    `members`, a string for the list) was a traceback or a member folder named by one letter."""
+    from itmatch.models.ensemble import ENSEMBLE_FILE, member_folders
+
+    path = folder / ENSEMBLE_FILE
+    try:
+        record = json.loads(path.read_text())
+        members = record.get("members") if isinstance(record, dict) else None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(members, list) or not all(isinstance(m, str) and m for m in members):
+        raise CheckpointError(f"{path}: field 'members' = {members!r}: expected a list of member folder names")
+    return member_folders(folder)
 
 
 def _checkpoint_order(folder: Path) -> tuple:

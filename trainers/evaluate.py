@@ -16,6 +16,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# MLflow draws a download bar on stderr for runs:/ references, and leaves it above a refusal too:
+# an error is one line
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -130,22 +133,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         d = cfg.data
         eq8 = eq8_for(args, cfg)  # bad Eq. 8 flags fail before the evaluated data is read
         check_task(args.model, cfg, args.data)
-        store = prepare_inputs(args.data or d.source, cache_dir=args.cache_dir or d.cache_dir,
-                               raw_images=cfg.model.raw_images, image_encoder=d.image_encoder,
-                               text_encoder=d.text_encoder, splits=stored_splits(args.split))
-        if tuple(store.dims) != tuple(model.dims):
-            raise DataError(f"the model takes features of width {model.dims}, {args.data or d.source} gives {store.dims}")
+        store = read_data(args, cfg)
+        check_widths(args, model, store, d.source)
         split = store.split(args.split)
         if eq8 is not None:  # the same images and sentences, before anything is embedded
             align(split, eq8.phrases, f"--data {args.data or d.source} against {eq8.where}")
+        img, txt = embed_split(model, split)  # once, for the metrics and Eq. 8
+        check_finite(args, model, img, txt)
     except (DataError, ConfigError, CheckpointError, ModelRefError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    img, txt = embed_split(model, split)  # once, for the metrics and Eq. 8
     metrics = evaluate_embeddings(model, img, txt, split, chunk=cfg.train.eval_chunk, protocol=args.protocol)
     if eq8 is not None:
         metrics.update(eq8.evaluate(model, img, txt, split, chunk=cfg.train.eval_chunk))
     print(format_metrics(metrics))
+    metrics = finite_metrics(metrics)
     if args.pictures:
         from trainers.job import pictures_of
 
@@ -165,13 +167,77 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+def read_data(args: argparse.Namespace, cfg: Config):
+    """The evaluated split's store: --data, else the data.source the model was trained on, whose
+    relative path is read from the current folder -- a failure then says where the source came from."""
+    d = cfg.data
+    try:
+        return prepare_inputs(args.data or d.source, cache_dir=args.cache_dir or d.cache_dir,
+                              raw_images=cfg.model.raw_images, image_encoder=d.image_encoder,
+                              text_encoder=d.text_encoder, splits=stored_splits(args.split))
+    except DataError as exc:
+        if args.data:
+            raise
+        raise DataError(f"--model {args.model} was trained on data.source = {d.source!r} (--data not given; a "
+                        f"relative path is read from {Path.cwd()}): {exc}; give --data") from None
+
+
+def check_widths(args: argparse.Namespace, model, store, trained_on: str) -> None:
+    """The data's feature widths are the ones the model takes, named by side and by both references
+    (`trained_on`: the model's data.source, read where --data is not given)."""
+    data = f"--data {args.data}" if args.data else f"data.source {trained_on}"
+    for side, want, got in zip(("image", "caption"), tuple(model.dims), tuple(store.dims)):
+        if want != got:
+            raise DataError(f"{data}: {side} features of width {got}, but --model {args.model} takes {want} "
+                            f"(image, caption widths: model {tuple(model.dims)}, data {tuple(store.dims)})")
+
+
+def check_finite(args: argparse.Namespace, model, img, txt) -> None:
+    """Embeddings that are not all finite (weights of a diverged run) ranked every item last and
+    scored 0 without a word; name the first weight that is not finite, if one is."""
+    import torch
+
+    if bool(torch.isfinite(img).all()) and bool(torch.isfinite(txt).all()):
+        return
+    bad = next((name for name, t in model.state_dict().items()
+                if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    cause = f"its weight {bad!r} holds NaN or inf (a diverged run?)" if bad else "its weights overflow on this data"
+    raise CheckpointError(f"--model {args.model}: its embeddings of split {args.split!r} are not finite: {cause}")
+
+
+def finite_metrics(metrics: dict) -> dict:
+    """`metrics` with any NaN or inf as None: json.dumps writes them as NaN, which is not JSON (a
+    reader such as jq refuses the whole file); named on stderr, as they are not numbers."""
+    import math
+
+    bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        print(f"warning: metrics {', '.join(bad)} are not finite numbers: written as null", file=sys.stderr)
+    return {k: (None if k in bad else v) for k, v in metrics.items()}
+
+
 def check_writable(path: str) -> None:
     """--json's file can be written (its folder made if missing), tried with a temporary file beside
     it before anything is evaluated; raise ConfigError naming the path otherwise."""
     target = Path(path)
     if target.is_dir():
         raise ConfigError(f"--json {path}: is a folder; give a file name (e.g. {target / 'test.json'})")
+    if path.endswith(("/", os.sep)):  # Path() drops the slash: `out/` was written as a file named out
+        raise ConfigError(f"--json {path}: names a folder (it ends in {path[-1]}); give a file name "
+                          f"(e.g. {target / 'test.json'})")
+    if target.is_file() and _checkpoint_file(target):
+        raise ConfigError(f"--json {path}: is a file of a saved model (it would be overwritten); give another name")
     _try_writing_in(target.parent, f"--json {path}", target.name)
+
+
+def _checkpoint_file(path: Path) -> bool:
+    """`path` is one of the files a checkpoint or ensemble folder is read from."""
+    from itmatch.models.ensemble import ENSEMBLE_FILE
+    from itmatch.state import CHECKSUM_FILE, CONFIG_FILE, STATE_FILE
+
+    folder = path.parent
+    is_model = (folder / STATE_FILE).is_file() or (folder / ENSEMBLE_FILE).is_file()
+    return is_model and path.name in (STATE_FILE, CONFIG_FILE, CHECKSUM_FILE, ENSEMBLE_FILE)
 
 
 def check_folder_writable(path: str) -> None:
@@ -185,6 +251,9 @@ def check_folder_writable(path: str) -> None:
 def _try_writing_in(folder: Path, named: str, name: str) -> None:
     """A temporary file named after `name` in `folder` (made if missing); a ConfigError starting with
     `named` (the flag and its value) where the system refuses."""
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:  # mkdir said only "File exists"
+        raise ConfigError(f"{named}: cannot write there ({blocker} is a file, not a folder)")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{name}."):

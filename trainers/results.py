@@ -171,13 +171,43 @@ def resolve_model(ref: str, tracking_uri: Optional[str] = None, key: str = "--mo
         except (MlflowException, OSError) as exc:  # unknown name, version, alias or run; missing artifacts
             first = (str(exc).splitlines() or [type(exc).__name__])[0]
             raise ModelRefError(f"{key} {ref}: cannot load from {mlflow.get_tracking_uri()} ({first})") from exc
-        return wrapper.model, wrapper.cfg
-    folder = Path(ref)
+        return _itmatch_model(wrapper, ref, key)
+    given = Path(ref)
     # a checkpoint's best weights, or a finished run's folder (its best_model/, as trainers.ensemble takes it)
-    folder = next((folder / sub for sub in ("best", "best_model") if (folder / sub).is_dir()), folder)
+    folder = next((given / sub for sub in ("best", "best_model") if (given / sub).is_dir()), given)
     from itmatch.models.ensemble import is_ensemble
 
     if not (folder / "state.pt").is_file() and not is_ensemble(folder):
-        raise FileNotFoundError(f"{key} {ref}: not a checkpoint folder (state.pt + config.yaml), an ensemble "
-                                "folder (ensemble.json) nor an MLflow URI such as models:/NAME@ALIAS")
-    return load_model(folder)
+        raise FileNotFoundError(_not_a_model(given, key))
+    loaded = load_model(folder)
+    if folder != given and (given / "state.pt").is_file():  # said: the folder named holds weights of its own
+        log.info("%s %s: read its best weights, %s (not the checkpoint's own, of its last epoch)", key, ref, folder)
+    return loaded
+
+
+def _itmatch_model(wrapper: Any, ref: str, key: str) -> tuple[nn.Module, Config]:
+    """The network and config of a loaded pyfunc model; another program's pyfunc model (any
+    PythonModel registered in the same store) was an AttributeError traceback."""
+    model, cfg = getattr(wrapper, "model", None), getattr(wrapper, "cfg", None)
+    if not isinstance(model, nn.Module) or not isinstance(cfg, Config):
+        raise ModelRefError(f"{key} {ref}: not an itmatch model (its python_model is a {type(wrapper).__name__}, "
+                            "not trainers.pyfunc_model's EmbeddingModel)")
+    return model, cfg
+
+
+def _not_a_model(path: Path, key: str) -> str:
+    """Why `path` is no model folder, naming what is there: a path missing from the current folder
+    (a relative one written for another), a checkpoint's file, a run folder cut short (no best_model/)."""
+    from itmatch.state import CONFIG_FILE, STATE_FILE, checkpoint_candidates
+
+    said = f"{key} {path}"
+    if not path.exists():
+        return f"{said}: no such file or folder ({path.resolve()}): not a checkpoint folder nor an MLflow URI"
+    if path.is_file() and path.name in (STATE_FILE, CONFIG_FILE):
+        return f"{said}: a checkpoint's file; give its folder: {key} {path.parent}"
+    checkpoints = checkpoint_candidates(None, path) if path.is_dir() else []  # newest first
+    if checkpoints:
+        return (f"{said}: a run folder without best_model/ (the run did not finish); give one of its checkpoints, "
+                f"e.g. the newest: {key} {checkpoints[0]}")
+    return (f"{said}: not a checkpoint folder (state.pt + config.yaml), an ensemble folder (ensemble.json) "
+            "nor an MLflow URI such as models:/NAME@ALIAS")
