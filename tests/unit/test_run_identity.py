@@ -85,7 +85,7 @@ def _finished(tmp_path, digests=None, **summary):
     cfg = load_config(None, [f"run.storage_path={tmp_path}", "run.name=done", "train.epochs=3"])
     run_dir(cfg).mkdir(parents=True)
     save_config(cfg, run_dir(cfg) / CONFIG_FILE)
-    (run_dir(cfg) / SUMMARY_FILE).write_text(json.dumps({"test": {"rsum": 1.0}, **summary}))
+    (run_dir(cfg) / SUMMARY_FILE).write_text(json.dumps({"val_rsum": 2.0, "test": {"rsum": 1.0}, **summary}))
     return cfg
 
 
