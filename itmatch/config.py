@@ -187,8 +187,22 @@ def read_yaml(path: str | Path) -> Any:
     text = read_utf8(path, ConfigError, limit=YAML_LIMIT)
     try:
         return _load_yaml(text)
+    except yaml.reader.ReaderError as exc:  # PyYAML places it by its offset into the text ("position 18")
+        raise ConfigError(f"{path}: {_line_column(text, exc.position)}: not valid YAML: the character "
+                          f"{_code_point(exc.character)} is not allowed in YAML (not printable: "
+                          "a binary file, or bytes pasted in?)") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: {yaml_problem(exc)}") from exc
+
+
+def _line_column(text: str, position: int) -> str:
+    """"line L, column C" of an offset into `text`, as PyYAML places its other errors."""
+    line_start = text.rfind("\n", 0, position) + 1
+    return f"line {text.count(chr(10), 0, position) + 1}, column {position - line_start + 1}"
+
+
+def _code_point(character: str | int) -> str:
+    return f"U+{character if isinstance(character, int) else ord(character):04X}"
 
 
 def _load_yaml(text: str) -> Any:

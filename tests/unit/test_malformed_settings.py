@@ -68,6 +68,15 @@ def test_yaml_nested_thousands_deep_is_refused_not_a_recursion_traceback(tmp_pat
     assert "nested too deeply" in _refused(load_config, None, ["train.epochs=" + "[" * 5000 + "]" * 5000])
 
 
+@pytest.mark.parametrize("text, place, char", [("train:\n  epochs: 3\x00\n", "line 2, column 12", "U+0000"),
+                                               ("\x07a: 1\n", "line 1, column 1", "U+0007"),
+                                               ("a: 1\nb: 2\nc: x\x1b[0m\n", "line 3, column 5", "U+001B")])
+def test_a_character_yaml_refuses_is_placed_by_line_and_column_not_by_offset(tmp_path, text, place, char):
+    """PyYAML names it "position 18" of the text: a line and column as for every other YAML error."""
+    preset = _file(tmp_path, text)
+    assert _refused(load_config, preset).startswith(f"{preset}: {place}: not valid YAML: the character {char} ")
+
+
 def test_an_alias_inside_itself_is_refused_not_a_recursion_traceback(tmp_path):
     """`&t {x: *t}` built a mapping that contains itself: flatten recursed until RecursionError."""
     preset = _file(tmp_path, "train: &t\n  epochs: 3\n  again: *t\n")
