@@ -23,6 +23,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from itmatch import files
-from itmatch.data.sources import DataError, Source, parse_source, typed_options
+from itmatch.data.sources import DataError, Source, karpathy_paths, parse_source, typed_options
 
 log = logging.getLogger("itmatch.data")
 
@@ -478,13 +480,13 @@ def _check_split_name(where: str, split: str) -> None:
 
 
 def read_karpathy(source: Source, **_: Any) -> Corpus:
-    json_text, _, image_dir = source.location.partition(":")
+    json_text, image_dir = karpathy_paths(source.location)
     json_path = Path(json_text)
     kind = _path_kind(json_path, f"karpathy:{json_path}")  # a link loop is named as one
     if kind != "file":
         raise DataError(f"karpathy:{json_path}: " + ("file does not exist" if kind == "missing" else
                                                      f"is a {KIND_NAMES[kind]}, "
-                                                     "not the dataset's JSON file"))
+                                                     "not the dataset's JSON file") + _colon_hint(source.location))
     image_root = Path(image_dir) if image_dir else json_path.parent / "images"
     doc = _json_document(json_path)
     if not isinstance(doc, dict):  # "field 'images' must be..." sent users looking for a field the file has
@@ -532,6 +534,14 @@ def read_karpathy(source: Source, **_: Any) -> Corpus:
     cap_table = pa.table(captions)
     _check_unique(cap_table, "caption_id", json_path)
     return Corpus(table, cap_table, str(source), [json_path])
+
+
+def _colon_hint(location: str) -> str:
+    """How a JSON path holding ':' is written, where the location was split at one (else "")."""
+    if ":" not in location:
+        return ""
+    return (f" (karpathy:JSON:IMAGE_DIR: {location!r} was split at its first ':', as no text before another "
+            "':' is a file either; a ':' inside the JSON's path is written %3A)")
 
 
 def _check_listed_once(seen: dict[Any, tuple[int, str, Path]], path: Path, entry: tuple[int, str], where: str) -> None:
@@ -683,8 +693,8 @@ def _parquet(path: Path, read: Callable[[Path], Any]) -> Any:
         raise DataError(f"{path}: cannot read ({files.read_problem(exc)})") from None
     if empty:
         raise DataError(f"{path}: empty file (0 bytes), not Parquet")
-    try:
-        return read(path)
+    try:  # absolute: pyarrow reads a relative `run:1/t.parquet` as a URI of scheme "run"
+        return read(Path(os.path.abspath(path)))
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0] if str(exc) else exc!r})") from exc
 
@@ -697,17 +707,57 @@ def _read_parquet_file(path: Path, columns: Optional[list[str]] = None) -> pa.Ta
     return _parquet(path, lambda file: pq.read_table(file, columns=columns))
 
 
-def _image_file(value: Any, base: Path) -> Optional[Path]:
-    """An image path from a table: absolute, or relative to the table's folder (where an export
-    writes its images), else to the working directory."""
-    if not isinstance(value, str) or not value:
-        return None
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def _shown(value: Any) -> str:
+    """A table value as a message shows it: null as null (str(None) read as a file named 'None')."""
+    return "null" if value is None else repr(str(value)[:120])
+
+
+def _image_paths(value: str, base: Path, where: str) -> list[Path]:
+    """Where a path of an image column may be: absolute, a `file:` URI (`file:///d/a%20b.png`), or
+    relative to the table's folder (where an export writes its images), else to the working directory."""
+    if value.startswith("file:"):
+        parsed = urlparse(value)
+        if parsed.netloc not in ("", "localhost"):  # file://host/share: a path on another machine
+            raise DataError(f"{where} = {value!r}: a file: URI of host {parsed.netloc!r}; write file:///PATH")
+        return [Path(url2pathname(parsed.path))]
+    if _URL.match(value):  # http://, s3://, hf://: "not a file" sent users looking for a local file
+        raise DataError(f"{where} = {value!r} is a URL: image columns are read from local files (paths or "
+                        "file:///PATH): download the images first")
     path = Path(value)
-    candidates = [path] if path.is_absolute() else [base / path, path]
-    return next((c for c in candidates if c.is_file()), None)
+    return [path] if path.is_absolute() else [base / path, path]
 
 
-def _image_bytes(value: Any, where: str, row: int, base: Path) -> bytes:
+def _image_file(value: Any, base: Path, where: str) -> Optional[Path]:
+    """The file a path of an image column names (`_image_paths`), None where no such file exists: a
+    missing picture, dropped under ?bad_images=skip. A value that names no image file (null, blank,
+    a folder, a fifo) is refused in any case, as Karpathy's filenames are: it is no picture gone."""
+    if not isinstance(value, str) or is_blank(value):
+        raise DataError(f"{where} = {_shown(value)}: no image (expected image bytes or the path of an image file)")
+    for path in _image_paths(value, base, where):
+        kind = _path_kind(path, f"{where} = {value!r}")
+        if kind in ("folder", "other"):  # a fifo would block once read
+            raise DataError(f"{where} = {value!r} is a {KIND_NAMES[kind]} ({path}), not an image file")
+        if kind == "file":
+            return path
+    return None
+
+
+def _no_file(where: str, value: str, base: Path) -> str:
+    """The message for a path naming no file (the start of a refusal or a warning)."""
+    paths = _image_paths(value, base, where)
+    if len(paths) > 1:
+        return (f"{where} = {value!r} is not image bytes or a file (relative paths are looked up under {base} and "
+                f"the working directory): no such file{_missing_hint(paths[0])}")
+    shown = "" if str(paths[0]) == value else f" {paths[0]}"  # a file: URI's path, escapes decoded
+    return f"{where} = {value!r} is not image bytes or a file: no such file{shown}{_missing_hint(paths[0])}"
+
+
+def _image_bytes(value: Any, row_at: str, field: str, base: Path, skip: bool) -> Optional[bytes]:
+    """A row's encoded picture (`row_at`: the source and row); None for a missing or unreadable file
+    under `skip` (the store drops it with its captions, and counts it)."""
     given = value
     if isinstance(value, dict):  # datasets.Image stores {bytes, path}
         if value.get("bytes"):
@@ -715,11 +765,48 @@ def _image_bytes(value: Any, where: str, row: int, base: Path) -> bytes:
         value = value.get("path")
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
-    file = _image_file(value, base)
-    if file is not None:
-        return file.read_bytes()
-    raise DataError(f"{where}: row {row}: image column value {str(given)[:80]!r} is not image bytes or a file "
-                    f"(relative paths are looked up under {base} and the working directory)")
+    if not isinstance(value, str) or is_blank(value):
+        raise DataError(f"{row_at}: image column value {_shown(given)} in field {field!r} is not image bytes or a file")
+    where = f"{row_at}: field {field!r}"
+    file = _image_file(value, base, where)
+    if file is None:
+        problem = _no_file(where, value, base)
+    else:
+        try:
+            return file.read_bytes()
+        except OSError as exc:  # no permission, an I/O error: unreadable, as bad_images=skip says
+            problem = f"{where} = {value!r}: cannot read {file} ({files.read_problem(exc)})"
+    if not skip:
+        raise DataError(f"{problem} (add ?bad_images=skip to data.source to train without it)")
+    return None
+
+
+def _listed_images(column: pa.ChunkedArray, base: Path, where: str, field: str,
+                   missing: list[tuple[str, str]]) -> list[Optional[str]]:
+    """The image files a column of paths names, per row (cache keys); None where one is missing,
+    each such row appended to `missing` as (where, value) for `_report_missing_paths`."""
+    out: list[Optional[str]] = []
+    for row, value in enumerate(column.to_pylist()):
+        at = f"{where}: row {row}: field {field!r}"
+        file = _image_file(value, base, at)
+        if file is None:
+            missing.append((at, value))
+        out.append(None if file is None else str(file))
+    return out
+
+
+def _report_missing_paths(missing: list[tuple[str, str]], total: int, base: Path, skip: bool) -> None:
+    """Missing files named by an image column of paths: refused, naming the first, as Karpathy's are
+    (`_report_missing`); under ?bad_images=skip a warning, and the store drops them with their captions
+    and counts them in its manifest."""
+    if not missing:
+        return
+    where, value = missing[0]
+    others = f", also {', '.join(repr(v) for _, v in missing[1:3])}" if len(missing) > 1 else ""
+    text = f"{_no_file(where, value, base)}; {len(missing)} of the {total} image files named are missing{others}"
+    if not skip:
+        raise DataError(f"{text} (add ?bad_images=skip to data.source to train without them)")
+    log.warning("%s; bad_images=skip drops them and their captions", text)
 
 
 def corpus_from_table(table: pa.Table, options: dict[str, str], name: str, files: list[Path], base: Path) -> Corpus:
@@ -734,8 +821,9 @@ def corpus_from_table(table: pa.Table, options: dict[str, str], name: str, files
     seen: dict[Any, int] = {}
     first_row: list[int] = []  # per image: the row it was first read from
     texts = table.column(text_col).to_pylist()
+    skip = options.get("bad_images") == "skip"
     for row, value in enumerate(table.column(image_col).to_pylist()):
-        data = _image_bytes(value, name, row, base)
+        data = _image_bytes(value, f"{name}: row {row}", image_col, base, skip)
         if not isinstance(splits[row], str) or not splits[row]:
             raise DataError(f"{name}: row {row}: field {split_col!r} = {splits[row]!r}: expected a split name")
         split = _split(splits[row])
@@ -751,7 +839,8 @@ def corpus_from_table(table: pa.Table, options: dict[str, str], name: str, files
                             "(a finite number or text)")
         # Keyed by split too: ids restart per split in many exports, and an image repeated in two
         # splits must become two images, else one split's captions point at the other's image.
-        key = (split, raw_ids[row] if raw_ids is not None else data)
+        # a missing file (None under skip) is told apart by its path: the missing ones are not one image
+        key = (split, raw_ids[row] if raw_ids is not None else data if data is not None else ("missing", str(value)))
         if key not in seen:
             seen[key] = len(seen)
             first_row.append(row)
@@ -815,6 +904,7 @@ def read_parquet(source: Source, **_: Any) -> LazyCorpus:
     named = _name_splits(files, path)
     splits: set[str] = set()
     image_files: list = []
+    missing: list[tuple[str, str]] = []
     schemas = [_parquet_schema(file) for file in files]
     table_columns(list(dict.fromkeys(n for schema in schemas for n in schema.names)), options, name)
     _check_image_kinds(files, schemas, image_col, path)
@@ -824,7 +914,9 @@ def read_parquet(source: Source, **_: Any) -> LazyCorpus:
         else:
             splits.add(_file_split(file, named, path) if named else _split(options.get("split", "train")))
         if _holds_paths(schema, image_col):
-            image_files += _named_files(_read_parquet_file(file, [image_col]).column(0), base)
+            column = _read_parquet_file(file, [image_col]).column(0)
+            image_files += _listed_images(column, base, str(file), image_col, missing)
+    _report_missing_paths(missing, len(image_files), base, options.get("bad_images") == "skip")
 
     def load() -> Corpus:
         return corpus_from_table(_table_from_parquet(path, split_col), options, name, files, base)
@@ -856,13 +948,13 @@ def _check_image_kinds(files: list[Path], schemas: list[pa.Schema], column: str,
 
 
 def _holds_paths(schema: pa.Schema, column: str) -> bool:
-    field = schema.field(column) if column in schema.names else None
-    return field is not None and (pa.types.is_string(field.type) or pa.types.is_large_string(field.type))
-
-
-def _named_files(column: pa.ChunkedArray, base: Path) -> list[Optional[str]]:
-    """The image files an image column of paths names (None where none is found: refused on reading)."""
-    return [str(f) if (f := _image_file(v, base)) else None for v in column.to_pylist()]
+    """Whether `column` holds text (file paths): plain, large or dictionary-encoded (a pandas category;
+    its files were left out of the cache key, a repaired image served its old features)."""
+    if column not in schema.names:
+        return False
+    kind = schema.field(column).type
+    kind = kind.value_type if pa.types.is_dictionary(kind) else kind
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
 
 
 def read_hf(source: Source, **_: Any) -> Corpus | LazyCorpus:
@@ -881,17 +973,21 @@ def read_hf(source: Source, **_: Any) -> Corpus | LazyCorpus:
         parts = [(source.options.get("split", "train"), loaded)]
     _check_same_columns(parts, path)
     split_col, image_col = source.options.get("split_column", "split"), source.options.get("image", "image")
-    tables = []
+    _check_split_image_kinds(parts, image_col, path)
+    tables, image_files, missing = [], [], []
     for split, ds in parts:
         table = ds.data.table  # memory-mapped Arrow: columns are read without decoding the rest
         if split_col not in table.column_names:
             table = table.append_column(split_col, pa.array([_split(split)] * len(table)))
+        if _holds_paths(table.schema, image_col):
+            image_files += _listed_images(table.column(image_col), path, f"hf:{path}: split {split!r}",
+                                          image_col, missing)
         tables.append(table)
     table = _concat(tables, path)
     table_columns(table.column_names, source.options, str(source))
     files = sorted(p for p in path.rglob("*") if p.is_file())
     splits = _split_names(table.column(split_col), f"hf:{path}", split_col)
-    image_files = _named_files(table.column(image_col), path) if _holds_paths(table.schema, image_col) else []
+    _report_missing_paths(missing, len(image_files), path, source.options.get("bad_images") == "skip")
     return LazyCorpus(str(source), files, sorted(splits),
                       lambda: corpus_from_table(table, source.options, str(source), files, path), image_files)
 
@@ -997,6 +1093,18 @@ def _check_dict_options(source: Source, loaded: Any) -> None:
                         f"is a DatasetDict whose splits ({', '.join(loaded)}) name its rows' splits; ?split= names "
                         "the split of a single Dataset's rows: drop it (data.train_split, val_split and test_split "
                         "choose the splits a run uses)")
+
+
+def _check_split_image_kinds(parts: list[tuple[str, Any]], column: str, path: Path) -> None:
+    """Splits hold their pictures one way (`_check_image_kinds`): concatenated, a split's paths became
+    bytes (the path's text), each refused as "cannot identify image file <_io.BytesIO ...>"."""
+    kinds = {split: _holds_paths(ds.data.table.schema, column) for split, ds in parts if column in ds.column_names}
+    if len(set(kinds.values())) > 1:
+        paths = next(split for split, is_path in kinds.items() if is_path)
+        other = next(split for split, is_path in kinds.items() if not is_path)
+        other_type = dict(parts)[other].data.table.schema.field(column).type
+        raise DataError(f"hf:{path}: field {column!r} holds file paths in split {paths!r} but {other_type} in split "
+                        f"{other!r}: write every split's images one way")
 
 
 def _check_same_columns(parts: list[tuple[str, Any]], path: Path) -> None:

@@ -16,10 +16,10 @@ a phrase localization task (`PHRASE_SCHEMES`, `DataConfig.task`).
 from __future__ import annotations
 
 import os
-
+import re
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote
 
 SCHEMES = ("precomp", "karpathy", "parquet", "hf", "synthetic", "entities", "shapes-phrases")
 PHRASE_SCHEMES = ("entities", "shapes-phrases")
@@ -37,12 +37,14 @@ class Source:
     options: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        query = "&".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        query = "&".join(f"{k}={v}" if v else k for k, v in sorted(self.options.items()))  # `?b` as written
         return f"{self.scheme}:{self.location}" + (f"?{query}" if query else "")
 
 
 def parse_source(text: str) -> Source:
-    """`karpathy:/d/dataset.json:/d/images?restval=train` -> Source(...)."""
+    """`karpathy:/d/dataset.json:/d/images?restval=train` -> Source(...). A path may hold the characters
+    the syntax splits at: one that exists is read as written (`parquet:/data/a?b/`, a JSON in `run:1/`),
+    and any path may write them escaped (`%3F` for `?`, `%3A` for `:`, `%25` for `%`)."""
     if ":" not in text:
         raise DataError(
             f"data.source {text!r} has no scheme; write one of "
@@ -51,13 +53,67 @@ def parse_source(text: str) -> Source:
     scheme, rest = text.split(":", 1)
     if scheme not in SCHEMES:
         raise DataError(f"data.source {text!r}: unknown scheme {scheme!r}; choices: {', '.join(SCHEMES)}")
-    location, _, query = rest.partition("?")
+    location, query = _split_query(scheme, rest)
     if not location:
         raise DataError(f"data.source {text!r}: empty location after {scheme!r}:")
-    # `~/data` as a shell would read it (karpathy: holds two paths, JSON:IMAGES): "not a directory" before
-    location = ":".join(os.path.expanduser(part) if part.startswith("~") else part for part in location.split(":"))
+    pieces = karpathy_paths(location) if scheme == "karpathy" else (location,)
+    location = ":".join(_local_path(piece) for piece in pieces if piece)
     options = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=False)) if query else {}
+    path_like = next((key for key in options if "/" in key or os.sep in key), None)
+    if path_like is not None:  # "unknown option 'b/'" sent users looking for an option they never wrote
+        raise DataError(f"data.source {text!r}: no file or folder {location + '?' + path_like!r}; read as "
+                        f"{location!r} with options after its '?', {path_like!r} is no option: write a '?' inside "
+                        "a path as %3F")
     return Source(scheme, location, options)
+
+
+def _expand(path: str) -> str:
+    """`~/data` as a shell would read it (else "not a directory" under a folder named `~`)."""
+    return os.path.expanduser(path) if path.startswith("~") else path
+
+
+_ESCAPE = re.compile(r"%(3[aAfF]|25)")
+"""The escapes of the characters a source string splits at (`:` and `?`) and of `%` itself."""
+
+
+def _local_path(piece: str) -> str:
+    """A path as written in a source, `~` expanded; its escapes decoded unless it exists as written."""
+    path = _expand(piece)
+    return path if os.path.lexists(path) else _ESCAPE.sub(lambda m: unquote(m.group(0)), path)
+
+
+def _exists(scheme: str, location: str) -> bool:
+    """Whether `location` names something on disk (karpathy: its JSON file and any IMAGE_DIR, else
+    `JSON:IMAGES?restval=keep` would read as a folder `IMAGES?restval=keep`)."""
+    if scheme == "karpathy":
+        json_path, image_dir = karpathy_paths(location)
+        return os.path.isfile(_expand(json_path)) and (not image_dir or os.path.isdir(_expand(image_dir)))
+    return os.path.lexists(_expand(location))
+
+
+def _split_query(scheme: str, rest: str) -> tuple[str, str]:
+    """(location, options) of the text after `scheme:`: split at the first '?', unless the text up to a
+    later '?', or the whole, names an existing path (longest first)."""
+    cuts = [i for i, ch in enumerate(rest) if ch == "?"]
+    if not cuts:
+        return rest, ""
+    for cut in [len(rest), *reversed(cuts[1:])]:
+        if _exists(scheme, rest[:cut]):
+            return rest[:cut], rest[cut + 1:]
+    return rest[:cuts[0]], rest[cuts[0] + 1:]
+
+
+def karpathy_paths(location: str) -> tuple[str, str]:
+    """(JSON, IMAGE_DIR or "") of a `karpathy:` location `JSON[:IMAGE_DIR]`: split at its first ':',
+    unless the whole, or the text up to a later ':', is a file (a JSON in a folder `run:1`); of
+    several, one followed by an existing folder."""
+    cuts = [i for i, ch in enumerate(location) if ch == ":"]
+    if not cuts or os.path.isfile(_expand(location)):
+        return location, ""
+    files = [cut for cut in cuts if os.path.isfile(_expand(location[:cut]))]
+    folders = [cut for cut in files if os.path.isdir(_expand(location[cut + 1:]))]
+    cut = (folders or files or cuts)[0]
+    return location[:cut], location[cut + 1:]
 
 
 def typed_options(source: Source, types: dict[str, type]) -> dict[str, Any]:
@@ -66,8 +122,10 @@ def typed_options(source: Source, types: dict[str, type]) -> dict[str, Any]:
     unknown = sorted(set(source.options) - set(types))
     if unknown:
         choices = ", ".join(types) or "none"
+        # `?b` without a value: more likely a '?' of a path that does not exist than an option
+        hint = "; a '?' inside a path is written %3F" if source.options[unknown[0]] == "" else ""
         raise DataError(f"data.source {str(source)!r}: unknown option {unknown[0]!r} for {source.scheme}:; "
-                        f"choices: {choices}")
+                        f"choices: {choices}{hint}")
     out = {}
     for key, value in source.options.items():
         try:

@@ -271,6 +271,8 @@ def _undecodable(value: Any, column: str) -> Optional[str]:
     JPEGs are decoded at 1/8 scale (draft mode): the whole stream is still read, at a fraction of the cost."""
     from PIL import Image  # lazy: only pixel sources need it
 
+    if value is None:  # a table's path naming no file, kept under skip (the reader's warning names it)
+        return "its image file is missing or unreadable"
     try:
         with Image.open(io.BytesIO(value) if column == "image" else value) as image:
             image.draft("RGB", (1, 1))

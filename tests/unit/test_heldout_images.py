@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from refusals import refused
 
 from itmatch.data.raw import open_store, prepare_raw
 from itmatch.data.readers import read_source
-from itmatch.data.sources import DataError
 from itmatch.data.store import prepare
 
 COLOURS = {"a.png": (200, 30, 30), "b.png": (30, 200, 30), "c.jpg": (30, 30, 200), "d.png": (200, 200, 30)}
@@ -47,17 +47,6 @@ def karpathy_json(path: Path, names: list[str], splits: list[str]) -> Path:
                for i, (name, split) in enumerate(zip(names, splits))]
     path.write_text(json.dumps({"images": entries}))
     return path
-
-
-def refused(call, *needles: str) -> str:
-    """`call()` raises a one-line DataError holding every needle; returns the message."""
-    with pytest.raises(DataError) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message, message
-    for needle in needles:
-        assert needle in message, f"{needle!r} not in {message!r}"
-    return message
 
 
 def _store(source: str, cache: Path, raw: bool):

@@ -11,23 +11,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from refusals import refused
 from test_readers import karpathy_doc, png_bytes, read_table_source, write_json, write_precomp
 
 from itmatch.data.raw import prepare_raw
 from itmatch.data.readers import read_source
-from itmatch.data.sources import DataError
 from itmatch.data.store import prepare
-
-
-def refused(call, *needles: str) -> str:
-    """`call()` raises a one-line DataError holding every needle; returns the message."""
-    with pytest.raises(DataError) as info:
-        call()
-    message = str(info.value)
-    assert "\n" not in message, message
-    for needle in needles:
-        assert needle in message, f"{needle!r} not in {message!r}"
-    return message
 
 
 def tree(folder: Path) -> dict[str, bytes]:
