@@ -5,8 +5,9 @@ TorchTrainer (or, for one worker, trains in its own process: trainers/in_process
 one-worker job runs `run_job` in the driver itself, `run_job_here`, or inside one Ray task where it
 is attached to a cluster, `run_job_in_task`),
 evaluates the best epoch on the test split, logs the model, registers and maybe promotes it, writes
-summary.json, and leaves the MLflow run FINISHED, FAILED (any error) or KILLED (the process told to
-stop, e.g. a trial stopped by Tune). Ray must already be initialised, except for `run_job_here`
+summary.json, and leaves the MLflow run FINISHED, FAILED (any error before the model is logged; a
+failed promotion after it is recorded in the summary and retried by a re-run: `promote`,
+`retry_promotion`) or KILLED (the process told to stop, e.g. a trial stopped by Tune). Ray must already be initialised, except for `run_job_here`
 (one worker in the driver, no Ray: trainers.in_process.in_driver).
 """
 
@@ -407,34 +408,144 @@ def check_finite(best: Path, embeddings, split: str) -> None:
                        "registered (training diverged: check the inputs' magnitudes and optim.lr)")
 
 
-def promote(tracking: dict, cfg: Config, store: FeatureStore, model_uri: str, val_score: float) -> dict[str, Any]:
-    """Register the model; it takes the alias only if it beats the holder re-scored on this val split
-    (the rule itself: trainers.tracking.register). A holder trained on this val split (a refit,
-    tuning/refit.py) would score its own training data there: it is held to the score it was
-    registered with, its ensemble's before the refit."""
+def promote(tracking: dict, cfg: Config, store: FeatureStore, model_uri: str, val_score: float,
+            version: Optional[str] = None) -> dict[str, Any]:
+    """Register the model; it takes the alias only if it beats the holder on this val split (the rule:
+    trainers.tracking.register; how a holder is judged: `_judge`). The model is trained and logged by
+    now and its run FINISHED: a promotion that fails (the registry unwritable, a broken holder) is
+    one error line and an `error` in the returned record (summary.json's `registry`), never a
+    traceback that loses the run's summary and retries the finished job."""
     from trainers import tracking as tr
 
-    holder = tr.champion_version(tracking, cfg)
-    trained_on = holder.tags.get(tr.TRAINED_ON_TAG, "") if holder is not None else ""
-    champion_score: Optional[float] = None
-    if holder is not None and cfg.data.val_split in stored_splits(trained_on) and "val_score" in holder.tags:
-        log.info("the alias holder (version %s) was trained on %s: it keeps its registered score %s",
-                 holder.version, trained_on, holder.tags["val_score"])
-        champion_score = float(holder.tags["val_score"])
-    elif holder is not None:
-        champion_score = _score_on_val(tr.load_champion(cfg), store, cfg)
-    return tr.register(tracking, cfg, model_uri, val_score, champion_score)
+    record: dict[str, Any] = {"name": cfg.tracking.registered_model, "version": version}
+    try:
+        with tr.quiet_store_errors():
+            return tr.register(tracking, cfg, model_uri, val_score,
+                               lambda holder: _judge(tracking, cfg, store, holder), record, version)
+    except Exception as exc:  # noqa: BLE001 - nothing in a promotion is worth the trained, logged model
+        return _promotion_failed(record, cfg.tracking.alias, model_uri, exc)
 
 
-def _score_on_val(model, store: FeatureStore, cfg: Config) -> float:
-    """The alias holder's score on this run's validation split."""
+def retry_promotion(cfg: Config, store: FeatureStore, summary: dict[str, Any]) -> dict[str, Any]:
+    """A finished run whose promotion failed (summary.json's `registry` holds its `error`: the registry
+    was unwritable then) is promoted again when its command is re-run, with the model it logged (and
+    the version it registered, if it got that far), instead of "finished already" for good. The
+    summary, updated, is written back."""
+    failed = summary.get("registry")
+    if not (isinstance(failed, dict) and failed.get("error")) or not cfg.tracking.registered_model \
+            or not summary.get("model_uri"):
+        return summary
+    log.info("%s: its promotion failed (%s); trying it again", run_dir(cfg), failed["error"])
+    tracking = {"tracking_uri": cfg.tracking.tracking_uri, "run_id": summary.get("run_id")}
+    version = failed.get("version") if failed.get("name") == cfg.tracking.registered_model else None
+    summary = {**summary, "registry": promote(tracking, cfg, store, summary["model_uri"],
+                                              summary[f"val_{cfg.train.metric}"], version)}
+    atomic_write_text(run_dir(cfg) / SUMMARY_FILE, json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _promotion_failed(record: dict[str, Any], alias: str, model_uri: str, exc: Exception) -> dict[str, Any]:
+    """The record of a failed promotion, said in one line: the model, version and why."""
+    why = f"{type(exc).__name__}: {_one_line(exc)}"
+    where = f"version {record['version']}" if record.get("version") else "no version registered"
+    log.error("MLflow: %s (%s) did not take @%s: %s; the model stays logged at %s", record["name"], where, alias,
+              why, model_uri)
+    return {**record, "promoted": False, "error": why}
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error's first line, cut short: MLflow's database errors run on with the SQL and a link."""
+    return (str(exc).strip().splitlines() or [""])[0][:300]
+
+
+UNUSABLE = (FileNotFoundError, CheckpointError)  # a holder whose model is gone or damaged serves nothing
+
+
+def _judge(tracking: dict, cfg: Config, store: FeatureStore, holder) -> tuple[Optional[float], str]:
+    """The alias holder's score to beat on this run's val split, and why (trainers.tracking.Judge):
+    its re-score there, or, where it trained on this val split (a refit, tuning/refit.py), the score
+    it was registered with. inf (it keeps the alias) where it cannot be compared: not this project's
+    model, other inputs, a recorded score that is no number or not of this metric and val data.
+    None (the new version takes the alias) where its model is gone or damaged: the alias serves
+    nothing then, and kept, no later run could ever take it."""
+    from mlflow.exceptions import MlflowException
+
+    from trainers import tracking as tr
+
+    try:
+        model = tr.load_version(tracking, holder)
+    except Exception as exc:  # noqa: BLE001 - whatever a foreign or broken model raises on loading
+        missing = isinstance(exc, UNUSABLE) or (isinstance(exc, MlflowException)
+                                                and exc.error_code == "RESOURCE_DOES_NOT_EXIST")
+        text = _one_line(exc)
+        if missing:
+            log.warning("the @%s holder (version %s) cannot be loaded (%s): it gives up the alias", cfg.tracking.alias,
+                        holder.version, text)
+            return None, f"version {holder.version}'s model cannot be loaded ({text})"
+        return _incomparable(cfg, holder, f"its model cannot be loaded as an embedding model ({text})")
+    trained_on = holder.tags.get(tr.TRAINED_ON_TAG, "")
+    if cfg.data.val_split in stored_splits(trained_on):
+        return _recorded_score(tracking, cfg, store, holder, trained_on)
+    return _score_on_val(model, store, cfg, holder)
+
+
+def _incomparable(cfg: Config, holder, why: str) -> tuple[float, str]:
+    """A holder that cannot be compared keeps the alias (inf): said once, with how to move it."""
+    log.warning("the @%s holder (version %s) cannot be compared with this run's model: %s; it keeps the alias "
+                "(move it by hand, or register under another tracking.registered_model)", cfg.tracking.alias,
+                holder.version, why)
+    return float("inf"), f"version {holder.version} cannot be compared: {why}"
+
+
+def _recorded_score(tracking: dict, cfg: Config, store: FeatureStore, holder, trained_on: str) -> tuple[float, str]:
+    """A holder trained on this val split would score its own training data there: it is held to the
+    score it was registered with (its ensemble's before the refit), if that is a number, of this
+    run's metric, measured on this very val split (its run's dataset digests)."""
+    import math
+
+    from trainers import tracking as tr
+
+    tag = holder.tags.get("val_score")
+    try:
+        recorded = float(tag)
+    except (TypeError, ValueError):
+        recorded = float("nan")
+    if not math.isfinite(recorded):
+        return _incomparable(cfg, holder, f"it trained on {trained_on} and its recorded val_score {tag!r} is no number")
+    if holder.tags.get("metric") != cfg.train.metric:
+        return _incomparable(cfg, holder, f"its recorded score is of metric {holder.tags.get('metric')!r}, "
+                                          f"this run's is {cfg.train.metric!r}")
+    holder_val, digests = tr.run_digests(tracking, holder.run_id)  # by content: split names may differ
+    ours = [store.identity["digests"].get(p) for p in stored_splits(cfg.data.val_split)]
+    theirs = [digests.get(p) for p in stored_splits(holder_val or cfg.data.val_split)]
+    if theirs != ours or None in ours:
+        return _incomparable(cfg, holder, f"its recorded score is not of this run's {cfg.data.val_split} data "
+                                          f"(digests {theirs} in its run, {ours} here)")
+    log.info("the alias holder (version %s) was trained on %s: it keeps its registered score %s",
+             holder.version, trained_on, tag)
+    return recorded, f"version {holder.version} trained on {trained_on}: its registered score {recorded:.2f}"
+
+
+def _score_on_val(model, store: FeatureStore, cfg: Config, holder) -> tuple[float, str]:
+    """The alias holder's score on this run's validation split (inf where it takes other inputs or
+    its score there is no number: it cannot be compared)."""
+    import math
+
     from itmatch.eval.evaluate import evaluate_split
 
     if tuple(getattr(model, "dims", ())) != tuple(store.dims):
         log.warning("the champion takes %s, this run's data is %s: it cannot be scored on this validation split, "
                     "so it keeps the alias", _inputs(getattr(model, "dims", None)), _inputs(store.dims))
-        return float("inf")
-    return evaluate_split(model, store.split(cfg.data.val_split), chunk=cfg.train.eval_chunk)[cfg.train.metric]
+        return float("inf"), f"version {holder.version} takes {_inputs(getattr(model, 'dims', None))}"
+    try:
+        scores = evaluate_split(model, store.split(cfg.data.val_split), chunk=cfg.train.eval_chunk)
+        score = float(scores[cfg.train.metric])
+    except Exception as exc:  # noqa: BLE001 - a holder that cannot be scored here is not comparable
+        return _incomparable(cfg, holder, f"scoring it on {cfg.data.val_split} failed ({type(exc).__name__}: "
+                                          f"{_one_line(exc)})")
+    if not math.isfinite(score):
+        return _incomparable(cfg, holder, f"it scores {cfg.train.metric} {score} on {cfg.data.val_split}")
+    return score, f"version {holder.version} re-scored on {cfg.data.val_split}: {score:.2f}"
 
 
 def _inputs(dims) -> str:

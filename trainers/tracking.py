@@ -6,12 +6,13 @@ per-epoch metrics into it. Nothing else writes MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import mlflow
 import mlflow.data.meta_dataset
@@ -238,34 +239,112 @@ def log_model(tracking: dict[str, Any], best_folder: Path, store: FeatureStore):
         )
 
 
-def register(tracking: dict[str, Any], cfg: Config, model_uri: str, score: float,
-             champion_score: Optional[float]) -> dict[str, Any]:
-    """Register the model; move the alias to it only if it beats the current holder."""
+# How the alias holder compares, from trainers.job.promote: (its score to beat on this val split, why
+# in words); the score is inf where it cannot be compared (it keeps the alias) and None where it is
+# unusable (it gives the alias up).
+Judge = Callable[[Any], tuple[Optional[float], str]]
+RACE_TRIES = 3  # how often the alias may move under a registration before it gives up taking it
+
+
+def register(tracking: dict[str, Any], cfg: Config, model_uri: str, score: float, judge: Optional[Judge] = None,
+             record: Optional[dict[str, Any]] = None, version: Optional[str] = None) -> dict[str, Any]:
+    """Register the model; move the alias to it only if it beats the holder (`judge`; None: any
+    holder is not judged and the alias moves). `record`: filled in as it goes, so a caller whose
+    registration fails midway still knows the version it made. The holder is looked up again just
+    before the alias moves: a run that took it meanwhile (two runs finishing together) is judged in
+    turn, else the alias went to whichever set it last, not to the better model. `version`: one an
+    earlier attempt registered before it failed (its promotion retried), not registered again."""
     name, alias = cfg.tracking.registered_model, cfg.tracking.alias
-    version = mlflow.register_model(model_uri, name, tags={"metric": cfg.train.metric, "val_score": str(score),
-                                                           TRAINED_ON_TAG: cfg.data.train_split})
+    record = record if record is not None else {}
+    record.update(name=name, version=version, promoted=False, champion_score=None, holder=None)
+    mlflow.set_tracking_uri(tracking["tracking_uri"])
+    if version is None:
+        version = mlflow.register_model(model_uri, name, tags={"metric": cfg.train.metric, "val_score": str(score),
+                                                               TRAINED_ON_TAG: cfg.data.train_split}).version
+    record["version"] = version
     client = MlflowClient(tracking["tracking_uri"])
-    promoted = champion_score is None or score > champion_score
-    if promoted:
-        client.set_registered_model_alias(name, alias, version.version)
-    log.info("MLflow: registered %s version %s (val %s %.2f); %s", name, version.version, cfg.train.metric, score,
-             f"now @{alias}" if promoted else f"@{alias} stays (its score {champion_score:.2f} on this val split)")
-    return {"name": name, "version": version.version, "promoted": promoted, "champion_score": champion_score}
+    holder = champion_version(tracking, cfg)
+    for _ in range(RACE_TRIES):
+        champion_score, why = (None, "no version held it") if holder is None or judge is None else judge(holder)
+        record.update(holder=None if holder is None else holder.version, champion_score=champion_score, reason=why)
+        if champion_score is not None and not score > champion_score:
+            break
+        now = champion_version(tracking, cfg)
+        if _version_of(now) == _version_of(holder):  # nobody took the alias while the holder was judged
+            client.set_registered_model_alias(name, alias, version)
+            record["promoted"] = True
+            break
+        holder = now
+    else:
+        record["reason"] = f"@{alias} moved {RACE_TRIES} times while this version was judged: left where it is"
+    _log_registration(record, alias, cfg.train.metric, score)
+    return record
+
+
+def _version_of(model_version) -> Optional[str]:
+    return None if model_version is None else str(model_version.version)
+
+
+def _log_registration(record: dict[str, Any], alias: str, metric: str, score: float) -> None:
+    held = f"version {record['holder']}" if record["holder"] else "no version"
+    outcome = f"now @{alias}" if record["promoted"] else f"@{alias} stays with {held}"
+    log.info("MLflow: registered %s version %s (val %s %.2f); %s (%s)", record["name"], record["version"], metric,
+             score, outcome, record["reason"])
+
+
+@contextlib.contextmanager
+def quiet_store_errors() -> Iterator[None]:
+    """Silence MLflow's own report of a database error (a traceback, logged before it raises it):
+    the caller says the error in one line of its own."""
+    logger = logging.getLogger("mlflow.store.db.utils")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def champion_version(tracking: dict[str, Any], cfg: Config):
-    """The registry's version that holds the alias, or None."""
+    """The registry's version that holds the alias, or None where the model or the alias does not
+    exist. Any other error (the registry unreachable) is raised: taken for "no holder", it handed
+    the alias to the new version without a comparison."""
     client = MlflowClient(tracking["tracking_uri"])
+    name = cfg.tracking.registered_model
     try:
-        return client.get_model_version_by_alias(cfg.tracking.registered_model, cfg.tracking.alias)
+        model = client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    held = (model.aliases or {}).get(cfg.tracking.alias)
+    return None if held is None else client.get_model_version(name, str(held))
+
+
+def load_version(tracking: dict[str, Any], model_version) -> Any:
+    """A registered version as a torch model, from its own storage: not `models:/NAME@ALIAS`, which
+    may name another version by the time it loads, and which a name with `?` or `@` breaks."""
+    uri = MlflowClient(tracking["tracking_uri"]).get_model_version_download_uri(model_version.name,
+                                                                                 model_version.version)
+    python_model = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    model = getattr(python_model, "model", None)
+    if model is None or not hasattr(model, "embed_images"):
+        raise TypeError(f"a {type(python_model).__name__}, not this project's embedding model")
+    return model
+
+
+def run_digests(tracking: dict[str, Any], run_id: Optional[str]) -> tuple[Optional[str], dict[str, str]]:
+    """A run's validation split (its `data.val_split` param) and its dataset digests by split; (None,
+    {}) where it has no run or the run cannot be read."""
+    if not run_id:
+        return None, {}
+    try:
+        run = MlflowClient(tracking["tracking_uri"]).get_run(run_id)
     except mlflow.exceptions.MlflowException:
-        return None
-
-
-def load_champion(cfg: Config):
-    """The alias holder (`champion_version` found one) as a torch model."""
-    uri = f"models:/{cfg.tracking.registered_model}@{cfg.tracking.alias}"
-    return mlflow.pyfunc.load_model(uri).unwrap_python_model().model
+        return None, {}
+    prefix = "dataset.digest."
+    digests = {k[len(prefix):]: v for k, v in run.data.tags.items() if k.startswith(prefix)}
+    return run.data.params.get("data.val_split"), digests
 
 
 def end_run(tracking: dict[str, Any], status: str = "FINISHED", *, if_running: bool = False) -> bool:

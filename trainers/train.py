@@ -39,8 +39,8 @@ from itmatch.data.store import FeatureStore, stored_splits  # noqa: E402
 from itmatch.files import FolderError, exclusive  # noqa: E402
 from itmatch.models.towers import check_tower_names  # noqa: E402
 from trainers import in_process, preflight, ray_worker  # noqa: E402
-from trainers.job import (finished_summary, refuse_other_kind, restore_best_model, run_dir, run_job,  # noqa: E402
-                          run_job_here, run_job_in_task)
+from trainers.job import (finished_summary, refuse_other_kind, restore_best_model, retry_promotion, run_dir,  # noqa: E402
+                          run_job, run_job_here, run_job_in_task)
 from trainers.logs import setup_logging  # noqa: E402
 
 log = logging.getLogger("itmatch.train")
@@ -225,6 +225,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         summary = finished_summary(cfg, store)
         if summary is not None:
             restore_best_model(cfg, summary)
+            summary = retry_promotion(cfg, store, summary)
             log.info("%s finished already with this config and data (its summary.json follows): nothing to "
                      "train, log or register; raise train.epochs to train on, or pick a new run.name", run_dir(cfg))
         elif in_process.in_driver(cfg):  # one worker on this machine: no Ray to start
