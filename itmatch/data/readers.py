@@ -859,8 +859,29 @@ def corpus_from_table(table: pa.Table, options: dict[str, str], name: str, files
             captions["image_id"].append(seen[key])
             captions["split"].append(split)
             captions["text"].append(text.strip())
+    _warn_shared_pictures(images["image"], images["split"], first_row, name)
     image_table = pa.table(images, schema=pa.schema([("image_id", pa.int64()), ("split", pa.string()), ("image", pa.binary())]))
     return Corpus(image_table, pa.table(captions), name, files)
+
+
+def _warn_shared_pictures(pictures: list[Optional[bytes]], splits: list[str], rows: list[int], name: str) -> None:
+    """Warn where one picture (the same bytes) is an image of two splits: images are keyed by split
+    (ids restart per split in many exports), so it is trained on and tested on, and test scores
+    overstate. Karpathy's reader refuses one file under two entries; here exact duplicates across
+    splits occur in real exports, so they are said, not refused."""
+    first: dict[bytes, tuple[str, int]] = {}
+    shared = []
+    for data, split, row in zip(pictures, splits, rows):
+        if data is None:
+            continue
+        seen = first.setdefault(data, (split, row))
+        if seen[0] != split:
+            shared.append((seen, (split, row)))
+    if shared:
+        (a_split, a_row), (b_split, b_row) = shared[0]
+        log.warning("%s: %d picture(s) are images of two splits (the same bytes), e.g. row %d (%s) and row %d (%s): "
+                    "such a picture is trained on and tested on, and test scores overstate", name, len(shared),
+                    a_row, a_split, b_row, b_split)
 
 
 def _caption_text(item: Any, where: str) -> str:

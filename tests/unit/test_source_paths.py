@@ -277,3 +277,16 @@ def test_train_cli_names_a_missing_path_file_in_one_line(tmp_path, capsys):
     assert code == 2 and len(err) == 1 and err[0].startswith("error: "), err
     assert "field 'image' = 'images/9.png'" in err[0] and str(tmp_path / "data" / "t.parquet") in err[0]
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("splits, shared", [(["train", "test", "val"], 1), (["train", "train", "test"], 0)])
+def test_a_picture_in_two_splits_of_a_table_is_said(tmp_path, splits, shared, caplog):
+    """The same bytes under two splits became two images, one trained on and one tested on, silently."""
+    picture, other = png((10, 20, 30)), png((200, 100, 0))
+    table = pa.table({"image": [picture, picture, other], "text": ["a", "b", "c"], "split": splits})
+    pq.write_table(table, tmp_path / "t.parquet")
+    with caplog.at_level(logging.WARNING, logger="itmatch.data"):
+        images = read_source(f"parquet:{tmp_path / 't.parquet'}").images  # a lazy corpus reads its rows here
+    assert images.num_rows == 3 - (shared == 0 and splits[0] == splits[1])
+    said = f"{shared} picture(s) are images of two splits (the same bytes), e.g. row 0 (train) and row 1 (test)"
+    assert (said in caplog.text) is bool(shared)
