@@ -239,6 +239,18 @@ def main(argv: Optional[list[str]] = None) -> int:
             exit_on_sigterm()  # again: Ray's driver installs its own SIGTERM handler, which aborts
             summary = run_job_in_task(cfg, store) if in_process.can_run(cfg) else run_job(cfg, store)
     print(json.dumps(summary, indent=2, default=str))
+    return promotion_exit(summary)
+
+
+def promotion_exit(summary: dict) -> int:
+    """1 where the trained, logged model's promotion failed (summary.json's registry.error): a job
+    that a script or `ray job submit` reports SUCCEEDED would hide a model that never reached the
+    registry. Re-running the command retries only the promotion (trainers.job.retry_promotion)."""
+    failed = summary.get("registry")
+    if isinstance(failed, dict) and failed.get("error"):
+        print(f"error: {failed.get('name')}: the model is trained and logged ({summary.get('model_uri')}) but its "
+              f"registration failed ({failed['error']}); run the same command again to retry it", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -282,3 +282,28 @@ def test_a_failed_promotion_is_retried_when_the_command_is_run_again(world, monk
     written = json.loads((tmp / "runs" / run_cfg.run.name / job.SUMMARY_FILE).read_text())
     assert written["registry"] == again["registry"]
     assert retry_promotion(run_cfg, store, written) is written  # promoted: nothing to retry
+
+
+def test_the_cli_exits_1_on_a_failed_promotion_and_its_rerun_promotes_without_training(world, monkeypatch, capsys):
+    """`trainers.train` exited 0 with the model never registered (a `ray job submit` job SUCCEEDED);
+    now 1 with one error line saying how to retry, and the same command again registers it (exit 0)
+    without training again."""
+    from trainers import train
+
+    tmp, cfg, _, _, info, _, _ = world
+    keys = [f"{k}={v}" for k, v in _cfg(cfg, "itm-cli", **{"run.name": "cli-retry"}).flat().items()
+            if k.startswith(("data.source", "data.cache_dir", "tracking.", "run.storage_path", "run.name"))
+            and v is not None]
+    argv = [*keys, *TRAIN]
+
+    def unwritable(*args, **kwargs):
+        raise MlflowException("attempt to write a readonly database", error_code="TEMPORARILY_UNAVAILABLE")
+
+    monkeypatch.setattr(mlflow, "register_model", unwritable)
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "error: itm-cli: the model is trained and logged" in err and "run the same command again" in err
+    monkeypatch.undo()
+    monkeypatch.setattr(train, "run_job_here", lambda *a, **k: pytest.fail("trained again"))
+    assert train.main(argv) == 0
+    assert _alias(world, "itm-cli") == "1"
