@@ -316,21 +316,25 @@ def _finish(cfg: Config, store: FeatureStore, rows: list[dict], reruns: list[dic
     best = _best_row(rows, choice)
     if parent:
         report.close_child_runs(parent, rows, reruns)
-    previous = _previous_registry(search_dir, best)
-    if previous:  # a re-run of a finished search: its choice is registered already
-        best["registry"] = previous
+    previous = _previous_best(search_dir, best)
+    failed = previous is not None and previous["registry"].get("error") and previous.get("registered")
+    if previous is not None and not failed:  # a re-run of a finished search: its choice is registered already
+        best.update(registry=previous["registry"], registered=previous.get("registered"))
+    elif failed and parent:  # its registration failed (the registry unwritable): retried, as trainers.train does
+        log.info("the search's registration failed (%s); trying it again", previous["registry"]["error"])
+        best["registered"] = previous["registered"]
+        best["registry"] = _promote(cfg, store, parent, best["registered"], previous["registry"].get("version"))
     elif best and parent:  # the choice is logged as a model (and registered) once
-        from trainers.job import promote
-
         if cfg.search.refit and not cfg.search.ensemble:
             log.warning("search.refit=true without search.ensemble: the chosen run is registered as trained")
         model = ensemble_model(cfg, choice, candidates, search_dir, parent, setup) if cfg.search.ensemble else \
             choice["model"]
         model = _logged(model, parent, store, cfg)
-        if cfg.tracking.registered_model:  # a refit is registered as trained on its union of splits
-            reg_cfg = refit.trained_on(cfg) if model.get("refit") else cfg
-            best["registry"] = promote({**parent, "run_id": model["run_id"]}, reg_cfg, store, model["model_uri"],
-                                       model["val"])
+        # what a re-run needs to retry a failed registration without logging the model again
+        best["registered"] = {"model_uri": model["model_uri"], "run_id": model["run_id"], "val": model["val"],
+                              "refit": bool(model.get("refit"))}
+        if cfg.tracking.registered_model:
+            best["registry"] = _promote(cfg, store, parent, best["registered"])
     result = {"best": best, "trials": rows, "candidates": candidates, "reruns": reruns}
     atomic_write_text(search_dir / "search.json", json.dumps(result, indent=2, default=str))
     report.plot_params(rows, metric, search_dir / "plots")
@@ -415,12 +419,34 @@ def _best_row(rows: list[dict], choice: Optional[dict]) -> Optional[dict]:
     return {**row, "selection": choice}
 
 
-def _previous_registry(search_dir: Path, best: Optional[dict]) -> Optional[dict]:
+def _promote(cfg: Config, store: FeatureStore, parent: dict, model: dict, version: Optional[str] = None) -> dict:
+    """Register the chosen, logged model (`version`: one a failed attempt registered already); a refit
+    is registered as trained on its union of splits."""
+    from trainers.job import promote
+
+    reg_cfg = refit.trained_on(cfg) if model.get("refit") else cfg
+    return promote({**parent, "run_id": model["run_id"]}, reg_cfg, store, model["model_uri"], model["val"], version)
+
+
+def _previous_best(search_dir: Path, best: Optional[dict]) -> Optional[dict]:
+    """The chosen row of this search's previous finish, if it chose the same trial and registered it
+    (or tried to: `registry` holds an `error` then)."""
     path = search_dir / "search.json"
     if best is None or not path.is_file():
         return None
     before = (json.loads(path.read_text()).get("best") or {})
-    return before.get("registry") if before.get("trial_id") == best["trial_id"] else None
+    return before if before.get("trial_id") == best["trial_id"] and isinstance(before.get("registry"), dict) else None
+
+
+def registration_error(search_dir: Path) -> Optional[str]:
+    """One line where the search's chosen model was logged but its registration failed, else None."""
+    path = search_dir / "search.json"
+    best = (json.loads(path.read_text()).get("best") or {}) if path.is_file() else {}
+    failed = best.get("registry") or {}
+    if not failed.get("error"):
+        return None
+    return (f"{failed.get('name')}: the search's chosen model is logged ({(best.get('registered') or {}).get('model_uri')}) "
+            f"but its registration failed ({failed['error']}); run the same command again to retry it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -504,6 +530,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         except ConfigError as exc:  # the cluster: unreachable, or cannot place a trial's workers; damaged Tune state
             print(f"error: {exc}", file=sys.stderr)
             return 2
+    failed = registration_error(search_dir)
+    if failed:  # a search reported as succeeded would hide a choice that never reached the registry
+        print(f"error: {failed}", file=sys.stderr)
+        return 1
     return 0 if any(r["summary"] for r in rows) else 1
 
 

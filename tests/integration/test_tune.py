@@ -160,6 +160,34 @@ def test_rerun_restores_the_finished_search_without_rerunning_or_registering(sea
     assert len(client.search_model_versions("name='itm-tune'")) == 1
 
 
+def test_a_finished_searchs_failed_registration_is_retried_by_its_command(search):
+    """A search whose final registration had failed (the registry unwritable then) kept that record
+    for good: re-running its command restored the finished search and reused it. Now the re-run
+    registers the logged choice (the version made before the failure, not a second one)."""
+    from mlflow.tracking import MlflowClient
+
+    from tuning.search import registration_error
+
+    tmp, _ = search
+    path = tmp / "runs" / "s1" / "search.json"
+    result = json.loads(path.read_text())
+    done = result["best"]["registry"]
+    assert done["promoted"] and result["best"]["registered"]["model_uri"] and registration_error(path.parent) is None
+    client = MlflowClient(f"sqlite:///{tmp / 'ml.db'}")
+    client.delete_registered_model_alias("itm-tune", "champion")  # as if the alias had never been set
+    result["best"]["registry"] = {**done, "promoted": False, "error": "OperationalError: attempt to write a readonly "
+                                  "database"}
+    path.write_text(json.dumps(result))
+    assert "run the same command again" in registration_error(path.parent)
+    again = run_module("tuning.search", _readme_args(tmp, tmp / "space.yaml"), ROOT, timeout=600)
+    assert again.returncode == 0, again.stderr[-5000:]
+    assert "registration failed" in again.stdout + again.stderr
+    registry = json.loads(path.read_text())["best"]["registry"]
+    assert registry["promoted"] and "error" not in registry and registry["version"] == done["version"]
+    assert len(client.search_model_versions("name='itm-tune'")) == 1
+    assert str(client.get_model_version_by_alias("itm-tune", "champion").version) == str(done["version"])
+
+
 @pytest.mark.parametrize("text, needles", [
     ("loss.margn: {uniform: [0.1, 0.2]}", ["loss.margn", "space.yaml"]),
     # the debug preset's synthetic data has 480 training captions: a trial with 4096 could never run
