@@ -431,9 +431,8 @@ def retry_promotion(cfg: Config, store: FeatureStore, summary: dict[str, Any]) -
     was unwritable then) is promoted again when its command is re-run, with the model it logged (and
     the version it registered, if it got that far), instead of "finished already" for good. The
     summary, updated, is written back."""
-    failed = summary.get("registry")
-    if not (isinstance(failed, dict) and failed.get("error")) or not cfg.tracking.registered_model \
-            or not summary.get("model_uri"):
+    failed = failed_registration(summary)
+    if failed is None or not cfg.tracking.registered_model or not summary.get("model_uri"):
         return summary
     log.info("%s: its promotion failed (%s); trying it again", run_dir(cfg), failed["error"])
     tracking = {"tracking_uri": cfg.tracking.tracking_uri, "run_id": summary.get("run_id")}
@@ -442,6 +441,23 @@ def retry_promotion(cfg: Config, store: FeatureStore, summary: dict[str, Any]) -
                                               summary[f"val_{cfg.train.metric}"], version)}
     atomic_write_text(run_dir(cfg) / SUMMARY_FILE, json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def failed_registration(record: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The `registry` of a summary (or a search's chosen row) whose registration failed, else None."""
+    registry = record.get("registry")
+    return registry if isinstance(registry, dict) and registry.get("error") else None
+
+
+def registration_error(record: dict[str, Any], what: str) -> Optional[str]:
+    """One line where the model (`what`: "the model is logged") is at the record's model_uri but its
+    registration failed, and how to retry it; None where it did not fail. trainers.train and
+    tuning.search end with it, exit 1."""
+    failed = failed_registration(record)
+    if failed is None:
+        return None
+    return (f"{failed.get('name')}: {what} ({record.get('model_uri')}) but its registration failed "
+            f"({failed['error']}); run the same command again to retry it")
 
 
 def _promotion_failed(record: dict[str, Any], alias: str, model_uri: str, exc: Exception) -> dict[str, Any]:

@@ -246,10 +246,11 @@ def promotion_exit(summary: dict) -> int:
     """1 where the trained, logged model's promotion failed (summary.json's registry.error): a job
     that a script or `ray job submit` reports SUCCEEDED would hide a model that never reached the
     registry. Re-running the command retries only the promotion (trainers.job.retry_promotion)."""
-    failed = summary.get("registry")
-    if isinstance(failed, dict) and failed.get("error"):
-        print(f"error: {failed.get('name')}: the model is trained and logged ({summary.get('model_uri')}) but its "
-              f"registration failed ({failed['error']}); run the same command again to retry it", file=sys.stderr)
+    from trainers.job import registration_error
+
+    failed = registration_error(summary, "the model is trained and logged")
+    if failed:
+        print(f"error: {failed}", file=sys.stderr)
         return 1
     return 0
 

@@ -310,6 +310,8 @@ def _finish(cfg: Config, store: FeatureStore, rows: list[dict], reruns: list[dic
             parent: Optional[dict], search_dir: Path) -> None:
     """End every child run, pick the configuration (tuning/select.py), register its model, write the
     table and plots."""
+    from trainers.job import failed_registration
+
     metric = cfg.train.metric
     seeds = {r["trial_id"]: rerun.trial_seed(setup, r["params"]) for r in rows}
     choice, candidates = select.select(rows, reruns, metric, cfg.search.rerun_top, seeds, cfg.search.rerun_per)
@@ -317,7 +319,7 @@ def _finish(cfg: Config, store: FeatureStore, rows: list[dict], reruns: list[dic
     if parent:
         report.close_child_runs(parent, rows, reruns)
     previous = _previous_best(search_dir, best)
-    failed = previous is not None and previous["registry"].get("error") and previous.get("registered")
+    failed = previous is not None and failed_registration(previous) and previous.get("registered")
     if previous is not None and not failed:  # a re-run of a finished search: its choice is registered already
         best.update(registry=previous["registry"], registered=previous.get("registered"))
     elif failed and parent:  # its registration failed (the registry unwritable): retried, as trainers.train does
@@ -440,13 +442,11 @@ def _previous_best(search_dir: Path, best: Optional[dict]) -> Optional[dict]:
 
 def registration_error(search_dir: Path) -> Optional[str]:
     """One line where the search's chosen model was logged but its registration failed, else None."""
+    from trainers.job import registration_error as failed
+
     path = search_dir / "search.json"
     best = (json.loads(path.read_text()).get("best") or {}) if path.is_file() else {}
-    failed = best.get("registry") or {}
-    if not failed.get("error"):
-        return None
-    return (f"{failed.get('name')}: the search's chosen model is logged ({(best.get('registered') or {}).get('model_uri')}) "
-            f"but its registration failed ({failed['error']}); run the same command again to retry it")
+    return failed({**best, "model_uri": (best.get("registered") or {}).get("model_uri")}, "the search's chosen model is logged")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -562,10 +562,15 @@ def _report_missing(missing: list[str], image_root: Path, json_path: Path, skip:
     """Missing image files: refused, naming them; under `?bad_images=skip` (README: it drops missing,
     unreadable and truncated images) a warning, and the store drops them and their captions with
     the others that cannot be read, counting them in its manifest."""
-    text = (f"{json_path}: {len(missing)} image file(s) named in field 'filename' are missing under "
-            f"{image_root}, e.g. {missing[:3]}{_missing_hint(Path(missing[0]))}")
+    _refuse_or_drop(f"{json_path}: {len(missing)} image file(s) named in field 'filename' are missing under "
+                    f"{image_root}, e.g. {missing[:3]}{_missing_hint(Path(missing[0]))}", skip)
+
+
+def _refuse_or_drop(text: str, skip: bool, refused: str = "") -> None:
+    """Missing image files said in `text`: a DataError (`refused` appended), or under ?bad_images=skip
+    a warning, the store then dropping them and their captions (store.drop_bad_images)."""
     if not skip:
-        raise DataError(text)
+        raise DataError(text + refused)
     log.warning("%s; bad_images=skip drops them and their captions", text)
 
 
@@ -803,10 +808,8 @@ def _report_missing_paths(missing: list[tuple[str, str]], total: int, base: Path
         return
     where, value = missing[0]
     others = f", also {', '.join(repr(v) for _, v in missing[1:3])}" if len(missing) > 1 else ""
-    text = f"{_no_file(where, value, base)}; {len(missing)} of the {total} image files named are missing{others}"
-    if not skip:
-        raise DataError(f"{text} (add ?bad_images=skip to data.source to train without them)")
-    log.warning("%s; bad_images=skip drops them and their captions", text)
+    _refuse_or_drop(f"{_no_file(where, value, base)}; {len(missing)} of the {total} image files named are missing"
+                    f"{others}", skip, " (add ?bad_images=skip to data.source to train without them)")
 
 
 def corpus_from_table(table: pa.Table, options: dict[str, str], name: str, files: list[Path], base: Path) -> Corpus:
